@@ -1,0 +1,31 @@
+"""Constants shared by every part of ftddm-trt (data, models, diffusion, engines)."""
+
+from __future__ import annotations
+
+#: The 7 metabolites of the paper, in channel order everywhere (files, arrays, reports).
+METABOLITES: tuple[str, ...] = ("tCr", "tCho", "NAA", "Glu", "Ins", "Gln", "Gly")
+
+#: Super-resolution matrix size (pixels per side); about 3.4 mm pixels on a 220 mm FOV.
+HR_SIZE: int = 64
+FOV_MM: float = 220.0
+
+#: Acquired low-resolution matrix sizes N (N x N in-plane), s = HR_SIZE / N.
+LR_SIZES: tuple[int, ...] = tuple(range(8, 33, 2))
+
+#: Diffusion chain length and the default truncation point of FTDDM.
+T_DIFFUSION: int = 1000
+T_TRUNC: int = 100
+
+#: Quality-filtering thresholds of the paper (FSL-MRS qc maps).
+SNR_MIN: float = 2.5
+FWHM_MAX_PPM: float = 0.15
+
+#: Condition channels y = {zero-filled LR, mask M, T1, FLAIR}; the UNet also gets x_t.
+COND_CHANNELS: int = 4
+
+
+def scale_for(n: int) -> float:
+    """Upscaling factor s = 64 / N for an N x N acquisition."""
+    if n not in LR_SIZES:
+        raise ValueError(f"in-plane size {n} is not one of {LR_SIZES}")
+    return HR_SIZE / n

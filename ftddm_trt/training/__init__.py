@@ -1,0 +1,1 @@
+"""ftddm_trt.training"""
