@@ -1,0 +1,30 @@
+# Two set-up commands for a fresh machine (Python 3.11 only):
+#   make demo   install into .venv, then run `ftddm-trt demo` end to end (ONNX Runtime on the CPU)
+#   make test   install into .venv, then run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench quality figures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 resolves to the CPU wheel on disk; pinned in pyproject.toml too
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ftddm-trt demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+figures: $(STAMP)
+	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,157 @@
+"""Network-ready examples (truth, condition, mask, s) from phantom subjects, for training and checks.
+
+One training example is one metabolite map of one slice. A batch is built the way the paper trains:
+random rotation, flip and translation of the 64x64 truth (applied jointly to the map, its quality mask,
+T1, FLAIR and the qc maps), an upscaling factor s drawn uniformly from the 13 acquisition sizes,
+the low resolution made by k-space truncation, and the mask M of one of the two protocols
+(``hr``: the 64x64 quality mask, ``lr``: the mask a user has, see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ftddm_trt.constants import HR_SIZE, LR_SIZES
+from ftddm_trt.data.kspace import kspace_truncate
+from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.normalize import normalize_anatomy, normalize_maps
+from ftddm_trt.data.phantom import PhantomSubject
+
+PROTOCOLS = ("hr", "lr")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Network-ready tensors (NCHW float32) of B examples.
+
+    x0: (B,1,64,64) normalized truth, zero outside M.
+    y: (B,4,64,64) condition [zero-filled LR, M, T1, FLAIR].
+    mask: (B,1,64,64) the mask M (0/1), also where diffusion noise lives.
+    s: (B,) upscaling factors.
+    """
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    s: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in ("x0", "y", "mask", "s")))
+
+
+@dataclass(frozen=True)
+class SlicePool:
+    """All (slice, metabolite) examples of a set of subjects, as stacked arrays.
+
+    maps, masks, snr, fwhm: (K, 64, 64); t1, flair: (K, 64, 64) normalized to [0, 1].
+    """
+
+    maps: np.ndarray
+    masks: np.ndarray
+    snr: np.ndarray
+    fwhm: np.ndarray
+    t1: np.ndarray
+    flair: np.ndarray
+
+    @classmethod
+    def from_subjects(cls, subjects: list[PhantomSubject]) -> "SlicePool":
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("maps", "masks", "snr", "fwhm", "t1", "flair")}
+        for subj in subjects:
+            z, c = subj.maps.shape[:2]
+            parts["maps"].append(subj.maps.reshape(z * c, HR_SIZE, HR_SIZE))
+            parts["masks"].append(subj.masks.reshape(z * c, HR_SIZE, HR_SIZE))
+            parts["snr"].append(subj.snr.reshape(z * c, HR_SIZE, HR_SIZE))
+            parts["fwhm"].append(subj.fwhm.reshape(z * c, HR_SIZE, HR_SIZE))
+            for name, vol in (("t1", subj.t1), ("flair", subj.flair)):
+                parts[name].append(np.repeat(normalize_anatomy(vol), c, axis=0))
+        return cls(**{k: np.concatenate(v).astype(np.float32) for k, v in parts.items()})
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+
+def _augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random rotation (+-15 deg), flip and translation (+-4 px) of a (C,64,64) stack.
+
+    Channel 1 (the quality mask) is resampled nearest-neighbour, the others linearly.
+    """
+    angle = np.deg2rad(rng.uniform(-15.0, 15.0))
+    flip = rng.random() < 0.5
+    shift = rng.uniform(-4.0, 4.0, size=2)
+    c, s_ = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s_], [s_, c]])
+    if flip:
+        rot = rot @ np.diag([1.0, -1.0])
+    centre = np.array([(HR_SIZE - 1) / 2.0] * 2)
+    offset = centre - rot @ (centre + shift)
+    out = np.empty_like(stack)
+    for ch in range(stack.shape[0]):
+        out[ch] = ndimage.affine_transform(
+            stack[ch], rot, offset=offset, order=0 if ch == 1 else 1, mode="constant", cval=0.0
+        )
+    return out
+
+
+def make_example(
+    pool: SlicePool,
+    index: int,
+    n: int,
+    protocol: str,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One example: (x0 (64,64), y (4,64,64), mask (64,64)); augmented when rng is given."""
+    stack = np.stack(
+        [pool.maps[index], pool.masks[index], pool.t1[index], pool.flair[index], pool.snr[index], pool.fwhm[index]]
+    )
+    if rng is not None:
+        stack = _augment(stack, rng)
+    truth_mask = stack[1] > 0.5
+    truth = stack[0] * truth_mask
+    _, zero_filled = kspace_truncate(truth, n)
+    if protocol == "hr":
+        mask = truth_mask
+    elif protocol == "lr":
+        snr_lr, fwhm_lr = lr_qc_maps(stack[4], stack[5], n)
+        mask = support_mask_from_lr(quality_mask_from_qc(snr_lr, fwhm_lr), HR_SIZE)
+    else:
+        raise ValueError(f"unknown mask protocol {protocol!r}; expected one of {PROTOCOLS}")
+    maskf = mask.astype(np.float32)
+    zf_norm, scale = normalize_maps(zero_filled, mask)
+    x0 = (truth / scale) * maskf
+    y = np.stack([zf_norm * 1.0, maskf, stack[2], stack[3]]).astype(np.float32)
+    return x0.astype(np.float32), y, maskf
+
+
+def _collate(examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sizes: list[int]) -> Batch:
+    x0 = torch.from_numpy(np.stack([e[0] for e in examples]))[:, None]
+    y = torch.from_numpy(np.stack([e[1] for e in examples]))
+    mask = torch.from_numpy(np.stack([e[2] for e in examples]))[:, None]
+    s = torch.tensor([HR_SIZE / n for n in sizes], dtype=torch.float32)
+    return Batch(x0=x0, y=y, mask=mask, s=s)
+
+
+def random_batch(pool: SlicePool, batch_size: int, rng: np.random.Generator, lr_protocol_fraction: float = 0.5) -> Batch:
+    """A training batch: random examples, augmentation, s uniform over LR_SIZES, mixed mask protocols."""
+    idx = rng.integers(0, len(pool), size=batch_size)
+    sizes = [int(rng.choice(LR_SIZES)) for _ in range(batch_size)]
+    protocols = ["lr" if rng.random() < lr_protocol_fraction else "hr" for _ in range(batch_size)]
+    examples = [make_example(pool, int(i), n, p, rng) for i, n, p in zip(idx, sizes, protocols)]
+    return _collate(examples, sizes)
+
+
+def fixed_batches(pool: SlicePool, n_examples: int, batch_size: int, seed: int = 1234) -> list[Batch]:
+    """Deterministic, unaugmented validation batches (both protocols, all scales in turn)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(pool), size=min(n_examples, len(pool)), replace=False)
+    batches = []
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start : start + batch_size]
+        sizes = [LR_SIZES[(start + k) % len(LR_SIZES)] for k in range(len(chunk))]
+        protocols = [PROTOCOLS[(start + k) % 2] for k in range(len(chunk))]
+        examples = [make_example(pool, int(i), n, p, None) for i, n, p in zip(chunk, sizes, protocols)]
+        batches.append(_collate(examples, sizes))
+    return batches

@@ -1,0 +1,26 @@
+"""Samplers, one file per algorithm; all take ``eps_fn(x_t, t)`` and return :class:`SampleResult`."""
+
+from .ancestral import (
+    ancestral_sample,
+    ddpm_timesteps,
+    draw_ancestral_noise,
+    respaced_timesteps,
+    truncated_timesteps,
+)
+from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps
+from .dpm_solver import dpm_solver_pp_sample, dpm_solver_timesteps
+
+__all__ = [
+    "EpsFn",
+    "ProgressFn",
+    "SampleResult",
+    "ancestral_sample",
+    "ddpm_timesteps",
+    "dpm_solver_pp_sample",
+    "dpm_solver_timesteps",
+    "draw_ancestral_noise",
+    "initial_noise",
+    "masked_eps",
+    "respaced_timesteps",
+    "truncated_timesteps",
+]

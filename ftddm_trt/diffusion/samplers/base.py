@@ -1,0 +1,53 @@
+"""What every sampler shares: the eps callable type, the result record and small helpers.
+
+Samplers never see a network. The caller binds the condition ``y`` and the upscaling factor ``s`` inside
+``eps_fn(x_t, t)``; ``t`` is a ``(B,)`` float32 tensor of *original* 1-based timesteps (``1..T``), even on a
+respaced or truncated chain.
+
+``flow_only`` (``Ttrunc = 0``) needs no sampler: the flow's reverse pass returns x0 directly, and
+``engine.pipeline`` wraps it as ``SampleResult(x0=flow_output, nfe=0)`` (0 UNet calls; the flow pass is
+counted by the pipeline, as for FTDDM where the total is ``Ttrunc + 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["EpsFn", "ProgressFn", "SampleResult", "initial_noise", "masked_eps"]
+
+#: ``eps_fn(x_t: (B,1,H,W), t: (B,) float32) -> (B,1,H,W)`` predicted noise.
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+#: ``progress(step_index, n_steps)``, called after each finished step, ``step_index`` in ``0..n_steps-1``.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class SampleResult:
+    """A sampler's output: the sample ``x0`` (same shape, dtype and device as ``x_start``) and ``nfe``, the
+    number of ``eps_fn`` calls (UNet evaluations; a flow pass is not counted here)."""
+
+    x0: Tensor
+    nfe: int
+
+
+def initial_noise(mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``x_T = M * z``, ``z ~ N(0, I)``: the start of a full (untruncated) chain, noise only inside the mask.
+
+    Drawn with ``mask``'s shape, dtype and device (the generator must live on that device)."""
+    z = torch.randn(mask.shape, generator=generator, device=mask.device, dtype=mask.dtype)
+    return mask * z
+
+
+def masked_eps(eps_fn: EpsFn, x: Tensor, t: int, mask: Tensor | None) -> Tensor:
+    """One network call at original timestep ``t``: ``M * eps_fn(x, t)`` in ``x``'s dtype.
+
+    Masking the prediction is the reverse of the masked forward process (the noise in the background is
+    zero by construction), so a background that starts at zero stays exactly zero.
+    """
+    t_vec = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+    eps = eps_fn(x, t_vec).to(dtype=x.dtype)
+    return eps if mask is None else eps * mask

@@ -1,0 +1,47 @@
+"""The one small interface every runtime implements.
+
+A backend runs the networks of one exported model set; it never knows about samplers. Tensors cross
+the interface as float32 torch tensors on ``backend.device`` (CPU for ONNX Runtime and Triton):
+
+- ``unet(x_t (B,1,64,64), y (B,4,64,64), t (B,), s (B,), full=False) -> eps (B,1,64,64)``;
+  ``full=True`` selects the UNet trained on the whole chain (DDPM baselines);
+- ``flow_reverse(eps (B,1,64,64), y (B,4,64,64), tau_f (B,)) -> x_Ttrunc (B,1,64,64)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+#: Network names, shared by model files, ONNX files, engines and Triton models.
+NETWORKS: tuple[str, ...] = ("unet", "unet_full", "flow")
+
+
+class Backend(ABC):
+    """Runs the FTDDM networks; subclasses differ in how, never in the math."""
+
+    name: str = "abstract"
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def unet(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, s: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Predicted noise for a batch."""
+
+    @abstractmethod
+    def flow_reverse(self, eps: torch.Tensor, y: torch.Tensor, tau_f: torch.Tensor) -> torch.Tensor:
+        """x_Ttrunc drawn by the flow from unit-normal ``eps`` at temperature ``tau_f``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for run.json: backend name, device, precision, model/engine hashes."""
+        return {"backend": self.name, "device": str(self.device)}
+
+    def close(self) -> None:
+        """Release sessions, connections, GPU memory."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

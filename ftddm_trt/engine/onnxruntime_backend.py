@@ -1,0 +1,58 @@
+"""ONNX Runtime backend (the embedded default): runs the exported ONNX files in-process.
+
+Reads an export folder written by ``ftddm-trt export`` (``unet.onnx``, ``unet_full.onnx``,
+``flow.onnx``, ``manifest.json``). Input/output names are fixed by ``export.onnx_export``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftddm_trt.engine.backend import NETWORKS, Backend
+from ftddm_trt.export.manifest import read_manifest
+
+
+def _session(path: Path, threads: int | None, providers: list[str] | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
+        self.root = Path(onnx_dir)
+        self.manifest = read_manifest(self.root)
+        self.sessions = {n: _session(self.root / f"{n}.onnx", threads, providers) for n in NETWORKS if (self.root / f"{n}.onnx").is_file()}
+        if not self.sessions:
+            raise FileNotFoundError(f"{self.root} holds no ONNX network ({', '.join(n + '.onnx' for n in NETWORKS)})")
+
+    def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name not in self.sessions:
+            raise KeyError(f"the export {self.root} has no {name}.onnx")
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32) for k, v in feeds.items()}
+        (out,) = self.sessions[name].run(None, arrays)
+        return torch.from_numpy(out)
+
+    def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        return self._run("unet_full" if full else "unet", {"x_t": x_t, "y": y, "t": t, "s": s})
+
+    def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        return self._run("flow", {"eps": eps, "y": y, "tau_f": tau_f})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": "fp32", "onnx": {n: self.manifest["networks"][n]["onnx_sha256"] for n in self.sessions if n in self.manifest.get("networks", {})},
+                "models": self.manifest.get("model_hashes", {})}
+
+    def close(self) -> None:
+        self.sessions.clear()

@@ -1,0 +1,67 @@
+"""TensorRT backend: runs engines built by ``ftddm-trt build-engine`` on an NVIDIA GPU.
+
+I/O are torch CUDA tensors bound by address (``set_tensor_address``) and run with
+``execute_async_v3`` on torch's current stream, as in TensorRT's demo/Diffusion. The engine folder's
+manifest says which engine serves which network and for which GPU and TensorRT version it was built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.tensorrt_build import require_tensorrt
+
+
+class _Engine:
+    def __init__(self, runtime, path: Path) -> None:
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {path} (built for another GPU or TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+
+    def __call__(self, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        stream = torch.cuda.current_stream()
+        for name, tensor in feeds.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape(output)), device="cuda", dtype=torch.float32)
+        self.context.set_tensor_address(output, out.data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return out
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: Path | str) -> None:
+        gpu = require_tensorrt()  # before any TensorRT runtime is touched
+        import tensorrt as trt
+
+        self.root = Path(engine_dir)
+        self.manifest = read_manifest(self.root)
+        if self.manifest.get("gpu") != gpu or self.manifest.get("tensorrt_version") != trt.__version__:
+            raise RuntimeError(f"engines in {self.root} were built for {self.manifest.get('gpu')} / TensorRT "
+                               f"{self.manifest.get('tensorrt_version')}, this is {gpu} / {trt.__version__}: rebuild them")
+        self.device = torch.device("cuda")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines = {n: _Engine(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
+
+    def _feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, torch.float32).contiguous() for k, v in tensors.items()}
+
+    def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        return self.engines["unet_full" if full else "unet"](self._feeds(x_t=x_t, y=y, t=t, s=s), "eps")
+
+    def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        return self.engines["flow"](self._feeds(eps=eps, y=y, tau_f=tau_f), "x")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.manifest["precision"], "gpu": self.manifest["gpu"],
+                "engines": {n: i["cache_key"] for n, i in self.manifest["networks"].items()},
+                "models": self.manifest.get("model_hashes", {})}

@@ -1,0 +1,209 @@
+"""Resumable training of the three FTDDM networks on the phantom dataset.
+
+``task`` is one of:
+- ``unet``: the denoising UNet of FTDDM, t uniform in 1..Ttrunc;
+- ``unet_full``: the same UNet trained on the whole chain 1..T, for the DDPM / DPM-Solver++ baselines;
+- ``flow``: the conditional flow that draws x_Ttrunc.
+
+A run folder holds ``last/`` (the resumable checkpoint), ``best.safetensors`` + ``best.json`` (lowest
+validation loss) and ``log.jsonl``. Every random draw of step k comes from generators seeded by
+(seed, k), so a resumed run continues exactly where an uninterrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftddm_trt.constants import T_DIFFUSION, T_TRUNC
+from ftddm_trt.data.phantom import fold_split, generate_dataset
+from ftddm_trt.diffusion import CosineSchedule
+from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
+from ftddm_trt.models.io import save_model
+from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
+from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ftddm_trt.training.objectives import flow_objective, unet_objective
+
+TASKS = ("unet", "unet_full", "flow")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint)."""
+
+    task: str = "unet"
+    preset: str = "cpu"
+    iterations: int = 20_000
+    batch_size: int = 8
+    lr: float = 1e-4
+    lr_final: float = 1e-5  # exponential decay per iteration from lr to lr_final
+    t_trunc: int = T_TRUNC
+    n_subjects: int = 25
+    data_seed: int = 0
+    fold: int = 0
+    seed: int = 0
+    lr_protocol_fraction: float = 0.5
+    val_every: int = 500
+    val_examples: int = 64
+    ckpt_every: int = 100
+    flow_lambda: float = 10.0
+    flow_alpha: float = 0.84
+    grad_clip: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+    @property
+    def t_max(self) -> int:
+        return T_DIFFUSION if self.task == "unet_full" else self.t_trunc
+
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+    """A fresh network and its config for the task's preset."""
+    if cfg.task == "flow":
+        mcfg = FlowConfig.preset(cfg.preset)
+        return ConditionalFlow(mcfg), mcfg
+    mcfg = UNetConfig.preset(cfg.preset)
+    return DenoisingUNet(mcfg), mcfg
+
+
+def _optimizer(cfg: TrainConfig):
+    def factory(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    return factory
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    frac = min(step / max(cfg.iterations, 1), 1.0)
+    return cfg.lr * math.exp(frac * math.log(cfg.lr_final / cfg.lr))
+
+
+def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Tensor, dict[str, float]]:
+    if cfg.task == "flow":
+        return flow_objective(model, batch, schedule, cfg.t_trunc, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha)
+    loss = unet_objective(model, batch, schedule, cfg.t_max, gen)
+    return loss, {}
+
+
+def _refresh(model: torch.nn.Module) -> None:
+    refresh = getattr(model, "refresh_inverse", None)
+    if refresh is not None:
+        refresh()
+
+
+@torch.no_grad()
+def validate(cfg: TrainConfig, model, batches, schedule, device) -> float:
+    """Mean validation loss on fixed batches with fixed noise (comparable across steps)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(987_654)
+    losses = [float(_step_loss(cfg, model, b.to(device), schedule, gen)[0]) for b in batches]
+    model.train()
+    return float(np.mean(losses))
+
+
+def _save_best(model, mcfg, run_dir: Path) -> None:
+    tmp = run_dir / "best.tmp"
+    save_model(model, mcfg, tmp)
+    for ext in (".safetensors", ".json"):
+        os.replace(tmp.with_suffix(ext), (run_dir / "best").with_suffix(ext))
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) ``cfg`` in ``run_dir`` until ``cfg.iterations`` or ``max_minutes``.
+
+    Returns a summary: step reached, last and best validation loss, seconds, iterations per second.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    schedule = CosineSchedule(T_DIFFUSION)
+
+    ckpt = find_checkpoint(run_dir / "last")
+    if ckpt is not None:
+        model, opt, state = load_checkpoint(ckpt, _optimizer(cfg), map_location=dev)
+        saved = TrainConfig(**state["config"])
+        if (saved.task, saved.preset) != (cfg.task, cfg.preset):
+            raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
+        cfg = TrainConfig(**{**state["config"], "iterations": cfg.iterations})
+        mcfg = model.config
+        step, best = int(state["step"]), float(state["best_val"])
+    else:
+        torch.manual_seed(cfg.seed)
+        model, mcfg = build_model(cfg)
+        model.to(dev)
+        opt = _optimizer(cfg)(model)
+        step, best = 0, float("inf")
+
+    subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed)
+    train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
+    by_id = {i: subj for i, subj in enumerate(subjects)}
+    train_pool = SlicePool.from_subjects([by_id[i] for i in train_ids])
+    val_batches = fixed_batches(SlicePool.from_subjects([by_id[i] for i in val_ids]), cfg.val_examples, cfg.batch_size)
+
+    log = (run_dir / "log.jsonl").open("a")
+    t0 = time.monotonic()
+    start_step = step
+    last_val = float("nan")
+    deadline = t0 + 60.0 * max_minutes if max_minutes else None
+
+    def checkpoint() -> None:
+        state = {"step": step, "best_val": best, "config": asdict(cfg)}
+        save_checkpoint(run_dir / "last", model, mcfg, opt, state)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"[bold]{cfg.task}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  {task.fields[speed]:.2f} it/s"),
+               TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=cfg.iterations, completed=step, loss=float("nan"), val=float("nan"), speed=0.0)
+        model.train()
+        while step < cfg.iterations:
+            rng = np.random.default_rng([cfg.seed, step])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch = random_batch(train_pool, cfg.batch_size, rng, cfg.lr_protocol_fraction).to(dev)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            loss, parts = _step_loss(cfg, model, batch, schedule, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            _refresh(model)
+            step += 1
+            speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
+            if step % cfg.val_every == 0 or step == cfg.iterations:
+                last_val = validate(cfg, model, val_batches, schedule, dev)
+                if last_val < best:
+                    best = last_val
+                    _save_best(model, mcfg, run_dir)
+            if step % 20 == 0 or step == cfg.iterations:
+                log.write(json.dumps({"step": step, "loss": float(loss), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
+                log.flush()
+            bar.update(task, completed=step, loss=float(loss), val=last_val, speed=speed)
+            if step % cfg.ckpt_every == 0 or step == cfg.iterations:
+                checkpoint()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        checkpoint()
+    log.close()
+    seconds = time.monotonic() - t0
+    return {"task": cfg.task, "step": step, "iterations": cfg.iterations, "val": last_val, "best_val": best,
+            "seconds": seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9)}
