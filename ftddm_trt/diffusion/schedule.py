@@ -58,7 +58,10 @@ class DiscreteSchedule:
     0 at t = 1).
     """
 
-    def __init__(self, betas: Tensor) -> None:
+    def __init__(self, betas: Tensor, gammas: Tensor | None = None) -> None:
+        """``betas``: ``[0, beta_1, ..., beta_T]``. ``gammas`` (optional, same shape, ``gammas[0] = 1``): exact
+        cumulative products to use instead of ``cumprod(1 - betas)`` (a respaced chain takes its parent's
+        values, avoiding the round trip through ``1 - beta``)."""
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError("betas must be a 1-D tensor [beta_0 = 0, beta_1, ..., beta_T]")
@@ -67,8 +70,16 @@ class DiscreteSchedule:
         if not bool(((betas[1:] > 0) & (betas[1:] <= 1)).all()):
             raise ValueError("betas[1:] must lie in (0, 1]")
         self.betas: Tensor = betas
-        self.alphas: Tensor = 1.0 - betas
-        self.gammas: Tensor = torch.cumprod(self.alphas, dim=0)
+        if gammas is None:
+            self.alphas: Tensor = 1.0 - betas
+            self.gammas: Tensor = torch.cumprod(self.alphas, dim=0)
+        else:
+            gammas = torch.as_tensor(gammas, dtype=torch.float64).detach().cpu().clone()
+            if gammas.shape != betas.shape or gammas[0] != 1.0:
+                raise ValueError("gammas must have the shape of betas and gammas[0] = 1")
+            self.gammas = gammas
+            self.alphas = torch.ones_like(betas)
+            self.alphas[1:] = gammas[1:] / gammas[:-1]
         g_prev = torch.cat([self.gammas[:1], self.gammas[:-1]])
         # sigma_t^2 = (1 - gamma_{t-1}) / (1 - gamma_t) * beta_t; index 0 is padding (0).
         var = torch.zeros_like(betas)
@@ -156,7 +167,7 @@ class DiscreteSchedule:
         g = self.gammas[tmap]
         new_betas = torch.zeros(len(kept) + 1, dtype=torch.float64)
         new_betas[1:] = 1.0 - g[1:] / g[:-1]
-        return RespacedSchedule(new_betas, tmap, parent=self)
+        return RespacedSchedule(new_betas, tmap, parent=self, gammas=g)
 
 
 class CosineSchedule(DiscreteSchedule):
@@ -177,7 +188,9 @@ class RespacedSchedule(DiscreteSchedule):
     is the original ``t`` that the network must be fed, and ``gammas[k] == parent.gammas[timestep_map[k]]``.
     """
 
-    def __init__(self, betas: Tensor, timestep_map: Tensor, parent: DiscreteSchedule) -> None:
-        super().__init__(betas)
+    def __init__(
+        self, betas: Tensor, timestep_map: Tensor, parent: DiscreteSchedule, gammas: Tensor | None = None
+    ) -> None:
+        super().__init__(betas, gammas)
         self.timestep_map: Tensor = timestep_map
         self.parent: DiscreteSchedule = parent

@@ -4,9 +4,11 @@ Samplers never see a network. The caller binds the condition ``y`` and the upsca
 ``eps_fn(x_t, t)``; ``t`` is a ``(B,)`` float32 tensor of *original* 1-based timesteps (``1..T``), even on a
 respaced or truncated chain.
 
-``flow_only`` (``Ttrunc = 0``) needs no sampler: the flow's reverse pass returns x0 directly, and
-``engine.pipeline`` wraps it as ``SampleResult(x0=flow_output, nfe=0)`` (0 UNet calls; the flow pass is
-counted by the pipeline, as for FTDDM where the total is ``Ttrunc + 1``).
+Flow only needs no sampler here: ``engine.pipeline`` wraps the flow's reverse output in a
+``SampleResult`` itself (with ``Ttrunc = 0`` the flow output is x0 directly; for a flow trained on
+``x_Ttrunc`` the pipeline rescales it to an x0 estimate). The pipeline also adds the flow pass to the NFE
+of the truncated samplers (FTDDM: ``Ttrunc + 1``); ``SampleResult.nfe`` from this package counts
+``eps_fn`` calls only.
 """
 
 from __future__ import annotations
