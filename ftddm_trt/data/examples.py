@@ -115,7 +115,7 @@ def make_example(
     if protocol == "hr":
         mask = truth_mask
     elif protocol == "lr":
-        snr_lr, fwhm_lr = lr_qc_maps(stack[4], stack[5], n)
+        snr_lr, fwhm_lr = lr_qc_maps((stack[4], stack[5]), n)
         mask = support_mask_from_lr(quality_mask_from_qc(snr_lr, fwhm_lr), HR_SIZE)
     else:
         raise ValueError(f"unknown mask protocol {protocol!r}; expected one of {PROTOCOLS}")

@@ -1,0 +1,85 @@
+"""``ftddm-trt phantom``: write synthetic glioma MRSI subjects in the FSL-MRS layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ftddm_trt.cli.app import app
+from ftddm_trt.constants import HR_SIZE, LR_SIZES
+
+__all__ = ["phantom", "n_for_scale"]
+
+
+def n_for_scale(scale: float) -> int:
+    """Acquired size for an upscaling factor: ``N = round(64 / s)`` rounded to the nearest even number."""
+    if not 2.0 <= scale <= 8.0:
+        raise ValueError(f"scale must be in [2, 8], got {scale}")
+    n = int(2 * round(HR_SIZE / scale / 2))
+    return min(max(n, LR_SIZES[0]), LR_SIZES[-1])
+
+
+@app.command("phantom")
+def phantom(
+    out_dir: Path = typer.Argument(..., help="Output folder (one sub-folder per subject)."),
+    subjects: int = typer.Option(25, "--subjects", min=1, help="Number of subjects."),
+    seed: int = typer.Option(0, "--seed", help="Dataset seed (same seed, same phantoms)."),
+    scale: Optional[float] = typer.Option(
+        None, "--scale", help="Upscaling factor s in [2, 8]; the acquired size is N = round(64 / s) made even. Default 4."
+    ),
+    n: Optional[int] = typer.Option(None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."),
+    hr_masks: bool = typer.Option(False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT_DIR (replacing phantom subjects there)."),
+) -> None:
+    """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
+    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.phantom import make_subject, subject_id_for
+
+    if scale is not None and n is not None:
+        raise typer.BadParameter("give --scale or --n, not both", param_hint="--scale/--n")
+    if n is not None:
+        if n not in LR_SIZES:
+            raise typer.BadParameter(f"{n} is not one of {list(LR_SIZES)}", param_hint="--n")
+        size = n
+    else:
+        try:
+            size = n_for_scale(4.0 if scale is None else scale)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--scale") from exc
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise typer.BadParameter(f"{out_dir} exists and is not a folder", param_hint="OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise typer.BadParameter(f"{out_dir} is not empty (use --force to write into it)", param_hint="OUT_DIR")
+        for i in range(subjects):
+            existing = out_dir / subject_id_for(i)
+            if existing.exists():
+                if not (existing / "phantom.json").is_file():
+                    raise typer.BadParameter(
+                        f"{existing} exists and is not a phantom subject; refusing to replace it", param_hint="OUT_DIR"
+                    )
+                shutil.rmtree(existing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    console = Console(stderr=True)
+    ids = []
+    with Progress(
+        TextColumn("[bold]phantoms[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("phantoms", total=subjects)
+        for i in range(subjects):
+            sub = make_subject(i, seed)
+            write_phantom_subject(out_dir, sub, size, hr_masks=hr_masks)
+            ids.append(sub.subject_id)
+            progress.advance(task)
+    manifest = {"seed": seed, "n": size, "scale": HR_SIZE / size, "hr_masks": hr_masks, "subjects": ids}
+    (out_dir / "phantoms.json").write_text(json.dumps(manifest, indent=2))
+    console.print(f"wrote {subjects} subjects to {out_dir} (N={size}, s={HR_SIZE / size:.2f}, seed={seed})")

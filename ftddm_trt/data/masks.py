@@ -1,0 +1,154 @@
+"""Quality masks: the paper's thresholds, qc maps on the acquired grid, and the ``lr`` support mask M.
+
+Grid convention (see ``data.kspace``): acquired voxel ``k`` of an ``n``-grid sits at 64x64 voxel
+``s * k`` with ``s = 64 / n``; its footprint covers 64x64 pixel positions ``[s*k - s/2, s*k + s/2)``.
+
+Model of the qc maps a user gets from an ``n x n`` acquisition (:func:`lr_qc_maps`):
+
+* The 64x64 ``snr`` map is read as the metabolite signal amplitude in units of the (white, spatially
+  uniform) noise standard deviation of a 64x64 voxel.
+* The signal of an acquired voxel is the area average of that amplitude over its footprint
+  (partial volume: voxels straddling the brain edge or a ventricle lose signal).
+* Its noise standard deviation is ``sigma_64 / s**snr_exponent``. ``snr_exponent = 1`` (default) is
+  the same sequence with fewer phase encodes (same TR, ``s^2`` times shorter): exactly the noise of
+  k-space truncation, where averaging ``s^2`` independent voxels divides the noise by ``s``.
+  ``snr_exponent = 2`` is a time-matched scan whose SNR grows with voxel volume (``s^2``).
+* The linewidth of an acquired voxel is the signal-weighted area average of the 64x64 FWHM (plain
+  area average where there is no signal). Intra-voxel B0 spread is not modelled beyond that.
+
+Area averaging uses an exact overlap matrix ``W (n, 64)`` (non-integer ``s`` included); footprints
+that leave the FOV wrap around, as the FFT grid is periodic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
+
+from ftddm_trt.constants import FWHM_MAX_PPM, HR_SIZE, SNR_MIN
+
+__all__ = [
+    "quality_mask_from_qc",
+    "area_weights",
+    "area_average",
+    "lr_qc_maps",
+    "upsample_nearest",
+    "support_mask_from_lr",
+]
+
+
+def quality_mask_from_qc(
+    snr: ArrayLike, fwhm: ArrayLike, snr_min: float = SNR_MIN, fwhm_max: float = FWHM_MAX_PPM
+) -> NDArray[np.bool_]:
+    """The paper's quality mask: ``SNR >= 2.5`` and ``FWHM <= 0.15 ppm`` (NaN fails both).
+
+    Args:
+        snr: SNR map, any shape.
+        fwhm: linewidth map in ppm, same shape as ``snr``.
+
+    Returns:
+        bool array of the common shape.
+    """
+    snr = np.asarray(snr)
+    fwhm = np.asarray(fwhm)
+    with np.errstate(invalid="ignore"):
+        return (snr >= snr_min) & (fwhm <= fwhm_max)
+
+
+def area_weights(n: int, size: int = HR_SIZE) -> NDArray[np.float64]:
+    """Overlap matrix ``W (n, size)``: ``W[k, m]`` = fraction of acquired voxel ``k`` covered by pixel ``m``.
+
+    Rows sum to 1. Acquired voxel ``k`` covers ``[s*k - s/2, s*k + s/2)`` in pixel units
+    (``s = size / n``), pixel ``m`` covers ``[m - 1/2, m + 1/2)``; positions wrap modulo ``size``.
+    """
+    s = size / n
+    w = np.zeros((n, size))
+    m = np.arange(size)
+    for k in range(n):
+        lo, hi = s * k - s / 2, s * k + s / 2
+        for shift in (-size, 0, size):
+            ov = np.clip(np.minimum(hi, m + 0.5 + shift) - np.maximum(lo, m - 0.5 + shift), 0, None)
+            w[k] += ov
+    return w / s
+
+
+def area_average(x: ArrayLike, n: int) -> NDArray[np.float64]:
+    """Area average of ``(..., size, size)`` images over the footprints of an ``n x n`` grid -> ``(..., n, n)``."""
+    x = np.asarray(x, dtype=np.float64)
+    w = area_weights(n, x.shape[-1])
+    return np.einsum("ki,...ij,lj->...kl", w, x, w, optimize=True)
+
+
+def lr_qc_maps(
+    subject_or_arrays: Any, n: int, snr_exponent: float = 1.0
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """qc maps (SNR, FWHM) that an ``n x n`` acquisition of the same subject would give.
+
+    Args:
+        subject_or_arrays: a ``PhantomSubject`` (its ``snr`` and ``fwhm``) or a pair ``(snr, fwhm)``
+            of 64x64 maps, shape ``(..., 64, 64)``; FWHM in ppm.
+        n: acquired matrix size.
+        snr_exponent: SNR gain of an acquired voxel is ``s**snr_exponent`` before partial volume
+            (module docstring: 1 = fewer encodes / k-space truncation, 2 = time-matched).
+
+    Returns:
+        ``(snr_lr, fwhm_lr)``, each ``(..., n, n)`` float32 (FWHM in ppm).
+    """
+    if hasattr(subject_or_arrays, "snr") and hasattr(subject_or_arrays, "fwhm"):
+        snr, fwhm = subject_or_arrays.snr, subject_or_arrays.fwhm
+    else:
+        snr, fwhm = subject_or_arrays
+    snr = np.clip(np.asarray(snr, dtype=np.float64), 0.0, None)
+    fwhm = np.asarray(fwhm, dtype=np.float64)
+    size = snr.shape[-1]
+    s = size / n
+    amp = area_average(snr, n)
+    weighted = area_average(snr * fwhm, n)
+    plain = area_average(fwhm, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fwhm_lr = np.where(amp > 1e-9, weighted / np.maximum(amp, 1e-12), plain)
+    snr_lr = amp * s**snr_exponent
+    return snr_lr.astype(np.float32), fwhm_lr.astype(np.float32)
+
+
+def _nearest_index(n: int, size: int) -> NDArray[np.intp]:
+    """For each of ``size`` pixels, the acquired voxel (of ``n``) whose footprint holds it (edge clipped)."""
+    s = size / n
+    k = np.floor(np.arange(size) / s + 0.5).astype(np.intp)
+    return np.clip(k, 0, n - 1)
+
+
+def upsample_nearest(mask_nn: ArrayLike, size: int = HR_SIZE) -> NDArray[np.bool_]:
+    """Nearest-neighbour upsampling on the centred grid: ``(..., n, n)`` -> ``(..., size, size)``.
+
+    Pixel ``m`` takes acquired voxel ``floor(m / s + 1/2)`` (ties go up), clipped to ``n - 1`` so the
+    last half voxel at the FOV edge repeats the last row instead of wrapping to voxel 0.
+    Works for bool or numeric input; returns the input dtype (bool for masks).
+    """
+    a = np.asarray(mask_nn)
+    n = a.shape[-1]
+    idx = _nearest_index(n, size)
+    return a[..., idx[:, None], idx[None, :]]
+
+
+def support_mask_from_lr(mask_nn: ArrayLike, size: int = HR_SIZE) -> NDArray[np.bool_]:
+    """The ``lr``-protocol mask M: nearest upsampling then dilation by one acquired voxel.
+
+    Args:
+        mask_nn: quality mask on the acquired grid, ``(..., n, n)`` bool.
+        size: output size.
+
+    Returns:
+        ``(..., size, size)`` bool: the upsampled mask dilated in-plane by ``ceil(size / n)`` pixels
+        (square structuring element), so the network may fill voxels the coarse mask misses.
+    """
+    a = np.asarray(mask_nn).astype(bool)
+    n = a.shape[-1]
+    up = upsample_nearest(a, size)
+    r = math.ceil(size / n)
+    size_ = (1,) * (up.ndim - 2) + (2 * r + 1, 2 * r + 1)  # square element: separable max filter
+    return ndimage.maximum_filter(up.view(np.uint8), size=size_, mode="constant", cval=0) > 0
