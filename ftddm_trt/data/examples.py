@@ -96,19 +96,23 @@ def _augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def make_example(
-    pool: SlicePool,
-    index: int,
-    n: int,
-    protocol: str,
-    rng: np.random.Generator | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One example: (x0 (64,64), y (4,64,64), mask (64,64)); augmented when rng is given."""
-    stack = np.stack(
-        [pool.maps[index], pool.masks[index], pool.t1[index], pool.flair[index], pool.snr[index], pool.fwhm[index]]
-    )
-    if rng is not None:
-        stack = _augment(stack, rng)
+@dataclass(frozen=True)
+class Example:
+    """One prepared map. x0: (64,64) normalized truth cut by M; y: (4,64,64); mask: (64,64) float 0/1;
+    scale: normalization factor (file units); truth, truth_mask: the unnormalized 64x64 truth and its
+    quality mask; zero_filled: (64,64) zero-filled LR in file units."""
+
+    x0: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    scale: float
+    truth: np.ndarray
+    truth_mask: np.ndarray
+    zero_filled: np.ndarray
+
+
+def prepare_example(stack: np.ndarray, n: int, protocol: str) -> Example:
+    """Condition and target from a (6,64,64) stack [map, quality mask, T1, FLAIR, SNR, FWHM]."""
     truth_mask = stack[1] > 0.5
     truth = stack[0] * truth_mask
     _, zero_filled = kspace_truncate(truth, n)
@@ -122,8 +126,29 @@ def make_example(
     maskf = mask.astype(np.float32)
     zf_norm, scale = normalize_maps(zero_filled, mask)
     x0 = (truth / scale) * maskf
-    y = np.stack([zf_norm * 1.0, maskf, stack[2], stack[3]]).astype(np.float32)
-    return x0.astype(np.float32), y, maskf
+    y = np.stack([zf_norm, maskf, stack[2], stack[3]]).astype(np.float32)
+    return Example(x0=x0.astype(np.float32), y=y, mask=maskf, scale=float(scale), truth=truth.astype(np.float32),
+                   truth_mask=truth_mask, zero_filled=zero_filled.astype(np.float32))
+
+
+def pool_stack(pool: SlicePool, index: int) -> np.ndarray:
+    """The (6,64,64) stack of example ``index``: map, mask, T1, FLAIR, SNR, FWHM."""
+    return np.stack([pool.maps[index], pool.masks[index], pool.t1[index], pool.flair[index], pool.snr[index], pool.fwhm[index]])
+
+
+def make_example(
+    pool: SlicePool,
+    index: int,
+    n: int,
+    protocol: str,
+    rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training example: (x0 (64,64), y (4,64,64), mask (64,64)); augmented when rng is given."""
+    stack = pool_stack(pool, index)
+    if rng is not None:
+        stack = _augment(stack, rng)
+    ex = prepare_example(stack, n, protocol)
+    return ex.x0, ex.y, ex.mask
 
 
 def _collate(examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sizes: list[int]) -> Batch:

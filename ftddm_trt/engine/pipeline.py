@@ -53,6 +53,9 @@ class SamplerSpec:
     steps: int | None = None
     tau_d: float = 0.9
     tau_f: float = 0.9
+    #: Clamp every predicted x0 to this range (normalized units; the truth lies in [0, ~2]), as
+    #: improved-diffusion's ``clip_denoised``. None: no clamping.
+    clip_x0: tuple[float, float] | None = (0.0, 3.0)
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -129,17 +132,17 @@ def sample_batch(
             x0 = x_start / math.sqrt(float(schedule.gammas[spec.ttrunc]))
             return SampleResult(x0=x0, nfe=1)
         if spec.name == "ftddm":
-            res = ancestral_sample(eps_fn, x_start, mask, schedule, truncated_timesteps(spec.ttrunc), tau_d=spec.tau_d, generator=generator)
+            res = ancestral_sample(eps_fn, x_start, mask, schedule, truncated_timesteps(spec.ttrunc), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
         else:
-            res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=spec.ttrunc, steps=spec.n_steps, generator=generator)
+            res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=spec.ttrunc, steps=spec.n_steps, clip=spec.clip_x0)
         return SampleResult(x0=res.x0, nfe=res.nfe + 1)
 
     x_start = noise() * mask
     if spec.name == "ddpm":
-        return ancestral_sample(eps_fn, x_start, mask, schedule, ddpm_timesteps(T_DIFFUSION), tau_d=spec.tau_d, generator=generator)
+        return ancestral_sample(eps_fn, x_start, mask, schedule, ddpm_timesteps(T_DIFFUSION), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
     if spec.name == "ddpm-respaced":
-        return ancestral_sample(eps_fn, x_start, mask, schedule, respaced_timesteps(T_DIFFUSION, spec.n_steps), tau_d=spec.tau_d, generator=generator)
-    return dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=T_DIFFUSION, steps=spec.n_steps, generator=generator)
+        return ancestral_sample(eps_fn, x_start, mask, schedule, respaced_timesteps(T_DIFFUSION, spec.n_steps), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
+    return dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=T_DIFFUSION, steps=spec.n_steps, clip=spec.clip_x0)
 
 
 def sample_images(

@@ -25,6 +25,7 @@ import torch
 from ftddm_trt import __version__
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
 from ftddm_trt.export.manifest import file_sha256, write_manifest
+from ftddm_trt.models import FlowReverse
 from ftddm_trt.models.model_set import ModelSet
 
 OPSET = 18
@@ -54,20 +55,9 @@ class ParityError(RuntimeError):
     """An exported graph disagrees with PyTorch beyond the tolerance."""
 
 
-class _FlowReverse(torch.nn.Module):
-    """The flow's reverse pass as a plain forward, for export."""
-
-    def __init__(self, flow: torch.nn.Module) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, eps: torch.Tensor, y: torch.Tensor, tau_f: torch.Tensor) -> torch.Tensor:
-        return self.flow.reverse(eps, y, tau_f)
-
-
 def exportable(name: str, net: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward is the exported graph of network ``name``."""
-    return (_FlowReverse(net) if name == "flow" else net).eval()
+    return (FlowReverse(net) if name == "flow" else net).eval()
 
 
 def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -136,6 +136,7 @@ def train(
     schedule = CosineSchedule(T_DIFFUSION)
 
     ckpt = find_checkpoint(run_dir / "last")
+    needs_data_init = False
     if ckpt is not None:
         model, opt, state = load_checkpoint(ckpt, _optimizer(cfg), map_location=dev)
         saved = TrainConfig(**state["config"])
@@ -150,12 +151,21 @@ def train(
         model.to(dev)
         opt = _optimizer(cfg)(model)
         step, best = 0, float("inf")
+        needs_data_init = cfg.task == "flow"
 
     subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed)
     train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
-    by_id = {i: subj for i, subj in enumerate(subjects)}
+    by_id = {subj.subject_id: subj for subj in subjects}
     train_pool = SlicePool.from_subjects([by_id[i] for i in train_ids])
     val_batches = fixed_batches(SlicePool.from_subjects([by_id[i] for i in val_ids]), cfg.val_examples, cfg.batch_size)
+
+    if needs_data_init:  # ActNorm data-dependent init on one batch of flow targets
+        init_batch = random_batch(train_pool, 32, np.random.default_rng([cfg.seed, 10**9])).to(dev)
+        init_gen = torch.Generator().manual_seed(cfg.seed)
+        t = torch.full((init_batch.x0.shape[0],), cfg.t_trunc, dtype=torch.long, device=dev)
+        eps = torch.randn(init_batch.x0.shape, generator=init_gen).to(dev)
+        with torch.no_grad():
+            model.data_init(schedule.q_sample(init_batch.x0, t, eps, init_batch.mask), init_batch.y)
 
     log = (run_dir / "log.jsonl").open("a")
     t0 = time.monotonic()
@@ -195,9 +205,9 @@ def train(
                     best = last_val
                     _save_best(model, mcfg, run_dir)
             if step % 20 == 0 or step == cfg.iterations:
-                log.write(json.dumps({"step": step, "loss": float(loss), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
+                log.write(json.dumps({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
-            bar.update(task, completed=step, loss=float(loss), val=last_val, speed=speed)
+            bar.update(task, completed=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
                 checkpoint()
             if deadline is not None and time.monotonic() > deadline:

@@ -48,6 +48,7 @@ def dpm_solver_pp_sample(
     order: int = 2,
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> SampleResult:
     """DPM-Solver++(2M), 'midpoint' form (diffusers' default), from ``x_start = x_{t_start}`` to x0.
 
@@ -68,7 +69,9 @@ def dpm_solver_pp_sample(
     ``t_start = T`` with ``x_start = initial_noise(mask)`` samples from pure noise; ``t_start = Ttrunc`` with
     the flow output runs the truncated chain (paper Table 4). The solver is deterministic: ``generator`` is
     accepted for interface uniformity and unused. Background outside M stays at its start value (zero).
-    Coefficients are computed in float64 and applied in ``x_start``'s dtype.
+    Coefficients are computed in float64 and applied in ``x_start``'s dtype. ``clip = (lo, hi)`` clamps
+    each data prediction ``D_i`` (a static form of diffusers' ``thresholding``; data-prediction solvers
+    are the ones where clamping x0 is sound, Lu et al. 2022 section 4).
 
     Returns ``SampleResult(x0, nfe=steps)``.
     """
@@ -95,6 +98,8 @@ def dpm_solver_pp_sample(
         alpha_t, sigma_t, lam_t = consts(t)
         eps = masked_eps(eps_fn, x, int(tmap[s]) if tmap is not None else s, mask)
         d = (x - sigma_s * eps) * (1.0 / alpha_s)  # data prediction x0_theta(x_s, s)
+        if clip is not None:
+            d = d.clamp(clip[0], clip[1])
         if t == 0 or sigma_t == 0.0:
             x = d  # exp(-h) = 0, sigma_t = 0, alpha_t = 1: the step to x0 returns the data prediction
         else:

@@ -1,0 +1,73 @@
+"""Writing benchmark results: JSON (everything, with samples) and markdown (what a reader needs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+NOISE_NOTE = ("The machine is shared with other jobs (training runs, tests): timings are noisy. Each figure is "
+              "the median of the stated number of repeats, taken in blocks that alternate between backends; the "
+              "load average before and after the run is recorded with the machine facts.")
+
+
+def write_json(path: Path | str, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (NaN written as null), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits (integers as is, None/NaN as a dash)."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "-"
+        if x == 0:
+            return "0"
+        mag = math.floor(math.log10(abs(x)))
+        decimals = max(0, digits - 1 - mag)
+        return f"{x:.{decimals}f}"
+    return str(x)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A GitHub markdown table (cells formatted with ``fmt``)."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def machine_lines(machine: dict[str, Any], load_after: Sequence[float] | None = None) -> list[str]:
+    """Markdown bullet list of the machine facts."""
+    gpu = machine.get("gpu")
+    lines = [
+        f"- CPU: {machine.get('cpu_model')} ({machine.get('available_cores')} cores available, "
+        f"{machine.get('logical_cpus')} logical); threads used: {machine.get('threads_used', machine.get('torch_threads'))}",
+        f"- GPU: {gpu['name'] + ' (' + str(gpu['memory_gib']) + ' GiB)' if gpu else 'none'}",
+        f"- torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}, numpy {machine.get('numpy')}, "
+        f"tensorrt {machine.get('tensorrt') or 'absent'}, tritonclient {machine.get('tritonclient') or 'absent'}, "
+        f"Python {machine.get('python')}",
+        f"- {machine.get('platform')}",
+        f"- load average (1/5/15 min) before: {machine.get('load_average')}"
+        + (f", after: {list(load_after)}" if load_after is not None else ""),
+    ]
+    return lines

@@ -1,0 +1,42 @@
+"""`ftddm-trt bench`: quality versus NFE on the phantom test split (paper Table 1 / Fig. 5 shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ftddm_trt.cli.app import app
+from ftddm_trt.cli.common import console, fail
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for quality.json, quality.md and quality_vs_nfe.png."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
+    backend: str = typer.Option("onnxruntime", help="Backend every method runs on (one backend, one run)."),
+    maps: int = typer.Option(64, help="Test-split maps per (s, protocol), the same for every method."),
+    ddpm_maps: int = typer.Option(8, help="Maps DDPM T=1000 runs on (the first of --maps; it costs ~10x the others)."),
+    batch_size: int = typer.Option(32, help="Maps per network call."),
+    no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000."),
+    stem: str = typer.Option("quality", help="File name stem of the results."),
+) -> None:
+    """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
+    from ftddm_trt.bench.quality import paper_methods, run_quality, write_results
+    from ftddm_trt.engine.factory import open_backend
+    from ftddm_trt.models import count_parameters
+    from ftddm_trt.models.model_set import ModelSet
+
+    try:
+        models = ModelSet.open(model)
+        b = open_backend(backend, model=model, log=console.print)
+    except Exception as err:
+        fail(f"cannot open backend {backend!r}: {err}")
+    params = {name: count_parameters(net) for name, net in models.load_torch().items()}
+    with b:
+        results = run_quality(b, paper_methods(include_ddpm=not no_ddpm), n_maps=maps, ddpm_maps=ddpm_maps,
+                              batch_size=batch_size, log=console.print)
+    results["model"] = {"dir": str(models.root), "hashes": models.hashes(), "manifest": models.manifest()}
+    paths = write_results(results, params, out, stem=stem)
+    console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}")

@@ -1,0 +1,62 @@
+"""Pick and open a backend by name: the one place the CLI and benchmarks construct runtimes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.models.model_set import ModelSet
+
+BACKENDS: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt", "triton")
+
+
+def cache_root() -> Path:
+    """Where exports of a model are cached: $FTDDM_TRT_CACHE, else ~/.cache/ftddm-trt."""
+    return Path(os.environ.get("FTDDM_TRT_CACHE", Path.home() / ".cache" / "ftddm-trt"))
+
+
+def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: None) -> Path:
+    """The ONNX export of ``models``, made once and cached under a key of the weights' hashes."""
+    from ftddm_trt.export.onnx_export import export_model_set
+
+    key = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(models.hashes().items())).encode()).hexdigest()[:16]
+    folder = cache_root() / "onnx" / key
+    if not (folder / "manifest.json").is_file():
+        log(f"exporting the model to ONNX once (cached in {folder}) ...")
+        export_model_set(models, folder, force=True, log=log)
+    return folder
+
+
+def open_backend(
+    kind: str,
+    model: Path | None = None,
+    onnx_dir: Path | None = None,
+    engine_dir: Path | None = None,
+    url: str | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    log: Callable[[str], None] = lambda _m: None,
+) -> Backend:
+    """Open backend ``kind`` for a model folder (default: the shipped model)."""
+    if kind == "torch":
+        from ftddm_trt.engine.torch_backend import TorchBackend
+
+        return TorchBackend(ModelSet.open(model), device=device, precision=precision)
+    if kind == "onnxruntime":
+        from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model), log))
+    if kind == "tensorrt":
+        from ftddm_trt.engine.tensorrt_backend import TensorRTBackend
+
+        if engine_dir is None:
+            raise ValueError("--backend tensorrt needs --engines DIR (built by `ftddm-trt build-engine`)")
+        return TensorRTBackend(engine_dir)
+    if kind == "triton":
+        from ftddm_trt.engine.triton_backend import TritonBackend
+
+        return TritonBackend(url or "localhost:8001")
+    raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

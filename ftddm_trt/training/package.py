@@ -1,0 +1,50 @@
+"""Assemble a model folder (``models.model_set`` layout) from finished training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ftddm_trt.models.io import model_sha256
+
+RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow"}
+
+
+def _run_summary(run_dir: Path) -> dict:
+    state = json.loads((run_dir / "last" / "state.json").read_text()) if (run_dir / "last" / "state.json").is_file() else {}
+    log_lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
+    last_log = json.loads(log_lines[-1]) if log_lines else {}
+    return {"run_dir": str(run_dir), "step": state.get("step"), "best_val": state.get("best_val"),
+            "train_config": state.get("config"), "last_log": last_log}
+
+
+def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
+                  force: bool = False) -> dict:
+    """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    manifest: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": which, "commands": commands or [],
+                      "networks": {}}
+    try:
+        for name, run_dir in runs.items():
+            run_dir = Path(run_dir)
+            src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
+            if not src.with_suffix(".safetensors").is_file():
+                raise FileNotFoundError(f"{src.with_suffix('.safetensors')} does not exist (has {run_dir} validated yet?)")
+            for ext in (".safetensors", ".json"):
+                shutil.copyfile(src.with_suffix(ext), (tmp / RUN_FILES[name]).with_suffix(ext))
+            manifest["networks"][name] = {"sha256": model_sha256(tmp / RUN_FILES[name]), **_run_summary(run_dir)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
