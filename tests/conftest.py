@@ -54,3 +54,48 @@ def tiny_onnx_export(tiny_model_dir, tmp_path_factory):
 
 
 # ========================================================================== end of the tiny export
+
+
+# ==================================================================================================
+# Training / pipeline / export / upscale-CLI tests. Section owned by the test worker of those modules.
+# ==================================================================================================
+
+
+@_pytest_tiny.fixture(scope="session")
+def torch_single_thread():
+    """One intra-op thread for torch while the session runs (restored afterwards).
+
+    On a small, busy machine torch's default (one thread per core) contends with everything else
+    and runs the tiny networks 10-30x slower; results do not depend on the thread count.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("torch_single_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@_pytest_tiny.fixture(scope="session")
+def phantom_subject_dir(tmp_path_factory):
+    """One phantom subject (sub-000, seed 0) acquired at 16 x 16, in the FSL-MRS layout, with its truth.
+
+    Shared and read-only: tests that corrupt or write files copy it first (``copy_subject``).
+    """
+    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.phantom import make_subject
+
+    root = tmp_path_factory.mktemp("phantom")
+    return write_phantom_subject(root, make_subject(0, seed=0), 16)
+
+
+@_pytest_tiny.fixture
+def subject_copy(phantom_subject_dir, tmp_path):
+    """A private copy of ``phantom_subject_dir`` (for tests that corrupt or modify an input)."""
+    import shutil
+
+    return shutil.copytree(phantom_subject_dir, tmp_path / "in" / phantom_subject_dir.name)
+
+
+# ============================================================ end of the training / pipeline section

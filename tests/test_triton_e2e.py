@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,14 +133,16 @@ def test_unreachable_and_missing_models(server):
         TritonBackend(server.grpc_url, models={"unet": "ftddm_nope", "flow": "ftddm_flow"})
 
 
-def test_server_killed_mid_run(cpu_repo, inputs):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_server_killed_mid_run(cpu_repo, inputs, protocol, tmp_path):
     """The client's error names the URL when the server dies while a sampling loop runs."""
     y, s = inputs
-    srv = TritonServer(cpu_repo, models=["ftddm_unet_full"], startup_timeout_s=240)
+    srv = TritonServer(cpu_repo, models=["ftddm_unet_full"], startup_timeout_s=240, log_path=tmp_path / "server.log")
     srv.start()
     try:
         prefix = srv.shm_prefix
-        tb = TritonBackend(srv.grpc_url, require=("unet_full",), retries=2, backoff_s=0.05, timeout_s=20)
+        url = srv.grpc_url if protocol == "grpc" else srv.http_url
+        tb = TritonBackend(url, protocol=protocol, require=("unet_full",), retries=2, backoff_s=0.05, timeout_s=20)
         done = threading.Event()
 
         def killer():
@@ -148,14 +151,39 @@ def test_server_killed_mid_run(cpu_repo, inputs):
             done.set()
 
         threading.Thread(target=killer, daemon=True).start()
-        with pytest.raises(TritonUnavailable, match=srv.grpc_url):
+        with pytest.raises(TritonUnavailable, match=url):
             sample_images(tb, SamplerSpec("ddpm"), y, s, batch_size=5)  # 1000 NFE: outlives the kill
-        assert done.is_set()
+        assert done.wait(30)
         tb.close()
     finally:
         srv.stop()
     assert shm_regions(prefix) == [], "stop() removes the regions a killed server leaked"
     assert srv._session_members() == []
+
+
+def test_failed_model_load_is_reported(cpu_repo, tmp_path):
+    import shutil
+
+    from ftddm_trt.serving.launcher import TritonServerError
+
+    broken = tmp_path / "repo"
+    shutil.copytree(cpu_repo, broken)
+    (broken / "ftddm_flow" / "1" / "model.onnx").unlink()
+    (broken / "ftddm_flow" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    srv = TritonServer(broken, models=["ftddm_flow"], startup_timeout_s=240, log_path=tmp_path / "server.log")
+    with pytest.raises(TritonServerError, match=r"(?s)exited with code 1 before it was ready.*failed to load 'ftddm_flow'"):
+        srv.start()
+    assert not srv.is_running() and srv._session_members() == [] and shm_regions(srv.shm_prefix) == []
+    gpu = tmp_path / "gpu"
+    build_repository(_export_of(cpu_repo), gpu, "gpu", log=lambda _m: None)
+    with pytest.raises(TritonServerError, match="only the Python backend"):
+        TritonServer(gpu).start()
+
+
+def _export_of(repo):
+    import json
+
+    return Path(json.loads((repo / "repository.json").read_text())["onnx_dir"])
 
 
 def test_serve_cli_stops_cleanly_on_ctrl_c(cpu_repo, tmp_path):

@@ -24,6 +24,8 @@ def check_output_dir(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
         src = src.resolve()
         if out == src or src in out.parents:
             fail(f"output folder {out} lies inside the input folder {src}; choose another place")
+        if out in src.parents:  # replacing OUT (--force) would delete the input with it
+            fail(f"input folder {src} lies inside the output folder {out}; choose another place")
     if out.exists() and not out.is_dir():
         fail(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -47,4 +49,15 @@ def staging_dir(out: Path) -> Path:
     import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    make_public(tmp)
+    return tmp
+
+
+def make_public(folder: Path) -> None:
+    """Give a ``tempfile.mkdtemp`` folder (always 0700) the permissions of an ordinary new folder (umask)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)

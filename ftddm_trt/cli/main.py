@@ -7,11 +7,7 @@ from ftddm_trt.cli import export as _export  # noqa: F401
 from ftddm_trt.cli import phantom as _phantom  # noqa: F401
 from ftddm_trt.cli import train as _train  # noqa: F401
 from ftddm_trt.cli import upscale as _upscale  # noqa: F401
-
-try:  # added by the serving work; optional until it lands
-    from ftddm_trt.cli import serving as _serving  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from ftddm_trt.cli import serving as _serving  # noqa: F401
 
 __all__ = ["app"]
 

@@ -64,6 +64,13 @@ class SamplerSpec:
             raise ValueError(f"ttrunc must be in 1..{T_DIFFUSION}, got {self.ttrunc}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        # the solvers need distinct integer timesteps: at most one step per timestep of the chain they run
+        limit = self.ttrunc if self.name == "ftddm-dpmpp" else T_DIFFUSION
+        if self.n_steps is not None and self.n_steps > limit:
+            raise ValueError(f"{self.name} can take at most {limit} steps"
+                             f"{' (Ttrunc)' if self.name == 'ftddm-dpmpp' else ''}, got {self.n_steps}")
+        if not (self.tau_d >= 0 and self.tau_f >= 0):
+            raise ValueError(f"temperatures must be >= 0, got tau_d={self.tau_d}, tau_f={self.tau_f}")
 
     @property
     def n_steps(self) -> int | None:
@@ -145,6 +152,11 @@ def sample_batch(
     return dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=T_DIFFUSION, steps=spec.n_steps, clip=spec.clip_x0)
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of the noise generator of batch ``batch_index`` (shared by every loop, client or server)."""
+    return seed * 1_000_003 + batch_index
+
+
 def sample_images(
     backend: Backend,
     spec: SamplerSpec,
@@ -166,7 +178,7 @@ def sample_images(
     outs = []
     nfe = spec.nfe
     for i, start in enumerate(range(0, y.shape[0], batch_size)):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        gen = torch.Generator().manual_seed(batch_seed(seed, i))
         res = sample_batch(backend, spec, y[start : start + batch_size], s[start : start + batch_size], gen, schedule)
         outs.append(res.x0.float().cpu())
         nfe = res.nfe

@@ -1,0 +1,406 @@
+"""Triton backend: the networks run in a Triton Inference Server, reached with ``tritonclient``.
+
+Two ways to sample through Triton:
+
+- the *client loop*: ``sample_images(TritonBackend(...), ...)`` runs the sampler here and sends one
+  request per network evaluation to ``ftddm_unet`` / ``ftddm_unet_full`` / ``ftddm_flow``;
+- the *server loop*: ``TritonBackend.sample_images_on_server`` sends one request per batch to
+  ``ftddm_sampler``, which runs the same ``pipeline.sample_batch`` inside the server over BLS requests
+  (``ftddm_trt.serving.bls``). Batch i is seeded ``pipeline.batch_seed(seed, i)`` as in ``sample_images``, so
+  both loops give the same result for the same seed and batch size.
+
+Tensor names are the ONNX graphs' (``x_t, y, t, s -> eps``; ``eps, y, tau_f -> x``). The per-item
+scalars t, s, tau_f travel as ``(B, 1)`` (Triton dims ``[1]``, reshaped to ``(B,)`` for the graph).
+
+Transient failures (gRPC UNAVAILABLE, connection refused or reset) are retried ``retries`` times with
+exponential backoff; then ``TritonUnavailable`` names the URL. The server and the needed models are
+checked at construction. With ``shared_memory=True`` inputs and outputs travel through POSIX shared
+memory regions registered with the server (same host only), released by ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ftddm_trt.diffusion import SampleResult
+from ftddm_trt.engine.backend import NETWORKS, Backend
+from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed  # noqa: F401  (batch_seed re-exported for clients)
+
+#: Triton model name of each network (the repository generator and the client share them).
+TRITON_MODELS: dict[str, str] = {"unet": "ftddm_unet", "unet_full": "ftddm_unet_full", "flow": "ftddm_flow"}
+SAMPLER_MODEL = "ftddm_sampler"
+#: Input/output names of each network model, as in the ONNX graphs.
+NETWORK_TENSORS: dict[str, tuple[tuple[str, ...], str]] = {
+    "unet": (("x_t", "y", "t", "s"), "eps"),
+    "unet_full": (("x_t", "y", "t", "s"), "eps"),
+    "flow": (("eps", "y", "tau_f"), "x"),
+}
+PROTOCOLS = ("grpc", "http")
+
+
+class TritonUnavailable(RuntimeError):
+    """The Triton server cannot be reached, or a model it should serve is not ready."""
+
+
+class TritonInferenceError(RuntimeError):
+    """The server answered with an error that retrying will not fix (bad input, model failure)."""
+
+
+def encode_sampler_settings(spec: SamplerSpec, seed: int) -> str:
+    """The ``settings`` request parameter of ftddm_sampler (JSON; floats round-trip exactly)."""
+    return json.dumps({"sampler": spec.name, "ttrunc": spec.ttrunc, "steps": spec.steps, "tau_d": spec.tau_d,
+                       "tau_f": spec.tau_f, "seed": int(seed)}, sort_keys=True)
+
+
+def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
+    """Inverse of ``encode_sampler_settings``; a ValueError names what is wrong."""
+    try:
+        d = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"sampler settings are not JSON: {err}") from err
+    if not isinstance(d, dict):
+        raise ValueError(f"sampler settings must be a JSON object, got {type(d).__name__}")
+    unknown = set(d) - {"sampler", "ttrunc", "steps", "tau_d", "tau_f", "seed"}
+    if unknown:
+        raise ValueError(f"unknown sampler settings: {sorted(unknown)}")
+    defaults = SamplerSpec()
+    steps = d.get("steps")
+    spec = SamplerSpec(name=str(d.get("sampler", defaults.name)), ttrunc=int(d.get("ttrunc", defaults.ttrunc)),
+                       steps=None if steps is None else int(steps), tau_d=float(d.get("tau_d", defaults.tau_d)),
+                       tau_f=float(d.get("tau_f", defaults.tau_f)))
+    return spec, int(d.get("seed", 0))
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Errors worth a retry: the server is (re)starting, unreachable, or dropped the connection."""
+    if isinstance(err, (ConnectionError, TimeoutError)):  # refused, reset, aborted (http client)
+        return True
+    if type(err).__name__ == "HTTPConnectionClosed":  # geventhttpclient: the server closed the socket
+        return True
+    status = getattr(err, "status", None)
+    code = status() if callable(status) else None
+    if code == "StatusCode.UNAVAILABLE":
+        return True
+    msg = str(err).lower()
+    return any(k in msg for k in ("connection refused", "connection reset", "broken pipe", "failed to connect",
+                                  "socket closed", "connection aborted", "connection closed"))
+
+
+class _ShmRegion:
+    """One POSIX shared-memory region registered with the server, grown on demand."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.key = f"/{name}"
+        self.size = 0
+        self.handle = None
+
+    def ensure(self, client, size: int) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if size <= self.size:
+            return
+        self.release(client)
+        size = max(size, 2 * self.size)
+        self.handle = shm.create_shared_memory_region(self.name, self.key, size, create_only=True)
+        self.size = size
+        client.register_system_shared_memory(self.name, self.key, size)
+
+    def reregister(self, client) -> None:
+        if self.handle is None:
+            return
+        try:
+            client.unregister_system_shared_memory(self.name)
+            client.register_system_shared_memory(self.name, self.key, self.size)
+        except Exception:  # still unreachable: the next attempt tries again
+            pass
+
+    def release(self, client) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if self.handle is None:
+            return
+        if client is not None:
+            try:
+                client.unregister_system_shared_memory(self.name)
+            except Exception:  # the server may be gone; the local region is still ours to remove
+                pass
+        try:
+            shm.destroy_shared_memory_region(self.handle)
+        except Exception:
+            pass
+        self.handle = None
+        self.size = 0
+
+
+def _destroy_regions(regions: list[_ShmRegion]) -> None:
+    for r in regions:
+        r.release(None)
+
+
+class TritonBackend(Backend):
+    """Backend over a Triton server (see the module docstring).
+
+    url: ``host:port`` of the gRPC (default) or HTTP endpoint. timeout_s: per network request
+    (a server-loop batch gets ``timeout_s`` per NFE). retries/backoff_s: on transient errors, retry
+    after backoff_s, 2*backoff_s, ... require: networks whose models must be ready at construction
+    (the others are checked on first use). models: override the Triton model names.
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        protocol: str = "grpc",
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.25,
+        shared_memory: bool = False,
+        require: Sequence[str] = ("unet", "flow"),
+        models: dict[str, str] | None = None,
+        sampler_model: str = SAMPLER_MODEL,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if retries < 0 or timeout_s <= 0:
+            raise ValueError("retries must be >= 0 and timeout_s > 0")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.models = dict(TRITON_MODELS if models is None else models)
+        self.sampler_model = sampler_model
+        self.device = torch.device("cpu")
+        self._lock = threading.Lock()
+        self._ready: set[str] = set()
+        self._closed = False
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self._tc = tc
+        self.shared_memory = bool(shared_memory)
+        self._regions: list[_ShmRegion] = []
+        self.client = self._new_client()
+        try:
+            self.server_version = self._check_server()
+            for net in require:
+                self._require_model(self.models[net])
+        except BaseException:
+            self.client.close()
+            raise
+        if self.shared_memory:
+            tag = f"ftddm_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+            self._regions = [_ShmRegion(f"{tag}_in"), _ShmRegion(f"{tag}_out")]
+            self._finalizer = weakref.finalize(self, _destroy_regions, self._regions)
+
+    # -- connection --------------------------------------------------------------------------------
+    def _new_client(self):
+        if self.protocol == "grpc":
+            return self._tc.InferenceServerClient(self.url)
+        return self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+
+    def _retrying(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+        attempts = self.retries + 1 if attempts is None else attempts
+        last: BaseException | None = None
+        for k in range(attempts):
+            try:
+                return fn()
+            except Exception as err:
+                if not _is_transient(err):
+                    raise
+                last = err
+                if k + 1 < attempts:
+                    time.sleep(self.backoff_s * (2**k))
+                    if self.protocol == "http":  # a dropped keep-alive connection: start afresh
+                        try:
+                            self.client.close()
+                        except Exception:
+                            pass
+                        self.client = self._new_client()
+                    for r in self._regions:  # a restarted server forgot the registrations
+                        r.reregister(self.client)
+        raise TritonUnavailable(f"Triton server at {self.url} ({self.protocol}) is unreachable: {what} failed "
+                                f"{attempts} time(s); last error: {last}") from last
+
+    def _check_server(self) -> str:
+        def probe():
+            if not self.client.is_server_live():
+                raise ConnectionError("server not live")
+            if not self.client.is_server_ready():
+                raise ConnectionError("server not ready")
+            meta = self.client.get_server_metadata()
+            return meta.version if hasattr(meta, "version") else meta.get("version", "?")
+
+        return self._retrying("the readiness check", probe)
+
+    def _require_model(self, model: str) -> None:
+        if model in self._ready:
+            return
+        try:
+            ready = self._retrying(f"the readiness check of {model}", lambda: self.client.is_model_ready(model))
+        except TritonUnavailable:
+            raise
+        except Exception as err:
+            raise TritonUnavailable(f"Triton server at {self.url}: cannot check model {model}: {err}") from err
+        if not ready:
+            raise TritonUnavailable(f"Triton server at {self.url} does not serve model {model!r} (not loaded or not "
+                                    "ready); build the repository with `ftddm-trt triton-repo` and check the server log")
+        self._ready.add(model)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, tuple[int, ...]], timeout_s: float,
+               parameters: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """One request; ``outputs`` maps each output name to its expected shape (sizes the shm region)."""
+        if self._closed:
+            raise RuntimeError("TritonBackend is closed")
+        self._require_model(model)
+        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        with self._lock:
+            return self._retrying(f"request to {model}", lambda: self._infer_once(model, arrays, outputs, timeout_s, parameters))
+
+    def _infer_once(self, model, arrays, outputs, timeout_s, parameters):
+        tc = self._tc
+        ins = [tc.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT32") for name, arr in arrays.items()]
+        if self.shared_memory:
+            return self._infer_shm(model, arrays, ins, outputs, timeout_s, parameters)
+        for inp, arr in zip(ins, arrays.values()):
+            inp.set_data_from_numpy(arr)
+        outs = [tc.InferRequestedOutput(n) for n in outputs]
+        result = self._send(model, ins, outs, timeout_s, parameters)
+        return {n: result.as_numpy(n) for n in outputs}
+
+    def _send(self, model, ins, outs, timeout_s, parameters):
+        try:
+            if self.protocol == "grpc":
+                return self.client.infer(model, ins, outputs=outs, client_timeout=timeout_s, parameters=parameters)
+            return self.client.infer(model, ins, outputs=outs, parameters=parameters)
+        except Exception as err:
+            if _is_transient(err):
+                raise
+            status = getattr(err, "status", None)
+            if callable(status) and status() == "StatusCode.DEADLINE_EXCEEDED":
+                raise TritonUnavailable(f"Triton server at {self.url}: request to {model} timed out after {timeout_s:g} s") from err
+            raise TritonInferenceError(f"Triton server at {self.url}: request to {model} failed: {err}") from err
+
+    def _infer_shm(self, model, arrays, ins, outputs, timeout_s, parameters):
+        import tritonclient.utils.shared_memory as shm
+
+        tc = self._tc
+        region_in, region_out = self._regions
+        sizes = [a.nbytes for a in arrays.values()]
+        region_in.ensure(self.client, sum(sizes))
+        offset = 0
+        for inp, arr, size in zip(ins, arrays.values(), sizes):
+            shm.set_shared_memory_region(region_in.handle, [arr], offset=offset)
+            inp.set_shared_memory(region_in.name, size, offset=offset)
+            offset += size
+        out_sizes = {n: int(np.prod(shape)) * 4 for n, shape in outputs.items()}  # FP32 / INT32
+        region_out.ensure(self.client, sum(out_sizes.values()))
+        outs, offsets, offset = [], {}, 0
+        for n in outputs:
+            o = tc.InferRequestedOutput(n)
+            o.set_shared_memory(region_out.name, out_sizes[n], offset=offset)
+            outs.append(o)
+            offsets[n] = offset
+            offset += out_sizes[n]
+        result = self._send(model, ins, outs, timeout_s, parameters)
+        got = {}
+        for n in outputs:
+            out = result.get_output(n)
+            shape = list(out.shape) if hasattr(out, "shape") else list(out["shape"])
+            dtype = out.datatype if hasattr(out, "datatype") else out["datatype"]
+            got[n] = np.array(shm.get_contents_as_numpy(region_out.handle, tc_dtype(dtype), shape, offset=offsets[n]), copy=True)
+        return got
+
+    # -- Backend -----------------------------------------------------------------------------------
+    def _network(self, network: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        names, output = NETWORK_TENSORS[network]
+        model = self.models[network]
+        arrays = {}
+        for n in names:
+            arr = np.ascontiguousarray(feeds[n].detach().cpu().numpy(), dtype=np.float32)
+            arrays[n] = arr.reshape(-1, 1) if arr.ndim == 1 else arr
+        img = arrays[names[0]].shape
+        out = self._infer(model, arrays, {output: (img[0], 1, *img[2:])}, self.timeout_s)[output]
+        return torch.from_numpy(np.array(out, dtype=np.float32))  # a writable copy
+
+    def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        return self._network("unet_full" if full else "unet", {"x_t": x_t, "y": y, "t": t, "s": s})
+
+    def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        return self._network("flow", {"eps": eps, "y": y, "tau_f": tau_f})
+
+    def sample_on_server(self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int) -> SampleResult:
+        """One batch through ftddm_sampler (the whole loop in the server): the same result as
+        ``pipeline.sample_batch(backend, spec, y, s, torch.Generator().manual_seed(seed_for_batch))``."""
+        arrays = {"y": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
+                  "s": np.ascontiguousarray(s.detach().cpu().numpy(), dtype=np.float32).reshape(-1, 1)}
+        params = {"settings": encode_sampler_settings(spec, seed_for_batch)}
+        b, _, h, w = arrays["y"].shape
+        out = self._infer(self.sampler_model, arrays, {"x0": (b, 1, h, w), "nfe": (b, 1)}, self.timeout_s * max(1, spec.nfe), params)
+        return SampleResult(x0=torch.from_numpy(np.array(out["x0"], dtype=np.float32)), nfe=int(np.asarray(out["nfe"]).reshape(-1)[0]))
+
+    def sample_images_on_server(self, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int = 8,
+                                seed: int = 0, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+        """``pipeline.sample_images`` with each batch sampled by ftddm_sampler (one request per batch)."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        outs, nfe = [], spec.nfe
+        for i, start in enumerate(range(0, y.shape[0], batch_size)):
+            res = self.sample_on_server(y[start : start + batch_size], s[start : start + batch_size], spec, batch_seed(seed, i))
+            outs.append(res.x0)
+            nfe = res.nfe
+            if progress is not None:
+                progress(min(start + batch_size, y.shape[0]))
+        return torch.cat(outs), nfe
+
+    def model_parameters(self, model: str) -> dict[str, str]:
+        """The string parameters of a served model's config (the generator records onnx_sha256 there)."""
+        cfg = self._retrying(f"config of {model}", lambda: self.client.get_model_config(model))
+        if self.protocol == "grpc":
+            return {k: v.string_value for k, v in cfg.config.parameters.items()}
+        return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {**super().describe(), "url": self.url, "protocol": self.protocol,
+                                "server_version": self.server_version, "shared_memory": self.shared_memory}
+        hashes = {}
+        for net in NETWORKS:
+            model = self.models.get(net)
+            try:
+                if model and self.client.is_model_ready(model):
+                    hashes[net] = self.model_parameters(model).get("onnx_sha256", "")
+            except Exception:
+                continue
+        info["onnx"] = hashes
+        return info
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for r in self._regions:
+            r.release(self.client)
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+def tc_dtype(datatype: str):
+    """numpy dtype of a Triton datatype string."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    return triton_to_np_dtype(datatype)

@@ -1,0 +1,69 @@
+"""The server-side sampler's engine: ``sample_batch`` over a Backend whose networks are BLS requests.
+
+``triton_repo/python/sampler.py`` (the ``ftddm_sampler`` model) wires Triton's ``pb_utils`` into
+``BLSBackend`` through one ``infer(model, inputs, outputs)`` callable; everything else is here so that
+it is testable without a server and so that the sampler math exists once
+(``ftddm_trt.engine.pipeline.sample_batch``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import sample_batch
+from ftddm_trt.engine.triton_backend import TRITON_MODELS, decode_sampler_settings
+
+#: ``infer(model_name, {input name: array}, [output names]) -> {output name: array}``
+InferFn = Callable[[str, Mapping[str, np.ndarray], list[str]], Mapping[str, np.ndarray]]
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+
+
+def _col(t: torch.Tensor) -> np.ndarray:
+    """(B,) -> (B, 1): a per-item scalar as Triton's dims [1] (reshaped to (B,) for the graph)."""
+    return _f32(t).reshape(-1, 1)
+
+
+class BLSBackend(Backend):
+    """Runs ftddm_unet / ftddm_unet_full / ftddm_flow through ``infer`` (BLS inside Triton)."""
+
+    name = "triton-bls"
+
+    def __init__(self, infer: InferFn, models: Mapping[str, str] | None = None) -> None:
+        self.infer = infer
+        self.models = dict(TRITON_MODELS if models is None else models)
+        self.calls = 0
+
+    def _call(self, network: str, inputs: dict[str, np.ndarray], output: str) -> torch.Tensor:
+        if network not in self.models:
+            raise KeyError(f"the repository serves no model for network {network!r}")
+        self.calls += 1
+        out = self.infer(self.models[network], inputs, [output])[output]
+        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+
+    def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        return self._call("unet_full" if full else "unet", {"x_t": _f32(x_t), "y": _f32(y), "t": _col(t), "s": _col(s)}, "eps")
+
+    def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        return self._call("flow", {"eps": _f32(eps), "y": _f32(y), "tau_f": _col(tau_f)}, "x")
+
+
+def run_sampler(backend: Backend, y: np.ndarray, s: np.ndarray, settings: str) -> tuple[np.ndarray, int]:
+    """One ftddm_sampler request: y (B,4,64,64), s (B,) or (B,1), settings JSON -> (x0 (B,1,64,64), nfe).
+
+    The generator is ``torch.Generator().manual_seed(seed)`` with the request's seed, exactly as
+    ``sample_images`` seeds batch i with ``pipeline.batch_seed(seed, i)`` (the client sends that number)."""
+    spec, seed = decode_sampler_settings(settings)
+    gen = torch.Generator().manual_seed(seed)
+    y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32).reshape(-1))
+    if y_t.ndim != 4 or y_t.shape[1] != 4 or s_t.shape[0] != y_t.shape[0]:
+        raise ValueError(f"expected y (B,4,H,W) and s (B,), got {tuple(y_t.shape)} and {tuple(s_t.shape)}")
+    res = sample_batch(backend, spec, y_t, s_t, gen)
+    return _f32(res.x0), int(res.nfe)
