@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ftddm-trt demo
+	$(BIN)/ftddm-trt demo --out demo_out --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Benchmarks (minutes to tens of minutes on 2 CPU cores); results land in benchmarks/results/
+bench: $(STAMP)
+	$(BIN)/python benchmarks/per_nfe.py --out benchmarks/results
+	$(BIN)/python benchmarks/latency.py --out benchmarks/results
+	$(BIN)/python benchmarks/triton_load.py --out benchmarks/results
+	$(BIN)/ftddm-trt bench --out benchmarks/results
 
 figures: $(STAMP)
 	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png

@@ -198,12 +198,14 @@ def gpu_facts() -> dict[str, Any] | None:
             "cuda": torch.version.cuda}
 
 
-def _version(module: str) -> str | None:
+def _version(dist: str) -> str | None:
+    """Installed version of distribution ``dist`` (None if absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        mod = __import__(module)
-    except Exception:  # not installed or broken: recorded as absent
+        return version(dist)
+    except PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", "?")
 
 
 def machine_facts() -> dict[str, Any]:

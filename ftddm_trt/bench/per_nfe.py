@@ -33,7 +33,7 @@ from ftddm_trt.bench.workloads import (
     open_backends,
     paper_unet,
     phantom_condition,
-    random_model_set,
+    smoke_model_set,
 )
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
@@ -197,7 +197,7 @@ def _open_model(cfg: PerNfeConfig, work: Path, log: Callable[[str], None]) -> tu
     """(model set, label, why it is missing)."""
     if cfg.tiny_model:
         log("smoke run: tiny random networks stand in for the shipped model")
-        return random_model_set(work / "tiny-model", "tiny"), "tiny-random (smoke)", None
+        return smoke_model_set(cfg.cache_dir, work, log), "tiny-random (smoke)", None
     try:
         models = ModelSet.open(cfg.model)
     except FileNotFoundError as err:
@@ -304,7 +304,9 @@ def per_nfe_markdown(r: dict[str, Any]) -> str:
               + (f"; CUDA fp32 {fmt(pk['peak_cuda_fp32'])}, fp16 {fmt(pk['peak_cuda_fp16'])} GFLOP/s" if pk.get("peak_cuda_fp32") else "")
               + ". CPU rows are compared with the higher fp32 figure.", "",
               NOISE_NOTE, ""]
-    for key, title in (("shipped", "Shipped model UNet"), ("paper", "Paper-size UNet (random weights)")):
+    paper_title = ("Paper-size UNet (random weights)" if cfg.get("paper_preset") == "paper"
+                   else f"UNet of preset `{cfg.get('paper_preset')}` (random weights, in place of the paper size)")
+    for key, title in (("shipped", "Shipped model UNet"), ("paper", paper_title)):
         info = r["models"].get(key)
         if info is None:
             if key in r["skipped"]:
@@ -312,7 +314,7 @@ def per_nfe_markdown(r: dict[str, Any]) -> str:
             continue
         head = f"## {title}"
         desc = (f"`{info['path']}`" if key == "shipped" else
-                f"preset `{info['preset']}`, {info['parameters'] / 1e6:.1f} M parameters; max |ORT - torch| on one batch "
+                f"preset `{info['preset']}`, {fmt(info['parameters'] / 1e6)} M parameters; max |ORT - torch| on one batch "
                 f"{info['ort_vs_torch']['max_abs_error']:.1e} (output max {info['ort_vs_torch']['ref_max_abs']:.2g})")
         lines += [head, "", f"{desc}; **{fmt(info['unet_gflop_per_image'])} GFLOP per image per forward** "
                   "(2 x MACs of conv/matmul, FlopCounterMode).", ""]

@@ -43,6 +43,8 @@ def fmt(x: Any, digits: int = 3) -> str:
             return "-"
         if x == 0:
             return "0"
+        if abs(x) < 1e-3:
+            return f"{x:.{max(0, digits - 1)}e}"
         mag = math.floor(math.log10(abs(x)))
         decimals = max(0, digits - 1 - mag)
         return f"{x:.{decimals}f}"

@@ -74,27 +74,37 @@ def interleaved_times(
     rounds: int = 3,
     pause_s: float = 0.05,
     devices: Mapping[str, torch.device | str] | None = None,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, Timing]:
     """Time several functions in blocks that alternate over ``rounds`` rounds, so that drift in the
     machine's load hits all of them alike. Each function runs ``repeats[name]`` timed calls in all
     (split over the rounds); warm them up before. ``pause_s`` between blocks lets ONNX Runtime's
-    spinning thread pool go idle before the next function runs."""
+    spinning thread pool go idle before the next function runs. With ``errors`` (a dict), a function
+    that raises is dropped with its message recorded there instead of ending the whole measurement."""
     reps = {k: (repeats if isinstance(repeats, int) else repeats[k]) for k in fns}
     devices = devices or {}
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    failed: set[str] = set()
     rounds = max(1, rounds)
     for r in range(rounds):
         for k, fn in fns.items():
             n = reps[k] // rounds + (1 if r < reps[k] % rounds else 0)
-            if n == 0:
+            if n == 0 or k in failed:
                 continue
             time.sleep(pause_s)
             for _ in range(n):
                 t0 = time.perf_counter()
-                fn()
-                cuda_sync(devices.get(k))
+                try:
+                    fn()
+                    cuda_sync(devices.get(k))
+                except Exception as err:
+                    if errors is None:
+                        raise
+                    errors[k] = f"{type(err).__name__}: {str(err)[:300]}"
+                    failed.add(k)
+                    break
                 samples[k].append(time.perf_counter() - t0)
-    return {k: Timing(v) for k, v in samples.items() if v}
+    return {k: Timing(v) for k, v in samples.items() if v and k not in failed}
 
 
 @dataclass

@@ -211,6 +211,20 @@ def phantom_condition(work_dir: Path | str, index: int = 0, n: int = 16, seed: i
     return VolumeCondition(y=y.contiguous(), s=s.contiguous(), slices=z, metabolites=c, n=n, subject=subject.subject_id)
 
 
+def smoke_model_set(cache_dir: Path | str | None, work: Path, log: Callable[[str], None] = _log_nothing) -> ModelSet:
+    """Tiny random networks for smoke runs, kept in ``cache_dir/bench/tiny-model`` (else ``work``) and reused,
+    so that their cached ONNX export is too (safetensors headers are not byte-stable across saves)."""
+    folder = (Path(cache_dir) / "bench" / "tiny-model") if cache_dir is not None else Path(work) / "tiny-model"
+    try:
+        models = ModelSet.open(folder)
+        if set(models.networks) == {"unet", "unet_full", "flow"}:
+            return models
+    except FileNotFoundError:
+        pass
+    log(f"building tiny random networks in {folder}")
+    return random_model_set(folder, "tiny")
+
+
 def default_backends(cuda: bool | None = None) -> tuple[str, ...]:
     """CPU backends, plus the GPU ones when torch sees CUDA (``cuda`` overrides the detection)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda

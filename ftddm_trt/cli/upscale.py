@@ -38,6 +38,7 @@ class UpscaleOptions:
     batch_size: int = 16
     url: Optional[str] = None
     scale: Optional[float] = None
+    server_loop: bool = False
 
 
 def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
@@ -60,6 +61,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(str(err))
     if opts.samples < 1:
         fail(f"--samples must be >= 1, got {opts.samples}")
+    if opts.server_loop and opts.backend != "triton":
+        fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
     try:
         subject = read_subject(subject_dir)
     except InputError as err:
@@ -88,7 +91,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
                                TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
             result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                     samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done))
+                                     samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
+                                     server_loop=opts.server_loop)
             backend_info = backend.describe()
         write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
         record = {
@@ -101,7 +105,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
             "metabolites": list(subject.metabolites), "kind": subject.kind,
             "mask_source": subject.mask_source, "anatomy": result.condition.anatomy, "notes": subject.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
-            "batch_size": opts.batch_size, "backend": backend_info,
+            "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
             "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
@@ -136,12 +140,14 @@ def upscale_cmd(
     batch_size: int = typer.Option(16, help="Maps per network call (whole-volume batching)."),
     url: Optional[str] = typer.Option(None, help="Triton server HOST:GRPC_PORT for --backend triton."),
     scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
+    server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
-                          seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale)
+                          seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
+                          server_loop=server_loop)
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")

@@ -157,6 +157,10 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 1_000_003 + batch_index
 
 
+#: Samples one batch: (y (B,4,64,64), s (B,), generator seed) -> SampleResult.
+BatchSampler = Callable[[torch.Tensor, torch.Tensor, int], SampleResult]
+
+
 def sample_images(
     backend: Backend,
     spec: SamplerSpec,
@@ -165,21 +169,28 @@ def sample_images(
     batch_size: int = 8,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    batch_sampler: BatchSampler | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Super-resolve K images in batches (whole-volume batching).
 
-    y: (K,4,64,64), s: (K,). Batch i draws its noise from a generator seeded by (seed, i), so a
-    result depends on the seed and the batch size, never on the backend. ``progress(n_done)`` is
-    called after each batch. Returns (x0 (K,1,64,64) on the CPU, NFE per image).
+    y: (K,4,64,64), s: (K,). Batch i draws its noise from a generator seeded by ``batch_seed(seed, i)``,
+    so a result depends on the seed and the batch size, never on the backend. ``batch_sampler``
+    replaces the in-process loop for one batch (e.g. Triton's server-side sampler); by default
+    ``sample_batch`` runs here. ``progress(n_done)`` is called after each batch.
+    Returns (x0 (K,1,64,64) on the CPU, NFE per image).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    schedule = CosineSchedule(T_DIFFUSION)
+    if batch_sampler is None:
+        schedule = CosineSchedule(T_DIFFUSION)
+
+        def batch_sampler(yb: torch.Tensor, sb: torch.Tensor, bseed: int) -> SampleResult:
+            return sample_batch(backend, spec, yb, sb, torch.Generator().manual_seed(bseed), schedule)
+
     outs = []
     nfe = spec.nfe
     for i, start in enumerate(range(0, y.shape[0], batch_size)):
-        gen = torch.Generator().manual_seed(batch_seed(seed, i))
-        res = sample_batch(backend, spec, y[start : start + batch_size], s[start : start + batch_size], gen, schedule)
+        res = batch_sampler(y[start : start + batch_size], s[start : start + batch_size], batch_seed(seed, i))
         outs.append(res.x0.float().cpu())
         nfe = res.nfe
         if progress is not None:

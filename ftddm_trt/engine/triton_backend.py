@@ -33,7 +33,7 @@ import torch
 
 from ftddm_trt.diffusion import SampleResult
 from ftddm_trt.engine.backend import NETWORKS, Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed  # noqa: F401  (batch_seed re-exported for clients)
+from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
 
 #: Triton model name of each network (the repository generator and the client share them).
 TRITON_MODELS: dict[str, str] = {"unet": "ftddm_unet", "unet_full": "ftddm_unet_full", "flow": "ftddm_flow"}
@@ -355,16 +355,8 @@ class TritonBackend(Backend):
     def sample_images_on_server(self, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int = 8,
                                 seed: int = 0, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
         """``pipeline.sample_images`` with each batch sampled by ftddm_sampler (one request per batch)."""
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        outs, nfe = [], spec.nfe
-        for i, start in enumerate(range(0, y.shape[0], batch_size)):
-            res = self.sample_on_server(y[start : start + batch_size], s[start : start + batch_size], spec, batch_seed(seed, i))
-            outs.append(res.x0)
-            nfe = res.nfe
-            if progress is not None:
-                progress(min(start + batch_size, y.shape[0]))
-        return torch.cat(outs), nfe
+        return sample_images(self, spec, y, s, batch_size=batch_size, seed=seed, progress=progress,
+                             batch_sampler=lambda yb, sb, bseed: self.sample_on_server(yb, sb, spec, bseed))
 
     def model_parameters(self, model: str) -> dict[str, str]:
         """The string parameters of a served model's config (the generator records onnx_sha256 there)."""

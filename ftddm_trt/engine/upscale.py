@@ -78,14 +78,21 @@ def upscale_subject(
     seed: int = 0,
     samples: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    server_loop: bool = False,
 ) -> UpscaleResult:
     """Run ``spec`` over every image of the volume, ``samples`` times (K > 1: mean and per-voxel SD).
 
     ``progress(done, total)`` counts images over all samples. Negative concentrations are clipped
-    to zero; voxels outside the mask M are zero.
+    to zero; voxels outside the mask M are zero. ``server_loop`` runs each batch's whole sampling loop
+    on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    batch_sampler = None
+    if server_loop:
+        if not hasattr(backend, "sample_on_server"):
+            raise ValueError(f"backend {backend.name!r} has no server-side loop (only triton has)")
+        batch_sampler = lambda yb, sb, bseed: backend.sample_on_server(yb, sb, spec, bseed)  # noqa: E731
     t0 = time.perf_counter()
     cond = build_condition(subject)
     z, c = cond.mask.shape[:2]
@@ -99,7 +106,8 @@ def upscale_subject(
             if progress is not None:
                 progress(done + n, samples * k)
 
-        x, nfe = sample_images(backend, spec, cond.y, cond.s, batch_size=batch_size, seed=seed + i, progress=tick)
+        x, nfe = sample_images(backend, spec, cond.y, cond.s, batch_size=batch_size, seed=seed + i, progress=tick,
+                               batch_sampler=batch_sampler)
         x = x.numpy().reshape(z, c, HR_SIZE, HR_SIZE)
         draws.append(np.clip(denormalize(x, cond.scale), 0.0, None))
     stack = np.stack(draws)
