@@ -60,6 +60,6 @@ def package_model_cmd(
         fail("give at least one of --unet, --unet-full, --flow")
     try:
         manifest = package_model(runs, out, which=which, commands=list(command), force=force)
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

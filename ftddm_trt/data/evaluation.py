@@ -28,8 +28,11 @@ def map_metrics(pred: NDArray, truth: NDArray, region: NDArray) -> dict[str, NDA
 
 
 def summarize(values: dict[str, NDArray]) -> dict[str, float]:
-    """Mean of each metric over the valid maps, and how many maps that was."""
-    valid = np.isfinite(values["psnr"])
+    """Mean of each metric over the valid maps, and how many maps that was.
+
+    Invalid maps are NaN; a perfect map has PSNR = +inf and is valid (its NRMSE is 0, its SSIM 1).
+    """
+    valid = ~np.isnan(values["psnr"])
     out = {k: float(np.nanmean(v)) if valid.any() else float("nan") for k, v in values.items()}
     out["n_maps"] = int(valid.sum())
     return out

@@ -12,8 +12,13 @@ temporary folder and moved into place only when every network passed its parity 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +81,30 @@ def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torc
     return feeds
 
 
+#: torch's exporter logs warnings nobody can act on ("torchvision is not installed. Skipping ...").
+_NOISY_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's routine warnings (log lines below ERROR, FutureWarning/DeprecationWarning, the
+    "axis name ... will not be used" UserWarning) for the duration of one export. Errors still log,
+    and exceptions propagate untouched."""
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r".*axis name.*will not be used", category=UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_network(name: str, net: torch.nn.Module, path: Path) -> None:
     """Export one network to ``path`` with a dynamic batch dimension, then clean the graph."""
     inputs, outputs = NETWORK_IO[name]
@@ -83,7 +112,7 @@ def export_network(name: str, net: torch.nn.Module, path: Path) -> None:
     example = random_inputs(name, 2, torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = {spec.name: {0: batch} for spec in inputs}
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             module,
             tuple(example[spec.name] for spec in inputs),
@@ -139,13 +168,15 @@ def parity_check(
     onnx_path: Path,
     real_inputs: list[dict[str, torch.Tensor]],
     batches: tuple[int, ...] = PARITY_BATCHES,
-    atol: float = PARITY_ATOL,
+    atol: float | None = None,
 ) -> dict[str, Any]:
     """Max |ONNX Runtime - PyTorch| on random inputs at several batch sizes and on real inputs.
 
-    Raises ParityError above ``atol``; returns the measured errors.
+    Raises ParityError above ``atol`` (default: ``PARITY_ATOL`` at call time); returns the measured errors.
     """
     import onnxruntime as ort
+
+    atol = PARITY_ATOL if atol is None else atol
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     module = exportable(name, net)
@@ -166,12 +197,20 @@ def parity_check(
     return {"max_abs_error": worst, "atol": atol, "cases": errors}
 
 
-def real_parity_inputs(name: str, n_batches: int = 2, batch: int = 4) -> list[dict[str, torch.Tensor]]:
-    """Inputs built from phantom data the way the pipeline builds them (validation-style batches)."""
-    from ftddm_trt.data.examples import SlicePool, fixed_batches
+@functools.lru_cache(maxsize=1)
+def _parity_pool():
+    """The phantom slices parity inputs come from (one subject, made once per process)."""
+    from ftddm_trt.data.examples import SlicePool
     from ftddm_trt.data.phantom import generate_dataset
 
-    pool = SlicePool.from_subjects(generate_dataset(1, seed=99))
+    return SlicePool.from_subjects(generate_dataset(1, seed=99))
+
+
+def real_parity_inputs(name: str, n_batches: int = 2, batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Inputs built from phantom data the way the pipeline builds them (validation-style batches)."""
+    from ftddm_trt.data.examples import fixed_batches
+
+    pool = _parity_pool()
     gen = torch.Generator().manual_seed(2)
     out = []
     for b in fixed_batches(pool, n_batches * batch, batch, seed=3):
@@ -197,6 +236,9 @@ def export_model_set(
         raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; the published folder gets ordinary permissions
     try:
         nets = models.load_torch()
         hashes = models.hashes()

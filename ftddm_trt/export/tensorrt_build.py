@@ -128,7 +128,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, prec
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if keep_fp32(layer.type.name, layer.name):
+            # only float layers: shape arithmetic (int64/bool outputs) cannot be given a float type
+            floating = all(layer.get_output(j).dtype in (trt.float32, trt.float16) for j in range(layer.num_outputs))
+            if floating and keep_fp32(layer.type.name, layer.name):
                 layer.precision = trt.float32
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)

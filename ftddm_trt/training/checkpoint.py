@@ -62,9 +62,10 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optim.safetensors"))
     (tmp / "optim.json").write_text(json.dumps(meta))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
+    if folder.exists():  # `folder` is whole: the stale `.old` may go, then `folder` becomes `.old`
+        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
+    # else `.old` (left by an interrupted swap) is the only whole checkpoint: keep it until `tmp` is in place
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 

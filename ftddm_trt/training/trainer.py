@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftddm_trt.constants import T_DIFFUSION, T_TRUNC
+from ftddm_trt.constants import HR_SIZE, T_DIFFUSION, T_TRUNC
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
@@ -69,11 +69,11 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
-    """A fresh network and its config for the task's preset."""
+    """A fresh network and its config for the task's preset, at the data's image size (64 px)."""
     if cfg.task == "flow":
-        mcfg = FlowConfig.preset(cfg.preset)
+        mcfg = FlowConfig.preset(cfg.preset).replace(image_size=HR_SIZE)
         return ConditionalFlow(mcfg), mcfg
-    mcfg = UNetConfig.preset(cfg.preset)
+    mcfg = UNetConfig.preset(cfg.preset).replace(image_size=HR_SIZE)
     return DenoisingUNet(mcfg), mcfg
 
 
@@ -113,7 +113,7 @@ def validate(cfg: TrainConfig, model, batches, schedule, device) -> float:
 
 
 def _save_best(model, mcfg, run_dir: Path) -> None:
-    tmp = run_dir / "best.tmp"
+    tmp = run_dir / "best-tmp"  # NAME.safetensors / NAME.json, moved over best.* below
     save_model(model, mcfg, tmp)
     for ext in (".safetensors", ".json"):
         os.replace(tmp.with_suffix(ext), (run_dir / "best").with_suffix(ext))

@@ -1,0 +1,270 @@
+"""Training: tiny runs of the three tasks, exact resume, checkpoint swaps, no pickles, packaging."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ftddm_trt.cli.main import app
+from ftddm_trt.models.io import load_meta, load_model
+from ftddm_trt.models.model_set import ModelSet
+from ftddm_trt.training import checkpoint as ckpt_mod
+from ftddm_trt.training import trainer
+from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ftddm_trt.training.package import package_model
+from ftddm_trt.training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".npy", ".npz"}
+_real_generate = trainer.generate_dataset
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_dataset(n_subjects: int, seed: int):
+    return _real_generate(n_subjects, seed=seed)
+
+
+def _generate(n_subjects: int = 25, seed: int = 0):
+    """generate_dataset is deterministic; build the 5 phantoms once for the whole module."""
+    return _cached_dataset(n_subjects, seed)
+
+
+@pytest.fixture(autouse=True)
+def _fast_dataset(monkeypatch):
+    monkeypatch.setattr(trainer, "generate_dataset", _generate)
+
+
+def tiny_cfg(task: str, iterations: int, **kw) -> TrainConfig:
+    base = dict(task=task, preset="tiny", iterations=iterations, batch_size=2, n_subjects=5, val_every=3,
+                val_examples=4, ckpt_every=3, lr=1e-3, lr_final=1e-4)
+    return TrainConfig(**{**base, **kw})
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
+    return train(cfg, run_dir, device="cpu", progress=False)
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"{k}: max diff {(a[k].double() - b[k].double()).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One finished 2-iteration run per task (validated at the end, so best.* exists)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "generate_dataset", _generate)
+        for task in trainer.TASKS:
+            summary = run(tiny_cfg(task, 2, val_every=2), root / task)
+            out[task] = (root / task, summary)
+    return out
+
+
+@pytest.mark.parametrize("task", trainer.TASKS)
+def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
+    run_dir, summary = tiny_runs[task]
+    assert summary["step"] == 2 and summary["task"] == task
+    assert summary["best_val"] == pytest.approx(summary["val"]) and torch.isfinite(torch.tensor(summary["val"]))
+
+    # best.* is a loadable network of the right kind, at the data's 64 px
+    net = load_model(run_dir / "best")
+    kind = "flow" if task == "flow" else "unet"
+    assert load_meta(run_dir / "best")["kind"] == kind
+    assert net.config.image_size == 64
+    # last/ is a complete checkpoint at step 2 holding the task's config
+    last = run_dir / "last"
+    assert find_checkpoint(last) == last
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["task"] == task and state["config"]["preset"] == "tiny"
+    model, opt, _ = load_checkpoint(last, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    assert opt.state_dict()["state"], "the Adam moments were not saved"
+    assert_same_tensors(load_file(str(last / "model.safetensors")), load_file(str(run_dir / "best.safetensors")))
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["val"] == pytest.approx(summary["val"])
+
+    # nothing but safetensors / JSON / the log, no leftovers of the atomic writes
+    names = {p.relative_to(run_dir).as_posix() for p in files_under(run_dir)}
+    assert names == {"best.safetensors", "best.json", "log.jsonl", "last/model.safetensors", "last/model.json",
+                     "last/optim.safetensors", "last/optim.json", "last/state.json"}
+    assert not [p for p in files_under(run_dir) if p.suffix in PICKLE_SUFFIXES]
+
+
+@pytest.mark.parametrize("task,from_old", [("unet", True), ("flow", False)], ids=["unet-from-last.old", "flow"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, task, from_old):
+    straight = tmp_path / "straight"
+    run(tiny_cfg(task, 6), straight)
+
+    # the same run, killed right after its step-3 checkpoint
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(folder, model, mcfg, opt, state):
+        real_save(folder, model, mcfg, opt, state)
+        if state["step"] == 3:
+            raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(task, 6), resumed)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    assert json.loads((resumed / "last" / "state.json").read_text())["step"] == 3
+    if from_old:  # killed in the middle of the next swap: only last.old is whole
+        (resumed / "last").rename(resumed / "last.old")
+        assert find_checkpoint(resumed / "last") == resumed / "last.old"
+
+    summary = run(tiny_cfg(task, 6), resumed)
+    assert summary["step"] == 6
+    for name in ("model.safetensors", "optim.safetensors"):
+        assert_same_tensors(load_file(str(straight / "last" / name)), load_file(str(resumed / "last" / name)))
+    assert_same_tensors(load_file(str(straight / "best.safetensors")), load_file(str(resumed / "best.safetensors")))
+    a, b = (json.loads((d / "last" / "state.json").read_text()) for d in (straight, resumed))
+    assert a == b
+    assert json.loads((straight / "last" / "optim.json").read_text()) == json.loads((resumed / "last" / "optim.json").read_text())
+    assert not (resumed / "last.old").exists() and not (resumed / "last.tmp").exists()
+
+
+def test_a_run_folder_of_another_task_refuses_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    run(tiny_cfg("unet", 1, val_every=100), run_dir)
+    before = {p: p.read_bytes() for p in files_under(run_dir)}
+    for task, preset in (("unet_full", "tiny"), ("flow", "tiny"), ("unet", "cpu")):
+        with pytest.raises(ValueError, match=rf"holds a unet/tiny run, not {task}/{preset}"):
+            run(tiny_cfg(task, 2, preset=preset), run_dir)
+    res = CliRunner().invoke(app, ["train", str(run_dir), "--task", "flow", "--preset", "tiny", "--iterations", "2"])
+    assert res.exit_code == 2
+    assert "holds a unet/tiny run, not flow/tiny" in " ".join(res.output.split())
+    after = {p: p.read_bytes() for p in files_under(run_dir)}
+    assert after.keys() - before.keys() <= {run_dir / "log.jsonl"} and all(before[p] == after[p] for p in before)
+
+
+def _tiny_checkpoint_parts():
+    torch.manual_seed(0)
+    model, mcfg = trainer.build_model(tiny_cfg("unet", 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64), torch.ones(1), torch.full((1,), 4.0)).square().mean().backward()
+    opt.step()
+    return model, mcfg, opt
+
+
+def test_checkpoint_swap_interrupted_while_only_last_old_exists_keeps_a_whole_checkpoint(tmp_path, monkeypatch):
+    model, mcfg, opt = _tiny_checkpoint_parts()
+    folder = tmp_path / "last"
+    save_checkpoint(folder, model, mcfg, opt, {"step": 7})
+    folder.rename(tmp_path / "last.old")  # state after an earlier swap died between its two renames
+
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "last.tmp":
+            raise KeyboardInterrupt  # killed just before the new checkpoint moves into place
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder, model, mcfg, opt, {"step": 8})
+    monkeypatch.setattr(Path, "rename", real_rename)
+
+    found = find_checkpoint(folder)
+    assert found == tmp_path / "last.old"
+    _, _, state = load_checkpoint(found, lambda m: torch.optim.Adam(m.parameters()))
+    assert state == {"step": 7}
+
+    # the next save completes the swap and cleans up
+    save_checkpoint(folder, model, mcfg, opt, {"step": 9})
+    assert find_checkpoint(folder) == folder
+    assert not (tmp_path / "last.old").exists() and not (tmp_path / "last.tmp").exists()
+    loaded, opt2, state = load_checkpoint(folder, lambda m: torch.optim.Adam(m.parameters()))
+    assert state == {"step": 9}
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    sd1, sd2 = opt.state_dict(), opt2.state_dict()
+    for idx, st in sd1["state"].items():
+        assert_same_tensors(st, sd2["state"][idx])
+    assert [g["lr"] for g in sd1["param_groups"]] == [g["lr"] for g in sd2["param_groups"]]
+
+
+def test_checkpoint_rejects_an_incomplete_folder(tmp_path):
+    model, mcfg, opt = _tiny_checkpoint_parts()
+    save_checkpoint(tmp_path / "last", model, mcfg, opt, {"step": 1})
+    (tmp_path / "last" / "optim.json").unlink()
+    assert find_checkpoint(tmp_path / "last") is None
+    assert ckpt_mod.find_checkpoint(tmp_path / "nothing") is None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_runs, tmp_path):
+    runs = {task: tiny_runs[task][0] for task in trainer.TASKS}
+    out = tmp_path / "model"
+    manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow") for e in ("safetensors", "json")] + ["manifest.json"])
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["weights"] == "best" and manifest["commands"] == ["ftddm-trt train ..."]
+    for name in trainer.TASKS:
+        info = manifest["networks"][name]
+        digest = _sha256(out / f"{name}.safetensors")
+        assert info["sha256"] == digest == json.loads((out / f"{name}.json").read_text())["sha256"]
+        assert digest == _sha256(runs[name] / "best.safetensors")
+        assert info["step"] == 2 and info["train_config"]["task"] == name
+    models = ModelSet.open(out)
+    assert models.networks == ("unet", "unet_full", "flow")
+    assert models.hashes() == {n: manifest["networks"][n]["sha256"] for n in models.networks}
+    nets = models.load_torch()
+    assert type(nets["flow"]).__name__ == "ConditionalFlow"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, "the model folder kept mkdtemp's 0700"
+    assert not [p for p in files_under(out) if p.suffix in PICKLE_SUFFIXES]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+    # refuses a non-empty folder without force; with force, `last` weights replace it
+    with pytest.raises(FileExistsError, match="not empty"):
+        package_model(runs, out)
+    manifest2 = package_model({"unet": runs["unet"]}, out, which="last", force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "unet.json", "unet.safetensors"]
+    assert manifest2["networks"]["unet"]["sha256"] == _sha256(runs["unet"] / "last" / "model.safetensors")
+
+    # a run that never validated has no best weights: a clear error, nothing written
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="best.safetensors"):
+        package_model({"flow": empty}, tmp_path / "model2")
+    assert not (tmp_path / "model2").exists()
+
+
+def test_package_model_cli(tiny_runs, tmp_path):
+    out = tmp_path / "m"
+    res = CliRunner().invoke(app, ["package-model", "--out", str(out), "--flow", str(tiny_runs["flow"][0]),
+                                   "--command", "ftddm-trt train runs/flow --task flow"])
+    assert res.exit_code == 0, res.output
+    assert ModelSet.open(out).networks == ("flow",)
+    assert json.loads((out / "manifest.json").read_text())["commands"] == ["ftddm-trt train runs/flow --task flow"]
+    res = CliRunner().invoke(app, ["package-model", "--out", str(out), "--flow", str(tiny_runs["flow"][0])])
+    assert res.exit_code == 2 and "not empty" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["package-model", "--out", str(tmp_path / "n")])
+    assert res.exit_code == 2 and "at least one of" in res.output
+    res = CliRunner().invoke(app, ["package-model", "--out", str(tmp_path / "n"), "--flow", str(tiny_runs["flow"][0]),
+                                   "--which", "bset"])
+    assert res.exit_code == 2 and "which must be 'best' or 'last'" in " ".join(res.output.split())
+    assert not (tmp_path / "n").exists()

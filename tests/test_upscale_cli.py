@@ -1,0 +1,312 @@
+"""`ftddm-trt upscale` / `evaluate` / `demo` through typer's CliRunner, with tiny networks."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ftddm_trt.cli.main import app
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+runner = CliRunner()
+
+#: A short, cheap chain for every run here: flow + 2 DPM-Solver++ steps (NFE 3).
+FAST = ["--sampler", "ftddm-dpmpp", "--ttrunc", "20", "--steps", "2"]
+
+
+def flat(text: str) -> str:
+    """CLI output without whitespace (rich wraps long paths and messages at the console width)."""
+    return "".join(text.split())
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()} | {
+            p.relative_to(root).as_posix() + "/": (0, 0, "") for p in root.rglob("*") if p.is_dir()}
+
+
+def torch_args(model_dir: Path) -> list[str]:
+    return ["--backend", "torch", "--model", str(model_dir)]
+
+
+def upscale(subject: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["upscale", str(subject), str(out), *FAST, *extra])
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.e2e
+def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tmp_path):
+    res = runner.invoke(app, ["phantom", str(tmp_path / "data"), "--subjects", "1", "--n", "16"])
+    assert res.exit_code == 0, res.output
+    subject = tmp_path / "data" / "sub-000"
+    before = snapshot(subject)
+    lr_img = nib.load(str(subject / "concs" / "raw" / "NAA.nii.gz"))
+    n, _, z = lr_img.shape
+    assert n == 16
+
+    out = tmp_path / "sr"
+    res = upscale(subject, out, "--onnx", str(tiny_onnx_export), "--metabolites", "NAA,tCr", "--batch-size", "16",
+                  "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert "NFE 3" in res.output and "mask from qc" in " ".join(res.output.split())
+
+    s = 64 / n
+    expected_affine = lr_img.affine @ np.diag([1 / s, 1 / s, 1.0, 1.0])
+    assert sorted(p.name for p in (out / "concs" / "raw").iterdir()) == ["NAA.nii.gz", "tCr.nii.gz"]
+    for metab in ("NAA", "tCr"):
+        img = nib.load(str(out / "concs" / "raw" / f"{metab}.nii.gz"))
+        assert img.shape == (64, 64, z)
+        np.testing.assert_allclose(img.affine, expected_affine, atol=1e-4)
+        data = np.asarray(img.dataobj)
+        assert data.dtype == np.float32 and np.isfinite(data).all() and data.min() >= 0 and data.max() > 0
+    assert not (out / "uncertainties").exists()
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["sampler"]["name"] == "ftddm-dpmpp" and record["sampler"]["ttrunc"] == 20
+    assert record["sampler"]["steps"] == 2 and record["sampler"]["nfe"] == record["nfe"] == 3
+    assert record["mask_source"] == "qc" and record["metabolites"] == ["NAA", "tCr"]
+    assert record["n"] == 16 and record["scale"] == 4.0 and record["slices"] == z
+    assert record["samples"] == 1 and record["seed"] == 3 and record["batch_size"] == 16
+    assert record["backend"]["backend"] == "onnxruntime" and record["anatomy"] == "t1+flair"
+    assert Path(record["input"]) == subject.resolve() and Path(record["output"]) == out.resolve()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, "OUT kept mkdtemp's private permissions"
+
+    # evaluate against the truth: a table, and metrics.json with prediction and zero-filled entries
+    res = runner.invoke(app, ["evaluate", str(out), str(subject / "truth")])
+    assert res.exit_code == 0, res.output
+    assert "| metabolite |" in res.output and "| overall |" in res.output and "| NAA |" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["metabolites"]) == {"NAA", "tCr"}
+    overall = metrics["overall"]
+    assert set(overall) == {"prediction", "zero-filled"}
+    assert 0.0 <= overall["prediction"]["coverage"] <= 1.0 and overall["prediction"]["n_maps"] > 0
+    for method in ("prediction", "zero-filled"):
+        assert np.isfinite([overall[method][k] for k in ("nrmse", "psnr", "ssim")]).all()
+
+    # the input was never written to
+    assert snapshot(subject) == before
+
+
+# --------------------------------------------------------------------------------- options, folders
+
+
+def test_samples_write_uncertainties(tiny_model_dir, subject_copy, tmp_path):
+    before = snapshot(subject_copy)
+    out = tmp_path / "sr2"
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--samples", "2")
+    assert res.exit_code == 0, res.output
+    sd_img = nib.load(str(out / "uncertainties" / "Gly_sd.nii.gz"))
+    mean_img = nib.load(str(out / "concs" / "raw" / "Gly.nii.gz"))
+    assert sd_img.shape == mean_img.shape and sd_img.shape[:2] == (64, 64)
+    np.testing.assert_allclose(sd_img.affine, mean_img.affine)
+    sd = np.asarray(sd_img.dataobj)
+    assert np.isfinite(sd).all() and sd.min() >= 0 and sd.max() > 0  # two different draws
+    record = json.loads((out / "run.json").read_text())
+    assert record["samples"] == 2 and record["backend"]["backend"] == "torch" and record["metabolites"] == ["Gly"]
+    assert snapshot(subject_copy) == before
+
+
+def test_refuses_non_empty_out_without_force(tiny_model_dir, subject_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir))
+    assert res.exit_code == 2 and flat("is not empty; pass --force") in flat(res.output)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--force")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["concs", "report.png", "run.json"]
+
+
+def test_refuses_out_inside_subject_and_subject_inside_out(tiny_model_dir, subject_copy, tmp_path):
+    before = snapshot(subject_copy)
+    for out in (subject_copy / "sr", subject_copy, subject_copy / "concs" / "raw"):
+        res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--force")
+        assert res.exit_code == 2 and "inside the input folder" in " ".join(res.output.split())
+    # replacing a folder that holds the subject (--force) would delete the input with it
+    res = upscale(subject_copy, subject_copy.parent, *torch_args(tiny_model_dir), "--force")
+    assert res.exit_code == 2 and "inside the output folder" in " ".join(res.output.split())
+    assert snapshot(subject_copy) == before
+
+
+def test_failure_while_sampling_leaves_no_output(tiny_model_dir, subject_copy, tmp_path):
+    unet_only = tmp_path / "unet_only"
+    unet_only.mkdir()
+    for ext in (".safetensors", ".json"):
+        shutil.copyfile((tiny_model_dir / "unet").with_suffix(ext), (unet_only / "unet").with_suffix(ext))
+    out = tmp_path / "work" / "out"
+    res = upscale(subject_copy, out, *torch_args(unet_only), "--metabolites", "Gly")
+    assert res.exit_code == 2
+    assert "nothing written" in " ".join(res.output.split()) and "flow" in res.output
+    assert not out.exists() and list((tmp_path / "work").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sampler", "ddim"], "unknown sampler"),
+        (["--steps", "30"], "at most 20 steps"),
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--scale", "2"], "--scale 2.0 does not match the data"),
+        (["--metabolites", "NAA,Lac"], "no maps for Lac"),
+        (["--server-loop"], "--server-loop needs --backend triton"),
+    ],
+)
+def test_bad_options(phantom_subject_dir, tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--ttrunc", "20", *args,
+                              *torch_args(tiny_model_dir)])
+    assert res.exit_code == 2
+    assert flat(message) in flat(res.output)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+
+
+def _rewrite(path: Path, data: np.ndarray | None = None, affine: np.ndarray | None = None) -> None:
+    img = nib.load(str(path))
+    new = nib.Nifti1Image(np.asarray(img.dataobj if data is None else data, dtype=np.float32),
+                          img.affine if affine is None else affine)
+    nib.save(new, str(path))
+
+
+def _naa(subject: Path) -> Path:
+    return subject / "concs" / "raw" / "NAA.nii.gz"
+
+
+def _data(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def missing_concs(s: Path) -> Path:
+    shutil.rmtree(s / "concs")
+    return s / "concs"
+
+
+def non_square(s: Path) -> Path:
+    _rewrite(_naa(s), _data(_naa(s))[:, :14])
+    return _naa(s)
+
+
+def odd_size(s: Path) -> Path:
+    _rewrite(_naa(s), _data(_naa(s))[:15, :15])
+    return _naa(s)
+
+
+def too_large(s: Path) -> Path:
+    d = _data(_naa(s))
+    _rewrite(_naa(s), np.pad(d, ((25, 25), (25, 25), (0, 0))))  # 66 x 66
+    return _naa(s)
+
+
+def four_d(s: Path) -> Path:
+    d = _data(_naa(s))
+    _rewrite(_naa(s), np.stack([d, d], axis=-1))
+    return _naa(s)
+
+
+def nan_values(s: Path) -> Path:
+    d = _data(_naa(s))
+    d[3, 4, 2] = np.nan
+    _rewrite(_naa(s), d)
+    return _naa(s)
+
+
+def slice_mismatch(s: Path) -> Path:
+    _rewrite(_naa(s), _data(_naa(s))[:, :, :-1])
+    return _naa(s)
+
+
+def t1_elsewhere(s: Path) -> Path:
+    t1 = s / "t1.nii.gz"
+    aff = nib.load(str(t1)).affine.copy()
+    aff[:3, 3] += 10_000.0
+    _rewrite(t1, affine=aff)
+    return t1
+
+
+def truncated_gzip(s: Path) -> Path:
+    raw = _naa(s).read_bytes()
+    _naa(s).write_bytes(raw[: len(raw) // 2])
+    return _naa(s)
+
+
+def not_nifti(s: Path) -> Path:
+    _naa(s).write_bytes(gzip.compress(b"this is a spreadsheet, not an image\n" * 20))
+    return _naa(s)
+
+
+def not_gzip(s: Path) -> Path:
+    _naa(s).write_text("hello")
+    return _naa(s)
+
+
+@pytest.mark.parametrize(
+    "corrupt,problem",
+    [
+        (missing_concs, "missing concs folder"),
+        (non_square, "in-plane size 16x14 is not square"),
+        (odd_size, "in-plane size 15 is odd"),
+        (too_large, "in-plane size 66 is larger than the 64x64 output grid"),
+        (four_d, "4D image of shape (16, 16, 17, 2)"),
+        (nan_values, "1 voxels are NaN/Inf"),
+        (slice_mismatch, "slice count (16, 16, 16) differs from tCr.nii.gz (16, 16, 17)"),
+        (t1_elsewhere, "image does not overlap the MRSI field of view"),
+        (truncated_gzip, "cannot read NIfTI"),
+        (not_nifti, "cannot read NIfTI"),
+        (not_gzip, "cannot read NIfTI"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(subject_copy, tiny_model_dir, tmp_path, corrupt, problem):
+    assert nib.load(str(_naa(subject_copy))).shape == (16, 16, 17), "the phantom fixture changed"
+    bad_file = corrupt(subject_copy)
+    out = tmp_path / "results" / "sr"
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir))
+    assert res.exit_code == 2, res.output
+    text = flat(res.output)
+    assert flat(f"{bad_file}:") in text, res.output  # the message names the file ...
+    assert flat(problem) in text, res.output  # ... and the problem
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == []
+
+
+def test_evaluate_rejects_mismatched_folders(phantom_subject_dir, tmp_path):
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "nothing"), str(phantom_subject_dir / "truth")])
+    assert res.exit_code == 2 and flat("nothing/concs: no metabolite maps found") in flat(res.output)
+    # the LR input is not on the truth's grid
+    res = runner.invoke(app, ["evaluate", str(phantom_subject_dir), str(phantom_subject_dir / "truth")])
+    assert res.exit_code == 2 and "donotmatchthetruth" in flat(res.output)
+    assert not (phantom_subject_dir / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--out", str(out), "--n", "32", "--steps", "1", *torch_args(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    assert "zero-filled" in res.output and "ftddm-dpmpp" in res.output
+    metrics = json.loads((out / "sr" / "metrics.json").read_text())
+    assert set(metrics["overall"]) == {"prediction", "zero-filled"}
+    assert (out / "sr" / "report.png").is_file() and (out / "input").is_dir()
+    assert json.loads((out / "sr" / "run.json").read_text())["nfe"] == 2
