@@ -33,7 +33,6 @@ from ftddm_trt.diffusion import (
     CosineSchedule,
     SampleResult,
     ancestral_sample,
-    ddpm_timesteps,
     dpm_solver_pp_sample,
     respaced_timesteps,
     truncated_timesteps,
@@ -132,24 +131,21 @@ def sample_batch(
     def noise() -> torch.Tensor:
         return torch.randn((b, 1, *y.shape[2:]), generator=generator).to(dev)
 
-    if spec.uses_flow:
+    if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
         x_start = backend.flow_reverse(noise(), y, tau_f) * mask
         if spec.name == "flow":
-            x0 = x_start / math.sqrt(float(schedule.gammas[spec.ttrunc]))
-            return SampleResult(x0=x0, nfe=1)
-        if spec.name == "ftddm":
-            res = ancestral_sample(eps_fn, x_start, mask, schedule, truncated_timesteps(spec.ttrunc), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-        else:
-            res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=spec.ttrunc, steps=spec.n_steps, clip=spec.clip_x0)
-        return SampleResult(x0=res.x0, nfe=res.nfe + 1)
+            return SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=1)
+        t_start, flow_nfe = spec.ttrunc, 1
+    else:  # baselines: pure noise inside M at t = T
+        x_start, t_start, flow_nfe = noise() * mask, T_DIFFUSION, 0
 
-    x_start = noise() * mask
-    if spec.name == "ddpm":
-        return ancestral_sample(eps_fn, x_start, mask, schedule, ddpm_timesteps(T_DIFFUSION), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-    if spec.name == "ddpm-respaced":
-        return ancestral_sample(eps_fn, x_start, mask, schedule, respaced_timesteps(T_DIFFUSION, spec.n_steps), tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-    return dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=T_DIFFUSION, steps=spec.n_steps, clip=spec.clip_x0)
+    if spec.name in ("ftddm-dpmpp", "dpmpp"):
+        res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0)
+    else:
+        timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
+        res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
+    return SampleResult(x0=res.x0, nfe=res.nfe + flow_nfe)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
