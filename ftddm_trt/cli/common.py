@@ -8,6 +8,8 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
+from ftddm_trt.atomic import publish_dir, staging_dir  # noqa: F401  (re-exported for the commands)
+
 console = Console(stderr=True)
 
 
@@ -30,34 +32,3 @@ def check_output_dir(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
         fail(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         fail(f"{out} is not empty; pass --force to replace its contents")
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary folder into place; an existing ``out`` is swapped out, then removed."""
-    import shutil
-
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (same filesystem, so the final move is a rename)."""
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    make_public(tmp)
-    return tmp
-
-
-def make_public(folder: Path) -> None:
-    """Give a ``tempfile.mkdtemp`` folder (always 0700) the permissions of an ordinary new folder (umask)."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)

@@ -8,7 +8,6 @@ shape in a CUDA graph (static shapes only) and replays it.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch

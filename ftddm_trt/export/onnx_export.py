@@ -15,9 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 
 from ftddm_trt import __version__
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
+from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import file_sha256, write_manifest
 from ftddm_trt.models import FlowReverse
 from ftddm_trt.models.model_set import ModelSet
@@ -231,15 +229,7 @@ def export_model_set(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export every network of ``models`` into ``out_dir`` (atomic; refuses to overwrite without force)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; the published folder gets ordinary permissions
-    try:
+    with atomic_dir(Path(out_dir), force=force) as tmp:
         nets = models.load_torch()
         hashes = models.hashes()
         manifest: dict[str, Any] = {"ftddm_trt_version": __version__, "torch_version": torch.__version__,
@@ -260,9 +250,4 @@ def export_model_set(
                 "parity": parity,
             }
         write_manifest(tmp, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

@@ -35,12 +35,12 @@ import json
 import os
 import shutil
 import string
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TRITON_MODELS
+from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import read_manifest
 
 FLAVORS = ("cpu", "gpu")
@@ -401,11 +401,7 @@ def build_repository(
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(Path(out_dir), force=force) as tmp:
         platform = None if flavor == "cpu" else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)
@@ -437,9 +433,4 @@ def build_repository(
                 "export_manifest": manifest}
         (tmp / REPOSITORY_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         validate_repository(tmp, flavor, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        return meta
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return meta

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.models.io import model_sha256
 
 RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow"}
@@ -27,17 +26,9 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
     """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json."""
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; the published folder gets ordinary permissions
     manifest: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": which, "commands": commands or [],
                       "networks": {}}
-    try:
+    with atomic_dir(Path(out_dir), force=force) as tmp:
         for name, run_dir in runs.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
@@ -47,9 +38,4 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
                 shutil.copyfile(src.with_suffix(ext), (tmp / RUN_FILES[name]).with_suffix(ext))
             manifest["networks"][name] = {"sha256": model_sha256(tmp / RUN_FILES[name]), **_run_summary(run_dir)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
