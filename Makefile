@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/latency.py --out benchmarks/results
 	$(BIN)/python benchmarks/triton_load.py --out benchmarks/results
 	$(BIN)/ftddm-trt bench --out benchmarks/results
+	$(BIN)/python benchmarks/bf16_drift.py --out benchmarks/results
 
 figures: $(STAMP)
 	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png
