@@ -157,6 +157,8 @@ def markdown(results: dict, params: dict[str, int]) -> str:
             p = params.get("unet_full" if family in ("DDPM", "DDPM respaced", "DPM-Solver++") else "unet", 0)
             if family.startswith("FTDDM") or family == "flow":
                 p = (params.get("unet", 0) if family != "flow" else 0) + params.get("flow", 0)
+            if method == "zero-filled":
+                p = 0
             cells = [method, str(any_row["nfe"]), f"{mid['seconds_per_map']:.3f}",
                      f"{speed.get(method, float('nan')):.1f}x" if method in speed else "-", f"{p / 1e6:.2f} M" if p else "-"]
             for part in ("all", "subset"):
