@@ -310,3 +310,18 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     assert set(metrics["overall"]) == {"prediction", "zero-filled"}
     assert (out / "sr" / "report.png").is_file() and (out / "input").is_dir()
     assert json.loads((out / "sr" / "run.json").read_text())["nfe"] == 2
+
+
+def test_ttrunc_other_than_the_flows_is_refused(tiny_model_dir, phantom_subject_dir, tmp_path):
+    """A flow draws x_Ttrunc for the Ttrunc it was trained at; another --ttrunc must be refused."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "manifest.json").write_text(json.dumps({"networks": {"flow": {"train_config": {"t_trunc": 20}}}}))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--sampler", "ftddm", "--ttrunc", "10",
+                              *torch_args(model)])
+    assert res.exit_code != 0
+    assert "trainedatTtrunc=20" in flat(res.output)
+    assert not out.exists()
+    ok = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, *torch_args(model)])
+    assert ok.exit_code == 0, ok.output

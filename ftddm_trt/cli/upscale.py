@@ -63,6 +63,16 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(f"--samples must be >= 1, got {opts.samples}")
     if opts.server_loop and opts.backend != "triton":
         fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
+    if spec.uses_flow and opts.backend in ("torch", "onnxruntime"):
+        from ftddm_trt.models.model_set import ModelSet
+
+        try:
+            trained = ModelSet.open(opts.model).flow_ttrunc()
+        except FileNotFoundError as err:
+            fail(str(err))
+        if trained is not None and trained != spec.ttrunc:
+            fail(f"the model's flow draws x_{trained} (trained at Ttrunc = {trained}); --ttrunc {spec.ttrunc} needs a flow "
+                 f"trained at that point (ftddm-trt train --task flow --ttrunc {spec.ttrunc})")
     try:
         subject = read_subject(subject_dir)
     except InputError as err:

@@ -55,6 +55,11 @@ class ModelSet:
         """sha256 of each network's safetensors file."""
         return {n: model_sha256(self.root / n) for n in self.networks}
 
+    def flow_ttrunc(self) -> int | None:
+        """The truncation point the flow was trained for (from the manifest), or None if unrecorded."""
+        cfg = self.manifest().get("networks", {}).get("flow", {}).get("train_config") or {}
+        return int(cfg["t_trunc"]) if "t_trunc" in cfg else None
+
     def manifest(self) -> dict:
         path = self.root / "manifest.json"
         return json.loads(path.read_text()) if path.is_file() else {}
