@@ -38,14 +38,14 @@ class Method:
     family: str
 
 
-def paper_methods(include_ddpm: bool = True) -> list[Method]:
-    """The rows of the paper's Table 1 / Table 4 that one model set can run (flow at Ttrunc = 100)."""
+def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,)) -> list[Method]:
+    """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for."""
     rows = []
     if include_ddpm:
         rows.append(Method("DDPM T=1000", SamplerSpec("ddpm"), "DDPM"))
     rows += [Method(f"DDPM respaced {k}", SamplerSpec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
     rows += [Method(f"DPM-Solver++ {k}", SamplerSpec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
-    rows.append(Method("FTDDM Ttrunc=100", SamplerSpec("ftddm", ttrunc=100), "FTDDM"))
+    rows += [Method(f"FTDDM Ttrunc={t}", SamplerSpec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
     rows += [Method(f"FTDDM + DPM-Solver++ {k}", SamplerSpec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
              for k in (50, 20, 10)]
     rows.append(Method("flow only (tau_f=0)", SamplerSpec("flow", tau_f=0.0), "flow"))
@@ -84,8 +84,14 @@ def run_quality(
     protocols: tuple[str, ...] = PROTOCOLS,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    flow_backends: dict[int, Backend] | None = None,
 ) -> dict:
-    """Run every method on every (scale, protocol); returns the full results record."""
+    """Run every method on every (scale, protocol); returns the full results record.
+
+    ``flow_backends`` maps a Ttrunc to a backend whose flow was trained for it (same UNets); flow-based
+    methods at that Ttrunc run there, everything else on ``backend``.
+    """
+    flow_backends = flow_backends or {}
     pool, idx, test_ids = test_maps(n_maps, seed=seed)
     results: dict = {"test_subjects": test_ids, "n_maps": int(idx.size), "ddpm_maps": min(ddpm_maps, idx.size),
                      "map_indices": idx.tolist(), "batch_size": batch_size, "backend": backend.describe(), "runs": []}
@@ -100,7 +106,8 @@ def run_quality(
             for m in methods:
                 k = ddpm_maps if m.spec.name == "ddpm" else idx.size
                 t0 = time.perf_counter()
-                x, nfe = sample_images(backend, m.spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
+                runner = flow_backends.get(m.spec.ttrunc, backend) if m.spec.uses_flow else backend
+                x, nfe = sample_images(runner, m.spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
                 seconds = time.perf_counter() - t0
                 pred = np.clip(x[:, 0].numpy() * scale[:k, None, None], 0.0, None)
                 met = map_metrics(pred, truth[:k], region[:k])

@@ -30,13 +30,19 @@ def bench_cmd(
 
     try:
         models = ModelSet.open(model)
+        main_ttrunc = models.flow_ttrunc() or 100
+        ttruncs = [t for t in (100, 50, 20) if t in (models.flow_ttruncs() or [main_ttrunc])]
         b = open_backend(backend, model=model, log=console.print)
+        flow_backends = {t: open_backend(backend, model=model, ttrunc=t, log=console.print) for t in ttruncs if t != main_ttrunc}
     except Exception as err:
         fail(f"cannot open backend {backend!r}: {err}")
     params = {name: count_parameters(net) for name, net in models.load_torch().items()}
-    with b:
-        results = run_quality(b, paper_methods(include_ddpm=not no_ddpm), n_maps=maps, ddpm_maps=ddpm_maps,
-                              batch_size=batch_size, log=console.print)
+    try:
+        results = run_quality(b, paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs)), n_maps=maps,
+                              ddpm_maps=ddpm_maps, batch_size=batch_size, log=console.print, flow_backends=flow_backends)
+    finally:
+        for x in (b, *flow_backends.values()):
+            x.close()
     results["model"] = {"dir": str(models.root), "hashes": models.hashes(), "manifest": models.manifest()}
     paths = write_results(results, params, out, stem=stem)
     console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}")

@@ -27,6 +27,7 @@ def train_cmd(
     val_every: int = typer.Option(500, help="Validate (and keep the best weights) every N iterations."),
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes (0: no limit); re-run to resume."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
 ) -> None:
     """Train (or resume) one network. Interrupt at any moment; the same command resumes."""
     from ftddm_trt.training.trainer import TASKS, TrainConfig, train
@@ -36,7 +37,7 @@ def train_cmd(
     cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                       t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every)
     try:
-        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device)
+        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     console.print_json(json.dumps(summary))
@@ -48,6 +49,7 @@ def package_model_cmd(
     unet: Path = typer.Option(None, help="Run folder of the truncated-range UNet."),
     unet_full: Path = typer.Option(None, "--unet-full", help="Run folder of the full-chain UNet (DDPM baselines)."),
     flow: Path = typer.Option(None, help="Run folder of the flow."),
+    extra_flow: list[Path] = typer.Option([], "--extra-flow", help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*."),
     which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
     command: list[str] = typer.Option([], "--command", help="Training command lines to record in the manifest (repeatable)."),
     force: bool = typer.Option(False, help="Replace a non-empty --out."),
@@ -59,7 +61,7 @@ def package_model_cmd(
     if not runs:
         fail("give at least one of --unet, --unet-full, --flow")
     try:
-        manifest = package_model(runs, out, which=which, commands=list(command), force=force)
+        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

@@ -63,16 +63,14 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(f"--samples must be >= 1, got {opts.samples}")
     if opts.server_loop and opts.backend != "triton":
         fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
-    if spec.uses_flow and opts.backend in ("torch", "onnxruntime"):
+    flow_ttrunc = spec.ttrunc if spec.uses_flow else None
+    if opts.backend in ("torch", "onnxruntime") and opts.onnx is None:
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            trained = ModelSet.open(opts.model).flow_ttrunc()
+            ModelSet.open(opts.model, flow_ttrunc)  # a flow trained for this Ttrunc must exist
         except FileNotFoundError as err:
             fail(str(err))
-        if trained is not None and trained != spec.ttrunc:
-            fail(f"the model's flow draws x_{trained} (trained at Ttrunc = {trained}); --ttrunc {spec.ttrunc} needs a flow "
-                 f"trained at that point (ftddm-trt train --task flow --ttrunc {spec.ttrunc})")
     try:
         subject = read_subject(subject_dir)
     except InputError as err:
@@ -89,7 +87,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, log=console.print)
+                               url=opts.url, ttrunc=flow_ttrunc, log=console.print)
     except Exception as err:  # every runtime has its own errors: report them by name
         fail(f"cannot open backend {opts.backend!r}: {err}")
 

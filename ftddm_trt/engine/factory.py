@@ -38,17 +38,19 @@ def open_backend(
     url: str | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> Backend:
-    """Open backend ``kind`` for a model folder (default: the shipped model)."""
+    """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
+    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
     if kind == "torch":
         from ftddm_trt.engine.torch_backend import TorchBackend
 
-        return TorchBackend(ModelSet.open(model), device=device, precision=precision)
+        return TorchBackend(ModelSet.open(model, ttrunc), device=device, precision=precision)
     if kind == "onnxruntime":
         from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model), log))
+        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model, ttrunc), log))
     if kind == "tensorrt":
         from ftddm_trt.engine.tensorrt_backend import TensorRTBackend
 

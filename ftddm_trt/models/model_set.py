@@ -4,8 +4,12 @@ Layout of a model folder (weights as safetensors + JSON config, written by ``mod
 
     unet.safetensors / unet.json            denoising UNet, trained on t in 1..Ttrunc
     unet_full.safetensors / unet_full.json  the same UNet trained on 1..T (DDPM baselines)
-    flow.safetensors / flow.json            conditional flow that draws x_Ttrunc
+    flow.safetensors / flow.json            conditional flow that draws x_Ttrunc (Ttrunc in the manifest)
+    flow_t<T>.safetensors / flow_t<T>.json  optional flows for other truncation points T
     manifest.json                           training commands, data seed, sha256 of each file
+
+A ``ModelSet`` opened for a truncation point presents the matching flow as its ``flow`` network, so
+exports, engines, Triton repositories and backends built from it never need to know which it is.
 
 The shipped model lives in ``ftddm_trt/assets/model`` so that an installed package finds it.
 """
@@ -26,39 +30,62 @@ SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 
 @dataclass(frozen=True)
 class ModelSet:
-    """The networks found in ``root``; at least one of them must exist."""
+    """The networks found in ``root``; ``flow_file`` is the file stem serving as ``flow``."""
 
     root: Path
+    flow_file: str = "flow"
 
     @classmethod
-    def open(cls, root: Path | str | None = None) -> "ModelSet":
-        """Open a model folder (default: the shipped model), checking that it holds networks."""
+    def open(cls, root: Path | str | None = None, ttrunc: int | None = None) -> "ModelSet":
+        """Open a model folder (default: the shipped model), checking that it holds networks.
+
+        ``ttrunc`` selects the flow trained for that truncation point: ``flow`` when the manifest says
+        it was trained there (or does not say), else ``flow_t<ttrunc>``; a clear error if neither fits.
+        """
         path = Path(root) if root is not None else SHIPPED_MODEL_DIR
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
         found = [n for n in NETWORK_FILES if (path / f"{n}.safetensors").is_file()]
         if not found:
             raise FileNotFoundError(f"model folder {path} holds none of {', '.join(n + '.safetensors' for n in NETWORK_FILES)}")
-        return cls(path)
+        models = cls(path)
+        main = models.flow_ttrunc()
+        if ttrunc is None or main is None or ttrunc == main:
+            return models
+        if (path / f"flow_t{ttrunc}.safetensors").is_file():
+            return cls(path, flow_file=f"flow_t{ttrunc}")
+        have = ", ".join(str(t) for t in models.flow_ttruncs())
+        raise FileNotFoundError(f"{path} has no flow for Ttrunc = {ttrunc}: its flows are trained at Ttrunc = {have} "
+                                f"(train one with `ftddm-trt train --task flow --ttrunc {ttrunc}` and add it with "
+                                "`ftddm-trt package-model --extra-flow`)")
+
+    def _stem(self, name: str) -> str:
+        return self.flow_file if name == "flow" else name
 
     @property
     def networks(self) -> tuple[str, ...]:
-        return tuple(n for n in NETWORK_FILES if (self.root / f"{n}.safetensors").is_file())
+        return tuple(n for n in NETWORK_FILES if (self.root / f"{self._stem(n)}.safetensors").is_file())
 
     def config(self, name: str) -> dict:
-        return json.loads((self.root / f"{name}.json").read_text())
+        return json.loads((self.root / f"{self._stem(name)}.json").read_text())
 
     def load_torch(self, map_location: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
-        return {n: load_model(self.root / n, map_location=map_location) for n in self.networks}
+        return {n: load_model(self.root / self._stem(n), map_location=map_location) for n in self.networks}
 
     def hashes(self) -> dict[str, str]:
         """sha256 of each network's safetensors file."""
-        return {n: model_sha256(self.root / n) for n in self.networks}
+        return {n: model_sha256(self.root / self._stem(n)) for n in self.networks}
 
     def flow_ttrunc(self) -> int | None:
-        """The truncation point the flow was trained for (from the manifest), or None if unrecorded."""
-        cfg = self.manifest().get("networks", {}).get("flow", {}).get("train_config") or {}
+        """The truncation point this set's flow was trained for (manifest), or None if unrecorded."""
+        cfg = self.manifest().get("networks", {}).get(self.flow_file, {}).get("train_config") or {}
         return int(cfg["t_trunc"]) if "t_trunc" in cfg else None
+
+    def flow_ttruncs(self) -> list[int]:
+        """Every truncation point a flow in this folder was trained for."""
+        nets = self.manifest().get("networks", {})
+        return sorted({int(v["train_config"]["t_trunc"]) for k, v in nets.items()
+                       if (k == "flow" or k.startswith("flow_t")) and (v.get("train_config") or {}).get("t_trunc")})
 
     def manifest(self) -> dict:
         path = self.root / "manifest.json"

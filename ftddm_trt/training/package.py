@@ -22,20 +22,29 @@ def _run_summary(run_dir: Path) -> dict:
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
-                  force: bool = False) -> dict:
-    """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json."""
+                  force: bool = False, extra_flows: list[Path] = ()) -> dict:
+    """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json.
+
+    ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``.
+    """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     manifest: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "weights": which, "commands": commands or [],
                       "networks": {}}
+    files = {RUN_FILES[name]: Path(run_dir) for name, run_dir in runs.items()}
+    for run_dir in extra_flows:
+        cfg = _run_summary(Path(run_dir)).get("train_config") or {}
+        if cfg.get("task") != "flow":
+            raise ValueError(f"{run_dir} is not a flow training run")
+        files[f"flow_t{cfg['t_trunc']}"] = Path(run_dir)
     with atomic_dir(Path(out_dir), force=force) as tmp:
-        for name, run_dir in runs.items():
+        for name, run_dir in files.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
             if not src.with_suffix(".safetensors").is_file():
                 raise FileNotFoundError(f"{src.with_suffix('.safetensors')} does not exist (has {run_dir} validated yet?)")
             for ext in (".safetensors", ".json"):
-                shutil.copyfile(src.with_suffix(ext), (tmp / RUN_FILES[name]).with_suffix(ext))
-            manifest["networks"][name] = {"sha256": model_sha256(tmp / RUN_FILES[name]), **_run_summary(run_dir)}
+                shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
+            manifest["networks"][name] = {"sha256": model_sha256(tmp / name), **_run_summary(run_dir)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

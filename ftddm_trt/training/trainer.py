@@ -27,7 +27,7 @@ from ftddm_trt.constants import HR_SIZE, T_DIFFUSION, T_TRUNC
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
-from ftddm_trt.models.io import save_model
+from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ftddm_trt.training.objectives import flow_objective, unet_objective
@@ -125,9 +125,13 @@ def train(
     max_minutes: float | None = None,
     device: str = "auto",
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``cfg`` in ``run_dir`` until ``cfg.iterations`` or ``max_minutes``.
 
+    ``init_from`` (weights saved by ``models.io``, same kind and preset) starts a new run from those
+    weights instead of a fresh initialization, e.g. a flow for Ttrunc = 50 fine-tuned from the
+    Ttrunc = 100 flow; it is ignored when the run resumes from its own checkpoint.
     Returns a summary: step reached, last and best validation loss, seconds, iterations per second.
     """
     run_dir = Path(run_dir)
@@ -148,10 +152,15 @@ def train(
     else:
         torch.manual_seed(cfg.seed)
         model, mcfg = build_model(cfg)
+        if init_from is not None:
+            init = load_model(init_from)
+            if init.config != mcfg:
+                raise ValueError(f"{init_from} is not a {cfg.task}/{cfg.preset} network: its config differs")
+            model.load_state_dict(init.state_dict())
         model.to(dev)
         opt = _optimizer(cfg)(model)
         step, best = 0, float("inf")
-        needs_data_init = cfg.task == "flow"
+        needs_data_init = cfg.task == "flow" and init_from is None
 
     subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed)
     train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
