@@ -1,4 +1,4 @@
-"""Small helpers every CLI command shares: error exits, output-folder checks, backend construction."""
+"""Small helpers every CLI command shares: error exits and output-folder checks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
-
-from ftddm_trt.atomic import publish_dir, staging_dir  # noqa: F401  (re-exported for the commands)
 
 console = Console(stderr=True)
 

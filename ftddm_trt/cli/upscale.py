@@ -15,7 +15,8 @@ import typer
 
 from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import check_output_dir, console, fail, publish_dir, staging_dir
+from ftddm_trt.atomic import publish_dir, staging_dir
+from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
 
 

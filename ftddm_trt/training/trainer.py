@@ -96,12 +96,6 @@ def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Ten
     return loss, {}
 
 
-def _refresh(model: torch.nn.Module) -> None:
-    refresh = getattr(model, "refresh_inverse", None)
-    if refresh is not None:
-        refresh()
-
-
 @torch.no_grad()
 def validate(cfg: TrainConfig, model, batches, schedule, device) -> float:
     """Mean validation loss on fixed batches with fixed noise (comparable across steps)."""
@@ -205,7 +199,6 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            _refresh(model)
             step += 1
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
             if step % cfg.val_every == 0 or step == cfg.iterations:
