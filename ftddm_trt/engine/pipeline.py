@@ -37,6 +37,7 @@ from ftddm_trt.diffusion import (
     respaced_timesteps,
     truncated_timesteps,
 )
+from ftddm_trt.diffusion.consistency import data_consistency
 from ftddm_trt.engine.backend import Backend
 
 SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow")
@@ -55,6 +56,9 @@ class SamplerSpec:
     #: Clamp every predicted x0 to this range (normalized units; the truth lies in [0, ~2]), as
     #: improved-diffusion's ``clip_denoised``. None: no clamping.
     clip_x0: tuple[float, float] | None = (0.0, 3.0)
+    #: Replace the output's acquired k-space band with the measurement (``diffusion.consistency``):
+    #: the output reproduces the acquisition, and over the whole image its error can only shrink.
+    data_consistency: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -134,18 +138,19 @@ def sample_batch(
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
         x_start = backend.flow_reverse(noise(), y, tau_f) * mask
-        if spec.name == "flow":
-            return SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=1)
         t_start, flow_nfe = spec.ttrunc, 1
     else:  # baselines: pure noise inside M at t = T
         x_start, t_start, flow_nfe = noise() * mask, T_DIFFUSION, 0
 
-    if spec.name in ("ftddm-dpmpp", "dpmpp"):
+    if spec.name == "flow":
+        res = SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=0)
+    elif spec.name in ("ftddm-dpmpp", "dpmpp"):
         res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-    return SampleResult(x0=res.x0, nfe=res.nfe + flow_nfe)
+    x0 = data_consistency(res.x0, y[:, 0:1], s) * mask if spec.data_consistency else res.x0
+    return SampleResult(x0=x0, nfe=res.nfe + flow_nfe)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

@@ -58,7 +58,7 @@ class TritonInferenceError(RuntimeError):
 def encode_sampler_settings(spec: SamplerSpec, seed: int) -> str:
     """The ``settings`` request parameter of ftddm_sampler (JSON; floats round-trip exactly)."""
     return json.dumps({"sampler": spec.name, "ttrunc": spec.ttrunc, "steps": spec.steps, "tau_d": spec.tau_d,
-                       "tau_f": spec.tau_f, "seed": int(seed)}, sort_keys=True)
+                       "tau_f": spec.tau_f, "data_consistency": spec.data_consistency, "seed": int(seed)}, sort_keys=True)
 
 
 def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
@@ -69,14 +69,15 @@ def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
         raise ValueError(f"sampler settings are not JSON: {err}") from err
     if not isinstance(d, dict):
         raise ValueError(f"sampler settings must be a JSON object, got {type(d).__name__}")
-    unknown = set(d) - {"sampler", "ttrunc", "steps", "tau_d", "tau_f", "seed"}
+    unknown = set(d) - {"sampler", "ttrunc", "steps", "tau_d", "tau_f", "data_consistency", "seed"}
     if unknown:
         raise ValueError(f"unknown sampler settings: {sorted(unknown)}")
     defaults = SamplerSpec()
     steps = d.get("steps")
     spec = SamplerSpec(name=str(d.get("sampler", defaults.name)), ttrunc=int(d.get("ttrunc", defaults.ttrunc)),
                        steps=None if steps is None else int(steps), tau_d=float(d.get("tau_d", defaults.tau_d)),
-                       tau_f=float(d.get("tau_f", defaults.tau_f)))
+                       tau_f=float(d.get("tau_f", defaults.tau_f)),
+                       data_consistency=bool(d.get("data_consistency", defaults.data_consistency)))
     return spec, int(d.get("seed", 0))
 
 
