@@ -46,3 +46,21 @@ def test_open_band_excludes_the_nyquist_lines():
     assert band.sum() == 7 * 7 and band[32, 32] and not band[28, 32] and band[29, 32]
     with pytest.raises(ValueError):
         open_band(7, 64)
+
+
+def test_auto_mode_applies_consistency_exactly_for_a_fine_mask(tmp_path):
+    from ftddm_trt.data.nifti_io import read_subject, write_phantom_subject
+    from ftddm_trt.data.phantom import make_subject
+    from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
+
+    sub = make_subject(0, seed=0)
+    coarse = read_subject(write_phantom_subject(tmp_path / "lr", sub, 16))
+    fine = read_subject(write_phantom_subject(tmp_path / "hr", sub, 16, hr_masks=True))
+    assert (coarse.mask_source, coarse.fine_mask) == ("qc", False)
+    assert (fine.mask_source, fine.fine_mask) == ("masks", True)
+    spec = SamplerSpec()
+    assert consistency_for(spec, "auto", fine.fine_mask).data_consistency
+    assert not consistency_for(spec, "auto", coarse.fine_mask).data_consistency
+    assert consistency_for(spec, "on", False).data_consistency and not consistency_for(spec, "off", True).data_consistency
+    with pytest.raises(ValueError, match="data consistency must be one of"):
+        consistency_for(spec, "sometimes", True)

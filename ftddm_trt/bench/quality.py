@@ -25,7 +25,7 @@ from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
 
 SCALES: tuple[int, ...] = (8, 16, 32)  # N for s = 8, 4, 2
 PROTOCOLS: tuple[str, ...] = ("hr", "lr")
@@ -63,7 +63,8 @@ def test_maps(n_maps: int, seed: int = 0, data_seed: int = 0, fold: int = 0) -> 
     return pool, chosen, test_ids
 
 
-def _examples(pool: SlicePool, idx: np.ndarray, n: int, protocol: str):
+def example_tensors(pool: SlicePool, idx: np.ndarray, n: int, protocol: str):
+    """Network inputs and references of maps ``idx`` at acquisition ``n``: (y, s, scale, truth, region, zero_filled)."""
     exs = [prepare_example(pool_stack(pool, int(i)), n, protocol) for i in idx]
     y = torch.from_numpy(np.stack([e.y for e in exs]))
     s = torch.full((len(exs),), HR_SIZE / n)
@@ -97,7 +98,7 @@ def run_quality(
                      "map_indices": idx.tolist(), "batch_size": batch_size, "backend": backend.describe(), "runs": []}
     for n in scales:
         for protocol in protocols:
-            y, s, scale, truth, region, zf = _examples(pool, idx, n, protocol)
+            y, s, scale, truth, region, zf = example_tensors(pool, idx, n, protocol)
             zf_metrics = map_metrics(zf, truth, region)
             base = {"n": n, "s": HR_SIZE / n, "protocol": protocol}
             results["runs"].append({**base, "method": "zero-filled", "nfe": 0, "seconds_per_map": 0.0,
@@ -107,11 +108,12 @@ def run_quality(
                 k = ddpm_maps if m.spec.name == "ddpm" else idx.size
                 t0 = time.perf_counter()
                 runner = flow_backends.get(m.spec.ttrunc, backend) if m.spec.uses_flow else backend
-                x, nfe = sample_images(runner, m.spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
+                spec = consistency_for(m.spec, "auto", fine_mask=protocol == "hr")  # what upscale does by default
+                x, nfe = sample_images(runner, spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
                 seconds = time.perf_counter() - t0
                 pred = np.clip(x[:, 0].numpy() * scale[:k, None, None], 0.0, None)
                 met = map_metrics(pred, truth[:k], region[:k])
-                row = {**base, "method": m.label, "family": m.family, "spec": m.spec.to_dict(), "nfe": nfe,
+                row = {**base, "method": m.label, "family": m.family, "spec": spec.to_dict(), "nfe": nfe,
                        "maps": k, "seconds_per_map": seconds / k,
                        "subset": summarize({kk: v[:ddpm_maps] for kk, v in met.items()})}
                 if k == idx.size:

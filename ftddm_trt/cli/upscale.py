@@ -40,6 +40,7 @@ class UpscaleOptions:
     url: Optional[str] = None
     scale: Optional[float] = None
     server_loop: bool = False
+    data_consistency: str = "auto"
 
 
 def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
@@ -50,7 +51,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     from ftddm_trt.data.figures import report_figure
     from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
     from ftddm_trt.engine.factory import open_backend
-    from ftddm_trt.engine.pipeline import SamplerSpec
+    from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
     from ftddm_trt.engine.upscale import upscale_subject
 
     if not subject_dir.is_dir():
@@ -74,7 +75,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
             fail(str(err))
     try:
         subject = read_subject(subject_dir)
-    except InputError as err:
+        spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
+    except (InputError, ValueError) as err:
         fail(str(err))
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
         fail(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
@@ -112,7 +114,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
             "host": platform.node(),
             "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
             "metabolites": list(subject.metabolites), "kind": subject.kind,
-            "mask_source": subject.mask_source, "anatomy": result.condition.anatomy, "notes": subject.notes,
+            "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
+            "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency}, "anatomy": result.condition.anatomy, "notes": subject.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
             "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
@@ -151,12 +154,13 @@ def upscale_cmd(
     scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
     server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+    data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
                           seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop)
+                          server_loop=server_loop, data_consistency=data_consistency)
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")

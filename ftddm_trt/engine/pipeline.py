@@ -23,7 +23,7 @@ returns the centre of q(x_Ttrunc | x0) rescaled to x0 units).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -57,7 +57,9 @@ class SamplerSpec:
     #: improved-diffusion's ``clip_denoised``. None: no clamping.
     clip_x0: tuple[float, float] | None = (0.0, 3.0)
     #: Replace the output's acquired k-space band with the measurement (``diffusion.consistency``):
-    #: the output reproduces the acquisition, and over the whole image its error can only shrink.
+    #: the output reproduces the acquisition. Right when M is the fine quality mask the acquisition
+    #: was filtered with (``hr``); with a coarse ``lr`` mask the network predicts the map *inside* M
+    #: unfiltered, which the acquisition does not see, so ``consistency_for`` turns it off there.
     data_consistency: bool = True
 
     def __post_init__(self) -> None:
@@ -101,6 +103,16 @@ class SamplerSpec:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "steps": self.n_steps, "nfe": self.nfe}
+
+
+CONSISTENCY_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpec:
+    """``spec`` with data consistency set by ``mode``: on, off, or auto (on exactly for a fine mask M)."""
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"data consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {mode!r}")
+    return replace(spec, data_consistency=fine_mask if mode == "auto" else mode == "on")
 
 
 def make_eps_fn(backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
