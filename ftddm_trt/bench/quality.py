@@ -25,6 +25,7 @@ from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.engine.backend import Backend
+from ftddm_trt.diffusion import DEFAULT_LAMBDA_MIN
 from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
 
 SCALES: tuple[int, ...] = (8, 16, 32)  # N for s = 8, 4, 2
@@ -38,18 +39,42 @@ class Method:
     family: str
 
 
-def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,)) -> list[Method]:
-    """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for."""
+def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,),
+                  clip_x0: tuple[float, float] | None = (0.0, 3.0), lambda_min: float | None = DEFAULT_LAMBDA_MIN,
+                  solver_variants: bool = True) -> list[Method]:
+    """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for.
+
+    ``clip_x0`` and ``lambda_min`` are every row's settings (SamplerSpec); ``solver_variants`` adds
+    DPM-Solver++ 100 from noise with the other choice of each (the baselines with and without the clips).
+    """
+    def spec(name: str, **kw) -> SamplerSpec:
+        return SamplerSpec(name, **{"clip_x0": clip_x0, "lambda_min": lambda_min, **kw})
+
     rows = []
     if include_ddpm:
-        rows.append(Method("DDPM T=1000", SamplerSpec("ddpm"), "DDPM"))
-    rows += [Method(f"DDPM respaced {k}", SamplerSpec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
-    rows += [Method(f"DPM-Solver++ {k}", SamplerSpec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
-    rows += [Method(f"FTDDM Ttrunc={t}", SamplerSpec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
-    rows += [Method(f"FTDDM + DPM-Solver++ {k}", SamplerSpec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
+        rows.append(Method("DDPM T=1000", spec("ddpm"), "DDPM"))
+    rows += [Method(f"DDPM respaced {k}", spec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
+    rows += [Method(f"DPM-Solver++ {k}", spec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
+    if solver_variants:
+        other_clip = None if clip_x0 is not None else (0.0, 3.0)
+        other_lambda = None if lambda_min is not None else DEFAULT_LAMBDA_MIN
+        rows.append(Method(f"DPM-Solver++ 100, clip_x0={_fmt_opt(other_clip)}", spec("dpmpp", steps=100, clip_x0=other_clip),
+                           "DPM-Solver++ variant"))
+        rows.append(Method(f"DPM-Solver++ 100, lambda_min={_fmt_opt(other_lambda)}",
+                           spec("dpmpp", steps=100, lambda_min=other_lambda), "DPM-Solver++ variant"))
+    rows += [Method(f"FTDDM Ttrunc={t}", spec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
+    rows += [Method(f"FTDDM + DPM-Solver++ {k}", spec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
              for k in (50, 20, 10)]
-    rows.append(Method("flow only (tau_f=0)", SamplerSpec("flow", tau_f=0.0), "flow"))
+    rows.append(Method("flow only (tau_f=0)", spec("flow", tau_f=0.0), "flow"))
     return rows
+
+
+def _fmt_opt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return ",".join(f"{x:g}" for x in v)
+    return f"{v:g}"
 
 
 def test_maps(n_maps: int, seed: int = 0, data_seed: int = 0, fold: int = 0) -> tuple[SlicePool, np.ndarray, list[str]]:

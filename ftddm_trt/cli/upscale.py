@@ -16,8 +16,13 @@ import typer
 from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import publish_dir, staging_dir
-from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
+from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
+
+#: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
+CLIP_X0_DEFAULT = "0,3"
+LAMBDA_MIN_DEFAULT = f"{DEFAULT_LAMBDA_MIN:g}"
 
 
 @dataclass
@@ -30,6 +35,8 @@ class UpscaleOptions:
     steps: Optional[int] = None
     tau_d: float = 0.9
     tau_f: float = 0.9
+    clip_x0: Optional[tuple[float, float]] = (0.0, 3.0)
+    lambda_min: Optional[float] = DEFAULT_LAMBDA_MIN
     samples: int = 1
     metabolites: Optional[list[str]] = None
     seed: int = 0
@@ -58,7 +65,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(f"{subject_dir}: subject folder does not exist")
     check_output_dir(out_dir, force, inputs=(subject_dir,))
     try:
-        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f)
+        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
     except ValueError as err:
         fail(str(err))
     if opts.samples < 1:
@@ -143,6 +151,8 @@ def upscale_cmd(
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise."),
     tau_f: float = typer.Option(0.9, "--tau-f", help="Temperature of the flow's latent."),
+    clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
+    lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
     metabolites: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),
@@ -158,6 +168,7 @@ def upscale_cmd(
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
+                          clip_x0=parse_clip_x0(clip_x0), lambda_min=parse_lambda_min(lambda_min),
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
                           seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
                           server_loop=server_loop, data_consistency=data_consistency)
