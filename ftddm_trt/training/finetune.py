@@ -7,7 +7,8 @@ Steps, all resumable:
 2. Train each requested network (``unet``, ``flow``; ``unet_full`` on request) from the base model's
    weights, on pairs made the way an acquisition makes them (``data.examples``: k-space truncation
    to N x N for every s, both mask protocols, ``lr`` weighted by ``lr_fraction``), with the last
-   ``val_subjects`` subjects held out. Each network gets its share of the time budget; the best
+   ``val_subjects`` subjects held out. Networks train side by side (one process and core each) when
+   the machine has the cores, each for the whole budget, else one after another sharing it; the best
    validation weights are kept. Runs live in ``work_dir`` and a re-run continues them.
 3. Score the base and the fine-tuned model on the held-out subjects (PSNR / SSIM against zero-filled,
    ``lr`` protocol, s = 8 and 4) and write a complete model folder: every network (untrained ones
@@ -16,6 +17,7 @@ Steps, all resumable:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,21 +94,22 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
     log(f"{len(subjects)} subjects ({len(train_subj)} train, {len(val_subj)} validation: "
         f"{', '.join(s.subject_id for s in val_subj)}), data sha256 {data_hash[:12]}")
 
-    runs: dict[str, Path] = {}
-    summaries = {}
+    jobs = {}
     total_share = sum(NETWORK_SHARE[n] for n in cfg.networks)
+    workers = max(1, min(len(cfg.networks), os.cpu_count() or 1))
     for name in cfg.networks:  # step 2
-        minutes = cfg.minutes * NETWORK_SHARE[name] / total_share
+        # networks train side by side, one core each, when there are cores for it; else one after another
+        share = NETWORK_SHARE[name] / (NETWORK_SHARE[name] if workers == len(cfg.networks) else total_share)
         tcfg = TrainConfig(task=_TASK_OF[name], preset=preset_of(models, name), iterations=1_000_000,
                            batch_size=cfg.batch_size, lr=cfg.lr, lr_final=cfg.lr, t_trunc=ttrunc, seed=cfg.seed,
                            lr_protocol_fraction=cfg.lr_fraction, val_every=cfg.val_every,
                            data_dir=str(Path(cfg.data_dir).resolve()), val_subjects=cfg.val_subjects,
                            extra={"data_sha256": data_hash})
-        run_dir = cfg.runs_dir / name
-        log(f"fine-tuning {name} for {minutes:.1f} min in {run_dir}")
-        summaries[name] = train(tcfg, run_dir, max_minutes=minutes, init_from=models.root / models._stem(name),
-                                progress=progress)
-        runs[name] = run_dir
+        jobs[name] = (tcfg, cfg.runs_dir / name, cfg.minutes * share, models.root / models._stem(name))
+    log(f"fine-tuning {', '.join(cfg.networks)} for {cfg.minutes:g} min "
+        f"({'side by side' if workers > 1 else 'one after another'}) in {cfg.runs_dir}")
+    summaries = _train_all(jobs, workers, progress)
+    runs = {name: job[1] for name, job in jobs.items()}
 
     validation = validation_quality(models.root, runs, val_subj, cfg)  # step 3
     extra = {"finetune": {"data_dir": str(Path(cfg.data_dir).resolve()), "data_sha256": data_hash,
@@ -115,6 +118,51 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
                           "networks": list(cfg.networks), "minutes": cfg.minutes, "lr": cfg.lr,
                           "lr_fraction": cfg.lr_fraction, "training": summaries, "validation_quality": validation}}
     return package_model(runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra)
+
+
+def _train_job(tcfg: TrainConfig, run_dir: Path, minutes: float, init_from: Path, threads: int) -> dict:
+    """One network's training run (a worker process when networks train side by side)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return train(tcfg, run_dir, max_minutes=minutes, init_from=init_from, progress=False)
+
+
+def _train_all(jobs: dict[str, tuple], workers: int, progress: bool) -> dict[str, dict]:
+    """Run every job (``name -> (TrainConfig, run_dir, minutes, init_from)``), ``workers`` at a time.
+
+    One progress bar per network follows its log (step, validation loss) against its time budget.
+    """
+    import json
+    import multiprocessing as mp
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    columns = [TextColumn("[bold]{task.description:9s}"), BarColumn(), TextColumn("step {task.fields[step]}  val {task.fields[val]}"),
+               TimeElapsedColumn()]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool, \
+            Progress(*columns, disable=not progress) as bar:
+        futures, tasks, starts = {}, {}, {}
+        for name, (tcfg, run_dir, minutes, init_from) in jobs.items():
+            futures[name] = pool.submit(_train_job, tcfg, run_dir, minutes, init_from, threads)
+            tasks[name] = bar.add_task(name, total=minutes * 60.0, step=0, val="-")
+        while not all(f.done() for f in futures.values()):
+            time.sleep(1.0)
+            for name, (tcfg, run_dir, minutes, _) in jobs.items():
+                log_path = run_dir / "log.jsonl"
+                if log_path.is_file() and name not in starts:
+                    starts[name] = time.monotonic()
+                last = {}
+                if log_path.is_file():
+                    lines = log_path.read_text().splitlines()
+                    last = json.loads(lines[-1]) if lines else {}
+                done = min(time.monotonic() - starts[name], minutes * 60.0) if name in starts else 0.0
+                bar.update(tasks[name], completed=minutes * 60.0 if futures[name].done() else done,
+                           step=last.get("step", 0), val=f"{last['val']:.4f}" if isinstance(last.get("val"), float) else "-")
+        return {name: f.result() for name, f in futures.items()}
 
 
 def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cfg: FinetuneConfig,
