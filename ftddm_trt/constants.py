@@ -16,6 +16,11 @@ LR_SIZES: tuple[int, ...] = tuple(range(8, 33, 2))
 T_DIFFUSION: int = 1000
 T_TRUNC: int = 100
 
+#: Flow temperature ``upscale`` uses unless told otherwise: FTDDM + DPM-Solver++ from the flow's mode.
+#: The ODE solver adds no noise, so the output is the deterministic, highest-fidelity estimate;
+#: ``--tau-f 0.9`` (the paper's temperature) draws samples, e.g. for ``--samples K`` uncertainty maps.
+USER_DEFAULT_TAU_F: float = 0.0
+
 #: Quality-filtering thresholds of the paper (FSL-MRS qc maps).
 SNR_MIN: float = 2.5
 FWHM_MAX_PPM: float = 0.15

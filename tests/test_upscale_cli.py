@@ -109,7 +109,7 @@ def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tmp_path):
 def test_samples_write_uncertainties(tiny_model_dir, subject_copy, tmp_path):
     before = snapshot(subject_copy)
     out = tmp_path / "sr2"
-    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--samples", "2")
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--samples", "2", "--tau-f", "0.9")
     assert res.exit_code == 0, res.output
     sd_img = nib.load(str(out / "uncertainties" / "Gly_sd.nii.gz"))
     mean_img = nib.load(str(out / "concs" / "raw" / "Gly.nii.gz"))
@@ -176,6 +176,7 @@ def test_failure_while_sampling_leaves_no_output(tiny_model_dir, subject_copy, t
         (["--sampler", "ddim"], "unknown sampler"),
         (["--steps", "30"], "at most 20 steps"),
         (["--samples", "0"], "--samples must be >= 1"),
+        (["--samples", "3"], "would repeat one identical output"),
         (["--scale", "2"], "--scale 2.0 does not match the data"),
         (["--metabolites", "NAA,Lac"], "no maps for Lac"),
         (["--server-loop"], "--server-loop needs --backend triton"),

@@ -23,7 +23,7 @@ from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
+from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, sample_images
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -41,8 +41,9 @@ class Variant:
 
 
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
-    Variant("FTDDM + DPM-Solver++ 20 (default)", SamplerSpec()),
-    Variant("default, posterior mean of 4", SamplerSpec(), samples=4),
+    Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F)),
+    Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9)),
+    Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4),
 )
 
 

@@ -17,7 +17,7 @@ from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import publish_dir, staging_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
-from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
+from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, USER_DEFAULT_TAU_F
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 
 #: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
@@ -34,7 +34,7 @@ class UpscaleOptions:
     ttrunc: int = T_TRUNC
     steps: Optional[int] = None
     tau_d: float = 0.9
-    tau_f: float = 0.9
+    tau_f: float = USER_DEFAULT_TAU_F
     clip_x0: Optional[tuple[float, float]] = (0.0, 3.0)
     lambda_min: Optional[float] = DEFAULT_LAMBDA_MIN
     samples: int = 1
@@ -71,6 +71,9 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(str(err))
     if opts.samples < 1:
         fail(f"--samples must be >= 1, got {opts.samples}")
+    if opts.samples > 1 and spec.deterministic:
+        fail(f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical output: "
+             "give --tau-f > 0 (0.9 is the paper's temperature) to draw different samples")
     if opts.server_loop and opts.backend != "triton":
         fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
     flow_ttrunc = spec.ttrunc if spec.uses_flow else None
@@ -150,7 +153,7 @@ def upscale_cmd(
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise."),
-    tau_f: float = typer.Option(0.9, "--tau-f", help="Temperature of the flow's latent."),
+    tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
     clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
     lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ftddm_trt.constants import T_DIFFUSION, T_TRUNC
+from ftddm_trt.constants import T_DIFFUSION, T_TRUNC, USER_DEFAULT_TAU_F  # noqa: F401 (re-exported)
 from ftddm_trt.diffusion import (
     DEFAULT_LAMBDA_MIN,
     CosineSchedule,
@@ -107,6 +107,13 @@ class SamplerSpec:
     @property
     def n_steps(self) -> int | None:
         return self.steps if self.steps is not None else _DEFAULT_STEPS.get(self.name)
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the output does not depend on the seed (repeated samples would all be equal)."""
+        if self.name in ("ftddm-dpmpp", "flow"):
+            return self.tau_f == 0.0
+        return self.name == "ftddm" and self.tau_f == 0.0 and self.tau_d == 0.0
 
     @property
     def uses_flow(self) -> bool:

@@ -179,7 +179,7 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
     from ftddm_trt.bench.generalization import Variant, score_maps
     from ftddm_trt.data.evaluation import MIN_VOXELS
     from ftddm_trt.data.examples import SlicePool
-    from ftddm_trt.engine.pipeline import SamplerSpec
+    from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec
     from ftddm_trt.engine.torch_backend import TorchBackend
 
     pool = SlicePool.from_subjects(val_subjects)
@@ -187,7 +187,7 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
     if ok.size == 0:
         return {}
     idx = np.sort(np.random.default_rng(0).choice(ok, size=min(n_maps, ok.size), replace=False))
-    variant = [Variant("default sampler", SamplerSpec())]
+    variant = [Variant("default sampler", SamplerSpec(tau_f=USER_DEFAULT_TAU_F))]
     out: dict = {"maps": int(idx.size), "protocol": "lr"}
     with tempfile.TemporaryDirectory() as tmp:
         tuned = Path(tmp) / "model"
