@@ -18,6 +18,7 @@ from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import publish_dir, staging_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
+from ftddm_trt.integrity import IntegrityError, check_temperature
 
 
 @dataclass
@@ -57,6 +58,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(f"{subject_dir}: subject folder does not exist")
     check_output_dir(out_dir, force, inputs=(subject_dir,))
     try:
+        check_temperature("--tau-d", opts.tau_d)
+        check_temperature("--tau-f", opts.tau_f)
         spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f)
     except ValueError as err:
         fail(str(err))
@@ -89,8 +92,10 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
                                url=opts.url, ttrunc=flow_ttrunc, log=console.print)
+    except IntegrityError as err:
+        fail(f"refusing to run backend {opts.backend!r}: {err}")
     except Exception as err:  # every runtime has its own errors: report them by name
-        fail(f"cannot open backend {opts.backend!r}: {err}")
+        fail(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -138,8 +143,8 @@ def upscale_cmd(
     sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp or flow."),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
-    tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise."),
-    tau_f: float = typer.Option(0.9, "--tau-f", help="Temperature of the flow's latent."),
+    tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),
+    tau_f: float = typer.Option(0.9, "--tau-f", help="Temperature of the flow's latent, in [0, 2]."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
     metabolites: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),

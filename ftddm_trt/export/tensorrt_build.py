@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftddm_trt.export.manifest import read_manifest, write_manifest
+from ftddm_trt.export.manifest import file_sha256, read_manifest, write_manifest
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -167,7 +167,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
         else:
             log(f"{name}: building {precision} engine (batch {profile.min}/{profile.opt}/{profile.max}) ...")
             build_engine(Path(onnx_dir) / info["onnx"], path, profile, precision, out_dir / "timing.cache")
-        engines[name] = {"engine": path.name, "cache_key": key, **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
+        engines[name] = {"engine": path.name, "cache_key": key, "engine_sha256": file_sha256(path), **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
     manifest = {"tensorrt_version": trt.__version__, "gpu": gpu, "precision": precision, "profile": asdict(profile),
                 "model_hashes": onnx_manifest.get("model_hashes", {}), "networks": engines}
     write_manifest(out_dir, manifest)
