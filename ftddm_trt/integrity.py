@@ -8,6 +8,7 @@ and both hashes, never a silent run. Outputs are checked for NaN / inf before an
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,3 +81,22 @@ def check_temperature(name: str, value: float) -> None:
     lo, hi = TAU_RANGE
     if not (np.isfinite(value) and lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] (a noise std factor: 0 deterministic, 1 as trained), got {value:g}")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) or isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON text that every parser accepts: NaN / inf (e.g. PSNR of a perfect prediction) become null."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)

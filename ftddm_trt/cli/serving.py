@@ -15,6 +15,7 @@ from ftddm_trt.cli.common import check_output_dir, console, fail
 def _export_for(model: Path | None, out: Path) -> Path:
     """The ONNX export of ``model`` beside ``out`` (``OUT-onnx``), reused while its weights are unchanged."""
     from ftddm_trt.export.manifest import read_manifest
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 
@@ -33,7 +34,7 @@ def _export_for(model: Path | None, out: Path) -> Path:
     console.print(f"exporting {models.root} to ONNX in {onnx_dir}")
     try:
         export_model_set(models, onnx_dir, force=True, log=console.print)
-    except ParityError as err:
+    except (ParityError, OutputError) as err:
         fail(str(err))
     return onnx_dir
 
@@ -57,6 +58,7 @@ def triton_repo_cmd(
     Every config.pbtxt is checked with Triton's schema and against the export's tensors before the
     repository is moved into place.
     """
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.serving.repository import FLAVORS, ConfigError, RepoOptions, build_repository
 
     if flavor not in FLAVORS:
@@ -74,8 +76,8 @@ def triton_repo_cmd(
         options = RepoOptions(max_batch_size=max_batch_size, max_queue_delay_us=queue_delay_us, instances=instances,
                               sampler_instances=sampler_instances)
         onnx_dir = onnx if onnx is not None else _export_for(model, out)
-        meta = build_repository(onnx_dir, out, flavor, engines, options, force=True, log=console.print)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print)
+    except (ConfigError, FileNotFoundError, ValueError, OutputError) as err:
         fail(str(err))
     console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out}")
     if flavor == "cpu":

@@ -62,6 +62,6 @@ def package_model_cmd(
         fail("give at least one of --unet, --unet-full, --flow")
     try:
         manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

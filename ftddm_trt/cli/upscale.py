@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import typer
 
 from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
-from ftddm_trt.atomic import publish_dir, staging_dir
+from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
 from ftddm_trt.integrity import IntegrityError, check_temperature
@@ -56,7 +56,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     if not subject_dir.is_dir():
         fail(f"{subject_dir}: subject folder does not exist")
-    check_output_dir(out_dir, force, inputs=(subject_dir,))
+    inputs = (subject_dir, opts.model, opts.onnx, opts.engines)
+    check_output_dir(out_dir, force, inputs)
     try:
         check_temperature("--tau-d", opts.tau_d)
         check_temperature("--tau-f", opts.tau_f)
@@ -99,38 +100,38 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    tmp = staging_dir(out_dir)
     try:
-        with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
-                               TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
-            result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                     samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
-                                     server_loop=opts.server_loop)
-            backend_info = backend.describe()
-        write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
-        record = {
-            "ftddm_trt_version": __version__,
-            "input": str(subject_dir.resolve()),
-            "output": str(out_dir.resolve()),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": platform.node(),
-            "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
-            "metabolites": list(subject.metabolites), "kind": subject.kind,
-            "mask_source": subject.mask_source, "anatomy": result.condition.anatomy, "notes": subject.notes,
-            "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
-            "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
-            "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
-        }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
-        report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
-                      t1=subject.t1, flair=subject.flair,
-                      title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
-        publish_dir(tmp, out_dir)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, (KeyboardInterrupt, SystemExit, typer.Exit)):
-            raise
+        with atomic_dir(out_dir, force, inputs, command="upscale") as tmp:  # locked: no concurrent writer
+            with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
+                                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+                task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
+                result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
+                                         samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
+                                         server_loop=opts.server_loop)
+                backend_info = backend.describe()
+            write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
+            record = {
+                "ftddm_trt_version": __version__,
+                "input": str(subject_dir.resolve()),
+                "output": str(out_dir.resolve()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": platform.node(),
+                "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
+                "metabolites": list(subject.metabolites), "kind": subject.kind,
+                "mask_source": subject.mask_source, "anatomy": result.condition.anatomy, "notes": subject.notes,
+                "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
+                "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
+                "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
+            }
+            (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+            report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
+                          t1=subject.t1, flair=subject.flair,
+                          title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
+    except OutputError as err:
+        fail(str(err))
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except Exception as err:
         fail(f"upscaling {subject_dir} failed, nothing written to {out_dir}: {type(err).__name__}: {err}")
     return record
 
@@ -201,20 +202,51 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, input_dir: Path | None = N
     return evaluate_volume(pred, truth, mask, metabs, baselines)
 
 
+def write_json_file(path: Path, obj: dict, force: bool, inputs: tuple[Path | None, ...]) -> None:
+    """Write strict JSON to ``path`` atomically; refuse a path inside an input folder, or an existing
+    file without ``force``, before anything is computed or written."""
+    target = path.resolve()
+    for src in inputs:
+        if src is not None and (target == src.resolve() or src.resolve() in target.parents):
+            fail(f"{path} lies inside the input folder {src}; write the metrics elsewhere")
+    if target.exists() and (target.is_dir() or not force):
+        fail(f"{path} exists; pass --force to replace it" if not target.is_dir() else f"{path} is a folder")
+    if not os.access(target.parent if target.parent.exists() else Path.cwd(), os.W_OK):
+        fail(f"cannot write into {target.parent}: read-only or no permission")
+    if obj is None:
+        return
+    from ftddm_trt.integrity import strict_json
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(strict_json(obj, indent=2))
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     pred_dir: Path = typer.Argument(..., help="Output folder of `ftddm-trt upscale`."),
     truth_dir: Path = typer.Argument(..., help="Truth folder (concs/raw/<metab>.nii.gz at 64x64, masks/<metab>.nii.gz), e.g. SUBJECT/truth."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="The LR subject folder, for the zero-filled baseline (default: from run.json)."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON to this file (default: PRED_DIR/metrics.json)."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON to this file (outside the folders read); "
+                                       "default: JSON on stdout. Non-finite values (PSNR of a perfect match) are null."),
+    force: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
-    """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline."""
-    from ftddm_trt.data.evaluation import markdown_table
+    """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline.
 
+    Never writes into the folders it reads."""
+    from ftddm_trt.data.evaluation import markdown_table
+    from ftddm_trt.integrity import strict_json
+
+    if out is not None:
+        write_json_file(out, None, force, (pred_dir, truth_dir, input_dir))  # checks only, before computing
     result = evaluate_folders(pred_dir, truth_dir, input_dir)
     console.print(markdown_table(result), highlight=False)
-    out = out or pred_dir / "metrics.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    if out is None:
+        typer.echo(strict_json(result, indent=2))
+        return
+    write_json_file(out, result, force, (pred_dir, truth_dir, input_dir))
     console.print(f"[green]wrote[/] {out}")

@@ -401,7 +401,7 @@ def build_repository(
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(Path(out_dir), force=force, inputs=(onnx_dir, engines_dir), command="triton-repo") as tmp:
         platform = None if flavor == "cpu" else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)
