@@ -41,6 +41,10 @@ class UpscaleOptions:
     url: Optional[str] = None
     scale: Optional[float] = None
     server_loop: bool = False
+    kind: Optional[str] = None
+    allow_missing_anatomy: bool = False
+    accept: tuple[str, ...] = ()
+    retry_s: float = 30.0
 
 
 def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
@@ -49,6 +53,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     Errors exit non-zero through ``fail`` with nothing written to ``out_dir``.
     """
     from ftddm_trt.data.figures import report_figure
+    from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject, zero_output_channels
     from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
     from ftddm_trt.engine.factory import open_backend
     from ftddm_trt.engine.pipeline import SamplerSpec
@@ -77,7 +82,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         except FileNotFoundError as err:
             fail(str(err))
     try:
-        subject = read_subject(subject_dir)
+        ambiguous_kinds(subject_dir, opts.kind)
+        subject = read_subject(subject_dir, kind=opts.kind)
     except InputError as err:
         fail(str(err))
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
@@ -89,10 +95,19 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         keep = [subject.metabolites.index(m) for m in opts.metabolites]
         subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
         subject.metabolites = tuple(opts.metabolites)
+    accept = set(opts.accept) | ({"missing-anatomy"} if opts.allow_missing_anatomy else set())
+    try:
+        accepted, input_notes = check_subject(subject, accept)
+    except (InputError, ValueError) as err:
+        fail(str(err))
+    for line in accepted:
+        console.print(f"[yellow]accepted[/] {line}", highlight=False)
+    for line in input_notes:
+        console.print(f"[yellow]note[/] {line}", highlight=False)
 
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, ttrunc=flow_ttrunc, log=console.print)
+                               url=opts.url, ttrunc=flow_ttrunc, log=console.print, retry_s=opts.retry_s)
     except IntegrityError as err:
         fail(f"refusing to run backend {opts.backend!r}: {err}")
     except Exception as err:  # every runtime has its own errors: report them by name
@@ -109,6 +124,10 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
                                          samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
                                          server_loop=opts.server_loop)
                 backend_info = backend.describe()
+            zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
+            result.maps[:, zero] = 0.0
+            if result.sd is not None:
+                result.sd[:, zero] = 0.0
             write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
             record = {
                 "ftddm_trt_version": __version__,
@@ -118,7 +137,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
                 "host": platform.node(),
                 "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
                 "metabolites": list(subject.metabolites), "kind": subject.kind,
-                "mask_source": subject.mask_source, "anatomy": result.condition.anatomy, "notes": subject.notes,
+                "mask_source": subject.mask_source, "anatomy": result.condition.anatomy,
+                "accepted": accepted, "notes": [*subject.notes, *input_notes],
                 "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
                 "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
                 "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
@@ -154,15 +174,27 @@ def upscale_cmd(
     engines: Optional[Path] = typer.Option(None, help="TensorRT engine folder for --backend tensorrt."),
     batch_size: int = typer.Option(16, help="Maps per network call (whole-volume batching)."),
     url: Optional[str] = typer.Option(None, help="Triton server HOST:GRPC_PORT for --backend triton."),
+    retry_s: float = typer.Option(30.0, "--retry-s", help="With --backend triton: keep retrying an unreachable or "
+                                  "restarting server for this many seconds before failing (naming it)."),
     scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
     server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
-    force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Concentration kind to read (raw, internal, molarity, molality); "
+                                       "required when concs/ holds several."),
+    allow_missing_anatomy: bool = typer.Option(False, "--allow-missing-anatomy", help="Run without t1 or flair: "
+                                               "the missing condition channel is zeros (lower quality); recorded in run.json."),
+    accept: Optional[str] = typer.Option(None, "--accept", help="Comma-separated degraded inputs to accept instead of "
+                                         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
+    force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
 ) -> None:
-    """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
+    """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
+
+    Degraded inputs (missing T1/FLAIR, several concentration kinds, all-zero, non-finite or out-of-range
+    maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
                           seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop)
+                          server_loop=server_loop, retry_s=retry_s, kind=kind, allow_missing_anatomy=allow_missing_anatomy,
+                          accept=tuple(a.strip() for a in accept.split(",") if a.strip()) if accept else ())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")

@@ -40,6 +40,7 @@ def open_backend(
     precision: str = "fp32",
     ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    retry_s: float | None = None,
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
     backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
@@ -60,5 +61,5 @@ def open_backend(
     if kind == "triton":
         from ftddm_trt.engine.triton_backend import TritonBackend
 
-        return TritonBackend(url or "localhost:8001")
+        return TritonBackend(url or "localhost:8001", retry_s=retry_s)
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
