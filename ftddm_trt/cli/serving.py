@@ -91,7 +91,8 @@ def serve_cmd(
     grpc_port: int = typer.Option(8001, "--grpc-port"),
     metrics_port: int = typer.Option(8002, "--metrics-port"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    log: Path = typer.Option(Path("tritonserver.log"), "--log", help="Server log file (appended)."),
+    log: Path = typer.Option(None, "--log", help="Server log file (appended); default: a file in the temp folder, "
+                             "removed after a clean stop and kept (its path printed) after a failure. Never the current folder."),
     startup_timeout: float = typer.Option(300.0, "--startup-timeout", help="Seconds to wait for every model to be ready."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check the repository's configs before starting."),
 ) -> None:
@@ -121,8 +122,8 @@ def serve_cmd(
     try:
         server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_path=log,
                               startup_timeout_s=startup_timeout)
-        console.print(f"starting {server.install.binary} on {repo} (log {log}) ...")
         server.start(wait=False)
+        console.print(f"started {server.install.binary} (pid {server.pid}) on {repo}, log {server.log_path} ...")
         deadline = time.monotonic() + startup_timeout
         while not stop_requested:  # wait for readiness in short slices so that Ctrl-C stays responsive
             try:
@@ -131,6 +132,8 @@ def serve_cmd(
             except TritonServerError:
                 if not server.is_running() or time.monotonic() > deadline:
                     raise
+        if not stop_requested and not server.is_running():  # whatever answered, it was not our server
+            raise TritonServerError(f"tritonserver exited while starting; log tail:\n{server.log_tail()}")
         if not stop_requested:
             console.print(f"[green]ready[/] in {time.monotonic() - (deadline - startup_timeout):.1f} s: "
                           f"HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
