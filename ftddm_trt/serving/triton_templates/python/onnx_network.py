@@ -1,7 +1,7 @@
 """Triton Python-backend model: one FTDDM network (UNet or flow) run with ONNX Runtime on the CPU.
 
 Copied as ``<model>/1/model.py`` into a ``cpu`` repository by ``ftddm_trt.serving.repository`` (source:
-``triton_repo/python/onnx_network.py``). It needs only numpy and onnxruntime in the server's Python.
+``ftddm_trt/serving/triton_templates/python/onnx_network.py``). It needs only numpy and onnxruntime in the server's Python.
 
 Requests merged by Triton's dynamic batcher are concatenated along the batch axis, run as one ONNX
 Runtime call, and split back. Tensor names come from the model's config.pbtxt, which the generator
