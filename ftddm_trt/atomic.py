@@ -43,6 +43,10 @@ class OutputError(OSError):
     """An output folder that cannot or must not be written (named before anything is computed)."""
 
 
+class OutputBusy(OutputError):
+    """Another process holds the output folder's lock."""
+
+
 # -- names -----------------------------------------------------------------------------------------
 def _prefix(out: Path) -> str:
     """Hidden name stem for OUT's staging, lock and swap files (shortened for very long names)."""
@@ -196,7 +200,7 @@ class OutputLock:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OutputError(f"another ftddm-trt process (pid {holder}) is writing {self.out}; wait for it "
+                    raise OutputBusy(f"another ftddm-trt process (pid {holder}) is writing {self.out}; wait for it "
                                       "or choose another folder") from err
                 raise OutputError(f"cannot lock {self.path}: {err.strerror}") from err
             try:  # the holder before us may have removed the file after we opened it: retry on the new one

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
+from ftddm_trt.atomic import OutputBusy
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.models.model_set import ModelSet
 
@@ -24,9 +26,18 @@ def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: No
 
     key = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(models.hashes().items())).encode()).hexdigest()[:16]
     folder = cache_root() / "onnx" / key
-    if not (folder / "manifest.json").is_file():
-        log(f"exporting the model to ONNX once (cached in {folder}) ...")
-        export_model_set(models, folder, force=True, log=log)
+    deadline, told = time.monotonic() + 1800, False
+    while not (folder / "manifest.json").is_file():
+        try:
+            log(f"exporting the model to ONNX once (cached in {folder}) ...")
+            export_model_set(models, folder, force=True, log=log)
+        except OutputBusy:  # another run is exporting the same model: wait for its export
+            if time.monotonic() > deadline:
+                raise
+            if not told:
+                log(f"another process is exporting into {folder}; waiting for it ...")
+                told = True
+            time.sleep(1.0)
     return folder
 
 
