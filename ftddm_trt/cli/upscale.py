@@ -116,8 +116,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     try:
-        with atomic_dir(out_dir, force, inputs, command="upscale") as tmp:  # locked: no concurrent writer
-            with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
+        with backend, atomic_dir(out_dir, force, inputs, command="upscale") as tmp:  # locked: no concurrent writer
+            with Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
                                    TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
                 task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
                 result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
