@@ -31,6 +31,7 @@ def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: No
         try:
             log(f"exporting the model to ONNX once (cached in {folder}) ...")
             export_model_set(models, folder, force=True, log=log)
+            break
         except OutputBusy:  # another run is exporting the same model: wait for its export
             if time.monotonic() > deadline:
                 raise
