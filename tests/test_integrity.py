@@ -11,7 +11,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -25,7 +24,6 @@ from ftddm_trt.integrity import IntegrityError, NonFiniteOutputError, check_temp
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()
 FAST = ["--sampler", "ftddm-dpmpp", "--ttrunc", "20", "--steps", "2"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def flip_byte(path: Path, offset_from_end: int = 200) -> None:

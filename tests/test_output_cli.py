@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ftddm_trt.atomic import OutputLock
 from ftddm_trt.cli.main import app
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
