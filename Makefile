@@ -30,9 +30,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/triton_load.py --out benchmarks/results
 	$(BIN)/ftddm-trt bench --out benchmarks/results
 	$(BIN)/python benchmarks/bf16_drift.py --out benchmarks/results
+	$(BIN)/python benchmarks/generalization.py --out benchmarks/results
+	$(BIN)/python benchmarks/finetune_unseen.py --out benchmarks/results
 
 figures: $(STAMP)
 	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png
+	$(BIN)/python docs/make_styles_figure.py docs/phantom_styles.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,6 +23,8 @@ from ftddm_trt.diffusion import (
     flow_guide_loss,
     flow_loss,
     initial_noise,
+    lambda_clipped_start,
+    lambda_clipped_timesteps,
     respaced_timesteps,
     sample_train_timesteps,
     truncated_timesteps,
@@ -273,6 +275,66 @@ def test_dpm_solver_oracle_recovers_x0(sched, data, t_start, steps):
     assert res.nfe == steps
     torch.testing.assert_close(res.x0, x0, atol=1e-5, rtol=0)
     assert torch.count_nonzero(res.x0[mask == 0]) == 0
+
+
+def _diffusers_dpm_clipped(sched, eps_fn, x_start, mask, steps: int, lambda_min: float, patch: bool):
+    """diffusers choosing its own timesteps with lambda_min_clipped (no timesteps= override)."""
+    ref = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", algorithm_type="dpmsolver++", solver_order=2,
+        solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero", lambda_min_clipped=lambda_min,
+    )
+    if patch:
+        ref.alphas_cumprod = sched.gammas[1:].clone()  # sigmas from our float64 table; lambda_t stays diffusers'
+    ref.set_timesteps(steps)
+    x = x_start.clone()
+    for k in ref.timesteps:
+        x = ref.step(eps_fn(x, torch.full((x.shape[0],), float(k + 1))) * mask, k, x).prev_sample
+    return x, [int(k) + 1 for k in ref.timesteps]
+
+
+@pytest.mark.parametrize("lambda_min", [-5.1, -4.0, -2.5, -float("inf")])
+def test_lambda_clipped_start_matches_diffusers(sched, lambda_min):
+    """Our (float64) clip point equals where diffusers' (float32) scheduler starts, 1-based."""
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                                algorithm_type="dpmsolver++", lambda_min_clipped=lambda_min)
+    for steps in (100, 20, 10):
+        ref.set_timesteps(steps)
+        grid = lambda_clipped_timesteps(sched, steps, lambda_min)
+        assert grid[:-1] == [int(k) + 1 for k in ref.timesteps] and grid[-1] == 0
+    t0 = lambda_clipped_start(sched, lambda_min)
+    lam = lambda t: 0.5 * math.log(float(sched.gammas[t]) / (1 - float(sched.gammas[t])))
+    assert lam(t0) >= lambda_min and (t0 == 1000 or lam(t0 + 1) < lambda_min)
+    if lambda_min == -5.1:
+        assert t0 == 996  # the cosine chain's last 4 steps, where sigma/alpha > 160, are skipped
+    assert lambda_clipped_timesteps(sched, 10, lambda_min, t_max=100)[0] == 100  # never above t_max
+    with pytest.raises(ValueError):
+        lambda_clipped_start(sched, 100.0)
+
+
+@pytest.mark.parametrize("steps", [20, 10, 100])
+def test_dpm_solver_lambda_clipped_matches_diffusers(sched, data, steps):
+    """From pure noise with lambda_min_clipped = -5.1, step by step against diffusers (its own timesteps)."""
+    mask, x0 = data
+    perturb = torch.randn(1, 1, H, H, generator=torch.Generator().manual_seed(9)) * 0.3
+    x_start = initial_noise(mask, torch.Generator().manual_seed(4))
+    ours_seen: list = []
+    ours = dpm_solver_pp_sample(oracle(sched, x0, ours_seen, perturb), x_start, mask, sched, 1000, steps, lambda_min=-5.1)
+    assert ours.nfe == steps == len(ours_seen)
+    assert ours_seen[0][1] == 996
+    assert torch.count_nonzero(ours.x0[mask == 0]) == 0
+
+    def rel(a, b):
+        return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    for patch, tol in [(True, 2e-6), (False, 1e-4)]:
+        ref_seen: list = []
+        ref, ref_ts = _diffusers_dpm_clipped(sched, oracle(sched, x0, ref_seen, perturb), x_start, mask, steps, -5.1, patch)
+        assert [t for _, t in ours_seen] == ref_ts == [t for _, t in ref_seen]
+        errs = [rel(a, b) for (a, _), (b, _) in zip(ours_seen, ref_seen)] + [rel(ours.x0, ref)]
+        assert max(errs) < tol, (patch, errs)
+    # the oracle's data prediction is exact from the first step: the clipped solver recovers x0
+    exact = dpm_solver_pp_sample(oracle(sched, x0), x_start, mask, sched, 1000, steps, lambda_min=-5.1)
+    torch.testing.assert_close(exact.x0, x0, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -141,7 +141,10 @@ def test_every_sampler_is_covered():
         (dict(name="ddpm-respaced", steps=-3), "steps must be >= 1"),
         (dict(name="ftddm-dpmpp", ttrunc=10, steps=11), "at most 10 steps"),
         (dict(name="ftddm-dpmpp", ttrunc=5), "at most 5 steps"),  # the default 20 steps do not fit
-        (dict(name="dpmpp", steps=1001), "at most 1000 steps"),
+        (dict(name="dpmpp", steps=1001, lambda_min=None), "at most 1000 steps"),
+        (dict(name="dpmpp", steps=996), "at most 995 steps"),  # lambda clipped at -5.1: starts at t = 996
+        (dict(name="dpmpp", lambda_min=float("inf")), "lambda_min must be finite"),
+        (dict(name="ftddm", clip_x0=(1.0, 0.0)), "clip_x0"),
         (dict(name="ddpm-respaced", steps=2000), "at most 1000 steps"),
         (dict(name="ftddm", tau_d=-0.5), "temperatures"),
         (dict(name="flow", tau_f=float("nan")), "temperatures"),

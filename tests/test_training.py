@@ -30,13 +30,13 @@ _real_generate = trainer.generate_dataset
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_dataset(n_subjects: int, seed: int):
-    return _real_generate(n_subjects, seed=seed)
+def _cached_dataset(n_subjects: int, seed: int, styles):
+    return _real_generate(n_subjects, seed=seed, styles=styles)
 
 
-def _generate(n_subjects: int = 25, seed: int = 0):
+def _generate(n_subjects: int = 25, seed: int = 0, styles=("classic",)):
     """generate_dataset is deterministic; build the 5 phantoms once for the whole module."""
-    return _cached_dataset(n_subjects, seed)
+    return _cached_dataset(n_subjects, seed, tuple(styles) if not isinstance(styles, str) else styles)
 
 
 @pytest.fixture(autouse=True)

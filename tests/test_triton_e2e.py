@@ -117,7 +117,7 @@ def test_server_errors_are_clear(server, inputs):
     with TritonBackend(server.grpc_url) as tb:
         with pytest.raises(TritonInferenceError, match="ftddm_sampler"):
             tb._infer(SAMPLER_MODEL, {"y": y[:1].numpy(), "s": s[:1, None].numpy()}, {"x0": (1, 1, 64, 64), "nfe": (1, 1)},
-                      10.0, {"settings": '{"sampler": "euler"}'})
+                      10.0, {"settings": '{"name": "euler"}'})
         with pytest.raises(TritonInferenceError, match="ftddm_unet"):
             tb._infer("ftddm_unet", {"x_t": y[:1, :1].numpy()}, {"eps": (1, 1, 64, 64)}, 10.0)
 

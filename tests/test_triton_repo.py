@@ -233,18 +233,42 @@ def test_validate_repository_catches_missing_files(export_dir, tmp_path):
 
 
 # -- sampler protocol and the BLS backend ----------------------------------------------------------
-def test_sampler_settings_round_trip():
-    spec = SamplerSpec("ftddm-dpmpp", ttrunc=73, steps=7, tau_d=0.85, tau_f=0.123456789)
+@pytest.mark.parametrize("spec", [
+    SamplerSpec("ftddm-dpmpp", ttrunc=73, steps=7, tau_d=0.85, tau_f=0.123456789),
+    SamplerSpec("ftddm"),
+    SamplerSpec("dpmpp", steps=30, clip_x0=None, lambda_min=-4.25),
+    SamplerSpec("dpmpp", clip_x0=(-0.5, 2.25), lambda_min=None),
+    SamplerSpec("ddpm-respaced", steps=13, clip_x0=(0.0, 1e-3), tau_d=0.0),
+])
+def test_sampler_settings_round_trip(spec):
+    """One symmetric encoding: every field survives (clip_x0 and lambda_min included), through JSON."""
+    back = SamplerSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec and back.to_dict() == spec.to_dict()
     text = encode_sampler_settings(spec, batch_seed(12345, 3))
     back, seed = decode_sampler_settings(text)
     assert back == spec and seed == 12345 * 1_000_003 + 3
+    assert json.loads(text)["clip_x0"] == (None if spec.clip_x0 is None else list(spec.clip_x0))
+
+
+def test_sampler_settings_refused():
     assert decode_sampler_settings(encode_sampler_settings(SamplerSpec("ftddm"), 0))[0].steps is None
+    assert SamplerSpec("dpmpp") == SamplerSpec("dpmpp", steps=20)  # a solver's default steps are resolved
     with pytest.raises(ValueError, match="unknown sampler settings"):
-        decode_sampler_settings('{"sampler": "ftddm", "temperature": 1}')
+        decode_sampler_settings('{"name": "ftddm", "temperature": 1}')
     with pytest.raises(ValueError, match="not JSON"):
         decode_sampler_settings("sampler=ftddm")
     with pytest.raises(ValueError, match="unknown sampler"):
-        decode_sampler_settings('{"sampler": "euler"}')
+        decode_sampler_settings('{"name": "euler"}')
+    with pytest.raises(ValueError, match="costs 21"):
+        SamplerSpec.from_dict({"name": "ftddm-dpmpp", "nfe": 5})
+    for bad in ({"clip_x0": [1, 2, 3]}, {"clip_x0": [2, 1]}, {"steps": 2.5, "name": "dpmpp"}, {"ttrunc": "x"},
+                {"lambda_min": float("inf")}):
+        with pytest.raises(ValueError):
+            SamplerSpec.from_dict(bad)
+    with pytest.raises(ValueError, match="seed"):
+        decode_sampler_settings('{"name": "ftddm", "seed": 1.5}')
+    with pytest.raises(ValueError, match="at most 995"):
+        SamplerSpec("dpmpp", steps=996)  # lambda clipped at -5.1: the chain starts at t = 996
 
 
 class _ToyBackend(Backend):
@@ -278,7 +302,9 @@ def _toy_infer(calls):
 
 
 @pytest.mark.parametrize("spec", [SamplerSpec("ftddm", ttrunc=6), SamplerSpec("ftddm-dpmpp", ttrunc=40, steps=3),
-                                  SamplerSpec("ddpm-respaced", steps=4), SamplerSpec("flow", tau_f=0.5)])
+                                  SamplerSpec("ddpm-respaced", steps=4), SamplerSpec("flow", tau_f=0.5),
+                                  SamplerSpec("dpmpp", steps=3, clip_x0=None), SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.5)),
+                                  SamplerSpec("dpmpp", steps=3, lambda_min=None)])
 def test_bls_sampler_equals_in_process_loop(spec):
     g = torch.Generator().manual_seed(0)
     y = torch.randn(5, 4, 64, 64, generator=g)
@@ -299,6 +325,24 @@ def test_bls_sampler_equals_in_process_loop(spec):
     # same seed, same first batch as sample_batch with the generator seeded by hand
     direct = sample_batch(_ToyBackend(), spec, y[:3], s[:3], torch.Generator().manual_seed(batch_seed(11, 0)))
     torch.testing.assert_close(outs[0], direct.x0, rtol=0, atol=0)
+
+
+def test_server_loop_receives_clip_and_lambda():
+    """The server loop runs the client's clip_x0 and lambda_min: changing either changes what it returns."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 4, 64, 64, generator=g)
+    y[:, 1] = 1.0
+    s = torch.tensor([4.0, 4.0])
+    bls = BLSBackend(_toy_infer([]))
+
+    def run(spec):
+        return torch.from_numpy(run_sampler(bls, y.numpy(), s[:, None].numpy(), encode_sampler_settings(spec, 5))[0])
+
+    base = run(SamplerSpec("dpmpp", steps=3))
+    assert float(base.max()) <= 3.0  # the default clip reached the solver's data predictions (the last step returns D)
+    assert float(run(SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.5))).max()) <= 0.5
+    assert float(run(SamplerSpec("dpmpp", steps=3, clip_x0=None)).abs().max()) > 3.0
+    assert not torch.equal(run(SamplerSpec("dpmpp", steps=3, lambda_min=None)), base)
 
 
 def test_run_sampler_rejects_bad_shapes():

@@ -124,6 +124,19 @@ def test_samples_write_uncertainties(tiny_model_dir, subject_copy, tmp_path):
     assert snapshot(subject_copy) == before
 
 
+@pytest.mark.parametrize("clip,expected", [("none", None), ("-0.25,1.5", [-0.25, 1.5])])
+def test_clip_x0_option_reaches_run_json(tiny_model_dir, subject_copy, tmp_path, clip, expected):
+    out = tmp_path / "sr"
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--clip-x0", clip,
+                  "--lambda-min", "none")
+    assert res.exit_code == 0, res.output
+    sampler = json.loads((out / "run.json").read_text())["sampler"]
+    assert sampler["clip_x0"] == expected and sampler["lambda_min"] is None
+    from ftddm_trt.engine.pipeline import SamplerSpec
+
+    assert SamplerSpec.from_dict(sampler).clip_x0 == (None if expected is None else tuple(expected))
+
+
 def test_refuses_non_empty_out_without_force(tiny_model_dir, subject_copy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -174,6 +187,9 @@ def test_failure_while_sampling_leaves_no_output(tiny_model_dir, subject_copy, t
         (["--scale", "2"], "--scale 2.0 does not match the data"),
         (["--metabolites", "NAA,Lac"], "no maps for Lac"),
         (["--server-loop"], "--server-loop needs --backend triton"),
+        (["--clip-x0", "3,0"], "--clip-x0 needs finite LO < HI"),
+        (["--clip-x0", "zero"], "--clip-x0 must be LO,HI"),
+        (["--lambda-min", "low"], "--lambda-min must be a number"),
     ],
 )
 def test_bad_options(phantom_subject_dir, tiny_model_dir, tmp_path, args, message):

@@ -25,7 +25,8 @@ from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.diffusion import DEFAULT_LAMBDA_MIN
+from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
 
 SCALES: tuple[int, ...] = (8, 16, 32)  # N for s = 8, 4, 2
 PROTOCOLS: tuple[str, ...] = ("hr", "lr")
@@ -38,18 +39,42 @@ class Method:
     family: str
 
 
-def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,)) -> list[Method]:
-    """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for."""
+def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,),
+                  clip_x0: tuple[float, float] | None = (0.0, 3.0), lambda_min: float | None = DEFAULT_LAMBDA_MIN,
+                  solver_variants: bool = True) -> list[Method]:
+    """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for.
+
+    ``clip_x0`` and ``lambda_min`` are every row's settings (SamplerSpec); ``solver_variants`` adds
+    DPM-Solver++ 100 from noise with the other choice of each (the baselines with and without the clips).
+    """
+    def spec(name: str, **kw) -> SamplerSpec:
+        return SamplerSpec(name, **{"clip_x0": clip_x0, "lambda_min": lambda_min, **kw})
+
     rows = []
     if include_ddpm:
-        rows.append(Method("DDPM T=1000", SamplerSpec("ddpm"), "DDPM"))
-    rows += [Method(f"DDPM respaced {k}", SamplerSpec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
-    rows += [Method(f"DPM-Solver++ {k}", SamplerSpec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
-    rows += [Method(f"FTDDM Ttrunc={t}", SamplerSpec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
-    rows += [Method(f"FTDDM + DPM-Solver++ {k}", SamplerSpec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
+        rows.append(Method("DDPM T=1000", spec("ddpm"), "DDPM"))
+    rows += [Method(f"DDPM respaced {k}", spec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
+    rows += [Method(f"DPM-Solver++ {k}", spec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
+    if solver_variants:
+        other_clip = None if clip_x0 is not None else (0.0, 3.0)
+        other_lambda = None if lambda_min is not None else DEFAULT_LAMBDA_MIN
+        rows.append(Method(f"DPM-Solver++ 100, clip_x0={_fmt_opt(other_clip)}", spec("dpmpp", steps=100, clip_x0=other_clip),
+                           "DPM-Solver++ variant"))
+        rows.append(Method(f"DPM-Solver++ 100, lambda_min={_fmt_opt(other_lambda)}",
+                           spec("dpmpp", steps=100, lambda_min=other_lambda), "DPM-Solver++ variant"))
+    rows += [Method(f"FTDDM Ttrunc={t}", spec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
+    rows += [Method(f"FTDDM + DPM-Solver++ {k}", spec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
              for k in (50, 20, 10)]
-    rows.append(Method("flow only (tau_f=0)", SamplerSpec("flow", tau_f=0.0), "flow"))
+    rows.append(Method("flow only (tau_f=0)", spec("flow", tau_f=0.0), "flow"))
     return rows
+
+
+def _fmt_opt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return ",".join(f"{x:g}" for x in v)
+    return f"{v:g}"
 
 
 def test_maps(n_maps: int, seed: int = 0, data_seed: int = 0, fold: int = 0) -> tuple[SlicePool, np.ndarray, list[str]]:
@@ -63,7 +88,8 @@ def test_maps(n_maps: int, seed: int = 0, data_seed: int = 0, fold: int = 0) -> 
     return pool, chosen, test_ids
 
 
-def _examples(pool: SlicePool, idx: np.ndarray, n: int, protocol: str):
+def example_tensors(pool: SlicePool, idx: np.ndarray, n: int, protocol: str):
+    """Network inputs and references of maps ``idx`` at acquisition ``n``: (y, s, scale, truth, region, zero_filled)."""
     exs = [prepare_example(pool_stack(pool, int(i)), n, protocol) for i in idx]
     y = torch.from_numpy(np.stack([e.y for e in exs]))
     s = torch.full((len(exs),), HR_SIZE / n)
@@ -97,7 +123,7 @@ def run_quality(
                      "map_indices": idx.tolist(), "batch_size": batch_size, "backend": backend.describe(), "runs": []}
     for n in scales:
         for protocol in protocols:
-            y, s, scale, truth, region, zf = _examples(pool, idx, n, protocol)
+            y, s, scale, truth, region, zf = example_tensors(pool, idx, n, protocol)
             zf_metrics = map_metrics(zf, truth, region)
             base = {"n": n, "s": HR_SIZE / n, "protocol": protocol}
             results["runs"].append({**base, "method": "zero-filled", "nfe": 0, "seconds_per_map": 0.0,
@@ -107,11 +133,12 @@ def run_quality(
                 k = ddpm_maps if m.spec.name == "ddpm" else idx.size
                 t0 = time.perf_counter()
                 runner = flow_backends.get(m.spec.ttrunc, backend) if m.spec.uses_flow else backend
-                x, nfe = sample_images(runner, m.spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
+                spec = consistency_for(m.spec, "auto", fine_mask=protocol == "hr")  # what upscale does by default
+                x, nfe = sample_images(runner, spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
                 seconds = time.perf_counter() - t0
                 pred = np.clip(x[:, 0].numpy() * scale[:k, None, None], 0.0, None)
                 met = map_metrics(pred, truth[:k], region[:k])
-                row = {**base, "method": m.label, "family": m.family, "spec": m.spec.to_dict(), "nfe": nfe,
+                row = {**base, "method": m.label, "family": m.family, "spec": spec.to_dict(), "nfe": nfe,
                        "maps": k, "seconds_per_map": seconds / k,
                        "subset": summarize({kk: v[:ddpm_maps] for kk, v in met.items()})}
                 if k == idx.size:

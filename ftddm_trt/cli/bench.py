@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import console, fail
+from ftddm_trt.cli.common import console, fail, parse_clip_x0, parse_lambda_min
+from ftddm_trt.cli.upscale import CLIP_X0_DEFAULT, LAMBDA_MIN_DEFAULT
 
 
 @app.command("bench")
@@ -21,6 +22,8 @@ def bench_cmd(
     batch_size: int = typer.Option(32, help="Maps per network call."),
     no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000."),
     stem: str = typer.Option("quality", help="File name stem of the results."),
+    clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none."),
+    lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none."),
 ) -> None:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
     from ftddm_trt.bench.quality import paper_methods, run_quality, write_results
@@ -38,7 +41,9 @@ def bench_cmd(
         fail(f"cannot open backend {backend!r}: {err}")
     params = {name: count_parameters(net) for name, net in models.load_torch().items()}
     try:
-        results = run_quality(b, paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs)), n_maps=maps,
+        methods = paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs), clip_x0=parse_clip_x0(clip_x0),
+                                lambda_min=parse_lambda_min(lambda_min))
+        results = run_quality(b, methods, n_maps=maps,
                               ddpm_maps=ddpm_maps, batch_size=batch_size, log=console.print, flow_backends=flow_backends)
     finally:
         for x in (b, *flow_backends.values()):

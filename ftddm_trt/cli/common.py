@@ -27,3 +27,29 @@ def check_output_dir(out: Path, force: bool, inputs: tuple[Path | None, ...] = (
         check_output(out, force, inputs)
     except OutputError as err:
         fail(str(err))
+
+
+def parse_clip_x0(text: str) -> tuple[float, float] | None:
+    """``--clip-x0 LO,HI`` or ``none`` -> ``(lo, hi)`` or None; a bad value exits with a named error."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--clip-x0 must be LO,HI (e.g. 0,3) or none, got {text!r}")
+    if not (lo < hi and abs(lo) < float("inf") and abs(hi) < float("inf")):
+        fail(f"--clip-x0 needs finite LO < HI, got {text!r}")
+    return lo, hi
+
+
+def parse_lambda_min(text: str) -> float | None:
+    """``--lambda-min X`` or ``none`` -> X or None (DPM-Solver++ from noise starts where lambda(t) >= X)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        fail(f"--lambda-min must be a number or none, got {text!r}")
+    if abs(value) == float("inf") or value != value:
+        fail(f"--lambda-min must be finite (or none), got {text!r}")
+    return value

@@ -36,10 +36,20 @@ def phantom(
     n: Optional[int] = typer.Option(None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."),
     hr_masks: bool = typer.Option(False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR written by ftddm-trt (all of it: no stale subjects remain)."),
+    style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
+    training: bool = typer.Option(False, "--training", help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, instead of N x N inputs with truth."),
+    first: int = typer.Option(0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."),
 ) -> None:
     """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
-    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.nifti_io import write_phantom_subject, write_training_subject
     from ftddm_trt.data.phantom import make_subject
+    from ftddm_trt.data.phantom_styles import get_style
+
+    for name in style:
+        try:
+            get_style(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--style") from exc
 
     if scale is not None and n is not None:
         raise typer.BadParameter("give --scale or --n, not both", param_hint="--scale/--n")
@@ -62,13 +72,19 @@ def phantom(
                 console=console, transient=False,
             ) as progress:
                 task = progress.add_task("phantoms", total=subjects)
-                for i in range(subjects):
-                    sub = make_subject(i, seed)
-                    write_phantom_subject(tmp, sub, size, hr_masks=hr_masks)
+                for k, i in enumerate(range(first, first + subjects)):
+                    sub = make_subject(i, seed, style=style[k % len(style)])
+                    if training:
+                        write_training_subject(tmp, sub)
+                    else:
+                        write_phantom_subject(tmp, sub, size, hr_masks=hr_masks)
                     ids.append(sub.subject_id)
                     progress.advance(task)
-            manifest = {"seed": seed, "n": size, "scale": HR_SIZE / size, "hr_masks": hr_masks, "subjects": ids}
+            manifest = {"seed": seed, "n": HR_SIZE if training else size, "scale": 1.0 if training else HR_SIZE / size,
+                        "hr_masks": hr_masks, "styles": list(style), "layout": "training" if training else "input+truth",
+                        "subjects": ids}
             (tmp / "phantoms.json").write_text(json.dumps(manifest, indent=2))
     except OutputError as err:
         raise typer.BadParameter(str(err), param_hint="OUT_DIR") from err
-    console.print(f"wrote {subjects} subjects to {out_dir} (N={size}, s={HR_SIZE / size:.2f}, seed={seed})")
+    what = "64 x 64 training subjects" if training else f"subjects (N={size}, s={HR_SIZE / size:.2f})"
+    console.print(f"wrote {subjects} {what} to {out_dir} (styles {', '.join(style)}, seed={seed})")

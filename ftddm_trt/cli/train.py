@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import console, fail
+from ftddm_trt.cli.common import check_output_dir, console, fail
 
 
 @app.command("train")
@@ -28,15 +29,21 @@ def train_cmd(
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes (0: no limit); re-run to resume."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
+    style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
+    lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
+    val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
 ) -> None:
     """Train (or resume) one network. Interrupt at any moment; the same command resumes."""
     from ftddm_trt.training.trainer import TASKS, TrainConfig, train
 
     if task not in TASKS:
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                      t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every)
     try:
+        cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
+                          t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every,
+                          styles=tuple(style), lr_protocol_fraction=lr_fraction, val_subjects=val_subjects,
+                          data_dir=str(data.resolve()) if data is not None else None)
         summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
@@ -65,3 +72,54 @@ def package_model_cmd(
     except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    data_dir: Path = typer.Argument(..., help="A site's own 64 x 64 subjects: DATA_DIR/sub-*/concs/<kind>/<metab>.nii.gz, "
+                                              "masks/<metab>.nii.gz or qc/<metab>_snr|_fwhm.nii.gz at 64 x 64, "
+                                              "t1.nii.gz and flair.nii.gz on any grid."),
+    out_model: Path = typer.Argument(..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."),
+    base: Optional[Path] = typer.Option(None, "--from", help="Model folder to start from (default: the shipped model)."),
+    minutes: float = typer.Option(10.0, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
+    networks: str = typer.Option("unet,flow", "--networks", help="Comma-separated networks to fine-tune: unet, flow, unet_full (DDPM baselines)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (constant)."),
+    lr_fraction: float = typer.Option(0.75, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    val_subjects: int = typer.Option(2, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
+) -> None:
+    """Fine-tune the model on your own high-resolution data; write a complete model folder.
+
+    Training pairs are made the way an acquisition makes them: k-space truncation to N x N (s = 2..8)
+    and the N x N qc maps an acquisition at N would give. Bad training folders are refused before any
+    training starts. Interrupt at any time; the same command resumes.
+    """
+    import shlex
+
+    from ftddm_trt.data.nifti_io import InputError
+    from ftddm_trt.training.finetune import FinetuneConfig, finetune
+
+    check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
+    try:
+        cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
+                             networks=tuple(n.strip() for n in networks.split(",") if n.strip()), lr=lr,
+                             lr_fraction=lr_fraction, val_subjects=val_subjects, work_dir=work)
+        command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
+                   ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
+                   "--val-subjects", str(val_subjects)]
+        command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
+        manifest = finetune(cfg, command=shlex.join(command + (["--force"] if force else [])), force=force,
+                            log=console.print)
+    except InputError as err:
+        fail(str(err))
+    except (ValueError, OSError) as err:  # OSError: atomic.OutputError, missing files
+        fail(str(err))
+    quality = manifest["finetune"]["validation_quality"]
+    for key in ("s=8", "s=4"):
+        if key in quality:
+            q = quality[key]
+            console.print(f"validation ({quality['maps']} maps, lr protocol) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
+                          f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
+                          f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})")
+    console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")

@@ -16,9 +16,14 @@ import typer
 from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import OutputError, atomic_dir
-from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
+from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 from ftddm_trt.integrity import IntegrityError, check_temperature
+
+#: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
+CLIP_X0_DEFAULT = "0,3"
+LAMBDA_MIN_DEFAULT = f"{DEFAULT_LAMBDA_MIN:g}"
 
 
 @dataclass
@@ -31,6 +36,8 @@ class UpscaleOptions:
     steps: Optional[int] = None
     tau_d: float = 0.9
     tau_f: float = 0.9
+    clip_x0: Optional[tuple[float, float]] = (0.0, 3.0)
+    lambda_min: Optional[float] = DEFAULT_LAMBDA_MIN
     samples: int = 1
     metabolites: Optional[list[str]] = None
     seed: int = 0
@@ -41,6 +48,7 @@ class UpscaleOptions:
     url: Optional[str] = None
     scale: Optional[float] = None
     server_loop: bool = False
+    data_consistency: str = "auto"
     kind: Optional[str] = None
     allow_missing_anatomy: bool = False
     accept: tuple[str, ...] = ()
@@ -56,7 +64,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject, zero_output_channels
     from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
     from ftddm_trt.engine.factory import open_backend
-    from ftddm_trt.engine.pipeline import SamplerSpec
+    from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
     from ftddm_trt.engine.upscale import upscale_subject
 
     if not subject_dir.is_dir():
@@ -66,7 +74,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     try:
         check_temperature("--tau-d", opts.tau_d)
         check_temperature("--tau-f", opts.tau_f)
-        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f)
+        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
     except ValueError as err:
         fail(str(err))
     if opts.samples < 1:
@@ -84,7 +93,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     try:
         ambiguous_kinds(subject_dir, opts.kind)
         subject = read_subject(subject_dir, kind=opts.kind)
-    except InputError as err:
+        spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
+    except (InputError, ValueError) as err:
         fail(str(err))
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
         fail(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
@@ -137,8 +147,9 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
                 "host": platform.node(),
                 "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
                 "metabolites": list(subject.metabolites), "kind": subject.kind,
-                "mask_source": subject.mask_source, "anatomy": result.condition.anatomy,
-                "accepted": accepted, "notes": [*subject.notes, *input_notes],
+                "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
+                "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
+                "anatomy": result.condition.anatomy, "accepted": accepted, "notes": [*subject.notes, *input_notes],
                 "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
                 "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
                 "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
@@ -166,6 +177,8 @@ def upscale_cmd(
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),
     tau_f: float = typer.Option(0.9, "--tau-f", help="Temperature of the flow's latent, in [0, 2]."),
+    clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
+    lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
     metabolites: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),
@@ -185,15 +198,18 @@ def upscale_cmd(
     accept: Optional[str] = typer.Option(None, "--accept", help="Comma-separated degraded inputs to accept instead of "
                                          "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
+    data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
 
     Degraded inputs (missing T1/FLAIR, several concentration kinds, all-zero, non-finite or out-of-range
     maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
+                          clip_x0=parse_clip_x0(clip_x0), lambda_min=parse_lambda_min(lambda_min),
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
                           seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop, retry_s=retry_s, kind=kind, allow_missing_anatomy=allow_missing_anatomy,
+                          server_loop=server_loop, data_consistency=data_consistency, retry_s=retry_s, kind=kind,
+                          allow_missing_anatomy=allow_missing_anatomy,
                           accept=tuple(a.strip() for a in accept.split(",") if a.strip()) if accept else ())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "

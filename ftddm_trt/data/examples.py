@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from ftddm_trt.constants import HR_SIZE, LR_SIZES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.masks import fill_outside, lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
 from ftddm_trt.data.normalize import normalize_anatomy, normalize_maps
 from ftddm_trt.data.phantom import PhantomSubject
 
@@ -98,7 +98,8 @@ def _augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Example:
-    """One prepared map. x0: (64,64) normalized truth cut by M; y: (4,64,64); mask: (64,64) float 0/1;
+    """One prepared map. x0: (64,64) normalized target cut by M (hr: the truth; lr: the truth extended outside its
+    quality mask, see prepare_example); y: (4,64,64); mask: (64,64) float 0/1;
     scale: normalization factor (file units); truth, truth_mask: the unnormalized 64x64 truth and its
     quality mask; zero_filled: (64,64) zero-filled LR in file units."""
 
@@ -125,7 +126,11 @@ def prepare_example(stack: np.ndarray, n: int, protocol: str) -> Example:
         raise ValueError(f"unknown mask protocol {protocol!r}; expected one of {PROTOCOLS}")
     maskf = mask.astype(np.float32)
     zf_norm, scale = normalize_maps(zero_filled, mask)
-    x0 = (truth / scale) * maskf
+    # hr: the quality-filtered truth (zero outside M = the quality mask). lr: M is a coarse, dilated
+    # support; voxels of M outside the fine quality mask are never scored, so the target there is the
+    # map extended smoothly (masks.fill_outside) rather than zeros the network cannot place.
+    target = truth if protocol == "hr" else fill_outside(truth, truth_mask)
+    x0 = (target / scale) * maskf
     y = np.stack([zf_norm, maskf, stack[2], stack[3]]).astype(np.float32)
     return Example(x0=x0.astype(np.float32), y=y, mask=maskf, scale=float(scale), truth=truth.astype(np.float32),
                    truth_mask=truth_mask, zero_filled=zero_filled.astype(np.float32))

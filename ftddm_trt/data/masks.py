@@ -38,6 +38,7 @@ __all__ = [
     "lr_qc_maps",
     "upsample_nearest",
     "support_mask_from_lr",
+    "fill_outside",
 ]
 
 
@@ -152,3 +153,32 @@ def support_mask_from_lr(mask_nn: ArrayLike, size: int = HR_SIZE) -> NDArray[np.
     r = math.ceil(size / n)
     size_ = (1,) * (up.ndim - 2) + (2 * r + 1, 2 * r + 1)  # square element: separable max filter
     return ndimage.maximum_filter(up.view(np.uint8), size=size_, mode="constant", cval=0) > 0
+
+
+def fill_outside(x: ArrayLike, mask: ArrayLike, sigmas: tuple[float, ...] = (1.5, 4.0, 12.0)) -> NDArray[np.float32]:
+    """Extend a map into the voxels outside its mask: normalized convolution, finest scale first.
+
+    Inside ``mask`` the values are kept; each outside voxel takes the Gaussian-weighted mean of the
+    in-mask values around it, at the smallest of ``sigmas`` (pixels) whose weight reaches 5 %; voxels no
+    scale reaches stay 0. Used as the ``lr``-protocol training target: a user's mask is coarse, so the
+    network learns the underlying map inside it instead of guessing which voxels the fine mask drops.
+
+    Args:
+        x: ``(H, W)`` map; mask: ``(H, W)`` bool.
+
+    Returns:
+        ``(H, W)`` float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    out = np.where(m, x, 0.0)
+    todo = ~m
+    for sigma in sigmas:
+        if not todo.any():
+            break
+        w = ndimage.gaussian_filter(m.astype(np.float64), sigma, mode="constant")
+        v = ndimage.gaussian_filter(np.where(m, x, 0.0), sigma, mode="constant")
+        ok = todo & (w >= 0.05)
+        out[ok] = v[ok] / w[ok]
+        todo &= ~ok
+    return out.astype(np.float32)

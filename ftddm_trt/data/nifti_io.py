@@ -50,6 +50,7 @@ __all__ = [
     "write_subject",
     "write_maps",
     "write_phantom_subject",
+    "write_training_subject",
     "read_subject",
     "read_map_folder",
 ]
@@ -93,6 +94,8 @@ class SubjectInput:
         kind: concentration folder read (``raw``, ``internal``, ...).
         mask: ``(Z, M, 64, 64)`` bool mask M on the SR grid (always filled; ``None`` only if built by hand).
         mask_source: ``"masks"`` | ``"mask"`` | ``"qc"`` | ``"fallback"``.
+        fine_mask: True when M is a quality mask on a finer grid than the acquisition (the paper's
+            ``hr`` protocol), False when it comes from the acquired grid (the ``lr`` protocol).
         snr, fwhm: ``(Z, M, n, n)`` float32 qc maps if present (FWHM in ppm), else ``None``.
         t1, flair: ``(Z, 64, 64)`` float32 anatomy resampled onto the SR grid, or ``None`` if absent.
         skipped: concentration files that were not recognised as one of the 7 metabolites.
@@ -115,6 +118,7 @@ class SubjectInput:
     flair: NDArray[np.float32] | None = None
     skipped: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    fine_mask: bool = False
 
     @property
     def n_slices(self) -> int:
@@ -260,6 +264,22 @@ def _write_json(path: Path, obj: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def write_training_subject(out_dir: str | os.PathLike[str], subject: "PhantomSubject") -> Path:
+    """Write a phantom as a site's high-resolution training subject (``data.training_folder`` layout).
+
+    ``concs/raw`` = the 64x64 quality-filtered maps, ``qc/`` = their 64x64 SNR and FWHM, ``masks/`` = the
+    quality masks (which also exclude the lipid rim, not visible in qc), ``t1``/``flair`` on the 128x128
+    anatomy grid; all under ``out_dir/<subject_id>/``. Returns the subject folder.
+    """
+    sub_dir = Path(out_dir) / subject.subject_id
+    write_subject(sub_dir, subject.maps, subject.mrsi_affine_hr, snr=subject.snr, fwhm=subject.fwhm, masks=subject.masks,
+                  t1=subject.t1_hires, t1_affine=subject.anat_affine,
+                  flair=subject.flair_hires, flair_affine=subject.anat_affine)
+    _write_json(sub_dir / "phantom.json", {"subject_id": subject.subject_id, "n": HR_SIZE, "layout": "training",
+                                           "has_tumour": subject.has_tumour, "slices": subject.n_slices})
+    return sub_dir
 
 
 def write_phantom_subject(
@@ -518,9 +538,12 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     mask_files, _ = _match_metabolites(_nifti_files(masks_dir))
     shared = _find_file(root, "mask")
 
+    grids: list[bool] = []  # per mask file read: True when finer than the acquired grid
+
     def explicit(p: Path) -> NDArray[np.bool_]:
         data, aff = _load(p, "mask")
-        if data.shape == ref_shape and np.allclose(aff, ref_aff, atol=_AFFINE_TOL_MM):
+        grids.append(not (data.shape == ref_shape and np.allclose(aff, ref_aff, atol=_AFFINE_TOL_MM)))
+        if not grids[-1]:
             return support_mask_from_lr(data.transpose(2, 0, 1) > 0.5)  # acquired grid: lr protocol
         return _nearest_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1)
 
@@ -555,6 +578,7 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
         path=root, lr=lr, n=n, scale=HR_SIZE / n, affine_lr=ref_aff, affine_sr=a_sr, metabolites=names,
         kind=chosen, mask=np.ascontiguousarray(mask, dtype=bool), mask_source=source, snr=snr, fwhm=fwhm,
         t1=anat["t1"], flair=anat["flair"], skipped=tuple(p.name for p in skipped), notes=notes,
+        fine_mask=bool(grids) and all(grids),
     )
 
 

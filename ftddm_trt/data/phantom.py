@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from ftddm_trt.constants import FOV_MM, FWHM_MAX_PPM, HR_SIZE, METABOLITES, SNR_MIN
 from ftddm_trt.data.masks import quality_mask_from_qc
+from ftddm_trt.data.phantom_styles import PhantomStyle, SubjectDraw, get_style, style_rng
 
 __all__ = [
     "PhantomSubject",
@@ -220,19 +221,106 @@ def _affines(z_count: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     return mrsi, anat
 
 
-def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) -> PhantomSubject:
+def _lesion(
+    rng: np.random.Generator,
+    kind: str,
+    radius: float,
+    gm: NDArray, wm: NDArray, brain_frac: NDArray,
+    x64: NDArray, xa: NDArray, zw: NDArray, pz: NDArray,
+) -> tuple[NDArray, NDArray, NDArray] | None:
+    """One lesion on the anatomy grid: (core, necrosis, edema extent) fractions before tissue weighting.
+
+    ``kind``: ``hgg`` (solid rim, necrotic centre in 80 %, edema to 1.5-2.4 radii), ``lgg`` (diffuse,
+    no necrosis, blurred border, little edema) or ``met`` (small, often necrotic, edema to 2-3.5 radii).
+    Returns None when no deep enough white/grey matter position exists.
+    """
+    z_count = len(zw)
+    gw64 = _block_mean(gm + wm)
+    brain64 = _block_mean(brain_frac) >= 0.5
+    depth = ndimage.distance_transform_edt(
+        np.pad(brain64, ((1, 1), (0, 0), (0, 0))), sampling=(_VOXEL_MM, _VOXEL_MM, _VOXEL_MM)
+    )[1:-1]
+    slice_ok = np.zeros(z_count, dtype=bool)
+    slice_ok[int(z_count * 0.25) : max(int(math.ceil(z_count * 0.75)), int(z_count * 0.25) + 1)] = True
+    cand = np.argwhere((gw64 > 0.8) & (depth >= min(radius * 0.6 + 6.0, depth.max() * 0.8)) & slice_ok[:, None, None])
+    if len(cand) == 0:
+        return None
+    kz, ki, kj = cand[rng.integers(len(cand))]
+    c = np.array([x64[ki], x64[kj], zw[kz]]) + rng.uniform(-1.5, 1.5, size=3)
+    axes = radius * (1.0 + rng.uniform(-0.2, 0.2, size=3))
+    trot = _rotation(*rng.uniform(0, 2 * np.pi, size=3))
+    d = np.stack(np.broadcast_arrays(xa[None, :, None] - c[0], xa[None, None, :] - c[1], pz - c[2]))  # world mm
+    local = np.einsum("ab,bzij->azij", trot.T, d)
+    dist = np.sqrt(sum((local[a] / axes[a]) ** 2 for a in range(3))) * radius + 1e-6
+    unit = local / np.linalg.norm(local, axis=0, keepdims=True).clip(1e-6)
+    lobes = rng.normal(size=(4, 3))
+    lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
+    wobble = sum(
+        rng.uniform(0.05, 0.12) * np.cos(rng.uniform(2, 5) * np.einsum("a,azij->zij", v, unit) + rng.uniform(0, 6.3))
+        for v in lobes
+    )
+    rho = dist / (1.0 + wobble)
+    border = 0.8 if kind != "lgg" else 3.0
+    core = _sigmoid((radius - rho) / border)
+    if kind == "lgg":
+        nec_radius, edema_factor = 0.0, rng.uniform(1.1, 1.4)
+    elif kind == "met":
+        nec_radius = radius * rng.uniform(0.3, 0.6) if rng.random() < 0.6 else 0.0
+        edema_factor = rng.uniform(2.0, 3.5)
+    else:
+        nec_radius = radius * rng.uniform(0.3, 0.65) if rng.random() < 0.8 else 0.0
+        edema_factor = rng.uniform(1.5, 2.4)
+    necrosis = _sigmoid((nec_radius - rho) / 0.8) * (nec_radius > 0)
+    zone = _sigmoid((radius * edema_factor - rho) / 3.0)
+    return core, necrosis, zone
+
+
+def _ribbon(
+    rng: np.random.Generator, gm: NDArray, wm: NDArray, csf: NDArray, xa: NDArray, zw: NDArray, width: float
+) -> tuple[NDArray, NDArray, NDArray]:
+    """Crisp cortical ribbon and sulcal CSF: sharpen tissue fractions, carve CSF lines through grey matter.
+
+    Sulci follow the zero level set of a smooth random field (wavelength 12-30 mm); ``width`` is their
+    relative width. Tissue totals are preserved voxel by voxel.
+    """
+    total = gm + wm + csf
+    p = np.stack([gm, wm, csf]) ** 3
+    p = p / np.maximum(p.sum(axis=0), 1e-6) * total
+    gm, wm, csf = p[0], p[1], p[2]
+    field = _smooth_fields(rng, 1, xa, xa, zw, (12.0, 30.0), n_terms=8)[0]
+    line = np.exp(-((field / width) ** 2))
+    carve = (gm * line * 0.9).astype(np.float32)
+    return (gm - carve).astype(np.float32), wm.astype(np.float32), (csf + carve).astype(np.float32)
+
+
+# Solid-lesion concentrations of the other lesion kinds (same columns and conventions as _SOLID).
+_SOLID_BY_KIND = {
+    "hgg": _SOLID,
+    "lgg": np.array([(4.0, 7.0), (1.8, 3.0), (3.0, 6.0), (0.6, 0.9), (1.1, 1.6), (2.0, 4.0), (0.8, 2.0)]),
+    "met": np.array([(1.0, 3.0), (2.0, 4.0), (0.0, 1.0), (0.2, 0.5), (0.3, 0.8), (1.0, 3.0), (0.5, 2.0)]),
+}
+
+
+def make_subject(
+    index: int, seed: int = 0, tumour_probability: float = 0.85, style: str | PhantomStyle = "classic"
+) -> PhantomSubject:
     """Generate phantom subject ``index`` of the dataset drawn with ``seed`` (deterministic).
 
     Args:
         index: subject number (>= 0); the id is ``subject_id_for(index)``.
         seed: dataset seed.
-        tumour_probability: chance that the subject has a tumour.
+        tumour_probability: chance that a ``classic`` subject has a tumour (other styles draw a
+            lesion count from their own range, see ``data.phantom_styles``).
+        style: a ``PhantomStyle`` or its name (``data.phantom_styles.STYLES``).
 
     Returns:
         a :class:`PhantomSubject`.
     """
+    style = get_style(style) if isinstance(style, str) else style
     gm_t, wm_t, csf_t, mni_affine = _templates()
     rng = np.random.default_rng([seed, index])
+    draw = None if style.is_classic else SubjectDraw.draw(style, style_rng(seed, index, style))
+    srng = None if style.is_classic else style_rng(seed, index + 10**6, style)
     n_met = len(METABOLITES)
 
     # --- geometry: world (scanner, mm) -> MNI (mm) -------------------------------------------
@@ -252,20 +340,27 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
     px = xa[None, :, None] - shift_world[0]
     py = xa[None, None, :] - shift_world[1]
     pz = zw[:, None, None]
-    q = [
-        centre_mni[a] + lin[a, 0] * px + lin[a, 1] * py + lin[a, 2] * pz + elastic[a]
-        for a in range(3)
-    ]
     inv_mni = np.linalg.inv(mni_affine)
-    vox = np.stack(
-        [inv_mni[a, 0] * q[0] + inv_mni[a, 1] * q[1] + inv_mni[a, 2] * q[2] + inv_mni[a, 3] for a in range(3)]
-    )
-    gm, wm, csf = (
-        ndimage.map_coordinates(v, vox, order=1, mode="constant", cval=0.0, prefilter=False).astype(np.float32)
-        for v in (gm_t, wm_t, csf_t)
-    )
+    # Slice thickness: average tissue over sub-slices spread across the slice profile (partial volume).
+    n_sub = 1 if draw is None or draw.slice_mm <= _VOXEL_MM * 1.05 else 3
+    offsets = [0.0] if n_sub == 1 else list(np.linspace(-0.5, 0.5, n_sub + 2)[1:-1] * draw.slice_mm)
+    tissue = np.zeros((3,) + (z_count, ANAT_SIZE, ANAT_SIZE), np.float32)
+    for dz in offsets:
+        q = [
+            centre_mni[a] + lin[a, 0] * px + lin[a, 1] * py + lin[a, 2] * (pz + dz) + elastic[a]
+            for a in range(3)
+        ]
+        vox = np.stack(
+            [inv_mni[a, 0] * q[0] + inv_mni[a, 1] * q[1] + inv_mni[a, 2] * q[2] + inv_mni[a, 3] for a in range(3)]
+        )
+        for k, v in enumerate((gm_t, wm_t, csf_t)):
+            tissue[k] += ndimage.map_coordinates(v, vox, order=1, mode="constant", cval=0.0, prefilter=False) / len(offsets)
+        if dz == offsets[len(offsets) // 2]:
+            q64 = np.stack([_block_mean(c) for c in q])  # MNI coordinates of the 64x64 voxels, (3, Z, 64, 64)
+    gm, wm, csf = tissue[0], tissue[1], tissue[2]
+    if draw is not None and draw.ribbon:
+        gm, wm, csf = _ribbon(srng, gm, wm, csf, xa, zw, draw.sulcus_width)
     brain_frac = np.clip(gm + wm + csf, 0.0, 1.0)
-    q64 = np.stack([_block_mean(c) for c in q])  # MNI coordinates of the 64x64 voxels, (3, Z, 64, 64)
 
     # --- tumour (on the anatomy grid) ----------------------------------------------------------
     solid = np.zeros_like(gm)
@@ -273,56 +368,45 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
     edema = np.zeros_like(gm)
     has_tumour = bool(rng.random() < tumour_probability)
     radius = rng.uniform(8.0, 20.0)
+    if draw is None:
+        lesions = [_lesion(rng, "hgg", radius, gm, wm, brain_frac, x64, xa, zw, pz)] if has_tumour else []
+    else:
+        radii = {"hgg": (8.0, 20.0), "lgg": (10.0, 24.0), "met": (4.0, 10.0)}[draw.tumour_kind]
+        lesions = [_lesion(srng, draw.tumour_kind, srng.uniform(*radii), gm, wm, brain_frac, x64, xa, zw, pz)
+                   for _ in range(draw.tumour_count)]
+    lesions = [les for les in lesions if les is not None]
+    has_tumour = bool(lesions)
     if has_tumour:
-        gw64 = _block_mean(gm + wm)
-        brain64 = _block_mean(brain_frac) >= 0.5
-        depth = ndimage.distance_transform_edt(
-            np.pad(brain64, ((1, 1), (0, 0), (0, 0))), sampling=(_VOXEL_MM, _VOXEL_MM, _VOXEL_MM)
-        )[1:-1]
-        slice_ok = np.zeros(z_count, dtype=bool)
-        slice_ok[int(z_count * 0.25) : max(int(math.ceil(z_count * 0.75)), int(z_count * 0.25) + 1)] = True
-        cand = np.argwhere((gw64 > 0.8) & (depth >= min(radius * 0.6 + 6.0, depth.max() * 0.8)) & slice_ok[:, None, None])
-        if len(cand) == 0:
-            has_tumour = False
-        else:
-            kz, ki, kj = cand[rng.integers(len(cand))]
-            c = np.array([x64[ki], x64[kj], zw[kz]]) + rng.uniform(-1.5, 1.5, size=3)
-            axes = radius * (1.0 + rng.uniform(-0.2, 0.2, size=3))
-            trot = _rotation(*rng.uniform(0, 2 * np.pi, size=3))
-            d = np.stack(np.broadcast_arrays(xa[None, :, None] - c[0], xa[None, None, :] - c[1], pz - c[2]))  # world mm
-            local = np.einsum("ab,bzij->azij", trot.T, d)
-            dist = np.sqrt(sum((local[a] / axes[a]) ** 2 for a in range(3))) * radius + 1e-6
-            unit = local / np.linalg.norm(local, axis=0, keepdims=True).clip(1e-6)
-            lobes = rng.normal(size=(4, 3))
-            lobes /= np.linalg.norm(lobes, axis=1, keepdims=True)
-            wobble = sum(
-                rng.uniform(0.05, 0.12) * np.cos(rng.uniform(2, 5) * np.einsum("a,azij->zij", v, unit) + rng.uniform(0, 6.3))
-                for v in lobes
-            )
-            rho = dist / (1.0 + wobble)
-            core = _sigmoid((radius - rho) / 0.8)
-            nec_radius = radius * rng.uniform(0.3, 0.65) if rng.random() < 0.8 else 0.0
-            necrosis = _sigmoid((nec_radius - rho) / 0.8) * (nec_radius > 0)
-            solid = np.clip(core - necrosis, 0.0, 1.0)
-            edema_radius = radius * rng.uniform(1.5, 2.4)
-            zone = np.clip(_sigmoid((edema_radius - rho) / 3.0) - core, 0.0, 1.0)
-            affinity = np.clip((wm + 0.4 * gm) / np.maximum(brain_frac, 1e-3), 0.0, 1.0)
-            edema = (zone * affinity * (brain_frac > 0.05)).astype(np.float32)
-            solid = (solid * brain_frac).astype(np.float32)
-            necrosis = (necrosis * brain_frac).astype(np.float32)
-            core = solid + necrosis
-            keep = np.clip(1.0 - core / np.maximum(brain_frac, 1e-3), 0.0, 1.0)
-            gm, wm, csf = gm * keep, wm * keep, csf * keep
+        core = np.max([les[0] for les in lesions], axis=0)
+        necrosis = np.max([les[1] for les in lesions], axis=0)
+        zone = np.clip(np.max([les[2] for les in lesions], axis=0) - core, 0.0, 1.0)
+        solid = np.clip(core - necrosis, 0.0, 1.0)
+        affinity = np.clip((wm + 0.4 * gm) / np.maximum(brain_frac, 1e-3), 0.0, 1.0)
+        edema = (zone * affinity * (brain_frac > 0.05)).astype(np.float32)
+        solid = (solid * brain_frac).astype(np.float32)
+        necrosis = (necrosis * brain_frac).astype(np.float32)
+        core = solid + necrosis
+        keep = np.clip(1.0 - core / np.maximum(brain_frac, 1e-3), 0.0, 1.0)
+        gm, wm, csf = gm * keep, wm * keep, csf * keep
 
     # --- anatomy (anatomy grid), then 64x64 ------------------------------------------------------
-    bias_a = np.exp(0.06 * _smooth_fields(rng, 1, xa, xa, zw, (150.0, 300.0))[0])
-    t1_h = (gm * 0.60 + wm * 0.92 + csf * 0.18) * (1.0 - 0.3 * edema) + solid * 0.42 + necrosis * 0.14
-    flair_h = (gm * 0.70 + wm * 0.55 + csf * 0.06) * (1.0 - edema) + (gm + wm) * edema * 1.0
-    flair_h = flair_h + csf * edema * 0.06 + solid * 0.85 + necrosis * 0.40
+    t1_w = np.array([0.60, 0.92, 0.18, 0.3, 0.42, 0.14])  # GM, WM, CSF, edema loss, solid, necrosis
+    fl_w = np.array([0.70, 0.55, 0.06, 1.0, 0.85, 0.40])  # GM, WM, CSF, edema gain, solid, necrosis
+    bias_amp, noise_sd_a = 0.06, 0.015
+    if draw is not None:
+        t1_w, fl_w = t1_w * draw.anat_contrast[0], fl_w * draw.anat_contrast[1]
+        bias_amp, noise_sd_a = draw.anat_bias, draw.anat_noise
+    bias_a = np.exp(bias_amp * _smooth_fields(rng, 1, xa, xa, zw, (150.0, 300.0))[0])
+    t1_h = (gm * t1_w[0] + wm * t1_w[1] + csf * t1_w[2]) * (1.0 - t1_w[3] * edema) + solid * t1_w[4] + necrosis * t1_w[5]
+    flair_h = (gm * fl_w[0] + wm * fl_w[1] + csf * fl_w[2]) * (1.0 - edema) + (gm + wm) * edema * fl_w[3]
+    flair_h = flair_h + csf * edema * 0.06 + solid * fl_w[4] + necrosis * fl_w[5]
     inside = brain_frac > 0.02
-    noise_a = rng.standard_normal(size=(2,) + gm.shape, dtype=np.float32) * 0.015
+    noise_a = rng.standard_normal(size=(2,) + gm.shape, dtype=np.float32) * noise_sd_a
     t1_h = np.where(inside, t1_h * bias_a + noise_a[0], 0.0).clip(0.0, None).astype(np.float32)
     flair_h = np.where(inside, flair_h * bias_a + noise_a[1], 0.0).clip(0.0, None).astype(np.float32)
+    if draw is not None:
+        t1_h = (draw.anat_gain * t1_h ** draw.anat_gamma).astype(np.float32)
+        flair_h = (draw.anat_gain * flair_h ** draw.anat_gamma).astype(np.float32)
 
     f_gm, f_wm, f_csf, f_solid, f_nec, f_edema, f_brain = (
         _block_mean(a) for a in (gm, wm, csf, solid, necrosis, edema, brain_frac)
@@ -333,9 +417,12 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
     labels[brain] = (np.argmax(stack, axis=0) + 1)[brain].astype(np.uint8)
 
     # --- metabolite maps ---------------------------------------------------------------------------
+    solid_ranges = _SOLID if draw is None else _SOLID_BY_KIND[draw.tumour_kind]
     c_gm, c_wm, c_csf, c_solid, c_nec, c_ed = (
-        rng.uniform(r[:, 0], r[:, 1]) for r in (_GM, _WM, _CSF, _SOLID, _NECROSIS, _EDEMA)
+        rng.uniform(r[:, 0], r[:, 1]) for r in (_GM, _WM, _CSF, solid_ranges, _NECROSIS, _EDEMA)
     )
+    if draw is not None:
+        c_gm, c_wm, c_csf = c_gm * draw.ratio[0], c_wm * draw.ratio[1], c_csf * draw.ratio[2]
     c_solid = np.where(_SOLID_RELATIVE, c_solid * 0.5 * (c_gm + c_wm), c_solid)
     fields = _smooth_fields(rng, 2 * n_met + 3, x64, x64, zw, (25.0, 90.0))
     texture = 1.0 + 0.06 * fields[:n_met]
@@ -351,11 +438,15 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
     conc = normal * edema_factor * texture.transpose(1, 0, 2, 3)
     conc = conc + f_solid[:, None] * c_solid[None, :, None, None] * hetero.transpose(1, 0, 2, 3)
     conc = conc + f_nec[:, None] * c_nec[None, :, None, None]
+    if draw is not None and draw.psf_px > 0:
+        conc = ndimage.gaussian_filter(conc, sigma=(0, 0, draw.psf_px, draw.psf_px), mode="constant")
     conc = conc.astype(np.float32)  # (Z, C, 64, 64) mM
 
     # --- qc: lipid rim, FWHM, SNR -----------------------------------------------------------------
     depth_px = np.stack([ndimage.distance_transform_edt(b) for b in brain])  # in-plane, pixels
     lipid_thr = 0.4 + 1.6 * _sigmoid(1.5 * lipid_field + rng.uniform(-0.5, 0.5))
+    if draw is not None and draw.ragged > 0:  # rim thickness varying on a short wavelength
+        lipid_thr = lipid_thr + draw.ragged * np.abs(_smooth_fields(srng, 1, x64, x64, zw, (8.0, 20.0))[0])
     lipid = brain & (depth_px <= lipid_thr)
 
     fwhm = rng.uniform(0.055, 0.075) + 0.01 * fwhm_field
@@ -366,9 +457,13 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
         d2 = sum((q64[a] - centre[a]) ** 2 for a in range(3))
         fwhm = fwhm + rng.uniform(amp_lo, amp_hi) * np.exp(-d2 / (2 * rng.uniform(sig_lo, sig_hi) ** 2))
     fwhm = fwhm + 0.03 * lipid
-    snr_scale = rng.uniform(0.85, 1.15)
+    snr_scale = rng.uniform(0.85, 1.15) * (1.0 if draw is None else draw.snr_scale)
     snr_clean = conc * coil[:, None] * (_SNR_PER_MM * snr_scale)[None, :, None, None]
     snr_clean = snr_clean * np.where(lipid, 0.5, 1.0)[:, None]
+    if draw is not None and draw.holes > 0:  # low-SNR holes covering about `holes` of the brain
+        hole_field = _smooth_fields(srng, 1, x64, x64, zw, (12.0, 35.0))[0]
+        thr = np.quantile(hole_field[brain], 1.0 - draw.holes) if brain.any() else np.inf
+        snr_clean = snr_clean * (1.0 - 0.9 * _sigmoid((hole_field - thr) / 0.05))[:, None]
     snr = snr_clean * np.exp(0.08 * rng.standard_normal(size=snr_clean.shape, dtype=np.float32))
     fwhm_m = fwhm[:, None] * (1.0 + 0.02 * rng.standard_normal(size=conc.shape, dtype=np.float32))
     fwhm_m = fwhm_m + 0.015 * rng.standard_normal(size=conc.shape, dtype=np.float32) / np.maximum(snr, 1.0)
@@ -398,9 +493,13 @@ def make_subject(index: int, seed: int = 0, tumour_probability: float = 0.85) ->
     )
 
 
-def generate_dataset(n_subjects: int = 25, seed: int = 0) -> list[PhantomSubject]:
-    """Subjects ``0 .. n_subjects - 1`` of the dataset drawn with ``seed``."""
-    return [make_subject(i, seed) for i in range(n_subjects)]
+def generate_dataset(n_subjects: int = 25, seed: int = 0, styles: str | tuple[str, ...] = "classic") -> list[PhantomSubject]:
+    """Subjects ``0 .. n_subjects - 1`` of the dataset drawn with ``seed``.
+
+    ``styles``: one style name, or several assigned round-robin (subject ``i`` gets ``styles[i % len]``).
+    """
+    names = (styles,) if isinstance(styles, str) else tuple(styles)
+    return [make_subject(i, seed, style=names[i % len(names)]) for i in range(n_subjects)]
 
 
 def fold_split(n_subjects: int = 25, fold: int = 0, n_folds: int = 5) -> tuple[list[str], list[str], list[str]]:

@@ -5,6 +5,7 @@ Timesteps are 1-based (``gammas[0] = 1``); samplers take ``eps_fn(x_t, t)`` with
 
 from .losses import eps_loss, flow_guide_loss, flow_loss, sample_train_timesteps
 from .samplers import (
+    DEFAULT_LAMBDA_MIN,
     EpsFn,
     ProgressFn,
     SampleResult,
@@ -12,6 +13,8 @@ from .samplers import (
     ddpm_timesteps,
     dpm_solver_pp_sample,
     dpm_solver_timesteps,
+    lambda_clipped_start,
+    lambda_clipped_timesteps,
     draw_ancestral_noise,
     initial_noise,
     masked_eps,
@@ -21,6 +24,7 @@ from .samplers import (
 from .schedule import CosineSchedule, DiscreteSchedule, RespacedSchedule, cosine_betas
 
 __all__ = [
+    "DEFAULT_LAMBDA_MIN",
     "CosineSchedule",
     "DiscreteSchedule",
     "EpsFn",
@@ -32,6 +36,8 @@ __all__ = [
     "ddpm_timesteps",
     "dpm_solver_pp_sample",
     "dpm_solver_timesteps",
+    "lambda_clipped_start",
+    "lambda_clipped_timesteps",
     "draw_ancestral_noise",
     "eps_loss",
     "flow_guide_loss",

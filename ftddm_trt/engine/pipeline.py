@@ -12,7 +12,8 @@ name               what runs                                                    
 ``ftddm-dpmpp``    flow -> x_Ttrunc, DPM-Solver++(2M) from Ttrunc to 0          steps + 1
 ``ddpm``           ancestral DDPM over the full chain T..1 (``unet_full``)      T
 ``ddpm-respaced``  ancestral DDPM over ``steps`` evenly spaced steps             steps
-``dpmpp``          DPM-Solver++(2M) from pure noise at T, ``steps`` steps        steps
+``dpmpp``          DPM-Solver++(2M) from pure noise, ``steps`` steps, starting   steps
+                   where lambda(t) >= ``lambda_min`` (diffusers' clip)
 ``flow``           flow only: x_Ttrunc at ``tau_f`` / sqrt(gamma_Ttrunc)       1
 =================  ==========================================================  ===============
 
@@ -23,29 +24,40 @@ returns the centre of q(x_Ttrunc | x0) rescaled to x0 units).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ftddm_trt.constants import T_DIFFUSION, T_TRUNC
 from ftddm_trt.diffusion import (
+    DEFAULT_LAMBDA_MIN,
     CosineSchedule,
     SampleResult,
     ancestral_sample,
     dpm_solver_pp_sample,
+    lambda_clipped_start,
     respaced_timesteps,
     truncated_timesteps,
 )
+from ftddm_trt.diffusion.consistency import data_consistency
 from ftddm_trt.engine.backend import Backend
 
 SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow")
 _DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20}
 
 
+@lru_cache(maxsize=16)
+def _clipped_start(lambda_min: float) -> int:
+    return lambda_clipped_start(CosineSchedule(T_DIFFUSION), lambda_min)
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler and its settings. ``steps`` is ignored by ftddm, ddpm and flow."""
+    """A sampler and its settings. ``steps`` is ignored by ftddm, ddpm and flow; a solver's ``steps=None``
+    becomes its default at construction (so equal settings compare equal). ``to_dict`` / ``from_dict`` are
+    the one serialization (run.json, the Triton server loop's request, benchmark records)."""
 
     name: str = "ftddm-dpmpp"
     ttrunc: int = T_TRUNC
@@ -55,16 +67,37 @@ class SamplerSpec:
     #: Clamp every predicted x0 to this range (normalized units; the truth lies in [0, ~2]), as
     #: improved-diffusion's ``clip_denoised``. None: no clamping.
     clip_x0: tuple[float, float] | None = (0.0, 3.0)
+    #: Replace the output's acquired k-space band with the measurement (``diffusion.consistency``):
+    #: the output reproduces the acquisition. Right when M is the fine quality mask the acquisition
+    #: was filtered with (``hr``); with a coarse ``lr`` mask the network predicts the map *inside* M
+    #: unfiltered, which the acquisition does not see, so ``consistency_for`` turns it off there.
+    data_consistency: bool = True
+    #: ``dpmpp`` (from pure noise) only: start the solver at the last t with lambda(t) = log(alpha_t/sigma_t)
+    #: >= lambda_min, as diffusers' ``lambda_min_clipped`` (its timestep choice too). None: start at T.
+    lambda_min: float | None = DEFAULT_LAMBDA_MIN
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps is None and self.name in _DEFAULT_STEPS:
+            object.__setattr__(self, "steps", _DEFAULT_STEPS[self.name])
+        if self.clip_x0 is not None:
+            lo, hi = (float(v) for v in self.clip_x0)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"clip_x0 must be (lo, hi) with finite lo < hi, got {self.clip_x0}")
+            object.__setattr__(self, "clip_x0", (lo, hi))
+        if self.lambda_min is not None:
+            if not math.isfinite(self.lambda_min):
+                raise ValueError(f"lambda_min must be finite or None, got {self.lambda_min}")
+            object.__setattr__(self, "lambda_min", float(self.lambda_min))
         if not 1 <= self.ttrunc <= T_DIFFUSION:
             raise ValueError(f"ttrunc must be in 1..{T_DIFFUSION}, got {self.ttrunc}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         # the solvers need distinct integer timesteps: at most one step per timestep of the chain they run
         limit = self.ttrunc if self.name == "ftddm-dpmpp" else T_DIFFUSION
+        if self.name == "dpmpp" and self.lambda_min is not None:
+            limit = _clipped_start(self.lambda_min) - 1  # diffusers' linspace grid needs distinct steps
         if self.n_steps is not None and self.n_steps > limit:
             raise ValueError(f"{self.name} can take at most {limit} steps"
                              f"{' (Ttrunc)' if self.name == 'ftddm-dpmpp' else ''}, got {self.n_steps}")
@@ -95,8 +128,64 @@ class SamplerSpec:
             "flow": 1,
         }[self.name]
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "steps": self.n_steps, "nfe": self.nfe}
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as JSON-ready values (``clip_x0`` a list or None), plus the derived ``nfe``."""
+        d = asdict(self)
+        d["clip_x0"] = None if self.clip_x0 is None else list(self.clip_x0)
+        return {**d, "nfe": self.nfe}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SamplerSpec":
+        """Inverse of :meth:`to_dict` (``from_dict(spec.to_dict()) == spec``). Missing keys take their defaults;
+        an unknown key, a wrong type or an ``nfe`` that disagrees with the settings raise ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampler settings must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"nfe"}
+        if unknown:
+            raise ValueError(f"unknown sampler settings: {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        try:
+            for k, v in d.items():
+                if k == "nfe":
+                    continue
+                if k == "name":
+                    kw[k] = str(v)
+                elif k in ("ttrunc", "steps"):
+                    kw[k] = None if v is None and k == "steps" else _as_int(k, v)
+                elif k == "clip_x0":
+                    kw[k] = None if v is None else tuple(float(x) for x in v)
+                    if kw[k] is not None and len(kw[k]) != 2:
+                        raise ValueError(f"clip_x0 must be [lo, hi] or null, got {v!r}")
+                elif k == "lambda_min":
+                    kw[k] = None if v is None else float(v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    kw[k] = float(v)
+                else:
+                    kw[k] = v
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad sampler settings {dict(d)}: {err}") from err
+        spec = cls(**kw)
+        if "nfe" in d and d["nfe"] != spec.nfe:
+            raise ValueError(f"sampler settings say nfe={d['nfe']} but {spec.name} with them costs {spec.nfe}")
+        return spec
+
+
+def _as_int(key: str, v: Any) -> int:
+    """An integer setting; floats with a fraction, bools and strings are refused."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ValueError(f"{key} must be an integer, got {v!r}")
+    return int(v)
+
+
+CONSISTENCY_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpec:
+    """``spec`` with data consistency set by ``mode``: on, off, or auto (on exactly for a fine mask M)."""
+    if mode not in CONSISTENCY_MODES:
+        raise ValueError(f"data consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {mode!r}")
+    return replace(spec, data_consistency=fine_mask if mode == "auto" else mode == "on")
 
 
 def make_eps_fn(backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -134,18 +223,20 @@ def sample_batch(
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
         x_start = backend.flow_reverse(noise(), y, tau_f) * mask
-        if spec.name == "flow":
-            return SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=1)
         t_start, flow_nfe = spec.ttrunc, 1
     else:  # baselines: pure noise inside M at t = T
         x_start, t_start, flow_nfe = noise() * mask, T_DIFFUSION, 0
 
-    if spec.name in ("ftddm-dpmpp", "dpmpp"):
-        res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0)
+    if spec.name == "flow":
+        res = SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=0)
+    elif spec.name in ("ftddm-dpmpp", "dpmpp"):
+        res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0,
+                                   lambda_min=spec.lambda_min if spec.name == "dpmpp" else None)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-    return SampleResult(x0=res.x0, nfe=res.nfe + flow_nfe)
+    x0 = data_consistency(res.x0, y[:, 0:1], s) * mask if spec.data_consistency else res.x0
+    return SampleResult(x0=x0, nfe=res.nfe + flow_nfe)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

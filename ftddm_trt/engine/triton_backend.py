@@ -58,28 +58,23 @@ class TritonInferenceError(RuntimeError):
 
 
 def encode_sampler_settings(spec: SamplerSpec, seed: int) -> str:
-    """The ``settings`` request parameter of ftddm_sampler (JSON; floats round-trip exactly)."""
-    return json.dumps({"sampler": spec.name, "ttrunc": spec.ttrunc, "steps": spec.steps, "tau_d": spec.tau_d,
-                       "tau_f": spec.tau_f, "seed": int(seed)}, sort_keys=True)
+    """The ``settings`` request parameter of ftddm_sampler: ``SamplerSpec.to_dict()`` plus the batch's seed, as
+    JSON (floats round-trip exactly). Every sampler setting travels, so the server runs what the client asked."""
+    return json.dumps({**spec.to_dict(), "seed": int(seed)}, sort_keys=True)
 
 
 def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
-    """Inverse of ``encode_sampler_settings``; a ValueError names what is wrong."""
+    """Inverse of ``encode_sampler_settings`` (through ``SamplerSpec.from_dict``); a ValueError names what is wrong."""
     try:
         d = json.loads(text)
     except (TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"sampler settings are not JSON: {err}") from err
     if not isinstance(d, dict):
         raise ValueError(f"sampler settings must be a JSON object, got {type(d).__name__}")
-    unknown = set(d) - {"sampler", "ttrunc", "steps", "tau_d", "tau_f", "seed"}
-    if unknown:
-        raise ValueError(f"unknown sampler settings: {sorted(unknown)}")
-    defaults = SamplerSpec()
-    steps = d.get("steps")
-    spec = SamplerSpec(name=str(d.get("sampler", defaults.name)), ttrunc=int(d.get("ttrunc", defaults.ttrunc)),
-                       steps=None if steps is None else int(steps), tau_d=float(d.get("tau_d", defaults.tau_d)),
-                       tau_f=float(d.get("tau_f", defaults.tau_f)))
-    return spec, int(d.get("seed", 0))
+    seed = d.pop("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return SamplerSpec.from_dict(d), seed
 
 
 def _is_transient(err: BaseException) -> bool:

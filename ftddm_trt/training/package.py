@@ -22,10 +22,13 @@ def _run_summary(run_dir: Path) -> dict:
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
-                  force: bool = False, extra_flows: list[Path] = ()) -> dict:
+                  force: bool = False, extra_flows: list[Path] = (), base: Path | None = None,
+                  extra: dict | None = None) -> dict:
     """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json.
 
     ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``.
+    ``base`` is a model folder whose networks not trained here are copied as they are (their manifest
+    entries marked ``"from_base": true``); ``extra`` adds top-level manifest fields.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -37,7 +40,7 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
         if cfg.get("task") != "flow":
             raise ValueError(f"{run_dir} is not a flow training run")
         files[f"flow_t{cfg['t_trunc']}"] = Path(run_dir)
-    with atomic_dir(Path(out_dir), force=force, inputs=(*files.values(),), command="package-model") as tmp:
+    with atomic_dir(Path(out_dir), force=force, inputs=(*files.values(), base), command="package-model") as tmp:
         for name, run_dir in files.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
@@ -46,5 +49,16 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
             for ext in (".safetensors", ".json"):
                 shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
             manifest["networks"][name] = {"sha256": model_sha256(tmp / name), **_run_summary(run_dir)}
+        if base is not None:
+            base_nets = (json.loads((Path(base) / "manifest.json").read_text()) if (Path(base) / "manifest.json").is_file()
+                         else {}).get("networks", {})
+            for src in sorted(Path(base).glob("*.safetensors")):
+                name = src.stem
+                if name in files:
+                    continue
+                for ext in (".safetensors", ".json"):
+                    shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
+                manifest["networks"][name] = {**base_nets.get(name, {}), "sha256": model_sha256(tmp / name), "from_base": True}
+        manifest.update(extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

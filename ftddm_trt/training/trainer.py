@@ -25,6 +25,7 @@ import torch
 
 from ftddm_trt.constants import HR_SIZE, T_DIFFUSION, T_TRUNC
 from ftddm_trt.data.phantom import fold_split, generate_dataset
+from ftddm_trt.data.phantom_styles import get_style
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
 from ftddm_trt.models.io import load_model, save_model
@@ -57,15 +58,36 @@ class TrainConfig:
     flow_lambda: float = 10.0
     flow_alpha: float = 0.84
     grad_clip: float = 1.0
+    #: Phantom styles (``data.phantom_styles``), assigned to subjects round-robin.
+    styles: tuple[str, ...] = ("classic",)
+    #: A site's own high-resolution subjects (``data.training_folder``) instead of phantoms.
+    data_dir: str | None = None
+    #: Subjects of ``data_dir`` held out for validation (at least one).
+    val_subjects: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        self.styles = tuple(self.styles)
+        for name in self.styles:
+            get_style(name)
 
     @property
     def t_max(self) -> int:
         return T_DIFFUSION if self.task == "unet_full" else self.t_trunc
+
+
+def training_subjects(cfg: TrainConfig) -> tuple[list, list]:
+    """(train, validation) subjects: a site's folder (``cfg.data_dir``) or the phantom fold of ``cfg``."""
+    if cfg.data_dir:
+        from ftddm_trt.data.training_folder import read_training_folder, split_subjects
+
+        return split_subjects(read_training_folder(cfg.data_dir), cfg.val_subjects)
+    subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed, styles=cfg.styles)
+    train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
+    by_id = {subj.subject_id: subj for subj in subjects}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
 
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
@@ -173,11 +195,9 @@ def train(
         step, best = 0, float("inf")
         needs_data_init = cfg.task == "flow" and init_from is None
 
-    subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed)
-    train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
-    by_id = {subj.subject_id: subj for subj in subjects}
-    train_pool = SlicePool.from_subjects([by_id[i] for i in train_ids])
-    val_batches = fixed_batches(SlicePool.from_subjects([by_id[i] for i in val_ids]), cfg.val_examples, cfg.batch_size)
+    train_subjects, val_subjects = training_subjects(cfg)
+    train_pool = SlicePool.from_subjects(train_subjects)
+    val_batches = fixed_batches(SlicePool.from_subjects(val_subjects), cfg.val_examples, cfg.batch_size)
 
     if needs_data_init:  # ActNorm data-dependent init on one batch of flow targets
         init_batch = random_batch(train_pool, 32, np.random.default_rng([cfg.seed, 10**9])).to(dev)
@@ -218,7 +238,8 @@ def train(
             opt.step()
             step += 1
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
-            if step % cfg.val_every == 0 or step == cfg.iterations:
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if step % cfg.val_every == 0 or step == cfg.iterations or out_of_time:  # a stopped run ends validated
                 last_val = validate(cfg, model, val_batches, schedule, dev)
                 if last_val < best:
                     best = last_val
@@ -229,7 +250,7 @@ def train(
             bar.update(task, completed=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
                 checkpoint()
-            if deadline is not None and time.monotonic() > deadline:
+            if out_of_time:
                 break
         checkpoint()
     log.close()

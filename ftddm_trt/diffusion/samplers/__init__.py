@@ -8,9 +8,10 @@ from .ancestral import (
     truncated_timesteps,
 )
 from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps
-from .dpm_solver import dpm_solver_pp_sample, dpm_solver_timesteps
+from .dpm_solver import DEFAULT_LAMBDA_MIN, dpm_solver_pp_sample, dpm_solver_timesteps, lambda_clipped_start, lambda_clipped_timesteps
 
 __all__ = [
+    "DEFAULT_LAMBDA_MIN",
     "EpsFn",
     "ProgressFn",
     "SampleResult",
@@ -18,6 +19,8 @@ __all__ = [
     "ddpm_timesteps",
     "dpm_solver_pp_sample",
     "dpm_solver_timesteps",
+    "lambda_clipped_start",
+    "lambda_clipped_timesteps",
     "draw_ancestral_noise",
     "initial_noise",
     "masked_eps",

@@ -14,7 +14,12 @@ from torch import Tensor
 from ..schedule import DiscreteSchedule, RespacedSchedule
 from .base import EpsFn, ProgressFn, SampleResult, masked_eps
 
-__all__ = ["dpm_solver_pp_sample", "dpm_solver_timesteps"]
+__all__ = ["dpm_solver_pp_sample", "dpm_solver_timesteps", "lambda_clipped_start", "lambda_clipped_timesteps"]
+
+#: The lambda threshold commonly used with the cosine schedule (diffusers' tests and users of
+#: ``DPMSolverMultistepScheduler(lambda_min_clipped=-5.1)``): with T = 1000 the solver then starts at t = 996
+#: (gamma = 3.9e-5, sigma/alpha = 160) instead of t = 1000 (gamma = 2.4e-9, sigma/alpha = 2e4).
+DEFAULT_LAMBDA_MIN = -5.1
 
 
 def dpm_solver_timesteps(t_start: int, steps: int) -> list[int]:
@@ -37,6 +42,45 @@ def dpm_solver_timesteps(t_start: int, steps: int) -> list[int]:
     return [int(t) for t in grid]
 
 
+def _lambdas(schedule: DiscreteSchedule) -> Tensor:
+    """``lambda(t) = log(alpha_t) - log(sigma_t)`` for ``t = 1..T`` (float64, index ``t - 1``)."""
+    g = schedule.gammas[1:]
+    return 0.5 * (torch.log(g) - torch.log1p(-g))
+
+
+def lambda_clipped_start(schedule: DiscreteSchedule, lambda_min: float) -> int:
+    """The largest 1-based ``t`` with ``lambda(t) >= lambda_min``: where diffusers'
+    ``DPMSolverMultistepScheduler(lambda_min_clipped=lambda_min)`` starts (its 0-based ``last_timestep - 1``).
+
+    ``lambda`` decreases with ``t``; ``lambda_min = -inf`` gives ``T``. A threshold above ``lambda(1)`` leaves
+    no timestep and raises ValueError.
+    """
+    ok = torch.nonzero(_lambdas(schedule) >= lambda_min)
+    if ok.numel() == 0:
+        raise ValueError(f"lambda_min={lambda_min} is above lambda(1); no timestep is left to start from")
+    return int(ok.max()) + 1
+
+
+def lambda_clipped_timesteps(schedule: DiscreteSchedule, steps: int, lambda_min: float,
+                             t_max: int | None = None) -> list[int]:
+    """diffusers' solver grid with ``lambda_min_clipped`` and ``timestep_spacing="linspace"``, 1-based, with the
+    final target 0 (x0) appended: ``L = min(t_max, lambda_clipped_start(schedule, lambda_min))`` and
+    ``[1 + k for k in np.linspace(0, L - 1, steps + 1).round()[::-1][:-1]] + [0]``.
+
+    So ``grid[0] = L`` and the last evaluated step is ``1 + round((L - 1) / steps)``, exactly as
+    ``DPMSolverMultistepScheduler.set_timesteps(steps)`` picks them (its 0-based ``k`` is our ``k + 1``).
+    """
+    t_max = schedule.T if t_max is None else t_max
+    last = min(t_max, lambda_clipped_start(schedule, lambda_min))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ks = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    grid = [int(k) + 1 for k in ks] + [0]
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"{steps} steps from t={last} give repeated timesteps: {grid}")
+    return grid
+
+
 @torch.no_grad()
 def dpm_solver_pp_sample(
     eps_fn: EpsFn,
@@ -49,6 +93,7 @@ def dpm_solver_pp_sample(
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     clip: tuple[float, float] | None = None,
+    lambda_min: float | None = None,
 ) -> SampleResult:
     """DPM-Solver++(2M), 'midpoint' form (diffusers' default), from ``x_start = x_{t_start}`` to x0.
 
@@ -73,6 +118,13 @@ def dpm_solver_pp_sample(
     each data prediction ``D_i`` (a static form of diffusers' ``thresholding``; data-prediction solvers
     are the ones where clamping x0 is sound, Lu et al. 2022 section 4).
 
+    ``lambda_min`` (diffusers' ``lambda_min_clipped``, "critical for cosine schedules"): ``None`` runs the grid of
+    :func:`dpm_solver_timesteps` from ``t_start``; a number runs diffusers' grid of
+    :func:`lambda_clipped_timesteps` (at most ``t_start``), treating ``x_start`` as the sample at its first
+    timestep. From pure noise this skips the last few steps of the cosine chain, where ``sigma/alpha`` reaches
+    2e4 and multiplies any eps error in the first data prediction; ``x_start = M z`` stays the right start
+    because ``alpha`` there is still below 0.01.
+
     Returns ``SampleResult(x0, nfe=steps)``.
     """
     del generator  # deterministic ODE solver
@@ -80,7 +132,10 @@ def dpm_solver_pp_sample(
         raise ValueError(f"order must be 1 or 2, got {order}")
     if t_start > schedule.T:
         raise ValueError(f"t_start={t_start} exceeds T={schedule.T}")
-    grid = dpm_solver_timesteps(t_start, steps)
+    if lambda_min is None:
+        grid = dpm_solver_timesteps(t_start, steps)
+    else:
+        grid = lambda_clipped_timesteps(schedule, steps, lambda_min, t_max=t_start)
     tmap = schedule.timestep_map if isinstance(schedule, RespacedSchedule) else None
 
     def consts(t: int) -> tuple[float, float, float]:

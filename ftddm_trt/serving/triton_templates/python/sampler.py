@@ -2,7 +2,7 @@
 
 Copied as ``ftddm_sampler/1/model.py`` by ``ftddm_trt.serving.repository`` (source:
 ``ftddm_trt/serving/triton_templates/python/sampler.py``). One request = one batch: inputs ``y`` (B,4,64,64) and ``s`` (B,1),
-the request parameter ``settings`` (JSON: sampler, ttrunc, steps, tau_d, tau_f, seed); outputs ``x0``
+the request parameter ``settings`` (JSON: ``SamplerSpec.to_dict()`` plus the batch's seed); outputs ``x0``
 (B,1,64,64) and ``nfe`` (B,1). The loop is ``ftddm_trt.engine.pipeline.sample_batch`` over a Backend
 whose networks are BLS requests to the network models (``ftddm_trt.serving.bls``), so the server-side
 loop and the client-side loop are the same code. Needs torch and ftddm_trt in the server's Python
@@ -60,7 +60,7 @@ class TritonPythonModel:
                 s = pb_utils.get_input_tensor_by_name(request, "s").as_numpy()
                 params = json.loads(request.parameters() or "{}")
                 if "settings" not in params:
-                    raise ValueError('the request has no "settings" parameter (JSON: sampler, ttrunc, steps, tau_d, tau_f, seed)')
+                    raise ValueError('the request has no "settings" parameter (JSON: SamplerSpec.to_dict() plus seed)')
                 x0, nfe = run_sampler(self.backend, y, s, params["settings"])
                 nfe_t = np.full((x0.shape[0], 1), nfe, dtype=np.int32)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("x0", x0), pb_utils.Tensor("nfe", nfe_t)]))

@@ -1,0 +1,181 @@
+"""Generalization: super-resolution on phantom styles, one of them never seen in training.
+
+For each style (``data.phantom_styles``), a fresh set of subjects is drawn with a seed no training run
+uses (``GENERALIZATION_SEED``); a fixed random choice of maps with enough quality-mask voxels is
+super-resolved at s = 8, 4, 2 under both mask protocols (``hr``: the paper's 64x64 quality mask; ``lr``:
+the N x N qc-derived mask a user has). Every method runs on the same maps with the same seed, and the
+zero-filled baseline is scored on them too. Metrics are per map inside the truth's quality mask
+(``data.evaluation``); the gain is method minus zero-filled, averaged over maps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ftddm_trt.constants import HR_SIZE
+from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
+from ftddm_trt.data.examples import SlicePool
+from ftddm_trt.data.phantom import make_subject
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
+from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
+
+#: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
+GENERALIZATION_SEED = 2026
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of sampling: a label, the sampler and the number of posterior samples averaged."""
+
+    label: str
+    spec: SamplerSpec
+    samples: int = 1
+    consistency: str = "auto"  # engine.pipeline.consistency_for: auto = on for the hr protocol only
+
+
+DEFAULT_VARIANTS: tuple[Variant, ...] = (
+    Variant("FTDDM + DPM-Solver++ 20 (default)", SamplerSpec()),
+    Variant("default, posterior mean of 4", SamplerSpec(), samples=4),
+)
+
+
+def style_maps(style: str, n_subjects: int = 6, n_maps: int = 64, seed: int = GENERALIZATION_SEED,
+               first_index: int = 0) -> tuple[SlicePool, np.ndarray]:
+    """Subjects ``first_index ..`` of ``style`` drawn with ``seed``, and a fixed choice of their maps."""
+    subjects = [make_subject(first_index + i, seed, style=style) for i in range(n_subjects)]
+    pool = SlicePool.from_subjects(subjects)
+    ok = np.flatnonzero(pool.masks.reshape(len(pool), -1).sum(1) >= 4 * MIN_VOXELS)
+    chosen = np.sort(np.random.default_rng(seed).choice(ok, size=min(n_maps, ok.size), replace=False))
+    return pool, chosen
+
+
+def score_maps(
+    backend: Backend,
+    pool: SlicePool,
+    idx: np.ndarray,
+    variants: Sequence[Variant],
+    n: int,
+    protocol: str,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[dict]:
+    """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each)."""
+    y, s, scale, truth, region, zf = example_tensors(pool, idx, n, protocol)
+    base = {"n": n, "s": HR_SIZE / n, "protocol": protocol, "maps": int(idx.size)}
+    zf_m = map_metrics(zf, truth, region)
+    rows = [{**base, "method": "zero-filled", **summarize(zf_m)}]
+    for v in variants:
+        t0 = time.perf_counter()
+        spec = consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr")
+        draws = [sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed + k)[0] for k in range(v.samples)]
+        x = np.mean([d[:, 0].numpy() for d in draws], axis=0)
+        m = map_metrics(np.clip(x * scale[:, None, None], 0.0, None), truth, region)
+        rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(), **summarize(m),
+                     "psnr_gain": float(np.nanmean(m["psnr"] - zf_m["psnr"])),
+                     "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
+                     "seconds_per_map": (time.perf_counter() - t0) / idx.size})
+    return rows
+
+
+def run_generalization(
+    backend: Backend,
+    styles: Sequence[str],
+    variants: Sequence[Variant] = DEFAULT_VARIANTS,
+    n_subjects: int = 6,
+    n_maps: int = 64,
+    scales: Sequence[int] = SCALES,
+    protocols: Sequence[str] = PROTOCOLS,
+    batch_size: int = 32,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Zero-filled and every variant on every (style, s, protocol); returns the results record."""
+    results: dict = {"seed": GENERALIZATION_SEED, "n_subjects": n_subjects, "n_maps": n_maps,
+                     "batch_size": batch_size, "backend": backend.describe(), "runs": []}
+    for style in styles:
+        pool, idx = style_maps(style, n_subjects, n_maps)
+        for n in scales:
+            for protocol in protocols:
+                rows = [{"style": style, **r} for r in score_maps(backend, pool, idx, variants, n, protocol, batch_size, seed)]
+                results["runs"] += rows
+                for r in rows[1:]:
+                    log(f"{style:8s} s={HR_SIZE / n:g} {protocol} {r['method']:36s} PSNR {r['psnr']:.2f} "
+                        f"(zero-filled {rows[0]['psnr']:.2f}, gain {r['psnr_gain']:+.2f} dB)")
+    return results
+
+
+def markdown(results: dict, held_out: Sequence[str] = ()) -> str:
+    """One table per protocol: PSNR gain over zero-filled (dB) / SSIM, per style and s."""
+    runs = results["runs"]
+    styles = list(dict.fromkeys(r["style"] for r in runs))
+    ns = sorted({r["n"] for r in runs})
+    lines = []
+    for protocol in dict.fromkeys(r["protocol"] for r in runs):
+        lines += [f"### Mask protocol `{protocol}`" + (" (the N x N qc-derived mask a user has)" if protocol == "lr"
+                                                      else " (the paper's 64x64 quality mask)"), ""]
+        head = ["style", "method"] + [f"s = {HR_SIZE / n:g}: PSNR (gain) / SSIM" for n in ns]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for style in styles:
+            tag = f"{style} (held out)" if style in held_out else style
+            for method in dict.fromkeys(r["method"] for r in runs if r["style"] == style):
+                cells = [tag, method]
+                for n in ns:
+                    r = next((r for r in runs if (r["style"], r["n"], r["protocol"], r["method"]) == (style, n, protocol, method)), None)
+                    if r is None:
+                        cells.append("-")
+                    elif method == "zero-filled":
+                        cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}")
+                    else:
+                        cells.append(f"{r['psnr']:.2f} ({r['psnr_gain']:+.2f}) / {r['ssim']:.3f}")
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, method: str | None = None) -> None:
+    """Bar chart: PSNR gain over zero-filled per style and s, one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r["method"] != "zero-filled"]
+    method = method or runs[0]["method"]
+    styles = list(dict.fromkeys(r["style"] for r in runs))
+    ns = sorted({r["n"] for r in runs})
+    protocols = list(dict.fromkeys(r["protocol"] for r in runs))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 3.6), squeeze=False)
+    width = 0.8 / len(ns)
+    for ax, protocol in zip(axes[0], protocols):
+        for k, n in enumerate(ns):
+            gains = [next((r["psnr_gain"] for r in runs if (r["style"], r["n"], r["protocol"], r["method"]) ==
+                           (st, n, protocol, method)), np.nan) for st in styles]
+            ax.bar(np.arange(len(styles)) + (k - (len(ns) - 1) / 2) * width, gains, width, label=f"s = {HR_SIZE / n:g}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(styles)), styles)
+        ax.set_ylabel("PSNR gain over zero-filled (dB)")
+        ax.set_title(f"{method}\nmask protocol {protocol}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_results(results: dict, out_dir: Path, held_out: Sequence[str] = (), stem: str = "generalization",
+                  preamble: str = "") -> dict[str, Path]:
+    """JSON + markdown + PNG under ``out_dir`` (no absolute paths inside)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps({**results, "held_out": list(held_out)}, indent=1))
+    text = (f"# Generalization across phantom styles\n\n{preamble}\n\n" if preamble else "# Generalization across phantom styles\n\n")
+    paths["md"].write_text(text + markdown(results, held_out) + f"\n![PSNR gain]({paths['png'].name})\n")
+    plot(results, paths["png"])
+    return paths

@@ -1,0 +1,161 @@
+"""Fine-tuning on a site's own 64 x 64 data: pair-making, refusal of bad folders, resume, end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ftddm_trt.cli.main import app
+from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
+from ftddm_trt.data.kspace import kspace_truncate
+from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.nifti_io import InputError, write_training_subject
+from ftddm_trt.data.phantom import make_subject
+from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    """Three high-resolution subjects of the `smooth` style written as a site's training folder."""
+    root = tmp_path_factory.mktemp("site") / "data"
+    for i in range(3):
+        write_training_subject(root, make_subject(i, 11, style="smooth"))
+    return root
+
+
+@pytest.fixture
+def site_copy(site_dir, tmp_path):
+    return shutil.copytree(site_dir, tmp_path / "data")
+
+
+def test_reads_the_subjects_as_written(site_dir):
+    subjects = read_training_folder(site_dir)
+    truth = make_subject(1, 11, style="smooth")
+    got = subjects[1]
+    assert [s.subject_id for s in subjects] == ["sub-000", "sub-001", "sub-002"]
+    np.testing.assert_allclose(got.maps, truth.maps, atol=1e-5)
+    assert np.array_equal(got.masks, truth.masks) and got.qc_source == "qc"
+    assert got.t1.shape == truth.t1.shape and np.corrcoef(got.t1.ravel(), truth.t1.ravel())[0, 1] > 0.95
+    train, val = split_subjects(subjects, 1)
+    assert [s.subject_id for s in val] == ["sub-002"] and len(train) == 2
+    assert len(folder_sha256(site_dir)) == 64
+
+
+def test_pairs_are_made_as_an_acquisition_makes_them(site_dir):
+    subj = read_training_folder(site_dir)[0]
+    pool = SlicePool.from_subjects([subj])
+    k = int(np.argmax(pool.masks.reshape(len(pool), -1).sum(1)))
+    stack = pool_stack(pool, k)
+    for n in (8, 16, 22):
+        hr = prepare_example(stack, n, "hr")
+        lr = prepare_example(stack, n, "lr")
+        _, zf = kspace_truncate(pool.maps[k] * pool.masks[k], n)  # truncation of the quality-filtered truth
+        np.testing.assert_allclose(hr.zero_filled, zf, atol=1e-5)
+        assert np.array_equal(hr.mask > 0, pool.masks[k])  # hr: the 64 x 64 quality mask
+        snr_lr, fwhm_lr = lr_qc_maps((pool.snr[k], pool.fwhm[k]), n)  # lr: the N x N qc an acquisition gives
+        assert snr_lr.shape == (n, n)
+        assert np.array_equal(lr.mask > 0, support_mask_from_lr(quality_mask_from_qc(snr_lr, fwhm_lr)))
+
+
+def _refusal(root, match):
+    with pytest.raises(InputError, match=match):
+        read_training_folder(root)
+
+
+def test_refuses_a_folder_with_fewer_than_two_subjects(site_copy):
+    for extra in ("sub-001", "sub-002"):
+        shutil.rmtree(site_copy / extra)
+    _refusal(site_copy, "1 subject folder")
+
+
+def test_refuses_maps_not_acquired_at_64(site_copy, tmp_path):
+    write_lr = tmp_path / "lr"
+    from ftddm_trt.data.nifti_io import write_phantom_subject
+
+    write_phantom_subject(write_lr, make_subject(0, 11), 16)
+    shutil.rmtree(site_copy / "sub-000")
+    shutil.copytree(write_lr / "sub-000", site_copy / "sub-000")
+    _refusal(site_copy, r"tCr\.nii\.gz.*in-plane size 16 x 16")
+
+
+def test_refuses_mixed_grids(site_copy):
+    p = site_copy / "sub-001" / "concs" / "raw" / "NAA.nii.gz"
+    img = nib.load(str(p))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), str(p))
+    _refusal(site_copy, r"NAA\.nii\.gz.*differs")
+
+
+def test_refuses_missing_anatomy(site_copy):
+    (site_copy / "sub-002" / "flair.nii.gz").unlink()
+    _refusal(site_copy, r"sub-002/flair\.nii\.gz.*missing")
+
+
+def test_refuses_empty_masks(site_copy):
+    p = site_copy / "sub-000" / "masks" / "Gly.nii.gz"
+    img = nib.load(str(p))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(p))
+    _refusal(site_copy, "quality mask of Gly is empty")
+    shutil.rmtree(site_copy / "sub-000" / "qc")
+    _refusal(site_copy, "masks/Gly is empty")
+
+
+def test_refuses_a_subject_without_quality_information(site_copy):
+    shutil.rmtree(site_copy / "sub-001" / "qc")
+    shutil.rmtree(site_copy / "sub-001" / "masks")
+    _refusal(site_copy, "no quality information")
+
+
+def test_masks_alone_are_enough(site_copy):
+    sub = site_copy / "sub-001"
+    truth = make_subject(1, 11, style="smooth")
+    shutil.rmtree(sub / "qc")
+    got = read_training_folder(site_copy)[1]
+    assert got.qc_source == "masks" and np.array_equal(got.masks, truth.masks)
+    assert np.array_equal(got.snr > 0, truth.masks)  # synthesized qc: passes exactly inside the mask
+
+
+@pytest.mark.e2e
+def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model_dir, phantom_subject_dir, tmp_path):
+    out = tmp_path / "tuned"
+    args = ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",
+            "--val-subjects", "1", "--networks", "unet,flow"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    ft = manifest["finetune"]
+    assert ft["data_sha256"] == folder_sha256(site_dir) and ft["subjects"]["validation"] == ["sub-002"]
+    assert "ftddm-trt finetune" in manifest["commands"][0]
+    assert {"unet", "flow", "unet_full"} <= set(manifest["networks"]) and manifest["networks"]["unet_full"]["from_base"]
+    assert set(ft["validation_quality"]["s=4"]) == {"zero-filled", "base", "finetuned"}
+    steps = ft["training"]["unet"]["step"]
+    assert steps >= 1
+
+    # re-running continues the same runs (more steps) and replaces the model folder only with --force
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "not empty" in res.output
+    res = CliRunner().invoke(app, args + ["--force"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finetune"]["training"]["unet"]["step"] > steps
+
+    sr = tmp_path / "sr"
+    res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(sr), "--model", str(out), "--backend", "torch",
+                                   "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((sr / "run.json").read_text())
+    assert any(v == manifest["networks"]["unet"]["sha256"] for v in json.dumps(run).split('"'))
+
+
+def test_finetune_refuses_bad_data_before_training(site_copy, tiny_model_dir, tmp_path):
+    (site_copy / "sub-000" / "t1.nii.gz").unlink()
+    res = CliRunner().invoke(app, ["finetune", str(site_copy), str(tmp_path / "m"), "--from", str(tiny_model_dir),
+                                   "--minutes", "1", "--val-subjects", "1"])
+    assert res.exit_code != 0 and "t1.nii.gz" in res.output and "missing" in res.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.runs").exists()
