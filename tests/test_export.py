@@ -20,6 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ftddm_trt.atomic import OutputError
 from ftddm_trt.cli.main import app
 from ftddm_trt.export import onnx_export, tensorrt_build
 from ftddm_trt.export.onnx_export import OPSET, ParityError, export_model_set
@@ -61,7 +62,7 @@ def test_manifest_and_graph_metadata(tiny_onnx_export, tiny_model_dir):
     assert manifest["opset"] == OPSET == 18
     assert manifest["model_hashes"] == ModelSet.open(tiny_model_dir).hashes()
     assert sorted(manifest["networks"]) == ["flow", "unet", "unet_full"]
-    assert sorted(p.name for p in tiny_onnx_export.iterdir()) == ["flow.onnx", "manifest.json", "unet.onnx", "unet_full.onnx"]
+    assert sorted(p.name for p in tiny_onnx_export.iterdir()) == [".ftddm-trt.json", "flow.onnx", "manifest.json", "unet.onnx", "unet_full.onnx"]
     for name, (ins, outs) in EXPECTED_IO.items():
         info = manifest["networks"][name]
         path = tiny_onnx_export / info["onnx"]
@@ -185,7 +186,7 @@ def test_export_refuses_to_overwrite_without_force(tiny_model_dir, tmp_path, mon
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     monkeypatch.setattr(onnx_export, "export_network", lambda *a: pytest.fail("must refuse before exporting"))
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         export_model_set(ModelSet.open(tiny_model_dir), out, log=lambda _m: None)
     res = runner.invoke(app, ["export", "--out", str(out), "--model", str(tiny_model_dir)])
     assert res.exit_code == 2 and "not empty" in " ".join(res.output.split())

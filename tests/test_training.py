@@ -218,7 +218,7 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{e}" for n in ("unet", "unet_full", "flow") for e in ("safetensors", "json")] + ["manifest.json"])
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow") for e in ("safetensors", "json")] + ["manifest.json", ".ftddm-trt.json"])
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["weights"] == "best" and manifest["commands"] == ["ftddm-trt train ..."]
     for name in trainer.TASKS:
@@ -239,10 +239,10 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
 
     # refuses a non-empty folder without force; with force, `last` weights replace it
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OSError, match="not empty"):  # atomic.OutputError
         package_model(runs, out)
     manifest2 = package_model({"unet": runs["unet"]}, out, which="last", force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "unet.json", "unet.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".ftddm-trt.json", "manifest.json", "unet.json", "unet.safetensors"]
     assert manifest2["networks"]["unet"]["sha256"] == _sha256(runs["unet"] / "last" / "model.safetensors")
 
     # a run that never validated has no best weights: a clear error, nothing written

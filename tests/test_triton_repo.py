@@ -148,11 +148,14 @@ def test_refuses_non_empty_output_and_bad_options(export_dir, tmp_path):
     out = tmp_path / "repo"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(OSError, match="--force"):  # atomic.OutputError
         build_repository(export_dir, out, "cpu", log=_quiet)
-    assert (out / "keep.txt").is_file()
-    build_repository(export_dir, out, "cpu", force=True, log=_quiet)
-    assert not (out / "keep.txt").exists()
+    with pytest.raises(OSError, match="refusing --force: .* was not written by ftddm-trt"):  # a user's folder
+        build_repository(export_dir, out, "cpu", force=True, log=_quiet)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    build_repository(export_dir, out, "cpu", log=_quiet)
+    build_repository(export_dir, out, "cpu", force=True, log=_quiet)  # its own repository: replaced
     with pytest.raises(ConfigError, match="preferred batch sizes"):
         RepoOptions(max_batch_size=8, preferred_batch_sizes=(16,))
     with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):

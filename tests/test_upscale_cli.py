@@ -87,11 +87,13 @@ def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, "OUT kept mkdtemp's private permissions"
 
-    # evaluate against the truth: a table, and metrics.json with prediction and zero-filled entries
-    res = runner.invoke(app, ["evaluate", str(out), str(subject / "truth")])
+    # evaluate against the truth: a table, and metrics JSON (--out, outside the folders read) with
+    # prediction and zero-filled entries
+    res = runner.invoke(app, ["evaluate", str(out), str(subject / "truth"), "--out", str(tmp_path / "metrics.json")])
     assert res.exit_code == 0, res.output
     assert "| metabolite |" in res.output and "| overall |" in res.output and "| NAA |" in res.output
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert not (out / "metrics.json").exists()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["metabolites"]) == {"NAA", "tCr"}
     overall = metrics["overall"]
     assert set(overall) == {"prediction", "zero-filled"}
@@ -142,9 +144,15 @@ def test_refuses_non_empty_out_without_force(tiny_model_dir, subject_copy, tmp_p
     res = upscale(subject_copy, out, *torch_args(tiny_model_dir))
     assert res.exit_code == 2 and flat("is not empty; pass --force") in flat(res.output)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # --force replaces only what ftddm-trt wrote: a user's file is never deleted
     res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--force")
-    assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["concs", "report.png", "run.json"]
+    assert res.exit_code == 2 and flat("was not written by ftddm-trt") in flat(res.output)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    for _ in range(2):  # a fresh run, then --force over its own output
+        res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--force")
+        assert res.exit_code == 0, res.output
+        assert sorted(p.name for p in out.iterdir()) == [".ftddm-trt.json", "concs", "report.png", "run.json"]
 
 
 def test_refuses_out_inside_subject_and_subject_inside_out(tiny_model_dir, subject_copy, tmp_path):
@@ -323,7 +331,7 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     res = runner.invoke(app, ["demo", "--out", str(out), "--n", "32", "--steps", "1", *torch_args(tiny_model_dir)])
     assert res.exit_code == 0, res.output
     assert "zero-filled" in res.output and "ftddm-dpmpp" in res.output
-    metrics = json.loads((out / "sr" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["overall"]) == {"prediction", "zero-filled"}
     assert (out / "sr" / "report.png").is_file() and (out / "input").is_dir()
     assert json.loads((out / "sr" / "run.json").read_text())["nfe"] == 2

@@ -17,19 +17,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def check_output_dir(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an output folder that is non-empty (without --force) or that lies inside an input folder."""
-    out = out.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if out == src or src in out.parents:
-            fail(f"output folder {out} lies inside the input folder {src}; choose another place")
-        if out in src.parents:  # replacing OUT (--force) would delete the input with it
-            fail(f"input folder {src} lies inside the output folder {out}; choose another place")
-    if out.exists() and not out.is_dir():
-        fail(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        fail(f"{out} is not empty; pass --force to replace its contents")
+def check_output_dir(out: Path, force: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Refuse, before any computation, an output folder that ``atomic.check_output`` refuses (non-empty
+    without --force, not written by ftddm-trt, inside an input or holding one, '.', a mount point,
+    a read-only parent, too long a name)."""
+    from ftddm_trt.atomic import OutputError, check_output
+
+    try:
+        check_output(out, force, inputs)
+    except OutputError as err:
+        fail(str(err))
 
 
 def parse_clip_x0(text: str) -> tuple[float, float] | None:

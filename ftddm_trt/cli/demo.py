@@ -13,7 +13,9 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
+from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.integrity import strict_json
 from ftddm_trt.cli.upscale import UpscaleOptions, evaluate_folders, upscale_to_folder
 from ftddm_trt.constants import LR_SIZES
 
@@ -36,19 +38,23 @@ def demo_cmd(
 
     if n not in LR_SIZES:
         fail(f"--n must be one of {list(LR_SIZES)}, got {n}")
-    check_output_dir(out, force)
-    import shutil
-
-    shutil.rmtree(out / "input", ignore_errors=True)  # only what a previous demo wrote
+    check_output_dir(out, force, (model,))
     _, _, test_ids = fold_split()
     subject_id = test_ids[seed % len(test_ids)]
     subject = make_subject(subject_index(subject_id), seed=0)
     console.print(f"phantom subject {subject.subject_id} (test split): {subject.n_slices} slices, acquired {n}x{n}, s = {64 / n:.2f}")
-    subject_dir = write_phantom_subject(out / "input", subject, n, hr_masks=hr_masks)
     opts = UpscaleOptions(backend=backend, sampler=sampler, steps=steps, seed=seed, model=model)
-    record = upscale_to_folder(subject_dir, out / "sr", opts, force=True)
-    result = evaluate_folders(out / "sr", subject_dir / "truth", subject_dir)
-    (out / "sr" / "metrics.json").write_text(json.dumps(result, indent=2))
+    try:
+        with atomic_dir(out, force, (model,), command="demo") as tmp:  # the whole demo folder appears at once
+            staged_subject = write_phantom_subject(tmp / "input", subject, n, hr_masks=hr_masks)
+            record = upscale_to_folder(staged_subject, tmp / "sr", opts)
+            subject_dir = out / "input" / staged_subject.name
+            record.update(input=str(subject_dir.resolve()), output=str((out / "sr").resolve()))
+            (tmp / "sr" / "run.json").write_text(json.dumps(record, indent=2, default=str))
+            result = evaluate_folders(tmp / "sr", staged_subject / "truth", staged_subject)
+            (tmp / "metrics.json").write_text(strict_json(result, indent=2))
+    except OutputError as err:
+        fail(str(err))
 
     from rich.table import Table
 
@@ -63,4 +69,4 @@ def demo_cmd(
     table.add_row(record["sampler"]["name"], str(record["nfe"]), f"{record['seconds_per_map']:.3f}", f"{pr['psnr']:.2f}",
                   f"{pr['ssim']:.3f}", f"{pr['nrmse']:.3f}", f"{pr['coverage']:.3f}")
     console.print(table)
-    console.print(f"report picture: {out / 'sr' / 'report.png'}; maps: {out / 'sr' / 'concs'}; metrics: {out / 'sr' / 'metrics.json'}")
+    console.print(f"report picture: {out / 'sr' / 'report.png'}; maps: {out / 'sr' / 'concs'}; metrics: {out / 'metrics.json'}")

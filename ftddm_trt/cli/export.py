@@ -23,12 +23,13 @@ def export_cmd(
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 
-    inputs = (model,) if model is not None else ()
-    check_output_dir(out, force, inputs)
+    from ftddm_trt.atomic import OutputError
+
+    check_output_dir(out, force, (model,))
     try:
         models = ModelSet.open(model)
-        manifest = export_model_set(models, out, force=True, log=console.print)
-    except (FileNotFoundError, ParityError) as err:
+        manifest = export_model_set(models, out, force=force, log=console.print)
+    except (FileNotFoundError, ParityError, OutputError) as err:
         fail(str(err))
     console.print(f"[green]exported[/] {', '.join(manifest['networks'])} to {out}")
 
@@ -40,15 +41,22 @@ def build_engine_cmd(
     batch_size: int = typer.Option(16, help="Optimal batch of the optimization profile (whole-volume batching)."),
     precision: str = typer.Option("fp16", help="fp16 (norms/softmax kept in fp32) or fp32."),
 ) -> None:
-    """Build TensorRT engines (NVIDIA GPU + TensorRT only; refuses clearly elsewhere)."""
+    """Build TensorRT engines into a new folder (NVIDIA GPU + TensorRT only; refuses clearly elsewhere).
+
+    A non-empty --out is refused."""
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.export.tensorrt_build import PRECISIONS, TensorRTUnavailable, build_engines
+    from ftddm_trt.integrity import IntegrityError
 
     if precision not in PRECISIONS:
         fail(f"--precision must be one of {', '.join(PRECISIONS)}")
     if not (onnx / "manifest.json").is_file():
         fail(f"{onnx} holds no manifest.json: not an export written by `ftddm-trt export`")
+    check_output_dir(out, False, (onnx,))
     try:
         manifest = build_engines(onnx, out, batch_size=batch_size, precision=precision, log=console.print)
     except TensorRTUnavailable as err:
         fail(str(err), code=3)
+    except (OutputError, IntegrityError) as err:
+        fail(str(err))
     console.print(f"[green]engines[/] for {manifest['gpu']} in {out}")

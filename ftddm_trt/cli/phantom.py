@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.app import app
 from ftddm_trt.constants import HR_SIZE, LR_SIZES
 
@@ -35,14 +35,14 @@ def phantom(
     ),
     n: Optional[int] = typer.Option(None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."),
     hr_masks: bool = typer.Option(False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty OUT_DIR (replacing phantom subjects there)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR written by ftddm-trt (all of it: no stale subjects remain)."),
     style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
     training: bool = typer.Option(False, "--training", help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, instead of N x N inputs with truth."),
     first: int = typer.Option(0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."),
 ) -> None:
     """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
     from ftddm_trt.data.nifti_io import write_phantom_subject, write_training_subject
-    from ftddm_trt.data.phantom import make_subject, subject_id_for
+    from ftddm_trt.data.phantom import make_subject
     from ftddm_trt.data.phantom_styles import get_style
 
     for name in style:
@@ -63,39 +63,28 @@ def phantom(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--scale") from exc
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise typer.BadParameter(f"{out_dir} exists and is not a folder", param_hint="OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise typer.BadParameter(f"{out_dir} is not empty (use --force to write into it)", param_hint="OUT_DIR")
-        for i in range(first, first + subjects):
-            existing = out_dir / subject_id_for(i)
-            if existing.exists():
-                if not (existing / "phantom.json").is_file():
-                    raise typer.BadParameter(
-                        f"{existing} exists and is not a phantom subject; refusing to replace it", param_hint="OUT_DIR"
-                    )
-                shutil.rmtree(existing)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     console = Console(stderr=True)
-    ids = []
-    with Progress(
-        TextColumn("[bold]phantoms[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    ) as progress:
-        task = progress.add_task("phantoms", total=subjects)
-        for k, i in enumerate(range(first, first + subjects)):
-            sub = make_subject(i, seed, style=style[k % len(style)])
-            if training:
-                write_training_subject(out_dir, sub)
-            else:
-                write_phantom_subject(out_dir, sub, size, hr_masks=hr_masks)
-            ids.append(sub.subject_id)
-            progress.advance(task)
-    manifest = {"seed": seed, "n": HR_SIZE if training else size, "scale": 1.0 if training else HR_SIZE / size,
-                "hr_masks": hr_masks, "styles": list(style), "layout": "training" if training else "input+truth",
-                "subjects": ids}
-    (out_dir / "phantoms.json").write_text(json.dumps(manifest, indent=2))
+    try:  # the whole dataset folder is replaced at once: no stale subjects of an earlier run survive
+        with atomic_dir(out_dir, force, command="phantom") as tmp:
+            ids = []
+            with Progress(
+                TextColumn("[bold]phantoms[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, transient=False,
+            ) as progress:
+                task = progress.add_task("phantoms", total=subjects)
+                for k, i in enumerate(range(first, first + subjects)):
+                    sub = make_subject(i, seed, style=style[k % len(style)])
+                    if training:
+                        write_training_subject(tmp, sub)
+                    else:
+                        write_phantom_subject(tmp, sub, size, hr_masks=hr_masks)
+                    ids.append(sub.subject_id)
+                    progress.advance(task)
+            manifest = {"seed": seed, "n": HR_SIZE if training else size, "scale": 1.0 if training else HR_SIZE / size,
+                        "hr_masks": hr_masks, "styles": list(style), "layout": "training" if training else "input+truth",
+                        "subjects": ids}
+            (tmp / "phantoms.json").write_text(json.dumps(manifest, indent=2))
+    except OutputError as err:
+        raise typer.BadParameter(str(err), param_hint="OUT_DIR") from err
     what = "64 x 64 training subjects" if training else f"subjects (N={size}, s={HR_SIZE / size:.2f})"
     console.print(f"wrote {subjects} {what} to {out_dir} (styles {', '.join(style)}, seed={seed})")

@@ -15,6 +15,7 @@ from ftddm_trt.cli.common import check_output_dir, console, fail
 def _export_for(model: Path | None, out: Path) -> Path:
     """The ONNX export of ``model`` beside ``out`` (``OUT-onnx``), reused while its weights are unchanged."""
     from ftddm_trt.export.manifest import read_manifest
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 
@@ -33,7 +34,7 @@ def _export_for(model: Path | None, out: Path) -> Path:
     console.print(f"exporting {models.root} to ONNX in {onnx_dir}")
     try:
         export_model_set(models, onnx_dir, force=True, log=console.print)
-    except ParityError as err:
+    except (ParityError, OutputError) as err:
         fail(str(err))
     return onnx_dir
 
@@ -57,6 +58,7 @@ def triton_repo_cmd(
     Every config.pbtxt is checked with Triton's schema and against the export's tensors before the
     repository is moved into place.
     """
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.serving.repository import FLAVORS, ConfigError, RepoOptions, build_repository
 
     if flavor not in FLAVORS:
@@ -74,8 +76,8 @@ def triton_repo_cmd(
         options = RepoOptions(max_batch_size=max_batch_size, max_queue_delay_us=queue_delay_us, instances=instances,
                               sampler_instances=sampler_instances)
         onnx_dir = onnx if onnx is not None else _export_for(model, out)
-        meta = build_repository(onnx_dir, out, flavor, engines, options, force=True, log=console.print)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print)
+    except (ConfigError, FileNotFoundError, ValueError, OutputError) as err:
         fail(str(err))
     console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out}")
     if flavor == "cpu":
@@ -89,7 +91,8 @@ def serve_cmd(
     grpc_port: int = typer.Option(8001, "--grpc-port"),
     metrics_port: int = typer.Option(8002, "--metrics-port"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    log: Path = typer.Option(Path("tritonserver.log"), "--log", help="Server log file (appended)."),
+    log: Path = typer.Option(None, "--log", help="Server log file (appended); default: a file in the temp folder, "
+                             "removed after a clean stop and kept (its path printed) after a failure. Never the current folder."),
     startup_timeout: float = typer.Option(300.0, "--startup-timeout", help="Seconds to wait for every model to be ready."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check the repository's configs before starting."),
 ) -> None:
@@ -119,8 +122,8 @@ def serve_cmd(
     try:
         server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_path=log,
                               startup_timeout_s=startup_timeout)
-        console.print(f"starting {server.install.binary} on {repo} (log {log}) ...")
         server.start(wait=False)
+        console.print(f"started {server.install.binary} (pid {server.pid}) on {repo}, log {server.log_path} ...")
         deadline = time.monotonic() + startup_timeout
         while not stop_requested:  # wait for readiness in short slices so that Ctrl-C stays responsive
             try:
@@ -129,6 +132,8 @@ def serve_cmd(
             except TritonServerError:
                 if not server.is_running() or time.monotonic() > deadline:
                     raise
+        if not stop_requested and not server.is_running():  # whatever answered, it was not our server
+            raise TritonServerError(f"tritonserver exited while starting; log tail:\n{server.log_tail()}")
         if not stop_requested:
             console.print(f"[green]ready[/] in {time.monotonic() - (deadline - startup_timeout):.1f} s: "
                           f"HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import console, fail
+from ftddm_trt.cli.common import check_output_dir, console, fail
 
 
 @app.command("train")
@@ -69,7 +69,7 @@ def package_model_cmd(
         fail("give at least one of --unet, --unet-full, --flow")
     try:
         manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")
 
@@ -100,8 +100,7 @@ def finetune_cmd(
     from ftddm_trt.data.nifti_io import InputError
     from ftddm_trt.training.finetune import FinetuneConfig, finetune
 
-    if out_model.exists() and (not out_model.is_dir() or any(out_model.iterdir())) and not force:
-        fail(f"{out_model} exists and is not empty; pass --force to replace it")
+    check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
     try:
         cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
                              networks=tuple(n.strip() for n in networks.split(",") if n.strip()), lr=lr,
@@ -114,7 +113,7 @@ def finetune_cmd(
                             log=console.print)
     except InputError as err:
         fail(str(err))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: atomic.OutputError, missing files
         fail(str(err))
     quality = manifest["finetune"]["validation_quality"]
     for key in ("s=8", "s=4"):

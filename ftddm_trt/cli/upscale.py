@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +15,11 @@ import typer
 
 from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
-from ftddm_trt.atomic import publish_dir, staging_dir
+from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, USER_DEFAULT_TAU_F
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
+from ftddm_trt.integrity import IntegrityError, check_temperature
 
 #: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
 CLIP_X0_DEFAULT = "0,3"
@@ -48,6 +49,10 @@ class UpscaleOptions:
     scale: Optional[float] = None
     server_loop: bool = False
     data_consistency: str = "auto"
+    kind: Optional[str] = None
+    allow_missing_anatomy: bool = False
+    accept: tuple[str, ...] = ()
+    retry_s: float = 30.0
 
 
 def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
@@ -56,6 +61,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     Errors exit non-zero through ``fail`` with nothing written to ``out_dir``.
     """
     from ftddm_trt.data.figures import report_figure
+    from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject, zero_output_channels
     from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
     from ftddm_trt.engine.factory import open_backend
     from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
@@ -63,8 +69,11 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     if not subject_dir.is_dir():
         fail(f"{subject_dir}: subject folder does not exist")
-    check_output_dir(out_dir, force, inputs=(subject_dir,))
+    inputs = (subject_dir, opts.model, opts.onnx, opts.engines)
+    check_output_dir(out_dir, force, inputs)
     try:
+        check_temperature("--tau-d", opts.tau_d)
+        check_temperature("--tau-f", opts.tau_f)
         spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
                            clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
     except ValueError as err:
@@ -85,7 +94,8 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         except FileNotFoundError as err:
             fail(str(err))
     try:
-        subject = read_subject(subject_dir)
+        ambiguous_kinds(subject_dir, opts.kind)
+        subject = read_subject(subject_dir, kind=opts.kind)
         spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
     except (InputError, ValueError) as err:
         fail(str(err))
@@ -98,48 +108,64 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         keep = [subject.metabolites.index(m) for m in opts.metabolites]
         subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
         subject.metabolites = tuple(opts.metabolites)
+    accept = set(opts.accept) | ({"missing-anatomy"} if opts.allow_missing_anatomy else set())
+    try:
+        accepted, input_notes = check_subject(subject, accept)
+    except (InputError, ValueError) as err:
+        fail(str(err))
+    for line in accepted:
+        console.print(f"[yellow]accepted[/] {line}", highlight=False)
+    for line in input_notes:
+        console.print(f"[yellow]note[/] {line}", highlight=False)
 
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, ttrunc=flow_ttrunc, log=console.print)
+                               url=opts.url, ttrunc=flow_ttrunc, log=console.print, retry_s=opts.retry_s)
+    except IntegrityError as err:
+        fail(f"refusing to run backend {opts.backend!r}: {err}")
     except Exception as err:  # every runtime has its own errors: report them by name
-        fail(f"cannot open backend {opts.backend!r}: {err}")
+        fail(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    tmp = staging_dir(out_dir)
     try:
-        with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
-                               TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
-            result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                     samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
-                                     server_loop=opts.server_loop)
-            backend_info = backend.describe()
-        write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
-        record = {
-            "ftddm_trt_version": __version__,
-            "input": str(subject_dir.resolve()),
-            "output": str(out_dir.resolve()),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": platform.node(),
-            "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
-            "metabolites": list(subject.metabolites), "kind": subject.kind,
-            "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
-            "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency}, "anatomy": result.condition.anatomy, "notes": subject.notes,
-            "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
-            "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
-            "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
-        }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
-        report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
-                      t1=subject.t1, flair=subject.flair,
-                      title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
-        publish_dir(tmp, out_dir)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, (KeyboardInterrupt, SystemExit, typer.Exit)):
-            raise
+        with backend, atomic_dir(out_dir, force, inputs, command="upscale") as tmp:  # locked: no concurrent writer
+            with Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
+                                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+                task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
+                result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
+                                         samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
+                                         server_loop=opts.server_loop)
+                backend_info = backend.describe()
+            zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
+            result.maps[:, zero] = 0.0
+            if result.sd is not None:
+                result.sd[:, zero] = 0.0
+            write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
+            record = {
+                "ftddm_trt_version": __version__,
+                "input": str(subject_dir.resolve()),
+                "output": str(out_dir.resolve()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": platform.node(),
+                "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
+                "metabolites": list(subject.metabolites), "kind": subject.kind,
+                "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
+                "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
+                "anatomy": result.condition.anatomy, "accepted": accepted, "notes": [*subject.notes, *input_notes],
+                "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
+                "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
+                "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
+            }
+            (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+            report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
+                          t1=subject.t1, flair=subject.flair,
+                          title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
+    except OutputError as err:
+        fail(str(err))
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except Exception as err:
         fail(f"upscaling {subject_dir} failed, nothing written to {out_dir}: {type(err).__name__}: {err}")
     return record
 
@@ -152,8 +178,8 @@ def upscale_cmd(
     sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp or flow."),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
-    tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise."),
-    tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
+    tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),
+    tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent, in [0, 2]: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
     clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
     lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
@@ -164,17 +190,30 @@ def upscale_cmd(
     engines: Optional[Path] = typer.Option(None, help="TensorRT engine folder for --backend tensorrt."),
     batch_size: int = typer.Option(16, help="Maps per network call (whole-volume batching)."),
     url: Optional[str] = typer.Option(None, help="Triton server HOST:GRPC_PORT for --backend triton."),
+    retry_s: float = typer.Option(30.0, "--retry-s", help="With --backend triton: keep retrying an unreachable or "
+                                  "restarting server for this many seconds before failing (naming it)."),
     scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
     server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
-    force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Concentration kind to read (raw, internal, molarity, molality); "
+                                       "required when concs/ holds several."),
+    allow_missing_anatomy: bool = typer.Option(False, "--allow-missing-anatomy", help="Run without t1 or flair: "
+                                               "the missing condition channel is zeros (lower quality); recorded in run.json."),
+    accept: Optional[str] = typer.Option(None, "--accept", help="Comma-separated degraded inputs to accept instead of "
+                                         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
+    force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
     data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
 ) -> None:
-    """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
+    """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
+
+    Degraded inputs (missing T1/FLAIR, several concentration kinds, all-zero, non-finite or out-of-range
+    maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
     opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
                           clip_x0=parse_clip_x0(clip_x0), lambda_min=parse_lambda_min(lambda_min),
                           samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
                           seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop, data_consistency=data_consistency)
+                          server_loop=server_loop, data_consistency=data_consistency, retry_s=retry_s, kind=kind,
+                          allow_missing_anatomy=allow_missing_anatomy,
+                          accept=tuple(a.strip() for a in accept.split(",") if a.strip()) if accept else ())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")
@@ -214,20 +253,51 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, input_dir: Path | None = N
     return evaluate_volume(pred, truth, mask, metabs, baselines)
 
 
+def write_json_file(path: Path, obj: dict, force: bool, inputs: tuple[Path | None, ...]) -> None:
+    """Write strict JSON to ``path`` atomically; refuse a path inside an input folder, or an existing
+    file without ``force``, before anything is computed or written."""
+    target = path.resolve()
+    for src in inputs:
+        if src is not None and (target == src.resolve() or src.resolve() in target.parents):
+            fail(f"{path} lies inside the input folder {src}; write the metrics elsewhere")
+    if target.exists() and (target.is_dir() or not force):
+        fail(f"{path} exists; pass --force to replace it" if not target.is_dir() else f"{path} is a folder")
+    if not os.access(target.parent if target.parent.exists() else Path.cwd(), os.W_OK):
+        fail(f"cannot write into {target.parent}: read-only or no permission")
+    if obj is None:
+        return
+    from ftddm_trt.integrity import strict_json
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(strict_json(obj, indent=2))
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     pred_dir: Path = typer.Argument(..., help="Output folder of `ftddm-trt upscale`."),
     truth_dir: Path = typer.Argument(..., help="Truth folder (concs/raw/<metab>.nii.gz at 64x64, masks/<metab>.nii.gz), e.g. SUBJECT/truth."),
     input_dir: Optional[Path] = typer.Option(None, "--input", help="The LR subject folder, for the zero-filled baseline (default: from run.json)."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON to this file (default: PRED_DIR/metrics.json)."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON to this file (outside the folders read); "
+                                       "default: JSON on stdout. Non-finite values (PSNR of a perfect match) are null."),
+    force: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
-    """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline."""
-    from ftddm_trt.data.evaluation import markdown_table
+    """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline.
 
+    Never writes into the folders it reads."""
+    from ftddm_trt.data.evaluation import markdown_table
+    from ftddm_trt.integrity import strict_json
+
+    if out is not None:
+        write_json_file(out, None, force, (pred_dir, truth_dir, input_dir))  # checks only, before computing
     result = evaluate_folders(pred_dir, truth_dir, input_dir)
     console.print(markdown_table(result), highlight=False)
-    out = out or pred_dir / "metrics.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    if out is None:
+        typer.echo(strict_json(result, indent=2))
+        return
+    write_json_file(out, result, force, (pred_dir, truth_dir, input_dir))
     console.print(f"[green]wrote[/] {out}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
+from ftddm_trt.atomic import OutputBusy
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.models.model_set import ModelSet
 
@@ -24,9 +26,19 @@ def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: No
 
     key = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(models.hashes().items())).encode()).hexdigest()[:16]
     folder = cache_root() / "onnx" / key
-    if not (folder / "manifest.json").is_file():
-        log(f"exporting the model to ONNX once (cached in {folder}) ...")
-        export_model_set(models, folder, force=True, log=log)
+    deadline, told = time.monotonic() + 1800, False
+    while not (folder / "manifest.json").is_file():
+        try:
+            log(f"exporting the model to ONNX once (cached in {folder}) ...")
+            export_model_set(models, folder, force=True, log=log)
+            break
+        except OutputBusy:  # another run is exporting the same model: wait for its export
+            if time.monotonic() > deadline:
+                raise
+            if not told:
+                log(f"another process is exporting into {folder}; waiting for it ...")
+                told = True
+            time.sleep(1.0)
     return folder
 
 
@@ -40,6 +52,7 @@ def open_backend(
     precision: str = "fp32",
     ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    retry_s: float | None = None,
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
     backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
@@ -60,5 +73,5 @@ def open_backend(
     if kind == "triton":
         from ftddm_trt.engine.triton_backend import TritonBackend
 
-        return TritonBackend(url or "localhost:8001")
+        return TritonBackend(url or "localhost:8001", retry_s=retry_s)
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

@@ -15,6 +15,7 @@ import torch
 
 from ftddm_trt.engine.backend import NETWORKS, Backend
 from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.integrity import verify_networks
 
 
 def _session(path: Path, threads: int | None, providers: list[str] | None):
@@ -33,9 +34,13 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, onnx_dir: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
         self.root = Path(onnx_dir)
         self.manifest = read_manifest(self.root)
-        self.sessions = {n: _session(self.root / f"{n}.onnx", threads, providers) for n in NETWORKS if (self.root / f"{n}.onnx").is_file()}
-        if not self.sessions:
+        present = [n for n in NETWORKS if (self.root / f"{n}.onnx").is_file()]
+        if not present:
             raise FileNotFoundError(f"{self.root} holds no ONNX network ({', '.join(n + '.onnx' for n in NETWORKS)})")
+        # hash every graph against the manifest before it is loaded (IntegrityError on a mismatch);
+        # the session then reads the very bytes whose hash describe() records
+        self.onnx_sha256 = verify_networks(self.root, self.manifest, present)
+        self.sessions = {n: _session(self.root / f"{n}.onnx", threads, providers) for n in present}
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         if name not in self.sessions:
@@ -51,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
         return self._run("flow", {"eps": eps, "y": y, "tau_f": tau_f})
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "precision": "fp32", "onnx": {n: self.manifest["networks"][n]["onnx_sha256"] for n in self.sessions if n in self.manifest.get("networks", {})},
+        return {**super().describe(), "precision": "fp32", "onnx": dict(self.onnx_sha256),
                 "models": self.manifest.get("model_hashes", {})}
 
     def close(self) -> None:

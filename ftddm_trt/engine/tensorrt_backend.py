@@ -15,6 +15,7 @@ import torch
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import read_manifest
 from ftddm_trt.export.tensorrt_build import require_tensorrt
+from ftddm_trt.integrity import verify_networks
 
 
 class _Engine:
@@ -49,6 +50,8 @@ class TensorRTBackend(Backend):
             raise RuntimeError(f"engines in {self.root} were built for {self.manifest.get('gpu')} / TensorRT "
                                f"{self.manifest.get('tensorrt_version')}, this is {gpu} / {trt.__version__}: rebuild them")
         self.device = torch.device("cuda")
+        self.engine_sha256 = verify_networks(self.root, self.manifest, list(self.manifest["networks"]),
+                                             key="engine_sha256", file_key="engine")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {n: _Engine(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
 
@@ -64,4 +67,5 @@ class TensorRTBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.manifest["precision"], "gpu": self.manifest["gpu"],
                 "engines": {n: i["cache_key"] for n, i in self.manifest["networks"].items()},
+                "engine_sha256": dict(self.engine_sha256),
                 "models": self.manifest.get("model_hashes", {})}

@@ -12,8 +12,10 @@ Two ways to sample through Triton:
 Tensor names are the ONNX graphs' (``x_t, y, t, s -> eps``; ``eps, y, tau_f -> x``). The per-item
 scalars t, s, tau_f travel as ``(B, 1)`` (Triton dims ``[1]``, reshaped to ``(B,)`` for the graph).
 
-Transient failures (gRPC UNAVAILABLE, connection refused or reset) are retried ``retries`` times with
-exponential backoff; then ``TritonUnavailable`` names the URL. The server and the needed models are
+Transient failures (gRPC UNAVAILABLE, connection refused or reset; "unknown model" / "not ready" for a
+model this client already saw ready, i.e. a server restarting) are retried ``retries`` times with
+exponential backoff, or for ``retry_s`` seconds when given (backoff capped at 2 s), so a client rides
+out a server restart; then ``TritonUnavailable`` names the URL. The server and the needed models are
 checked at construction. With ``shared_memory=True`` inputs and outputs travel through POSIX shared
 memory regions registered with the server (same host only), released by ``close()``.
 """
@@ -164,6 +166,7 @@ class TritonBackend(Backend):
         require: Sequence[str] = ("unet", "flow"),
         models: dict[str, str] | None = None,
         sampler_model: str = SAMPLER_MODEL,
+        retry_s: float | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -174,6 +177,9 @@ class TritonBackend(Backend):
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
+        if retry_s is not None and retry_s < 0:
+            raise ValueError("retry_s must be >= 0")
+        self.retry_s = None if retry_s is None else float(retry_s)
         self.models = dict(TRITON_MODELS if models is None else models)
         self.sampler_model = sampler_model
         self.device = torch.device("cpu")
@@ -206,18 +212,34 @@ class TritonBackend(Backend):
             return self._tc.InferenceServerClient(self.url)
         return self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
 
+    def _transient(self, err: BaseException) -> bool:
+        """``_is_transient``, or a model this client saw ready now unknown / not ready (a restart)."""
+        if _is_transient(err):
+            return True
+        msg = str(err).lower()
+        return bool(self._ready) and any(k in msg for k in ("unknown model", "not ready", "is not found"))
+
     def _retrying(self, what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+        """Call ``fn``; on transient errors retry ``attempts`` (default retries + 1) times in all, and
+        for at least ``retry_s`` seconds when set."""
         attempts = self.retries + 1 if attempts is None else attempts
+        t0 = time.monotonic()
         last: BaseException | None = None
-        for k in range(attempts):
+        k = 0
+        while True:
             try:
                 return fn()
             except Exception as err:
-                if not _is_transient(err):
+                if not self._transient(err):
                     raise
                 last = err
-                if k + 1 < attempts:
-                    time.sleep(self.backoff_s * (2**k))
+                k += 1
+                wait = self.backoff_s * (2 ** (k - 1))
+                if self.retry_s is not None:
+                    wait = min(wait, 2.0)
+                more = k < attempts or (self.retry_s is not None and time.monotonic() + wait - t0 <= self.retry_s)
+                if more:
+                    time.sleep(wait)
                     if self.protocol == "http":  # a dropped keep-alive connection: start afresh
                         try:
                             self.client.close()
@@ -225,9 +247,14 @@ class TritonBackend(Backend):
                             pass
                         self.client = self._new_client()
                     for r in self._regions:  # a restarted server forgot the registrations
-                        r.reregister(self.client)
+                        try:
+                            r.reregister(self.client)
+                        except Exception:  # still down: the next attempt tells
+                            pass
+                    continue
+                break
         raise TritonUnavailable(f"Triton server at {self.url} ({self.protocol}) is unreachable: {what} failed "
-                                f"{attempts} time(s); last error: {last}") from last
+                                f"{k} time(s) over {time.monotonic() - t0:.1f} s; last error: {last}") from last
 
     def _check_server(self) -> str:
         def probe():
@@ -282,7 +309,7 @@ class TritonBackend(Backend):
                 return self.client.infer(model, ins, outputs=outs, client_timeout=timeout_s, parameters=parameters)
             return self.client.infer(model, ins, outputs=outs, parameters=parameters)
         except Exception as err:
-            if _is_transient(err):
+            if self._transient(err):
                 raise
             status = getattr(err, "status", None)
             if callable(status) and status() == "StatusCode.DEADLINE_EXCEEDED":

@@ -19,6 +19,7 @@ from ftddm_trt.data.nifti_io import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.integrity import require_finite
 
 
 @dataclass
@@ -83,7 +84,7 @@ def upscale_subject(
     """Run ``spec`` over every image of the volume, ``samples`` times (K > 1: mean and per-voxel SD).
 
     ``progress(done, total)`` counts images over all samples. Negative concentrations are clipped
-    to zero; voxels outside the mask M are zero. ``server_loop`` runs each batch's whole sampling loop
+    to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError. ``server_loop`` runs each batch's whole sampling loop
     on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler).
     """
     if samples < 1:
@@ -109,6 +110,7 @@ def upscale_subject(
         x, nfe = sample_images(backend, spec, cond.y, cond.s, batch_size=batch_size, seed=seed + i, progress=tick,
                                batch_sampler=batch_sampler)
         x = x.numpy().reshape(z, c, HR_SIZE, HR_SIZE)
+        require_finite(x, f"the {spec.name} output on backend {backend.name} (sample {i + 1})")
         draws.append(np.clip(denormalize(x, cond.scale), 0.0, None))
     stack = np.stack(draws)
     seconds = time.perf_counter() - t0

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from ftddm_trt.integrity import file_sha256  # noqa: F401  (re-exported: exporters import it from here)
+
 MANIFEST_NAME = "manifest.json"
 
 
-def file_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -228,8 +228,9 @@ def export_model_set(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export every network of ``models`` into ``out_dir`` (atomic; refuses to overwrite without force)."""
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    """Export every network of ``models`` into ``out_dir`` (``atomic.atomic_dir``: checked and locked
+    before exporting; ``force`` replaces only a folder ftddm-trt wrote; never the model folder)."""
+    with atomic_dir(Path(out_dir), force=force, inputs=(models.root,), command="export") as tmp:
         nets = models.load_torch()
         hashes = models.hashes()
         manifest: dict[str, Any] = {"ftddm_trt_version": __version__, "torch_version": torch.__version__,

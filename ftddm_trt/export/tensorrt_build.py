@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftddm_trt.export.manifest import read_manifest, write_manifest
+from ftddm_trt.atomic import atomic_dir
+from ftddm_trt.export.manifest import file_sha256, read_manifest, write_manifest
+from ftddm_trt.integrity import verify_networks
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -151,23 +153,55 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, prec
 
 def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision: str = "fp16",
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build (or reuse from the cache) one engine per ONNX network; write ``out_dir/manifest.json``."""
+    """Build one engine per ONNX network into a new ``out_dir`` (``atomic.atomic_dir``: a non-empty
+    folder is refused, nothing appears unless every engine was built); write ``out_dir/manifest.json``."""
     gpu = require_tensorrt()
     import tensorrt as trt
 
     onnx_manifest = read_manifest(onnx_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    reused = _same_build(Path(out_dir), onnx_manifest, gpu, trt.__version__, batch_size, precision)
+    if reused is not None:
+        for name, info in reused["networks"].items():
+            log(f"{name}: cached engine {info['engine']} (same ONNX, GPU, TensorRT, precision and profile)")
+        return reused
+    with atomic_dir(Path(out_dir), force=False, inputs=(onnx_dir,), command="build-engine") as tmp:
+        return _build_into(Path(onnx_dir), tmp, onnx_manifest, gpu, batch_size, precision, log)
+
+
+def _same_build(out_dir: Path, onnx_manifest: dict[str, Any], gpu: str, trt_version: str, batch_size: int,
+                precision: str) -> dict[str, Any] | None:
+    """The manifest of ``out_dir`` if it already holds exactly this build (engines verified), else None."""
+    try:
+        manifest = read_manifest(out_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    profile = volume_profile(batch_size, int(onnx_manifest.get("max_batch", 128)))
+    if (manifest.get("gpu"), manifest.get("tensorrt_version"), manifest.get("precision"), manifest.get("profile")) != (
+            gpu, trt_version, precision, asdict(profile)):
+        return None
+    nets = manifest.get("networks", {})
+    if set(nets) != set(onnx_manifest["networks"]):
+        return None
+    for name, info in onnx_manifest["networks"].items():
+        if nets[name].get("cache_key") != engine_cache_key(info["onnx_sha256"], trt_version, gpu, precision, profile):
+            return None
+    verify_networks(out_dir, manifest, list(nets), key="engine_sha256", file_key="engine")  # IntegrityError if altered
+    return manifest
+
+
+def _build_into(onnx_dir: Path, out_dir: Path, onnx_manifest: dict[str, Any], gpu: str,
+                batch_size: int, precision: str, log: Callable[[str], None]) -> dict[str, Any]:
+    import tensorrt as trt
+
+    verify_networks(onnx_dir, onnx_manifest, list(onnx_manifest["networks"]))  # IntegrityError before building
     profile = volume_profile(batch_size, int(onnx_manifest.get("max_batch", 128)))
     engines: dict[str, Any] = {}
     for name, info in onnx_manifest["networks"].items():
         key = engine_cache_key(info["onnx_sha256"], trt.__version__, gpu, precision, profile)
         path = out_dir / engine_filename(name, key)
-        if path.is_file():
-            log(f"{name}: cached engine {path.name}")
-        else:
-            log(f"{name}: building {precision} engine (batch {profile.min}/{profile.opt}/{profile.max}) ...")
-            build_engine(Path(onnx_dir) / info["onnx"], path, profile, precision, out_dir / "timing.cache")
-        engines[name] = {"engine": path.name, "cache_key": key, **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
+        log(f"{name}: building {precision} engine (batch {profile.min}/{profile.opt}/{profile.max}) ...")
+        build_engine(Path(onnx_dir) / info["onnx"], path, profile, precision, out_dir / "timing.cache")
+        engines[name] = {"engine": path.name, "cache_key": key, "engine_sha256": file_sha256(path), **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
     manifest = {"tensorrt_version": trt.__version__, "gpu": gpu, "precision": precision, "profile": asdict(profile),
                 "model_hashes": onnx_manifest.get("model_hashes", {}), "networks": engines}
     write_manifest(out_dir, manifest)

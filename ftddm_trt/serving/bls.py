@@ -1,6 +1,6 @@
 """The server-side sampler's engine: ``sample_batch`` over a Backend whose networks are BLS requests.
 
-``triton_repo/python/sampler.py`` (the ``ftddm_sampler`` model) wires Triton's ``pb_utils`` into
+``ftddm_trt/serving/triton_templates/python/sampler.py`` (the ``ftddm_sampler`` model) wires Triton's ``pb_utils`` into
 ``BLSBackend`` through one ``infer(model, inputs, outputs)`` callable; everything else is here so that
 it is testable without a server and so that the sampler math exists once
 (``ftddm_trt.engine.pipeline.sample_batch``).

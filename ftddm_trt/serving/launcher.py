@@ -154,6 +154,86 @@ def server_command(
     return [*cmd, *extra_args]
 
 
+#: The guard: tritonserver's parent, run with this interpreter (``python -c``; stdlib only). It forwards
+#: SIGTERM / SIGINT / SIGHUP (and the parent-death signal) to the server, SIGKILLs it after the grace time,
+#: removes the server's /dev/shm regions, and, when the wrapper (FTDDM_GUARD_PARENT) is gone, also the
+#: workdir, the log and every process left in its session (the Python stubs). Exit code: the server's.
+GUARD_SCRIPT = r"""
+import glob, os, shutil, signal, subprocess, sys, time
+env = os.environ
+stop = []
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, lambda sig, _f: stop.append(sig))
+server = subprocess.Popen(sys.argv[1:])
+while server.poll() is None and not stop:
+    time.sleep(0.1)
+if server.poll() is None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(float(env.get("FTDDM_GUARD_GRACE", "20")))
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+code = server.returncode if server.returncode >= 0 else 128 - server.returncode
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+if not alive(int(env["FTDDM_GUARD_PARENT"])):
+    time.sleep(1.0)  # stubs notice their server is gone
+    for p in glob.glob("/dev/shm/" + env["FTDDM_GUARD_SHM"] + "*") if env.get("FTDDM_GUARD_SHM") else []:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    if env.get("FTDDM_GUARD_WORKDIR"):
+        shutil.rmtree(env["FTDDM_GUARD_WORKDIR"], ignore_errors=True)
+    if env.get("FTDDM_GUARD_LOG"):
+        try:
+            os.unlink(env["FTDDM_GUARD_LOG"])
+        except OSError:
+            pass
+    os.killpg(0, signal.SIGKILL)
+sys.exit(code)
+"""
+
+PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
+    """A preexec_fn: the child gets ``sig`` when the thread that started it dies (Linux prctl), and exits
+    at once if the parent is already gone. No-op where prctl is unavailable."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` (a bind with SO_REUSEADDR fails on Linux)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host`` (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -180,7 +260,13 @@ class TritonServer:
     clean stop and kept after a failure) and waits until
     the server and ``models`` (default: every model of the repository) are ready; ``stop()`` sends
     SIGTERM, waits ``stop_timeout_s``, then SIGKILLs the server's process group, and removes the
-    ``/dev/shm`` regions left under this server's own prefix. Ports default to free ones.
+    ``/dev/shm`` regions left under this server's own prefix. Ports default to free ones; ports in use
+    are refused before anything starts.
+
+    The server runs under a small guard process (``GUARD_SCRIPT``) that receives a parent-death signal
+    (Linux ``PR_SET_PDEATHSIG``): if the process that started it dies, even by SIGKILL, the guard stops
+    the server and removes its stubs, shm regions, workdir and log. That signal follows the *thread*
+    that called ``start()``: start servers from a thread that lives as long as the server.
     """
 
     def __init__(
@@ -252,6 +338,11 @@ class TritonServer:
         """Launch the server; with ``wait`` block until it and its models are ready."""
         if self.process is not None and self.process.poll() is None:
             raise TritonServerError(f"server already running (pid {self.process.pid})")
+        busy = [f"{what} {port}" for what, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port),
+                                                    ("metrics", self.metrics_port)) if port_in_use(self.host, port)]
+        if busy:
+            raise TritonServerError(f"port(s) {', '.join(busy)} on {self.host} are in use (another server?); "
+                                    "choose free ports or stop that server first")
         if self.install.bundled:
             self._check_python_only()
         if self.workdir is None:
@@ -265,10 +356,17 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         t0 = time.perf_counter()
+        env = {**server_environment(self.install), "FTDDM_GUARD_PARENT": str(os.getpid()),
+               "FTDDM_GUARD_SHM": self.shm_prefix, "FTDDM_GUARD_GRACE": str(int(self.stop_timeout_s)),
+               "FTDDM_GUARD_WORKDIR": str(self.workdir) if self._own_workdir else "",
+               "FTDDM_GUARD_LOG": str(self.log_path) if self._own_log else ""}
+        # a small Python guard is the server's parent, in a session of its own (killpg reaches the server and its
+        # stubs); it gets SIGTERM when this thread dies (PR_SET_PDEATHSIG), even by SIGKILL, stops the
+        # server and removes its workdir, shm regions and log: the server never outlives its wrapper
         self.process = subprocess.Popen(
-            self.command(), stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_environment(self.install), cwd=str(self.workdir),
-            start_new_session=True,  # own process group: Ctrl-C reaches us, we stop it; killpg reaches the stubs
+            [sys.executable, "-c", GUARD_SCRIPT, *self.command()], stdout=self._log_file,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(self.workdir),
+            start_new_session=True, preexec_fn=_parent_death_signal(os.getpid()),
         )
         if wait:
             try:

@@ -18,13 +18,13 @@ Output (``build_repository``)::
 Flavours, from the same function:
 
 - ``cpu``: every model is ``backend: "python"``; the network models run their ONNX file with ONNX
-  Runtime (``triton_repo/python/onnx_network.py``). For the nvidia-pytriton server, which has only
+  Runtime (``serving/triton_templates/python/onnx_network.py``). For the nvidia-pytriton server, which has only
   the Python backend (REFERENCE.md section 4).
 - ``gpu``: the network models are ``platform: "tensorrt_plan"`` with the engines of an engine folder
   (``ftddm-trt build-engine``) when one is given, else ``platform: "onnxruntime_onnx"`` with the
   TensorRT execution accelerator; for NVIDIA's Triton container. The sampler stays a Python model.
 
-Config text comes from the templates in ``triton_repo/templates``; every generated config is parsed
+Config text comes from the templates in ``serving/triton_templates/templates`` (shipped inside the package); every generated config is parsed
 with Triton's own schema (``model_config_pb2.ModelConfig``) and checked by ``validate_config`` before
 the repository is moved into place (atomic, like the export).
 """
@@ -45,7 +45,13 @@ from ftddm_trt.export.manifest import read_manifest
 
 FLAVORS = ("cpu", "gpu")
 #: Source of the config templates and of the Python-backend model code (source only; never generated into).
-TRITON_REPO_SRC = Path(os.environ.get("FTDDM_TRITON_REPO_SRC", Path(__file__).resolve().parents[2] / "triton_repo"))
+def triton_templates_dir() -> Path:
+    """The Triton templates and Python-backend model code: ``$FTDDM_TRITON_REPO_SRC`` if set, else the
+    copy shipped inside the package (``ftddm_trt/serving/triton_templates``, package data of the wheel)."""
+    return Path(os.environ.get("FTDDM_TRITON_REPO_SRC", Path(__file__).resolve().parent / "triton_templates"))
+
+
+TRITON_REPO_SRC = triton_templates_dir()
 REPOSITORY_JSON = "repository.json"
 GPU_PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 TRT_PRECISIONS = ("FP32", "FP16")
@@ -148,7 +154,7 @@ def sampler_io(image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4,
 def _template(name: str) -> string.Template:
     path = TRITON_REPO_SRC / "templates" / name
     if not path.is_file():
-        raise FileNotFoundError(f"config template {path} is missing (set FTDDM_TRITON_REPO_SRC to the triton_repo/ "
+        raise FileNotFoundError(f"config template {path} is missing (set FTDDM_TRITON_REPO_SRC to the triton_templates/ "
                                 "folder of an ftddm-trt source checkout)")
     return string.Template(path.read_text())
 
@@ -401,7 +407,7 @@ def build_repository(
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(Path(out_dir), force=force, inputs=(onnx_dir, engines_dir), command="triton-repo") as tmp:
         platform = None if flavor == "cpu" else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)

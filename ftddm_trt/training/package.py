@@ -40,7 +40,7 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
         if cfg.get("task") != "flow":
             raise ValueError(f"{run_dir} is not a flow training run")
         files[f"flow_t{cfg['t_trunc']}"] = Path(run_dir)
-    with atomic_dir(Path(out_dir), force=force) as tmp:
+    with atomic_dir(Path(out_dir), force=force, inputs=(*files.values(), base), command="package-model") as tmp:
         for name, run_dir in files.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"

@@ -135,6 +135,19 @@ def _save_best(model, mcfg, run_dir: Path) -> None:
         os.replace(tmp.with_suffix(ext), (run_dir / "best").with_suffix(ext))
 
 
+#: TrainConfig field -> the `ftddm-trt train` option that sets it (for messages).
+_OPTION_OF = {"t_trunc": "--ttrunc", "n_subjects": "--subjects", "data_seed": "--data-seed", "batch_size": "--batch-size",
+              "lr_final": "--lr-final", "val_every": "--val-every"}
+
+
+def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Options of ``requested`` that differ from the run's ``saved`` config ("--ttrunc 100 -> 50"), except
+    ``iterations`` (a resumed run may go further)."""
+    a, b = asdict(saved), asdict(requested)
+    return [f"{_OPTION_OF.get(k, '--' + k.replace('_', '-'))} {a[k]!r} -> {b[k]!r}"
+            for k in a if k != "iterations" and a[k] != b.get(k)]
+
+
 def train(
     cfg: TrainConfig,
     run_dir: Path,
@@ -162,6 +175,10 @@ def train(
         saved = TrainConfig(**state["config"])
         if (saved.task, saved.preset) != (cfg.task, cfg.preset):
             raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
+        changed = config_changes(saved, cfg)
+        if changed:
+            raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
+                             "same options, or train into a new run folder")
         cfg = TrainConfig(**{**state["config"], "iterations": cfg.iterations})
         mcfg = model.config
         step, best = int(state["step"]), float(state["best_val"])

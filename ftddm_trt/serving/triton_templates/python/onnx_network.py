@@ -1,20 +1,30 @@
 """Triton Python-backend model: one FTDDM network (UNet or flow) run with ONNX Runtime on the CPU.
 
 Copied as ``<model>/1/model.py`` into a ``cpu`` repository by ``ftddm_trt.serving.repository`` (source:
-``triton_repo/python/onnx_network.py``). It needs only numpy and onnxruntime in the server's Python.
+``ftddm_trt/serving/triton_templates/python/onnx_network.py``). It needs only numpy and onnxruntime in the server's Python.
 
 Requests merged by Triton's dynamic batcher are concatenated along the batch axis, run as one ONNX
 Runtime call, and split back. Tensor names come from the model's config.pbtxt, which the generator
 wrote from the export manifest, so they are the ONNX graph's names. Config parameters:
-``onnx_file`` (default ``model.onnx``, beside this file) and ``intra_op_threads`` (0: ONNX Runtime's
-default).
+``onnx_file`` (default ``model.onnx``, beside this file), ``intra_op_threads`` (0: ONNX Runtime's
+default) and ``onnx_sha256`` (the export manifest's hash: the file is hashed at load and the model
+refuses to load, naming an IntegrityError, when they differ or no hash is given).
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class TritonPythonModel:
@@ -28,6 +38,13 @@ class TritonPythonModel:
         path = os.path.join(here, params.get("onnx_file", "model.onnx"))
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"{self.model_name}: ONNX file {path} is missing")
+        expected = params.get("onnx_sha256", "")
+        actual = _sha256(path)
+        if actual != expected:
+            raise pb_utils.TritonModelException(
+                f"{self.model_name}: IntegrityError: {path} has sha256 {actual[:16]}... but the export manifest "
+                f"records {expected[:16] or '(none)'}...; the file is corrupt or was replaced: regenerate the repository")
+        self.onnx_sha256 = actual
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = int(params.get("intra_op_threads", "0") or 0)

@@ -1,7 +1,7 @@
 """Triton Python-backend model ``ftddm_sampler``: the whole sampling loop inside the server.
 
 Copied as ``ftddm_sampler/1/model.py`` by ``ftddm_trt.serving.repository`` (source:
-``triton_repo/python/sampler.py``). One request = one batch: inputs ``y`` (B,4,64,64) and ``s`` (B,1),
+``ftddm_trt/serving/triton_templates/python/sampler.py``). One request = one batch: inputs ``y`` (B,4,64,64) and ``s`` (B,1),
 the request parameter ``settings`` (JSON: ``SamplerSpec.to_dict()`` plus the batch's seed); outputs ``x0``
 (B,1,64,64) and ``nfe`` (B,1). The loop is ``ftddm_trt.engine.pipeline.sample_batch`` over a Backend
 whose networks are BLS requests to the network models (``ftddm_trt.serving.bls``), so the server-side

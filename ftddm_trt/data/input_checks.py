@@ -1,0 +1,109 @@
+"""Degraded inputs: refused by default with the reason named, each accepted only when asked for.
+
+``check_subject`` looks at a subject read by ``nifti_io.read_subject`` and raises ``InputError`` for
+each degradation the user did not accept:
+
+- ``missing-anatomy``: ``t1.nii.gz`` or ``flair.nii.gz`` absent. Accepted (``--allow-missing-anatomy``),
+  the fallback is the one ``engine.upscale.build_condition`` applies: the missing image's condition
+  channel is all zeros (the network then has less anatomical guidance; expect lower quality).
+- ``several-kinds``: concs/ holds maps of more than one kind (raw, molarity, ...) and no ``--kind``
+  chose one (``ambiguous_kinds``, checked before reading).
+- ``zero-maps``: a metabolite map that is zero everywhere. Accepted: its output is zero.
+- ``out-of-range``: values below ``MIN_VALUE`` (no concentration is that negative; a sign or unit
+  error). Accepted: run as given (outputs are clipped at zero as always).
+- NaN or inf in a map is never accepted (``read_subject`` already refuses it, naming the file).
+- ``empty-mask``: the quality mask M of a metabolite is empty on every slice (its qc maps fail
+  everywhere): there is nothing to super-resolve. Accepted: its output is zero.
+
+Notes that need no acceptance (recorded, printed): anisotropic in-plane voxels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ftddm_trt.data.nifti_io import CONC_KINDS, InputError, SubjectInput, _match_metabolites, _nifti_files
+
+#: Reasons a user can accept (``--accept``; ``missing-anatomy`` also as ``--allow-missing-anatomy``).
+ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "zero-maps", "out-of-range", "empty-mask")
+#: Most negative value taken as a concentration (file units); below it a map is out of range.
+MIN_VALUE: float = -1e3
+#: Relative difference of the two in-plane voxel sizes above which a note is made.
+ANISOTROPY_TOL: float = 0.01
+
+
+def kinds_present(subject_dir: Path) -> list[str]:
+    """The concentration kinds (``CONC_KINDS``) under ``subject_dir/concs`` that hold metabolite maps."""
+    return [k for k in CONC_KINDS if _match_metabolites(_nifti_files(Path(subject_dir) / "concs" / k))[0]]
+
+
+def ambiguous_kinds(subject_dir: Path, kind: str | None) -> None:
+    """InputError if ``kind`` is None and several kinds hold maps, or ``kind`` is not a known one."""
+    if kind is not None:
+        if kind not in CONC_KINDS:
+            raise InputError(Path(subject_dir) / "concs", f"--kind must be one of {', '.join(CONC_KINDS)}, got {kind!r}")
+        return
+    present = kinds_present(subject_dir)
+    if len(present) > 1:
+        raise InputError(Path(subject_dir) / "concs", f"holds maps of several kinds ({', '.join(present)}): "
+                         "choose one with --kind (refusing to guess which units you want)")
+
+
+def zero_output_channels(subject: SubjectInput) -> np.ndarray:
+    """(M,) bool: metabolites whose output is defined as zero (map zero everywhere or mask empty)."""
+    zero = ~(subject.lr != 0).any(axis=(0, 2, 3))
+    if subject.mask is not None:
+        zero |= ~subject.mask.any(axis=(0, 2, 3))
+    return zero
+
+
+def _names(subject: SubjectInput, idx: np.ndarray) -> str:
+    return ", ".join(subject.metabolites[i] for i in idx)
+
+
+def check_subject(subject: SubjectInput, accept: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Refuse (InputError naming the reason and the option that accepts it) or accept each degradation.
+
+    Returns ``(accepted, notes)``: what was accepted, as sentences, and remarks needing no acceptance.
+    """
+    unknown = set(accept) - set(ACCEPTABLE)
+    if unknown:
+        raise ValueError(f"unknown --accept value(s) {', '.join(sorted(unknown))}; choose from {', '.join(ACCEPTABLE)}")
+    accepted: list[str] = []
+    notes: list[str] = []
+    root = subject.path
+
+    def degrade(reason: str, problem: str, fallback: str, option: str | None = None) -> None:
+        if reason not in accept:
+            raise InputError(root, f"{problem}; refused (pass {option or '--accept ' + reason} to run anyway: {fallback})")
+        accepted.append(f"{reason}: {problem}; {fallback}")
+
+    lr = subject.lr
+    finite = np.isfinite(lr)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=(0, 2, 3)))
+        raise InputError(root, f"NaN or inf values in the maps of {_names(subject, bad)}; refused")
+    low = np.flatnonzero((lr < MIN_VALUE).any(axis=(0, 2, 3)))
+    if low.size:
+        degrade("out-of-range", f"values below {MIN_VALUE:g} in {_names(subject, low)} (min {lr.min():.3g}; "
+                "no concentration is that negative: a sign or unit error?)", "the maps are used as given")
+    zero = np.flatnonzero(~(lr != 0).any(axis=(0, 2, 3)))
+    if zero.size:
+        degrade("zero-maps", f"the maps of {_names(subject, zero)} are zero everywhere", "their output is zero")
+    if subject.mask is not None:
+        empty = np.flatnonzero(~subject.mask.any(axis=(0, 2, 3)))
+        if empty.size:
+            degrade("empty-mask", f"the quality mask of {_names(subject, empty)} is empty on every slice (mask from "
+                    f"{subject.mask_source}: the qc maps fail everywhere)", "their output is zero")
+    missing = [n for n, v in (("t1", subject.t1), ("flair", subject.flair)) if v is None]
+    if missing:
+        degrade("missing-anatomy", f"no {' or '.join(m + '.nii.gz' for m in missing)} in {root} (the model is "
+                "conditioned on T1 and FLAIR)", f"the {' and '.join(missing)} channel is zeros, quality may drop "
+                "below zero-filled", option="--allow-missing-anatomy")
+    vx = np.linalg.norm(np.asarray(subject.affine_lr)[:3, :2], axis=0)
+    if abs(vx[0] - vx[1]) > ANISOTROPY_TOL * max(vx):
+        notes.append(f"anisotropic in-plane voxels ({vx[0]:.3g} x {vx[1]:.3g} mm): the model was trained on square "
+                     "voxels; the output keeps the input's geometry")
+    return accepted, notes
