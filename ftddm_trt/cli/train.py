@@ -59,6 +59,7 @@ def package_model_cmd(
     extra_flow: list[Path] = typer.Option([], "--extra-flow", help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*."),
     which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
     command: list[str] = typer.Option([], "--command", help="Training command lines to record in the manifest (repeatable)."),
+    base: Path = typer.Option(None, "--base", help="Model folder whose networks not given as runs are copied as they are (marked from_base in the manifest)."),
     force: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Assemble a model folder from training runs (what `--model` and the shipped model are)."""
@@ -68,7 +69,8 @@ def package_model_cmd(
     if not runs:
         fail("give at least one of --unet, --unet-full, --flow")
     try:
-        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow))
+        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow),
+                                 base=base)
     except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

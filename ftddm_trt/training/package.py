@@ -50,8 +50,9 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
                 shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
             manifest["networks"][name] = {"sha256": model_sha256(tmp / name), **_run_summary(run_dir)}
         if base is not None:
-            base_nets = (json.loads((Path(base) / "manifest.json").read_text()) if (Path(base) / "manifest.json").is_file()
-                         else {}).get("networks", {})
+            base_manifest = json.loads((Path(base) / "manifest.json").read_text()) if (Path(base) / "manifest.json").is_file() else {}
+            base_nets = base_manifest.get("networks", {})
+            manifest["base_commands"] = base_manifest.get("commands", [])  # how the copied networks were made
             for src in sorted(Path(base).glob("*.safetensors")):
                 name = src.stem
                 if name in files:
