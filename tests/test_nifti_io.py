@@ -9,7 +9,7 @@ import pytest
 
 from ftddm_trt.constants import METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, signal_mask_from_lr, support_mask_from_lr
 from ftddm_trt.data.nifti_io import (
     InputError,
     lr_affine_for,
@@ -70,7 +70,10 @@ def test_qc_and_fallback_masks(tmp_path, subject):
         f.unlink()
     r = read_subject(d)
     assert r.mask_source == "fallback"
-    np.testing.assert_array_equal(r.mask, support_mask_from_lr(r.lr > 0))
+    np.testing.assert_array_equal(r.mask, support_mask_from_lr(signal_mask_from_lr(r.lr)))
+    # the fallback is close to the qc-derived mask, not the whole field of view that LR > 0 gives
+    qc_mask = support_mask_from_lr(quality_mask_from_qc(*lr_qc_maps(subject, 10)))
+    assert (r.mask == qc_mask).mean() > 0.85 and support_mask_from_lr(r.lr > 0).mean() > 0.9
 
 
 def test_shared_mask_on_lr_grid_and_aliases(tmp_path):

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, signal_mask_from_lr, support_mask_from_lr
 
 if TYPE_CHECKING:
     from ftddm_trt.data.phantom import PhantomSubject
@@ -468,7 +468,7 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
         ``mask.nii.gz`` (``"mask"``) -- any grid, nearest-neighbour onto the SR grid, and masks on the
         acquired grid itself go through ``support_mask_from_lr`` --, else complete qc maps
         (``"qc"``: ``quality_mask_from_qc`` on the acquired grid, then ``support_mask_from_lr``), else
-        ``support_mask_from_lr(lr > 0)`` (``"fallback"``).
+        ``support_mask_from_lr(signal_mask_from_lr(lr))`` (``"fallback"``).
 
     Raises:
         InputError: naming the offending file, for every problem with the inputs.
@@ -561,8 +561,8 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     elif snr is not None and fwhm is not None:
         mask, source = support_mask_from_lr(quality_mask_from_qc(snr, fwhm)), "qc"
     else:
-        mask, source = support_mask_from_lr(lr > 0), "fallback"
-        notes.append("no masks, mask.nii.gz or qc maps: mask M = dilated support of LR > 0")
+        mask, source = support_mask_from_lr(signal_mask_from_lr(lr)), "fallback"
+        notes.append("no masks, mask.nii.gz or qc maps: mask M = dilated support of LR above 5% of its robust max")
 
     # anatomy
     anat: dict[str, NDArray[np.float32] | None] = {}
