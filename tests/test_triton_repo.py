@@ -338,11 +338,13 @@ def test_server_loop_receives_clip_and_lambda():
     def run(spec):
         return torch.from_numpy(run_sampler(bls, y.numpy(), s[:, None].numpy(), encode_sampler_settings(spec, 5))[0])
 
-    base = run(SamplerSpec("dpmpp", steps=3))
+    plain = dict(steps=3, data_consistency=False)  # the solver's own output, not its k-space-corrected one
+    base = run(SamplerSpec("dpmpp", **plain))
     assert float(base.max()) <= 3.0  # the default clip reached the solver's data predictions (the last step returns D)
-    assert float(run(SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.5))).max()) <= 0.5
-    assert float(run(SamplerSpec("dpmpp", steps=3, clip_x0=None)).abs().max()) > 3.0
-    assert not torch.equal(run(SamplerSpec("dpmpp", steps=3, lambda_min=None)), base)
+    assert float(run(SamplerSpec("dpmpp", clip_x0=(0.0, 0.5), **plain)).max()) <= 0.5
+    assert float(run(SamplerSpec("dpmpp", clip_x0=None, **plain)).abs().max()) > 3.0
+    assert not torch.equal(run(SamplerSpec("dpmpp", lambda_min=None, **plain)), base)
+    assert not torch.equal(run(SamplerSpec("dpmpp", steps=3)), base)  # data consistency travels to the server too
 
 
 def test_run_sampler_rejects_bad_shapes():
