@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import typer
@@ -18,6 +18,11 @@ from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import publish_dir, staging_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC
+
+if TYPE_CHECKING:
+    from ftddm_trt.data.nifti_io import SubjectInput
+    from ftddm_trt.engine.backend import Backend
+    from ftddm_trt.engine.pipeline import SamplerSpec
 
 
 @dataclass
@@ -37,72 +42,125 @@ class UpscaleOptions:
     onnx: Optional[Path] = None
     engines: Optional[Path] = None
     batch_size: int = 16
-    url: Optional[str] = None
+    url: Optional[str | list[str]] = None  # a list: several Triton servers (a pool)
     scale: Optional[float] = None
     server_loop: bool = False
+    clients_per_server: int = 1  # concurrent requests per Triton server (upscale-cohort)
 
 
-def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
-    """Read, super-resolve, write ``out_dir`` atomically; returns the run record (run.json).
+class UpscaleError(Exception):
+    """One subject cannot be super-resolved; the message names why. Nothing was written."""
 
-    Errors exit non-zero through ``fail`` with nothing written to ``out_dir``.
-    """
-    from ftddm_trt.data.figures import report_figure
-    from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
-    from ftddm_trt.engine.factory import open_backend
+
+def check_options(opts: UpscaleOptions) -> "SamplerSpec":
+    """The sampler spec of ``opts``; UpscaleError for settings that cannot run (checked before any work)."""
     from ftddm_trt.engine.pipeline import SamplerSpec
-    from ftddm_trt.engine.upscale import upscale_subject
 
-    if not subject_dir.is_dir():
-        fail(f"{subject_dir}: subject folder does not exist")
-    check_output_dir(out_dir, force, inputs=(subject_dir,))
     try:
         spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f)
     except ValueError as err:
-        fail(str(err))
+        raise UpscaleError(str(err)) from err
     if opts.samples < 1:
-        fail(f"--samples must be >= 1, got {opts.samples}")
+        raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
     if opts.server_loop and opts.backend != "triton":
-        fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
-    flow_ttrunc = spec.ttrunc if spec.uses_flow else None
+        raise UpscaleError("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
     if opts.backend in ("torch", "onnxruntime") and opts.onnx is None:
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            ModelSet.open(opts.model, flow_ttrunc)  # a flow trained for this Ttrunc must exist
+            ModelSet.open(opts.model, _flow_ttrunc(spec))  # a flow trained for this Ttrunc must exist
         except FileNotFoundError as err:
-            fail(str(err))
+            raise UpscaleError(str(err)) from err
+    return spec
+
+
+def _flow_ttrunc(spec) -> int | None:
+    return spec.ttrunc if spec.uses_flow else None
+
+
+def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
+    """The backend ``opts`` names (a pool of servers for ``--backend triton`` with several URLs)."""
+    from ftddm_trt.engine.factory import open_backend
+
+    try:
+        return open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
+                            url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print,
+                            clients_per_server=opts.clients_per_server)
+    except Exception as err:  # every runtime has its own errors: report them by name
+        raise UpscaleError(f"cannot open backend {opts.backend!r}: {err}") from err
+
+
+def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:
+    """Hashes of the networks ``spec`` runs, as the backend reports them (ONNX sha256, else weights)."""
+    needed = ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+    hashes = backend_info.get("onnx") or backend_info.get("engines") or backend_info.get("models") or {}
+    return {n: str(hashes.get(n, "")) for n in needed}
+
+
+def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_info: dict) -> dict:
+    """What decides a subject's output: input, sampler, seed, batching, samples, metabolites and the
+    model hashes. The backend itself is left out: every backend gives the same maps for the same seed
+    and batch size (to float rounding)."""
+    return _json_normal({"input": str(subject_dir.resolve()), "sampler": spec.to_dict(), "samples": opts.samples, "seed": opts.seed,
+            "batch_size": opts.batch_size, "metabolites": list(opts.metabolites) if opts.metabolites else None,
+            "scale": opts.scale, "server_loop": opts.server_loop, "models": model_fingerprint(spec, backend_info)})
+
+
+def _json_normal(d: dict) -> dict:
+    """``d`` as it reads back from run.json (tuples become lists), so that fingerprints compare equal."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def load_subject(subject_dir: Path, opts: UpscaleOptions) -> "SubjectInput":
+    """Read a subject folder and keep the metabolites ``opts`` asks for; UpscaleError names what is wrong."""
+    from ftddm_trt.data.nifti_io import InputError, read_subject
+
+    if not subject_dir.is_dir():
+        raise UpscaleError(f"{subject_dir}: subject folder does not exist")
     try:
         subject = read_subject(subject_dir)
     except InputError as err:
-        fail(str(err))
+        raise UpscaleError(str(err)) from err
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
-        fail(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
+        raise UpscaleError(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
     if opts.metabolites:
         unknown = [m for m in opts.metabolites if m not in subject.metabolites]
         if unknown:
-            fail(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
+            raise UpscaleError(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
         keep = [subject.metabolites.index(m) for m in opts.metabolites]
         subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
         subject.metabolites = tuple(opts.metabolites)
+    return subject
 
-    try:
-        backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, ttrunc=flow_ttrunc, log=console.print)
-    except Exception as err:  # every runtime has its own errors: report them by name
-        fail(f"cannot open backend {opts.backend!r}: {err}")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def n_maps(subject: "SubjectInput", opts: UpscaleOptions) -> int:
+    """Images one subject costs: slices x metabolites x samples."""
+    return int(subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
+
+
+def upscale_with_backend(
+    subject_dir: Path,
+    subject: "SubjectInput",
+    out_dir: Path,
+    opts: UpscaleOptions,
+    spec,
+    backend,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Super-resolve a subject read by ``load_subject`` on an open ``backend``; write ``out_dir`` atomically.
+
+    ``progress(done, total)`` counts maps. Returns the run record (run.json). Errors propagate (the
+    caller decides whether to go on); either way nothing is left at ``out_dir`` or beside it.
+    """
+    from ftddm_trt.data.figures import report_figure
+    from ftddm_trt.data.nifti_io import write_maps
+    from ftddm_trt.engine.upscale import upscale_subject
 
     tmp = staging_dir(out_dir)
     try:
-        with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
-                               TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
-            result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                     samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
-                                     server_loop=opts.server_loop)
-            backend_info = backend.describe()
+        result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
+                                 samples=opts.samples, progress=progress, server_loop=opts.server_loop)
+        backend_info = backend.describe()
         write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
         record = {
             "ftddm_trt_version": __version__,
@@ -116,18 +174,63 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
             "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
+            "fingerprint": settings_fingerprint(subject_dir, opts, spec, backend_info),
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
         report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
                       t1=subject.t1, flair=subject.flair,
                       title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
         publish_dir(tmp, out_dir)
-    except BaseException as err:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, (KeyboardInterrupt, SystemExit, typer.Exit)):
-            raise
+    return record
+
+
+def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
+    """Read, super-resolve, write ``out_dir`` atomically; returns the run record (run.json).
+
+    Errors exit non-zero through ``fail`` with nothing written to ``out_dir``.
+    """
+    if not subject_dir.is_dir():
+        fail(f"{subject_dir}: subject folder does not exist")
+    check_output_dir(out_dir, force, inputs=(subject_dir,))
+    try:
+        spec = check_options(opts)
+    except UpscaleError as err:
+        fail(str(err))
+    try:
+        subject = load_subject(subject_dir, opts)
+    except UpscaleError as err:
+        fail(str(err))
+    try:
+        backend = open_upscale_backend(opts, spec)
+    except UpscaleError as err:
+        fail(str(err))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    try:
+        with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
+                               TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("maps", total=n_maps(subject, opts))
+            record = upscale_with_backend(subject_dir, subject, out_dir, opts, spec, backend,
+                                          progress=lambda done, total: bar.update(task, completed=done))
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except Exception as err:
         fail(f"upscaling {subject_dir} failed, nothing written to {out_dir}: {type(err).__name__}: {err}")
     return record
+
+
+def options_from_params(params: dict) -> UpscaleOptions:
+    """UpscaleOptions from a command's parameters (the options ``upscale`` declares; others are ignored)."""
+    from dataclasses import fields
+
+    kw = {f.name: params[f.name] for f in fields(UpscaleOptions) if f.name in params}
+    metabolites = kw.get("metabolites")
+    if isinstance(metabolites, str):
+        kw["metabolites"] = [m.strip() for m in metabolites.split(",")] if metabolites else None
+    return UpscaleOptions(**kw)
 
 
 @app.command("upscale")
@@ -153,10 +256,7 @@ def upscale_cmd(
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM."""
-    opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
-                          samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
-                          seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop)
+    opts = options_from_params(locals())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")
