@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.models.model_set import ModelSet
@@ -35,14 +35,16 @@ def open_backend(
     model: Path | None = None,
     onnx_dir: Path | None = None,
     engine_dir: Path | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    clients_per_server: int = 1,
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
-    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
+    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``). ``url``: one Triton endpoint, or
+    several for a ``TritonPool`` with ``clients_per_server`` concurrent clients each."""
     if kind == "torch":
         from ftddm_trt.engine.torch_backend import TorchBackend
 
@@ -58,7 +60,12 @@ def open_backend(
             raise ValueError("--backend tensorrt needs --engines DIR (built by `ftddm-trt build-engine`)")
         return TensorRTBackend(engine_dir)
     if kind == "triton":
+        urls = [url] if isinstance(url, str) else list(url or ["localhost:8001"])
+        if len(urls) > 1 or clients_per_server > 1:  # batches spread over the servers that are up
+            from ftddm_trt.engine.triton_pool import TritonPool
+
+            return TritonPool(urls, clients_per_server=clients_per_server, log=log)
         from ftddm_trt.engine.triton_backend import TritonBackend
 
-        return TritonBackend(url or "localhost:8001")
+        return TritonBackend(urls[0])
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
