@@ -28,19 +28,30 @@ def train_cmd(
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes (0: no limit); re-run to resume."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
+    shards: int = typer.Option(0, "--shards", help="Shards per global batch (0: one per process). The same shards give the same run on any number of processes dividing them."),
 ) -> None:
-    """Train (or resume) one network. Interrupt at any moment; the same command resumes."""
+    """Train (or resume) one network. Interrupt at any moment; the same command resumes.
+
+    Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main train ...` (DDP; gloo on the
+    CPU, NCCL with one GPU per process); --batch-size is the global batch; only rank 0 writes.
+    """
+    from ftddm_trt.training.distributed import init_from_env
     from ftddm_trt.training.trainer import TASKS, TrainConfig, train
 
     if task not in TASKS:
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                      t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every)
+                      t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every,
+                      extra={"shards": shards} if shards else {})
+    ctx = init_from_env(device)
     try:
-        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from)
+        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx)
     except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    console.print_json(json.dumps(summary))
+        fail(f"rank {ctx.rank}: {err}" if ctx.enabled else str(err))
+    finally:
+        ctx.shutdown()
+    if ctx.is_main:
+        console.print_json(json.dumps({**summary, "processes": ctx.world_size}))
 
 
 @app.command("package-model")
