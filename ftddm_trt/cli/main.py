@@ -9,6 +9,7 @@ import sys
 
 from ftddm_trt.cli.app import app
 from ftddm_trt.cli import bench as _bench  # noqa: F401
+from ftddm_trt.cli import cohort as _cohort  # noqa: F401
 from ftddm_trt.cli import demo as _demo  # noqa: F401
 from ftddm_trt.cli import export as _export  # noqa: F401
 from ftddm_trt.cli import phantom as _phantom  # noqa: F401

@@ -49,8 +49,12 @@ def triton_repo_cmd(
     engines: Path = typer.Option(None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Largest batch each model accepts."),
     queue_delay_us: int = typer.Option(200, "--queue-delay-us", help="Dynamic batching: max queue delay in microseconds."),
+    dynamic_batching: bool = typer.Option(True, "--dynamic-batching/--no-dynamic-batching",
+                                          help="Let Triton merge concurrent requests to a network into one batch."),
     instances: int = typer.Option(1, "--instances", help="Instances per network model."),
     sampler_instances: int = typer.Option(2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops)."),
+    sampler: bool = typer.Option(True, "--sampler/--no-sampler", help="Include ftddm_sampler (server-side loop; needs torch and "
+                                 "ftddm_trt in the server's Python). --no-sampler for NVIDIA's stock container (deploy/)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
 ) -> None:
     """Generate a Triton model repository: ftddm_unet, ftddm_unet_full, ftddm_flow and ftddm_sampler.
@@ -74,7 +78,7 @@ def triton_repo_cmd(
     check_output_dir(out, force, tuple(p for p in (onnx, model, engines) if p is not None))
     try:
         options = RepoOptions(max_batch_size=max_batch_size, max_queue_delay_us=queue_delay_us, instances=instances,
-                              sampler_instances=sampler_instances)
+                              sampler_instances=sampler_instances, dynamic_batching=dynamic_batching, sampler=sampler)
         onnx_dir = onnx if onnx is not None else _export_for(model, out)
         meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print)
     except (ConfigError, FileNotFoundError, ValueError, OutputError) as err:

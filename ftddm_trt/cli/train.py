@@ -33,21 +33,32 @@ def train_cmd(
     lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
     data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
+    shards: int = typer.Option(0, "--shards", help="Shards per global batch (0: one per process). The same shards give the same run on any number of processes dividing them."),
 ) -> None:
-    """Train (or resume) one network. Interrupt at any moment; the same command resumes."""
+    """Train (or resume) one network. Interrupt at any moment; the same command resumes.
+
+    Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main train ...` (DDP; gloo on the
+    CPU, NCCL with one GPU per process); --batch-size is the global batch; only rank 0 writes.
+    """
+    from ftddm_trt.training.distributed import init_from_env
     from ftddm_trt.training.trainer import TASKS, TrainConfig, train
 
     if task not in TASKS:
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    ctx = init_from_env(device)
     try:
         cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                           t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every,
                           styles=tuple(style), lr_protocol_fraction=lr_fraction, val_subjects=val_subjects,
-                          data_dir=str(data.resolve()) if data is not None else None)
-        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from)
+                          data_dir=str(data.resolve()) if data is not None else None,
+                          extra={"shards": shards} if shards else {})
+        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx)
     except (ValueError, FileNotFoundError) as err:
-        fail(str(err))
-    console.print_json(json.dumps(summary))
+        fail(f"rank {ctx.rank}: {err}" if ctx.enabled else str(err))
+    finally:
+        ctx.shutdown()
+    if ctx.is_main:
+        console.print_json(json.dumps({**summary, "processes": ctx.world_size}))
 
 
 @app.command("package-model")

@@ -1,4 +1,10 @@
-"""`ftddm-trt upscale` (a subject folder -> 64x64 maps) and `ftddm-trt evaluate` (against a truth)."""
+"""`ftddm-trt upscale` (a subject folder -> 64x64 maps) and `ftddm-trt evaluate` (against a truth).
+
+One subject goes through ``check_options`` (settings, before any work), ``load_subject`` (read, degraded
+inputs refused or accepted, data consistency decided by its mask), ``open_upscale_backend`` and
+``upscale_with_backend`` (sample, write the folder atomically under its lock); `upscale` runs them for
+one subject and `upscale-cohort` (cli/cohort.py) for every subject of a cohort over one backend.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,9 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import typer
@@ -21,6 +27,11 @@ from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, USER_DEFAULT_TAU_
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 from ftddm_trt.integrity import IntegrityError, check_temperature
 
+if TYPE_CHECKING:
+    from ftddm_trt.data.nifti_io import SubjectInput
+    from ftddm_trt.engine.backend import Backend
+    from ftddm_trt.engine.pipeline import SamplerSpec
+
 #: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
 CLIP_X0_DEFAULT = "0,3"
 LAMBDA_MIN_DEFAULT = f"{DEFAULT_LAMBDA_MIN:g}"
@@ -28,7 +39,7 @@ LAMBDA_MIN_DEFAULT = f"{DEFAULT_LAMBDA_MIN:g}"
 
 @dataclass
 class UpscaleOptions:
-    """Everything `upscale` (and `demo`) lets a user choose."""
+    """Everything `upscale` (and `demo`, `upscale-cohort`) lets a user choose."""
 
     backend: str = "onnxruntime"
     sampler: str = "ftddm-dpmpp"
@@ -45,7 +56,7 @@ class UpscaleOptions:
     onnx: Optional[Path] = None
     engines: Optional[Path] = None
     batch_size: int = 16
-    url: Optional[str] = None
+    url: Optional[str | list[str]] = None  # a list: several Triton servers (a pool)
     scale: Optional[float] = None
     server_loop: bool = False
     data_consistency: str = "auto"
@@ -53,6 +64,213 @@ class UpscaleOptions:
     allow_missing_anatomy: bool = False
     accept: tuple[str, ...] = ()
     retry_s: float = 30.0
+    clients_per_server: int = 1  # concurrent requests per Triton server (upscale-cohort)
+
+
+class UpscaleError(Exception):
+    """One subject cannot be super-resolved; the message names why. Nothing was written."""
+
+
+@dataclass
+class LoadedSubject:
+    """A subject read and checked for one run.
+
+    subject_dir: its folder; input: the maps as read (metabolites as asked); spec: the sampler it runs
+    (``data_consistency`` decided by its mask, ``pipeline.consistency_for``); accepted: degraded inputs
+    accepted, as sentences; notes: remarks needing no acceptance (reader's and checks')."""
+
+    subject_dir: Path
+    input: "SubjectInput"
+    spec: "SamplerSpec"
+    accepted: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def accept_set(opts: UpscaleOptions) -> set[str]:
+    """The degraded inputs ``opts`` accepts (``--accept`` plus ``--allow-missing-anatomy``)."""
+    return set(opts.accept) | ({"missing-anatomy"} if opts.allow_missing_anatomy else set())
+
+
+def upscale_inputs(subject_dir: Path, opts: UpscaleOptions) -> tuple[Path | None, ...]:
+    """Folders a subject's output must neither lie in nor hold (the subject, the model and its exports)."""
+    return (subject_dir, opts.model, opts.onnx, opts.engines)
+
+
+def check_options(opts: UpscaleOptions) -> "SamplerSpec":
+    """The sampler spec of ``opts``; UpscaleError for settings that cannot run (checked before any work).
+
+    The spec's ``data_consistency`` is decided per subject by ``load_subject``."""
+    from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
+
+    try:
+        check_temperature("--tau-d", opts.tau_d)
+        check_temperature("--tau-f", opts.tau_f)
+        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
+        consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
+    except ValueError as err:
+        raise UpscaleError(str(err)) from err
+    if opts.samples < 1:
+        raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
+    if opts.samples > 1 and spec.deterministic:
+        raise UpscaleError(f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical "
+                           "output: give --tau-f > 0 (0.9 is the paper's temperature) to draw different samples")
+    if opts.server_loop and opts.backend != "triton":
+        raise UpscaleError("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
+    if opts.backend in ("torch", "onnxruntime") and opts.onnx is None:
+        from ftddm_trt.models.model_set import ModelSet
+
+        try:
+            ModelSet.open(opts.model, _flow_ttrunc(spec))  # a flow trained for this Ttrunc must exist
+        except FileNotFoundError as err:
+            raise UpscaleError(str(err)) from err
+    return spec
+
+
+def _flow_ttrunc(spec) -> int | None:
+    return spec.ttrunc if spec.uses_flow else None
+
+
+def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
+    """The backend ``opts`` names (a pool of servers for ``--backend triton`` with several URLs)."""
+    from ftddm_trt.engine.factory import open_backend
+
+    try:
+        return open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
+                            url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
+                            clients_per_server=opts.clients_per_server)
+    except IntegrityError as err:
+        raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
+    except Exception as err:  # every runtime has its own errors: report them by name
+        raise UpscaleError(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}") from err
+
+
+def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:
+    """Hashes of the networks ``spec`` runs, as the backend reports them (ONNX sha256, else weights)."""
+    needed = ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+    hashes = backend_info.get("onnx") or backend_info.get("engines") or backend_info.get("models") or {}
+    return {n: str(hashes.get(n, "")) for n in needed}
+
+
+def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_info: dict) -> dict:
+    """What decides a subject's output: input, sampler (``spec`` from ``check_options``), data-consistency
+    mode, concentration kind, seed, batching, samples, metabolites and the model hashes. The backend
+    itself is left out: every backend gives the same maps for the same seed and batch size (to float
+    rounding). Degraded inputs accepted are checked apart (``accepted_covered``)."""
+    return _json_normal({"input": str(subject_dir.resolve()), "sampler": spec.to_dict(), "samples": opts.samples, "seed": opts.seed,
+            "batch_size": opts.batch_size, "metabolites": list(opts.metabolites) if opts.metabolites else None,
+            "scale": opts.scale, "server_loop": opts.server_loop, "data_consistency": opts.data_consistency,
+            "kind": opts.kind, "models": model_fingerprint(spec, backend_info)})
+
+
+def accepted_covered(record: dict, opts: UpscaleOptions) -> bool:
+    """True when every degraded input a finished run accepted (run.json ``accepted``) is accepted by ``opts``."""
+    return {line.split(":", 1)[0] for line in record.get("accepted", [])} <= accept_set(opts)
+
+
+def _json_normal(d: dict) -> dict:
+    """``d`` as it reads back from run.json (tuples become lists), so that fingerprints compare equal."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject:
+    """Read a subject folder for ``spec`` (from ``check_options``): the concentration kind ``opts`` names
+    (several kinds without --kind are refused), the metabolites it asks for, degraded inputs refused unless
+    accepted, data consistency set from the subject's mask. UpscaleError names what is wrong."""
+    from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject
+    from ftddm_trt.data.nifti_io import InputError, read_subject
+    from ftddm_trt.engine.pipeline import consistency_for
+
+    if not subject_dir.is_dir():
+        raise UpscaleError(f"{subject_dir}: subject folder does not exist")
+    try:
+        ambiguous_kinds(subject_dir, opts.kind)
+        subject = read_subject(subject_dir, kind=opts.kind)
+        subject_spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
+    except (InputError, ValueError) as err:
+        raise UpscaleError(str(err)) from err
+    if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
+        raise UpscaleError(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
+    if opts.metabolites:
+        unknown = [m for m in opts.metabolites if m not in subject.metabolites]
+        if unknown:
+            raise UpscaleError(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
+        keep = [subject.metabolites.index(m) for m in opts.metabolites]
+        subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
+        subject.metabolites = tuple(opts.metabolites)
+    try:
+        accepted, input_notes = check_subject(subject, accept_set(opts))
+    except (InputError, ValueError) as err:
+        raise UpscaleError(str(err)) from err
+    return LoadedSubject(subject_dir, subject, subject_spec, accepted, [*subject.notes, *input_notes])
+
+
+def report_loaded(loaded: LoadedSubject, prefix: str = "") -> None:
+    """Print what was accepted about a subject and the notes the checks made (stderr console)."""
+    for line in loaded.accepted:
+        console.print(f"[yellow]{prefix}accepted[/] {line}", highlight=False)
+    for line in loaded.notes[len(loaded.input.notes):]:
+        console.print(f"[yellow]{prefix}note[/] {line}", highlight=False)
+
+
+def n_maps(loaded: LoadedSubject, opts: UpscaleOptions) -> int:
+    """Images one subject costs: slices x metabolites x samples."""
+    return int(loaded.input.lr.shape[0] * loaded.input.lr.shape[1] * opts.samples)
+
+
+def upscale_with_backend(
+    loaded: LoadedSubject,
+    out_dir: Path,
+    opts: UpscaleOptions,
+    base_spec,
+    backend,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    command: str = "upscale",
+) -> dict:
+    """Super-resolve a subject read by ``load_subject`` on an open ``backend``; write ``out_dir`` atomically.
+
+    ``base_spec``: the spec of ``check_options`` (recorded in the settings fingerprint). ``out_dir`` is
+    checked and locked (``atomic.atomic_dir``: OutputError when refused or busy) before sampling.
+    ``progress(done, total)`` counts maps. Returns the run record (run.json). Errors propagate (the
+    caller decides whether to go on); either way nothing is left at ``out_dir`` or beside it.
+    """
+    from ftddm_trt.data.figures import report_figure
+    from ftddm_trt.data.input_checks import zero_output_channels
+    from ftddm_trt.data.nifti_io import write_maps
+    from ftddm_trt.engine.upscale import upscale_subject
+
+    subject_dir, subject, spec = loaded.subject_dir, loaded.input, loaded.spec
+    with atomic_dir(out_dir, force, upscale_inputs(subject_dir, opts), command=command) as tmp:  # locked: no concurrent writer
+        result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
+                                 samples=opts.samples, progress=progress, server_loop=opts.server_loop)
+        backend_info = backend.describe()
+        zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
+        result.maps[:, zero] = 0.0
+        if result.sd is not None:
+            result.sd[:, zero] = 0.0
+        write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
+        record = {
+            "ftddm_trt_version": __version__,
+            "input": str(subject_dir.resolve()),
+            "output": str(out_dir.resolve()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
+            "metabolites": list(subject.metabolites), "kind": subject.kind,
+            "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
+            "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
+            "anatomy": result.condition.anatomy, "accepted": loaded.accepted, "notes": loaded.notes,
+            "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
+            "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
+            "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
+            "fingerprint": settings_fingerprint(subject_dir, opts, base_spec, backend_info),
+        }
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
+                      t1=subject.t1, flair=subject.flair,
+                      title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
+    return record
 
 
 def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, force: bool = False) -> dict:
@@ -60,107 +278,28 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     Errors exit non-zero through ``fail`` with nothing written to ``out_dir``.
     """
-    from ftddm_trt.data.figures import report_figure
-    from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject, zero_output_channels
-    from ftddm_trt.data.nifti_io import InputError, read_subject, write_maps
-    from ftddm_trt.engine.factory import open_backend
-    from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
-    from ftddm_trt.engine.upscale import upscale_subject
-
     if not subject_dir.is_dir():
         fail(f"{subject_dir}: subject folder does not exist")
-    inputs = (subject_dir, opts.model, opts.onnx, opts.engines)
-    check_output_dir(out_dir, force, inputs)
+    check_output_dir(out_dir, force, upscale_inputs(subject_dir, opts))
     try:
-        check_temperature("--tau-d", opts.tau_d)
-        check_temperature("--tau-f", opts.tau_f)
-        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
-    except ValueError as err:
+        spec = check_options(opts)
+        loaded = load_subject(subject_dir, opts, spec)
+    except UpscaleError as err:
         fail(str(err))
-    if opts.samples < 1:
-        fail(f"--samples must be >= 1, got {opts.samples}")
-    if opts.samples > 1 and spec.deterministic:
-        fail(f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical output: "
-             "give --tau-f > 0 (0.9 is the paper's temperature) to draw different samples")
-    if opts.server_loop and opts.backend != "triton":
-        fail("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
-    flow_ttrunc = spec.ttrunc if spec.uses_flow else None
-    if opts.backend in ("torch", "onnxruntime") and opts.onnx is None:
-        from ftddm_trt.models.model_set import ModelSet
-
-        try:
-            ModelSet.open(opts.model, flow_ttrunc)  # a flow trained for this Ttrunc must exist
-        except FileNotFoundError as err:
-            fail(str(err))
+    report_loaded(loaded)
     try:
-        ambiguous_kinds(subject_dir, opts.kind)
-        subject = read_subject(subject_dir, kind=opts.kind)
-        spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
-    except (InputError, ValueError) as err:
+        backend = open_upscale_backend(opts, spec)
+    except UpscaleError as err:
         fail(str(err))
-    if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
-        fail(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
-    if opts.metabolites:
-        unknown = [m for m in opts.metabolites if m not in subject.metabolites]
-        if unknown:
-            fail(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
-        keep = [subject.metabolites.index(m) for m in opts.metabolites]
-        subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
-        subject.metabolites = tuple(opts.metabolites)
-    accept = set(opts.accept) | ({"missing-anatomy"} if opts.allow_missing_anatomy else set())
-    try:
-        accepted, input_notes = check_subject(subject, accept)
-    except (InputError, ValueError) as err:
-        fail(str(err))
-    for line in accepted:
-        console.print(f"[yellow]accepted[/] {line}", highlight=False)
-    for line in input_notes:
-        console.print(f"[yellow]note[/] {line}", highlight=False)
-
-    try:
-        backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, ttrunc=flow_ttrunc, log=console.print, retry_s=opts.retry_s)
-    except IntegrityError as err:
-        fail(f"refusing to run backend {opts.backend!r}: {err}")
-    except Exception as err:  # every runtime has its own errors: report them by name
-        fail(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     try:
-        with backend, atomic_dir(out_dir, force, inputs, command="upscale") as tmp:  # locked: no concurrent writer
-            with Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
-                                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-                task = bar.add_task("maps", total=subject.lr.shape[0] * subject.lr.shape[1] * opts.samples)
-                result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                         samples=opts.samples, progress=lambda done, total: bar.update(task, completed=done),
-                                         server_loop=opts.server_loop)
-                backend_info = backend.describe()
-            zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
-            result.maps[:, zero] = 0.0
-            if result.sd is not None:
-                result.sd[:, zero] = 0.0
-            write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
-            record = {
-                "ftddm_trt_version": __version__,
-                "input": str(subject_dir.resolve()),
-                "output": str(out_dir.resolve()),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "host": platform.node(),
-                "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
-                "metabolites": list(subject.metabolites), "kind": subject.kind,
-                "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
-                "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
-                "anatomy": result.condition.anatomy, "accepted": accepted, "notes": [*subject.notes, *input_notes],
-                "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
-                "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
-                "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
-            }
-            (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
-            report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
-                          t1=subject.t1, flair=subject.flair,
-                          title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
+        with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),
+                               TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("maps", total=n_maps(loaded, opts))
+            record = upscale_with_backend(loaded, out_dir, opts, spec, backend, force=force,
+                                          progress=lambda done, total: bar.update(task, completed=done))
     except OutputError as err:
         fail(str(err))
     except (KeyboardInterrupt, SystemExit, typer.Exit):
@@ -168,6 +307,27 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     except Exception as err:
         fail(f"upscaling {subject_dir} failed, nothing written to {out_dir}: {type(err).__name__}: {err}")
     return record
+
+
+def options_from_params(params: dict) -> UpscaleOptions:
+    """UpscaleOptions from a command's parameters (the options ``upscale`` declares; others are ignored).
+
+    The command-line strings are parsed here: --metabolites and --accept (comma-separated), --clip-x0
+    (``LO,HI`` or none), --lambda-min (a number or none); a bad value exits with a named error."""
+    from dataclasses import fields
+
+    kw = {f.name: params[f.name] for f in fields(UpscaleOptions) if f.name in params}
+    metabolites = kw.get("metabolites")
+    if isinstance(metabolites, str):
+        kw["metabolites"] = [m.strip() for m in metabolites.split(",")] if metabolites else None
+    if isinstance(kw.get("accept"), str) or kw.get("accept") is None:
+        text = kw.pop("accept", None)
+        kw["accept"] = tuple(a.strip() for a in text.split(",") if a.strip()) if text else ()
+    if isinstance(kw.get("clip_x0"), str):
+        kw["clip_x0"] = parse_clip_x0(kw["clip_x0"])
+    if isinstance(kw.get("lambda_min"), str):
+        kw["lambda_min"] = parse_lambda_min(kw["lambda_min"])
+    return UpscaleOptions(**kw)
 
 
 @app.command("upscale")
@@ -207,13 +367,7 @@ def upscale_cmd(
 
     Degraded inputs (missing T1/FLAIR, several concentration kinds, all-zero, non-finite or out-of-range
     maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
-    opts = UpscaleOptions(backend=backend, sampler=sampler, ttrunc=ttrunc, steps=steps, tau_d=tau_d, tau_f=tau_f,
-                          clip_x0=parse_clip_x0(clip_x0), lambda_min=parse_lambda_min(lambda_min),
-                          samples=samples, metabolites=[m.strip() for m in metabolites.split(",")] if metabolites else None,
-                          seed=seed, model=model, onnx=onnx, engines=engines, batch_size=batch_size, url=url, scale=scale,
-                          server_loop=server_loop, data_consistency=data_consistency, retry_s=retry_s, kind=kind,
-                          allow_missing_anatomy=allow_missing_anatomy,
-                          accept=tuple(a.strip() for a in accept.split(",") if a.strip()) if accept else ())
+    opts = options_from_params(locals())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
     console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
                   f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")

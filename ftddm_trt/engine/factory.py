@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ftddm_trt.atomic import OutputBusy
 from ftddm_trt.engine.backend import Backend
@@ -47,15 +47,18 @@ def open_backend(
     model: Path | None = None,
     onnx_dir: Path | None = None,
     engine_dir: Path | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     device: str = "cpu",
     precision: str = "fp32",
     ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
     retry_s: float | None = None,
+    clients_per_server: int = 1,
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
-    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
+    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``). ``url``: one Triton endpoint, or
+    several for a ``TritonPool`` with ``clients_per_server`` concurrent clients each. ``retry_s``: how long
+    each Triton client retries a server that stops answering (a pool then drops it)."""
     if kind == "torch":
         from ftddm_trt.engine.torch_backend import TorchBackend
 
@@ -71,7 +74,12 @@ def open_backend(
             raise ValueError("--backend tensorrt needs --engines DIR (built by `ftddm-trt build-engine`)")
         return TensorRTBackend(engine_dir)
     if kind == "triton":
+        urls = [url] if isinstance(url, str) else list(url or ["localhost:8001"])
+        if len(urls) > 1 or clients_per_server > 1:  # batches spread over the servers that are up
+            from ftddm_trt.engine.triton_pool import TritonPool
+
+            return TritonPool(urls, clients_per_server=clients_per_server, log=log, retry_s=retry_s)
         from ftddm_trt.engine.triton_backend import TritonBackend
 
-        return TritonBackend(url or "localhost:8001", retry_s=retry_s)
+        return TritonBackend(urls[0], retry_s=retry_s)
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

@@ -268,7 +268,8 @@ def sample_images(
     """Super-resolve K images in batches (whole-volume batching).
 
     y: (K,4,64,64), s: (K,). Batch i draws its noise from a generator seeded by ``batch_seed(seed, i)``,
-    so a result depends on the seed and the batch size, never on the backend. ``batch_sampler``
+    so a result depends on the seed and the batch size, never on the backend (nor, for a backend with
+    ``map_batches`` such as ``TritonPool``, on which server ran a batch). ``batch_sampler``
     replaces the in-process loop for one batch (e.g. Triton's server-side sampler); by default
     ``sample_batch`` runs here. ``progress(n_done)`` is called after each batch.
     Returns (x0 (K,1,64,64) on the CPU, NFE per image).
@@ -281,12 +282,28 @@ def sample_images(
         def batch_sampler(yb: torch.Tensor, sb: torch.Tensor, bseed: int) -> SampleResult:
             return sample_batch(backend, spec, yb, sb, torch.Generator().manual_seed(bseed), schedule)
 
-    outs = []
-    nfe = spec.nfe
-    for i, start in enumerate(range(0, y.shape[0], batch_size)):
-        res = batch_sampler(y[start : start + batch_size], s[start : start + batch_size], batch_seed(seed, i))
-        outs.append(res.x0.float().cpu())
-        nfe = res.nfe
+    k = y.shape[0]
+    n_batches = -(-k // batch_size)
+
+    def run(i: int) -> SampleResult:
+        start = i * batch_size
+        return batch_sampler(y[start : start + batch_size], s[start : start + batch_size], batch_seed(seed, i))
+
+    images_done = 0
+
+    def done(i: int) -> None:
+        nonlocal images_done
+        images_done += min(batch_size, k - i * batch_size)
         if progress is not None:
-            progress(min(start + batch_size, y.shape[0]))
-    return torch.cat(outs), nfe
+            progress(images_done)
+
+    map_batches = getattr(backend, "map_batches", None)  # a pool of servers runs batches concurrently
+    if map_batches is not None:
+        results = map_batches(run, n_batches, done)
+    else:
+        results = []
+        for i in range(n_batches):
+            results.append(run(i))
+            done(i)
+    nfe = results[-1].nfe if results else spec.nfe
+    return torch.cat([r.x0.float().cpu() for r in results]), nfe

@@ -73,7 +73,8 @@ class RepoOptions:
     KIND_GPU for gpu); sampler_instances: concurrent sampling loops; intra_op_threads: ONNX Runtime
     threads per cpu network instance (0: its default); trt_precision / trt_workspace_bytes: the
     TensorRT accelerator of the gpu flavour without engines (FP32 by default: InstanceNorm and
-    attention drift in fp16, REFERENCE.md section 3; engines from build-engine keep those in fp32).
+    attention drift in fp16, REFERENCE.md section 3; engines from build-engine keep those in fp32);
+    dynamic_batching: False leaves the batcher out of the network configs (each request runs alone).
     """
 
     max_batch_size: int = 32
@@ -85,6 +86,7 @@ class RepoOptions:
     trt_precision: str = "FP32"
     trt_workspace_bytes: int = 1 << 30
     sampler: bool = True
+    dynamic_batching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -194,14 +196,17 @@ def network_config(
                 f'      parameters {{ key: "max_workspace_size_bytes" value: "{options.trt_workspace_bytes}" }}\n'
                 '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
                 "    } ]\n  }\n}\n")
-    preferred = ""
-    if options.preferred_batch_sizes:
-        preferred = f"  preferred_batch_size: [ {', '.join(str(b) for b in options.preferred_batch_sizes)} ]\n"
+    batching = ""
+    if options.dynamic_batching:
+        preferred = ""
+        if options.preferred_batch_sizes:
+            preferred = f"  preferred_batch_size: [ {', '.join(str(b) for b in options.preferred_batch_sizes)} ]\n"
+        batching = f"dynamic_batching {{\n{preferred}  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}\n"
     return _template("network.pbtxt.in").substitute(
         model_name=TRITON_MODELS[network], network=network, flavor=flavor, runtime=runtime,
         max_batch_size=options.max_batch_size, inputs=",\n".join(t.pbtxt() for t in inputs),
         outputs=",\n".join(t.pbtxt() for t in outputs), instances=options.instances, instance_kind=kind,
-        preferred_batch_size=preferred, max_queue_delay_us=options.max_queue_delay_us, optimization=optimization,
+        dynamic_batching=batching, optimization=optimization,
         parameters=_params(params),
     )
 

@@ -31,6 +31,7 @@ from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetCon
 from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
 from ftddm_trt.training.objectives import flow_objective, unet_objective
 
 TASKS = ("unet", "unet_full", "flow")
@@ -142,10 +143,15 @@ _OPTION_OF = {"t_trunc": "--ttrunc", "n_subjects": "--subjects", "data_seed": "-
 
 def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
     """Options of ``requested`` that differ from the run's ``saved`` config ("--ttrunc 100 -> 50"), except
-    ``iterations`` (a resumed run may go further)."""
+    ``iterations`` (a resumed run may go further). Entries of ``extra`` (e.g. ``shards``) compare one by
+    one, and one the request leaves out keeps the run's value (a resume without --shards keeps its shards)."""
     a, b = asdict(saved), asdict(requested)
-    return [f"{_OPTION_OF.get(k, '--' + k.replace('_', '-'))} {a[k]!r} -> {b[k]!r}"
-            for k in a if k != "iterations" and a[k] != b.get(k)]
+    extra_a, extra_b = a.pop("extra", {}), b.pop("extra", {})
+    a.update({f"extra.{k}": v for k, v in extra_a.items()})
+    b.update({f"extra.{k}": extra_b.get(k, v) for k, v in extra_a.items()})
+    b.update({f"extra.{k}": v for k, v in extra_b.items()})
+    return [f"{_OPTION_OF.get(k, '--' + k.removeprefix('extra.').replace('_', '-'))} {a.get(k)!r} -> {b[k]!r}"
+            for k in [*a, *(k for k in b if k not in a)] if k != "iterations" and a.get(k) != b.get(k)]
 
 
 def train(
@@ -155,17 +161,22 @@ def train(
     device: str = "auto",
     progress: bool = True,
     init_from: Path | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``cfg`` in ``run_dir`` until ``cfg.iterations`` or ``max_minutes``.
 
     ``init_from`` (weights saved by ``models.io``, same kind and preset) starts a new run from those
     weights instead of a fresh initialization, e.g. a flow for Ttrunc = 50 fine-tuned from the
     Ttrunc = 100 flow; it is ignored when the run resumes from its own checkpoint.
+    ``dist_ctx`` (``training.distributed.init_from_env`` under torchrun): train across processes,
+    ``cfg.extra["shards"]`` shards per global batch (default: one per process); only rank 0 writes.
     Returns a summary: step reached, last and best validation loss, seconds, iterations per second.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    ctx = dist_ctx or DistContext(device=dev)
+    dev = ctx.device
     schedule = CosineSchedule(T_DIFFUSION)
 
     ckpt = find_checkpoint(run_dir / "last")
@@ -206,14 +217,19 @@ def train(
         eps = torch.randn(init_batch.x0.shape, generator=init_gen).to(dev)
         with torch.no_grad():
             model.data_init(schedule.q_sample(init_batch.x0, t, eps, init_batch.mask), init_batch.y)
+    shards = int(cfg.extra.setdefault("shards", ctx.world_size))
+    check_shards(shards, cfg.batch_size, ctx)
+    step_model = ctx.wrap(ObjectiveModule(model, lambda net, b, g: _step_loss(cfg, net, b, schedule, g)))
 
-    log = (run_dir / "log.jsonl").open("a")
+    log = (run_dir / "log.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
     t0 = time.monotonic()
     start_step = step
     last_val = float("nan")
     deadline = t0 + 60.0 * max_minutes if max_minutes else None
 
     def checkpoint() -> None:
+        if not ctx.is_main:
+            return
         state = {"step": step, "best_val": best, "config": asdict(cfg)}
         save_checkpoint(run_dir / "last", model, mcfg, opt, state)
 
@@ -222,28 +238,27 @@ def train(
     columns = [TextColumn(f"[bold]{cfg.task}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  {task.fields[speed]:.2f} it/s"),
                TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not progress or not ctx.is_main) as bar:
         task = bar.add_task("train", total=cfg.iterations, completed=step, loss=float("nan"), val=float("nan"), speed=0.0)
         model.train()
         while step < cfg.iterations:
-            rng = np.random.default_rng([cfg.seed, step])
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            batch = random_batch(train_pool, cfg.batch_size, rng, cfg.lr_protocol_fraction).to(dev)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            loss, parts = _step_loss(cfg, model, batch, schedule, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, parts = backward_step(ctx, step_model, lambda rng, n: random_batch(train_pool, n, rng, cfg.lr_protocol_fraction).to(dev),
+                                        cfg.seed, step, cfg.batch_size, shards)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
-            out_of_time = deadline is not None and time.monotonic() > deadline
+            # agreed by every rank (a collective), so all ranks validate and stop at the same step
+            out_of_time = ctx.any_true(deadline is not None and time.monotonic() > deadline)
             if step % cfg.val_every == 0 or step == cfg.iterations or out_of_time:  # a stopped run ends validated
                 last_val = validate(cfg, model, val_batches, schedule, dev)
                 if last_val < best:
                     best = last_val
-                    _save_best(model, mcfg, run_dir)
+                    if ctx.is_main:
+                        _save_best(model, mcfg, run_dir)
             if step % 20 == 0 or step == cfg.iterations:
                 log.write(json.dumps({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
