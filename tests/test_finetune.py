@@ -160,3 +160,24 @@ def test_finetune_refuses_bad_data_before_training(site_copy, tiny_model_dir, tm
     text = res.output.replace("\n", "")
     assert res.exit_code != 0 and "sub-000/t1.nii.gz" in text and "missing" in text
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.runs").exists()
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_writes_one_model_from_rank_0(site_dir, tiny_model_dir, tmp_path):
+    """Two processes (gloo) fine-tune the networks in turn; rank 0 alone scores and writes the folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "tuned"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ftddm_trt.cli.main",
+           "finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05", "--val-subjects", "1",
+           "--networks", "unet,flow"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finetune"]["training"]["unet"]["step"] >= 1 and "s=4" in manifest["finetune"]["validation_quality"]
+    assert (res.stdout + res.stderr).count("wrote ") == 1  # one rank reported the folder

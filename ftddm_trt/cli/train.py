@@ -107,10 +107,14 @@ def finetune_cmd(
     Training pairs are made the way an acquisition makes them: k-space truncation to N x N (s = 2..8)
     and the N x N qc maps an acquisition at N would give. Bad training folders are refused before any
     training starts. Interrupt at any time; the same command resumes.
+
+    Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main finetune ...` (DDP, the
+    networks one after another; only rank 0 writes).
     """
     import shlex
 
     from ftddm_trt.data.nifti_io import InputError
+    from ftddm_trt.training.distributed import init_from_env
     from ftddm_trt.training.finetune import FinetuneConfig, finetune
 
     check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
@@ -122,8 +126,14 @@ def finetune_cmd(
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
                    "--val-subjects", str(val_subjects)]
         command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
-        manifest = finetune(cfg, command=shlex.join(command + (["--force"] if force else [])), force=force,
-                            log=console.print)
+        ctx = init_from_env("auto")
+        try:
+            manifest = finetune(cfg, command=shlex.join(command + (["--force"] if force else [])), force=force,
+                                log=console.print, dist_ctx=ctx)
+        finally:
+            ctx.shutdown()
+        if not manifest:  # a torchrun rank other than 0: rank 0 reports and writes
+            return
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:  # OSError: atomic.OutputError, missing files

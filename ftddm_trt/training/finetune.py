@@ -81,8 +81,13 @@ def preset_of(models: ModelSet, name: str) -> str:
 
 
 def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
-    """Run the three steps of the module docstring; returns the written manifest."""
+             log: Callable[[str], None] = print, dist_ctx=None) -> dict:
+    """Run the three steps of the module docstring; returns the written manifest (``{}`` on ranks > 0).
+
+    ``dist_ctx`` (``training.distributed.init_from_env`` under torchrun): every process trains the
+    networks one after another with DistributedDataParallel (the global batch is ``cfg.batch_size``),
+    and rank 0 alone scores and writes the model folder.
+    """
     subjects = read_training_folder(cfg.data_dir)  # step 1: refuse bad data before anything trains
     train_subj, val_subj = split_subjects(subjects, cfg.val_subjects)
     models = ModelSet.open(cfg.base_model)
@@ -94,7 +99,7 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
     log(f"{len(subjects)} subjects ({len(train_subj)} train, {len(val_subj)} validation: "
         f"{', '.join(s.subject_id for s in val_subj)}), data sha256 {data_hash[:12]}")
 
-    jobs = {}
+    jobs, summaries = {}, {}
     total_share = sum(NETWORK_SHARE[n] for n in cfg.networks)
     workers = max(1, min(len(cfg.networks), os.cpu_count() or 1))
     for name in cfg.networks:  # step 2
@@ -106,10 +111,19 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
                            data_dir=str(Path(cfg.data_dir).resolve()), val_subjects=cfg.val_subjects,
                            extra={"data_sha256": data_hash})
         jobs[name] = (tcfg, cfg.runs_dir / name, cfg.minutes * share, models.root / models._stem(name))
-    log(f"fine-tuning {', '.join(cfg.networks)} for {cfg.minutes:g} min "
-        f"({'side by side' if workers > 1 else 'one after another'}) in {cfg.runs_dir}")
-    summaries = _train_all(jobs, workers, progress)
     runs = {name: job[1] for name, job in jobs.items()}
+    if dist_ctx is not None and dist_ctx.enabled:  # torchrun: the processes share each network in turn
+        for name, (tcfg, run_dir, _minutes, init_from) in jobs.items():
+            minutes = cfg.minutes * NETWORK_SHARE[name] / total_share
+            log(f"fine-tuning {name} for {minutes:.1f} min on {dist_ctx.world_size} processes in {run_dir}")
+            summaries[name] = train(tcfg, run_dir, max_minutes=minutes, init_from=init_from, progress=progress,
+                                    dist_ctx=dist_ctx)
+        if not dist_ctx.is_main:
+            return {}
+    else:
+        log(f"fine-tuning {', '.join(cfg.networks)} for {cfg.minutes:g} min "
+            f"({'side by side' if workers > 1 else 'one after another'}) in {cfg.runs_dir}")
+        summaries = _train_all(jobs, workers, progress)
 
     validation = validation_quality(models.root, runs, val_subj, cfg)  # step 3
     extra = {"finetune": {"data_dir": str(Path(cfg.data_dir).resolve()), "data_sha256": data_hash,
