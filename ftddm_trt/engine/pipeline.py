@@ -34,6 +34,7 @@ from ftddm_trt.diffusion import (
     SampleResult,
     ancestral_sample,
     dpm_solver_pp_sample,
+    randn_on,
     respaced_timesteps,
     truncated_timesteps,
 )
@@ -129,7 +130,7 @@ def sample_batch(
     eps_fn = make_eps_fn(backend, y, s, spec.full_chain_unet)
 
     def noise() -> torch.Tensor:
-        return torch.randn((b, 1, *y.shape[2:]), generator=generator).to(dev)
+        return randn_on(generator, (b, 1, *y.shape[2:]), dev)
 
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
