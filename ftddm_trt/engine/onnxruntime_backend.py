@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ftddm_trt.engine.backend import NETWORKS, Backend
-from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
 
 
 def _session(path: Path, threads: int | None, providers: list[str] | None):
@@ -36,6 +36,13 @@ class OnnxRuntimeBackend(Backend):
         self.sessions = {n: _session(self.root / f"{n}.onnx", threads, providers) for n in NETWORKS if (self.root / f"{n}.onnx").is_file()}
         if not self.sessions:
             raise FileNotFoundError(f"{self.root} holds no ONNX network ({', '.join(n + '.onnx' for n in NETWORKS)})")
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        return manifest_flow_ttrunc(self.manifest, self.origin())
+
+    def origin(self) -> str:
+        return f"the ONNX export {self.root}"
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         if name not in self.sessions:

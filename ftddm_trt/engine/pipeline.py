@@ -39,6 +39,7 @@ from ftddm_trt.diffusion import (
     truncated_timesteps,
 )
 from ftddm_trt.engine.backend import Backend
+from ftddm_trt.export.manifest import check_flow_ttrunc
 
 SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow")
 _DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20}
@@ -100,6 +101,13 @@ class SamplerSpec:
         return {**asdict(self), "steps": self.n_steps, "nfe": self.nfe}
 
 
+def require_flow_ttrunc(backend: Backend, spec: SamplerSpec) -> None:
+    """Refuse (TtruncMismatch, naming Ttrunc) a flow sampler whose ``spec.ttrunc`` is not the Ttrunc the
+    backend's flow was trained for; samplers without the flow and unrecorded Ttruncs pass."""
+    if spec.uses_flow:
+        check_flow_ttrunc(backend.flow_ttrunc, spec.ttrunc, backend.origin())
+
+
 def make_eps_fn(backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Bind the condition into the ``eps_fn(x_t, t)`` callable the samplers take."""
 
@@ -121,6 +129,7 @@ def sample_batch(
 
     Returns the normalized x0 estimate (B,1,64,64), zero outside M, and the NFE it cost.
     """
+    require_flow_ttrunc(backend, spec)
     schedule = schedule or CosineSchedule(T_DIFFUSION)
     dev = backend.device
     y = y.to(dev)
@@ -178,6 +187,7 @@ def sample_images(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    require_flow_ttrunc(backend, spec)
     if batch_sampler is None:
         schedule = CosineSchedule(T_DIFFUSION)
 

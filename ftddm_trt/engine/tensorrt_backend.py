@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
 from ftddm_trt.export.tensorrt_build import require_tensorrt
 
 
@@ -51,6 +51,13 @@ class TensorRTBackend(Backend):
         self.device = torch.device("cuda")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {n: _Engine(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        return manifest_flow_ttrunc(self.manifest, self.origin())
+
+    def origin(self) -> str:
+        return f"the TensorRT engine folder {self.root}"
 
     def _feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, torch.float32).contiguous() for k, v in tensors.items()}

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftddm_trt.export.manifest import read_manifest, write_manifest
+from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc, write_manifest
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -149,13 +149,22 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, prec
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
+def engine_flow_ttrunc(onnx_manifest: dict[str, Any], onnx_dir: Path, flow_ttrunc: int | None) -> int | None:
+    """The Ttrunc an engine folder records: the export's (``flow_ttrunc`` must agree: TtruncMismatch)."""
+    where = f"the ONNX export {onnx_dir}"
+    return resolve_flow_ttrunc(manifest_flow_ttrunc(onnx_manifest, where), flow_ttrunc, where)
+
+
 def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision: str = "fp16",
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build (or reuse from the cache) one engine per ONNX network; write ``out_dir/manifest.json``."""
+                  log: Callable[[str], None] = print, flow_ttrunc: int | None = None) -> dict[str, Any]:
+    """Build (or reuse from the cache) one engine per ONNX network; write ``out_dir/manifest.json``.
+
+    The export's Ttrunc is checked against ``flow_ttrunc`` before any GPU work and recorded."""
+    onnx_manifest = read_manifest(onnx_dir)
+    ttrunc = engine_flow_ttrunc(onnx_manifest, Path(onnx_dir), flow_ttrunc)
     gpu = require_tensorrt()
     import tensorrt as trt
 
-    onnx_manifest = read_manifest(onnx_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = volume_profile(batch_size, int(onnx_manifest.get("max_batch", 128)))
     engines: dict[str, Any] = {}
@@ -168,7 +177,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
             log(f"{name}: building {precision} engine (batch {profile.min}/{profile.opt}/{profile.max}) ...")
             build_engine(Path(onnx_dir) / info["onnx"], path, profile, precision, out_dir / "timing.cache")
         engines[name] = {"engine": path.name, "cache_key": key, **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
-    manifest = {"tensorrt_version": trt.__version__, "gpu": gpu, "precision": precision, "profile": asdict(profile),
+    manifest = {FLOW_TTRUNC_KEY: ttrunc, "tensorrt_version": trt.__version__, "gpu": gpu, "precision": precision, "profile": asdict(profile),
                 "model_hashes": onnx_manifest.get("model_hashes", {}), "networks": engines}
     write_manifest(out_dir, manifest)
     return manifest

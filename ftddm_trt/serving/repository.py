@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TRITON_MODELS
+from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
 
 FLAVORS = ("cpu", "gpu")
 #: Source of the config templates and of the Python-backend model code (source only; never generated into).
@@ -201,10 +201,13 @@ def network_config(
 
 
 def sampler_config(networks: Mapping[str, str], options: RepoOptions = RepoOptions(),
-                   image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64)) -> str:
-    """config.pbtxt text of ftddm_sampler. ``networks``: network -> Triton model name it calls."""
+                   image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64),
+                   flow_ttrunc: int | None = None) -> str:
+    """config.pbtxt text of ftddm_sampler. ``networks``: network -> Triton model name it calls;
+    ``flow_ttrunc``: the Ttrunc the flow was trained for (the sampler refuses requests for another)."""
     inputs, outputs = sampler_io(image, cond)
-    params = {"models": json.dumps(dict(networks), sort_keys=True), "torch_threads": "1", "bls_timeout_us": "0"}
+    params = {"models": json.dumps(dict(networks), sort_keys=True), "torch_threads": "1", "bls_timeout_us": "0",
+              FLOW_TTRUNC_PARAM: encode_ttrunc_param(flow_ttrunc)}
     return _template("sampler.pbtxt.in").substitute(
         model_name=SAMPLER_MODEL, bls_models=", ".join(networks.values()), max_batch_size=options.max_batch_size,
         inputs=",\n".join(t.pbtxt() for t in inputs), outputs=",\n".join(t.pbtxt() for t in outputs),
@@ -348,6 +351,7 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
         configs[cfg.name] = cfg
     if not any(n in configs for n in TRITON_MODELS.values()):
         raise ConfigError(f"{repo} holds none of the network models {', '.join(TRITON_MODELS.values())}")
+    _check_ttrunc_params(repo, configs, meta)
     if SAMPLER_MODEL in configs:
         params = configs[SAMPLER_MODEL].parameters
         called = json.loads(params["models"].string_value) if "models" in params else {}
@@ -355,6 +359,22 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
         if not called or absent:
             raise ConfigError(f"{repo}: {SAMPLER_MODEL} calls models that the repository lacks: {absent or '(none listed)'}")
     return configs
+
+
+def _check_ttrunc_params(repo: Path, configs: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """ftddm_flow and ftddm_sampler carry the same ``flow_ttrunc`` parameter as repository.json."""
+    found: dict[str, int | None] = {}
+    for model in (TRITON_MODELS["flow"], SAMPLER_MODEL):
+        if model in configs:
+            params = {k: v.string_value for k, v in configs[model].parameters.items()}
+            try:
+                found[model] = decode_ttrunc_param(params, f"{repo}/{model}/config.pbtxt")
+            except (TtruncMismatch, ValueError) as err:
+                raise ConfigError(str(err)) from err
+    if FLOW_TTRUNC_KEY in meta:
+        found[REPOSITORY_JSON] = meta[FLOW_TTRUNC_KEY]
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"{repo}: the flow's Ttrunc differs between {', '.join(f'{k} ({v})' for k, v in found.items())}")
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -375,9 +395,14 @@ def build_repository(
     options: RepoOptions = RepoOptions(),
     force: bool = False,
     log: Callable[[str], None] = print,
+    flow_ttrunc: int | None = None,
 ) -> dict[str, Any]:
     """Write a Triton model repository for ``flavor`` into ``out_dir`` (atomic; refuses a non-empty
-    folder without ``force``). Returns what ``repository.json`` records."""
+    folder without ``force``). Returns what ``repository.json`` records.
+
+    The flow's Ttrunc (from the export's manifest; ``flow_ttrunc`` must agree with it, TtruncMismatch
+    otherwise, or supplies it when the export has none) goes into repository.json and into the
+    ``flow_ttrunc`` parameter of ftddm_flow and ftddm_sampler, where clients and the server loop read it."""
     if flavor not in FLAVORS:
         raise ConfigError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
     if engines_dir is not None and flavor != "gpu":
@@ -387,8 +412,12 @@ def build_repository(
     networks = [n for n in TRITON_MODELS if n in manifest.get("networks", {})]
     if not networks:
         raise ConfigError(f"the export {onnx_dir} lists no network in its manifest")
+    ttrunc = resolve_flow_ttrunc(manifest_flow_ttrunc(manifest, f"the ONNX export {onnx_dir}"), flow_ttrunc,
+                                 f"the ONNX export {onnx_dir}")
     engines = read_manifest(Path(engines_dir)) if engines_dir is not None else None
     if engines is not None:
+        resolve_flow_ttrunc(manifest_flow_ttrunc(engines, f"the engine folder {engines_dir}"), ttrunc,
+                            f"the engine folder {engines_dir}")
         prof_max = int(engines.get("profile", {}).get("max", 0))
         if prof_max and options.max_batch_size > prof_max:
             raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the engines' profile max {prof_max}")
@@ -408,6 +437,8 @@ def build_repository(
             info = manifest["networks"][n]
             model_dir = tmp / TRITON_MODELS[n]
             params = {"network": n, "onnx_sha256": info.get("onnx_sha256", "")}
+            if n == "flow":
+                params[FLOW_TTRUNC_PARAM] = encode_ttrunc_param(ttrunc)
             text = network_config(n, flavor, ins, outs, options, platform, params)
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text)
@@ -424,10 +455,10 @@ def build_repository(
             cond = next(t.dims for t in ins if t.name == "y")
             model_dir = tmp / SAMPLER_MODEL
             (model_dir / "1").mkdir(parents=True)
-            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond))
+            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc))
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
-        meta = {"flavor": flavor, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
+        meta = {"flavor": flavor, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
                 "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
                 "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
                 "export_manifest": manifest}
