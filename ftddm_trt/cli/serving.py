@@ -44,7 +44,8 @@ def _export_for(model: Path | None, out: Path, ttrunc: int | None = None) -> Pat
 def triton_repo_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the model repository (generated; never commit it)."),
     flavor: str = typer.Option("cpu", "--flavor", help="cpu: Python-backend models running ONNX Runtime (this machine, "
-                               "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container)."),
+                               "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container); "
+                               "gpu-python: Python-backend models running the --engines with TensorRT (a server with only the Python backend)."),
     onnx: Path = typer.Option(None, "--onnx", help="Export folder from `ftddm-trt export`; default: export --model into OUT-onnx beside OUT."),
     model: Path = typer.Option(None, "--model", help="Model folder to export when --onnx is not given; default: the shipped model."),
     engines: Path = typer.Option(None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."),
@@ -64,8 +65,10 @@ def triton_repo_cmd(
 
     if flavor not in FLAVORS:
         fail(f"--flavor must be one of {', '.join(FLAVORS)}")
-    if engines is not None and flavor != "gpu":
-        fail("--engines needs --flavor gpu (TensorRT engines cannot run in the cpu flavour)")
+    if engines is not None and flavor == "cpu":
+        fail("--engines needs --flavor gpu or gpu-python (TensorRT engines cannot run in the cpu flavour)")
+    if engines is None and flavor == "gpu-python":
+        fail("--flavor gpu-python runs TensorRT engines: give --engines (from `ftddm-trt build-engine`)")
     if onnx is not None and model is not None:
         fail("give --onnx or --model, not both")
     if onnx is not None and not (onnx / "manifest.json").is_file():
