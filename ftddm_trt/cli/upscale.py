@@ -125,6 +125,13 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         fail(f"refusing to run backend {opts.backend!r}: {err}")
     except Exception as err:  # every runtime has its own errors: report them by name
         fail(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}")
+    from ftddm_trt.engine.pipeline import require_flow_ttrunc
+
+    try:  # before anything is written: the flow must be the one trained for this Ttrunc
+        require_flow_ttrunc(backend, spec)
+    except Exception as err:  # TtruncMismatch, or the server cannot be asked
+        backend.close()
+        fail(str(err))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
