@@ -1,6 +1,6 @@
 """Generalization across phantom styles: the shipped model on styles it was and was not trained on.
 
-    python benchmarks/generalization.py [--model DIR] [--subjects 6] [--maps 64] [--out benchmarks/results]
+    python benchmarks/generalization.py [--model DIR] [--subjects 4] [--maps 48] [--out benchmarks/results]
 
 Draws fresh subjects of every phantom style with a seed no training run uses, super-resolves the same
 maps with the default sampler (and the posterior mean of 4 samples) at s = 8, 4, 2 under both mask
@@ -27,8 +27,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--subjects", type=int, default=6, help="subjects per style")
-    ap.add_argument("--maps", type=int, default=64, help="maps per style, the same for every method")
+    ap.add_argument("--subjects", type=int, default=4, help="subjects per style")
+    ap.add_argument("--maps", type=int, default=48, help="maps per style, the same for every method")
     ap.add_argument("--styles", default=",".join([HELD_OUT_STYLE, *TRAIN_STYLES]))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()

@@ -28,9 +28,8 @@ from ftddm_trt.export.tensorrt_build import (
     BatchProfile,
     TensorRTUnavailable,
     engine_cache_key,
+    cuda_device_name,
     engine_filename,
-    keep_fp32,
-    nvidia_gpu_name,
     require_tensorrt,
     volume_profile,
 )
@@ -234,41 +233,19 @@ def test_volume_profile():
         BatchProfile(0, 1, 4)
 
 
-@pytest.mark.parametrize(
-    "layer_type,name,keep",
-    [
-        ("NORMALIZATION", "node_instance_norm_3", True),
-        ("SOFTMAX", "node_softmax", True),
-        ("REDUCE", "x", True),
-        ("UNARY", "node_cos", True),
-        ("CONVOLUTION", "node_conv2d_4", False),
-        ("MATRIX_MULTIPLY", "node_linear_2", False),
-        ("ACTIVATION", "node_Sigmoid_8", False),
-        ("ELEMENTWISE", "node_add_73", False),
-        ("ELEMENTWISE", "node_Pow_3", True),
-        ("ELEMENTWISE", "node_ReduceMean_2", True),
-        ("ELEMENTWISE", "node_Sqrt_1", True),
-        ("SCALE", "GroupNorm_scale", True),
-        ("ELEMENTWISE", "node_exp_1", True),
-    ],
-)
-def test_keep_fp32(layer_type, name, keep):
-    assert keep_fp32(layer_type, name) is keep
-
-
 def test_engine_cache_key_changes_with_each_input():
     base = dict(onnx_sha256="a" * 64, trt_version="10.9.0", gpu_name="NVIDIA H100 80GB HBM3", precision="fp16",
                 profile=BatchProfile(1, 16, 128))
     key = engine_cache_key(**base)
     assert len(key) == 64 and key == engine_cache_key(**base)
     changes = dict(onnx_sha256="b" * 64, trt_version="10.9.1", gpu_name="NVIDIA L4", precision="fp32",
-                   profile=BatchProfile(1, 8, 128))
+                   profile=BatchProfile(1, 8, 128), build_options={"workspace_gib": 8})
     keys = {key}
     for field, value in changes.items():
         keys.add(engine_cache_key(**{**base, field: value}))
     keys.add(engine_cache_key(**{**base, "profile": BatchProfile(2, 16, 128)}))
     keys.add(engine_cache_key(**{**base, "profile": BatchProfile(1, 16, 64)}))
-    assert len(keys) == 8, "some input does not reach the key"
+    assert len(keys) == 9, "some input does not reach the key"
     with pytest.raises(ValueError, match="precision"):
         engine_cache_key(**{**base, "precision": "int8"})
 
@@ -282,26 +259,16 @@ def test_engine_filename():
 # ---------------------------------------------------------------------- TensorRT: refusal without GPU
 
 
-def _fake_nvidia_smi(folder: Path, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    exe = folder / "nvidia-smi"
-    exe.write_text(f"#!/bin/sh\n{body}\n")
-    exe.chmod(0o755)
-    return folder
+def test_gpu_name_is_the_device_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: {0: "NVIDIA L4", 1: "NVIDIA H200"}[i])
+    assert cuda_device_name() == "NVIDIA H200"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_device_name() is None
 
 
-def test_gpu_detection(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path / "ok", 'echo "NVIDIA H100 80GB HBM3"; echo "NVIDIA H100 80GB HBM3"')))
-    assert nvidia_gpu_name() == "NVIDIA H100 80GB HBM3"
-    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path / "bad", 'echo "NVIDIA-SMI has failed" >&2; exit 9')))
-    assert nvidia_gpu_name() is None
-    monkeypatch.setenv("PATH", str(_fake_nvidia_smi(tmp_path / "none", "exit 0")))
-    assert nvidia_gpu_name() is None
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert nvidia_gpu_name() is None
-
-
-@pytest.mark.skipif(nvidia_gpu_name() is not None, reason="checks the refusal on a machine without an NVIDIA GPU")
+@pytest.mark.skipif(cuda_device_name() is not None, reason="checks the refusal on a machine without an NVIDIA GPU")
 def test_require_tensorrt_refuses_before_importing_tensorrt(tmp_path, monkeypatch):
     sys.modules.pop("tensorrt", None)
     with pytest.raises(TensorRTUnavailable, match="no NVIDIA GPU found"):
@@ -312,12 +279,13 @@ def test_require_tensorrt_refuses_before_importing_tensorrt(tmp_path, monkeypatc
 
     with pytest.raises(TensorRTUnavailable, match="no NVIDIA GPU"):
         open_backend("tensorrt", engine_dir=tmp_path)
+    (tmp_path / "manifest.json").write_text('{"flow_ttrunc": null, "networks": {}}')  # read first (Ttrunc check)
     with pytest.raises(TensorRTUnavailable):
         tensorrt_build.build_engines(tmp_path, tmp_path / "engines")
     assert "tensorrt" not in sys.modules and not (tmp_path / "engines").exists()
 
     # a GPU without the package: named in the message, still no import
-    monkeypatch.setattr(tensorrt_build, "nvidia_gpu_name", lambda: "NVIDIA L4")
+    monkeypatch.setattr(tensorrt_build, "cuda_device_name", lambda: "NVIDIA L4")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real_find_spec(n, *a))
     with pytest.raises(TensorRTUnavailable, match=r"found GPU 'NVIDIA L4' but the Python package 'tensorrt' is not installed"):
@@ -325,7 +293,7 @@ def test_require_tensorrt_refuses_before_importing_tensorrt(tmp_path, monkeypatc
     assert "tensorrt" not in sys.modules
 
 
-@pytest.mark.skipif(nvidia_gpu_name() is not None, reason="checks the refusal on a machine without an NVIDIA GPU")
+@pytest.mark.skipif(cuda_device_name() is not None, reason="checks the refusal on a machine without an NVIDIA GPU")
 def test_build_engine_cli_refuses_clearly(tiny_onnx_export, tmp_path):
     out = tmp_path / "engines"
     res = runner.invoke(app, ["build-engine", "--onnx", str(tiny_onnx_export), "--out", str(out)])
@@ -344,7 +312,7 @@ def test_build_engine_cli_refuses_clearly(tiny_onnx_export, tmp_path):
 
 
 def _have_gpu_and_tensorrt() -> bool:
-    return nvidia_gpu_name() is not None and importlib.util.find_spec("tensorrt") is not None
+    return cuda_device_name() is not None and importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.mark.slow

@@ -225,26 +225,37 @@ def test_triton_server_refuses_corrupt_model_onnx(tiny_onnx_export, tmp_path):
 
 
 def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
-    """build_engines' reuse check (pure logic, no GPU): same ONNX / GPU / TensorRT / precision / profile
-    and engines matching their recorded sha256, else rebuilt (None) or refused (IntegrityError)."""
+    """build_engines' reuse check (pure logic, no GPU): same ONNX / GPU / TensorRT / precision / profile /
+    Ttrunc and engines (and the fp16 graph the parser read) matching their recorded sha256, else rebuilt
+    (None) or refused (IntegrityError)."""
     from dataclasses import asdict
 
     from ftddm_trt.export.manifest import write_manifest
-    from ftddm_trt.export.tensorrt_build import _same_build, engine_cache_key, volume_profile
+    from ftddm_trt.export.tensorrt_build import _same_build, build_options, engine_cache_key, volume_profile
 
     onnx_manifest = {"max_batch": 128, "networks": {"unet": {"onnx_sha256": "a" * 64}}}
     profile = volume_profile(16, 128)
-    key = engine_cache_key("a" * 64, "10.9", "NVIDIA L4", "fp16", profile)
     out = tmp_path / "engines"
     out.mkdir()
     (out / "unet.plan").write_bytes(b"engine bytes")
-    write_manifest(out, {"gpu": "NVIDIA L4", "tensorrt_version": "10.9", "precision": "fp16", "profile": asdict(profile),
-                         "networks": {"unet": {"engine": "unet.plan", "cache_key": key,
-                                               "engine_sha256": file_sha256(out / "unet.plan")}}})
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16") is not None
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32") is None
-    assert _same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16") is None
-    assert _same_build(out, {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}}, "NVIDIA L4", "10.9", 16, "fp16") is None
+    (out / "unet.fp16.onnx").write_bytes(b"fp16 graph")
+    key = engine_cache_key(file_sha256(out / "unet.fp16.onnx"), "10.9", "NVIDIA L4", "fp16", profile, build_options())
+    write_manifest(out, {"flow_ttrunc": 100, "gpu": "NVIDIA L4", "tensorrt_version": "10.9", "precision": "fp16",
+                         "profile": asdict(profile),
+                         "networks": {"unet": {"engine": "unet.plan", "cache_key": key, "onnx_sha256": "a" * 64,
+                                               "engine_sha256": file_sha256(out / "unet.plan"),
+                                               "parsed_onnx": "unet.fp16.onnx",
+                                               "parsed_onnx_sha256": file_sha256(out / "unet.fp16.onnx")}}})
+    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100) is not None
+    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 250) is None  # another Ttrunc
+    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
+    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
+    assert _same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
+    assert _same_build(out, {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}}, "NVIDIA L4", "10.9", 16, "fp16", 100) is None
+    (out / "unet.fp16.onnx").write_bytes(b"fp16 grapH")
+    with pytest.raises(IntegrityError, match="unet network"):
+        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
+    (out / "unet.fp16.onnx").write_bytes(b"fp16 graph")
     (out / "unet.plan").write_bytes(b"engine bytez")
     with pytest.raises(IntegrityError, match="unet network"):
-        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16")
+        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)

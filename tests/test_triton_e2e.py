@@ -225,3 +225,42 @@ def _server_sid(cli_pid: int) -> int:
         if "tritonserver" in open(f"/proc/{k}/cmdline").read():
             return os.getsid(int(k))
     raise AssertionError(f"no tritonserver child of {cli_pid}")
+
+
+def test_triton_refuses_another_ttrunc_in_both_loops(tiny_onnx_export, inputs, phantom_subject_dir, tmp_path):
+    """A repository whose flow was trained for Ttrunc = 100: `upscale --ttrunc 50` is refused naming Ttrunc with
+    nothing written (client loop and --server-loop), and ftddm_sampler itself refuses such a request."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ftddm_trt.cli.main import app
+    from ftddm_trt.export.manifest import read_manifest, write_manifest
+
+    export = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx_export, export)
+    manifest = read_manifest(export)
+    manifest["flow_ttrunc"] = 100
+    write_manifest(export, manifest)
+    repo = tmp_path / "repo"
+    build_repository(export, repo, "cpu", log=lambda _m: None)
+    srv = TritonServer(repo, models=["ftddm_unet", "ftddm_flow", SAMPLER_MODEL], startup_timeout_s=240,
+                       log_path=tmp_path / "server.log")
+    srv.start()
+    try:
+        out = tmp_path / "out"
+        for loop in ([], ["--server-loop"]):
+            res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--backend", "triton", "--url",
+                                           srv.grpc_url, "--sampler", "ftddm", "--ttrunc", "50", *loop])
+            assert res.exit_code != 0
+            assert "trainedforTtrunc=100,notTtrunc=50" in "".join(res.output.split())
+            assert not out.exists()
+        y, s = inputs
+        with TritonBackend(srv.grpc_url) as tb:
+            assert tb.flow_ttrunc == 100
+            with pytest.raises(TritonInferenceError, match=r"TtruncMismatch.*Ttrunc = 100, not Ttrunc = 50"):
+                tb.sample_on_server(y[:2], s[:2], SamplerSpec("ftddm", ttrunc=50), 0)  # past the client's check
+            res = tb.sample_on_server(y[:2], s[:2], SamplerSpec("ftddm-dpmpp", ttrunc=100, steps=2), 0)
+            assert res.nfe == 3 and res.x0.shape == (2, 1, 64, 64)
+    finally:
+        srv.stop()

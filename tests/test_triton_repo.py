@@ -5,6 +5,7 @@ The export is faked (manifest + placeholder files): configs only read the manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -53,7 +54,8 @@ def _fake_export(folder: Path, networks=("unet", "unet_full", "flow")) -> Path:
     for n in networks:
         (folder / f"{n}.onnx").write_bytes(b"placeholder onnx " + n.encode())
         nets[n] = {"onnx": f"{n}.onnx", "onnx_sha256": SHA[n], **(flow if n == "flow" else unet)}
-    (folder / "manifest.json").write_text(json.dumps({"max_batch": 128, "networks": nets, "model_hashes": {}}))
+    (folder / "manifest.json").write_text(json.dumps({"max_batch": 128, "networks": nets, "model_hashes": {},
+                                                      "flow_ttrunc": 100}))
     return folder
 
 
@@ -62,8 +64,9 @@ def _fake_engines(folder: Path, profile_max: int = 64, sha=SHA) -> Path:
     nets = {}
     for n in TRITON_MODELS:
         (folder / f"{n}-abc.plan").write_bytes(b"placeholder plan")
-        nets[n] = {"engine": f"{n}-abc.plan", "onnx_sha256": sha[n]}
-    (folder / "manifest.json").write_text(json.dumps({"gpu": "X", "tensorrt_version": "10", "precision": "fp16",
+        nets[n] = {"engine": f"{n}-abc.plan", "onnx_sha256": sha[n],
+                   "engine_sha256": hashlib.sha256(b"placeholder plan").hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps({"gpu": "X", "tensorrt_version": "10", "precision": "fp16", "flow_ttrunc": 100,
                                                       "profile": {"min": 1, "opt": 16, "max": profile_max}, "networks": nets}))
     return folder
 

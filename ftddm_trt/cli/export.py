@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,12 +15,14 @@ from ftddm_trt.cli.common import check_output_dir, console, fail
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for unet.onnx, unet_full.onnx, flow.onnx and manifest.json."),
     model: Path = typer.Option(None, "--model", help="Model folder (safetensors + JSON); default: the shipped model."),
+    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Export the flow trained for this Ttrunc (default: the model's main flow); recorded in the manifest."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
 ) -> None:
     """Export the networks to ONNX (opset 18, dynamic batch), check parity with PyTorch, write a manifest.
 
     The export is refused (nothing written) if ONNX Runtime and PyTorch disagree beyond the tolerance.
     """
+    from ftddm_trt.export.manifest import TtruncMismatch
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 
@@ -27,11 +30,11 @@ def export_cmd(
 
     check_output_dir(out, force, (model,))
     try:
-        models = ModelSet.open(model)
-        manifest = export_model_set(models, out, force=force, log=console.print)
-    except (FileNotFoundError, ParityError, OutputError) as err:
+        models = ModelSet.open(model, ttrunc)
+        manifest = export_model_set(models, out, force=force, log=console.print, flow_ttrunc=ttrunc)
+    except (FileNotFoundError, ParityError, OutputError, TtruncMismatch) as err:
         fail(str(err))
-    console.print(f"[green]exported[/] {', '.join(manifest['networks'])} to {out}")
+    console.print(f"[green]exported[/] {', '.join(manifest['networks'])} to {out} (flow Ttrunc = {manifest['flow_ttrunc']})")
 
 
 @app.command("build-engine")
@@ -40,11 +43,13 @@ def build_engine_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the TensorRT engines, timing cache and manifest."),
     batch_size: int = typer.Option(16, help="Optimal batch of the optimization profile (whole-volume batching)."),
     precision: str = typer.Option("fp16", help="fp16 (norms/softmax kept in fp32) or fp32."),
+    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Ttrunc the export's flow must have been trained for (checked, recorded)."),
 ) -> None:
     """Build TensorRT engines into a new folder (NVIDIA GPU + TensorRT only; refuses clearly elsewhere).
 
     A non-empty --out is refused."""
     from ftddm_trt.atomic import OutputError
+    from ftddm_trt.export.manifest import TtruncMismatch
     from ftddm_trt.export.tensorrt_build import PRECISIONS, TensorRTUnavailable, build_engines
     from ftddm_trt.integrity import IntegrityError
 
@@ -54,7 +59,9 @@ def build_engine_cmd(
         fail(f"{onnx} holds no manifest.json: not an export written by `ftddm-trt export`")
     check_output_dir(out, False, (onnx,))
     try:
-        manifest = build_engines(onnx, out, batch_size=batch_size, precision=precision, log=console.print)
+        manifest = build_engines(onnx, out, batch_size=batch_size, precision=precision, log=console.print, flow_ttrunc=ttrunc)
+    except TtruncMismatch as err:
+        fail(str(err))
     except TensorRTUnavailable as err:
         fail(str(err), code=3)
     except (OutputError, IntegrityError) as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,7 +13,7 @@ from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
 
 
-def _export_for(model: Path | None, out: Path) -> Path:
+def _export_for(model: Path | None, out: Path, ttrunc: int | None = None) -> Path:
     """The ONNX export of ``model`` beside ``out`` (``OUT-onnx``), reused while its weights are unchanged."""
     from ftddm_trt.export.manifest import read_manifest
     from ftddm_trt.atomic import OutputError
@@ -20,21 +21,22 @@ def _export_for(model: Path | None, out: Path) -> Path:
     from ftddm_trt.models.model_set import ModelSet
 
     try:
-        models = ModelSet.open(model)
+        models = ModelSet.open(model, ttrunc)
     except FileNotFoundError as err:
         fail(str(err))
     onnx_dir = out.parent / f"{out.name}-onnx"
     if (onnx_dir / "manifest.json").is_file():
         try:
-            if read_manifest(onnx_dir).get("model_hashes") == models.hashes():
+            old = read_manifest(onnx_dir)
+            if old.get("model_hashes") == models.hashes() and "flow_ttrunc" in old:
                 console.print(f"reusing the ONNX export {onnx_dir} (same weights)")
                 return onnx_dir
         except ValueError:
             pass
     console.print(f"exporting {models.root} to ONNX in {onnx_dir}")
     try:
-        export_model_set(models, onnx_dir, force=True, log=console.print)
-    except (ParityError, OutputError) as err:
+        export_model_set(models, onnx_dir, force=True, log=console.print, flow_ttrunc=ttrunc)
+    except (ParityError, OutputError, ValueError) as err:
         fail(str(err))
     return onnx_dir
 
@@ -43,7 +45,8 @@ def _export_for(model: Path | None, out: Path) -> Path:
 def triton_repo_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the model repository (generated; never commit it)."),
     flavor: str = typer.Option("cpu", "--flavor", help="cpu: Python-backend models running ONNX Runtime (this machine, "
-                               "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container)."),
+                               "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container); "
+                               "gpu-python: Python-backend models running the --engines with TensorRT (a server with only the Python backend)."),
     onnx: Path = typer.Option(None, "--onnx", help="Export folder from `ftddm-trt export`; default: export --model into OUT-onnx beside OUT."),
     model: Path = typer.Option(None, "--model", help="Model folder to export when --onnx is not given; default: the shipped model."),
     engines: Path = typer.Option(None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."),
@@ -55,6 +58,7 @@ def triton_repo_cmd(
     sampler_instances: int = typer.Option(2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops)."),
     sampler: bool = typer.Option(True, "--sampler/--no-sampler", help="Include ftddm_sampler (server-side loop; needs torch and "
                                  "ftddm_trt in the server's Python). --no-sampler for NVIDIA's stock container (deploy/)."),
+    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Ttrunc of the flow (picks the model's flow for it; checked against --onnx / --engines; recorded for clients and ftddm_sampler)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
 ) -> None:
     """Generate a Triton model repository: ftddm_unet, ftddm_unet_full, ftddm_flow and ftddm_sampler.
@@ -67,8 +71,10 @@ def triton_repo_cmd(
 
     if flavor not in FLAVORS:
         fail(f"--flavor must be one of {', '.join(FLAVORS)}")
-    if engines is not None and flavor != "gpu":
-        fail("--engines needs --flavor gpu (TensorRT engines cannot run in the cpu flavour)")
+    if engines is not None and flavor == "cpu":
+        fail("--engines needs --flavor gpu or gpu-python (TensorRT engines cannot run in the cpu flavour)")
+    if engines is None and flavor == "gpu-python":
+        fail("--flavor gpu-python runs TensorRT engines: give --engines (from `ftddm-trt build-engine`)")
     if onnx is not None and model is not None:
         fail("give --onnx or --model, not both")
     if onnx is not None and not (onnx / "manifest.json").is_file():
@@ -79,11 +85,11 @@ def triton_repo_cmd(
     try:
         options = RepoOptions(max_batch_size=max_batch_size, max_queue_delay_us=queue_delay_us, instances=instances,
                               sampler_instances=sampler_instances, dynamic_batching=dynamic_batching, sampler=sampler)
-        onnx_dir = onnx if onnx is not None else _export_for(model, out)
-        meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print)
+        onnx_dir = onnx if onnx is not None else _export_for(model, out, ttrunc)
+        meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print, flow_ttrunc=ttrunc)
     except (ConfigError, FileNotFoundError, ValueError, OutputError) as err:
         fail(str(err))
-    console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out}")
+    console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out} (flow Ttrunc = {meta['flow_ttrunc']})")
     if flavor == "cpu":
         console.print(f"serve it with: ftddm-trt serve --repo {out}")
 

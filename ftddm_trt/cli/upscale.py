@@ -134,15 +134,22 @@ def _flow_ttrunc(spec) -> int | None:
 def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
     """The backend ``opts`` names (a pool of servers for ``--backend triton`` with several URLs)."""
     from ftddm_trt.engine.factory import open_backend
+    from ftddm_trt.engine.pipeline import require_flow_ttrunc
 
     try:
-        return open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                            url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
-                            clients_per_server=opts.clients_per_server)
+        backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
+                               url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
+                               clients_per_server=opts.clients_per_server)
     except IntegrityError as err:
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
         raise UpscaleError(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}") from err
+    try:  # before anything is written: the flow must be the one trained for this Ttrunc
+        require_flow_ttrunc(backend, spec)
+    except Exception as err:  # TtruncMismatch, or the server cannot be asked
+        backend.close()
+        raise UpscaleError(str(err)) from err
+    return backend
 
 
 def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:

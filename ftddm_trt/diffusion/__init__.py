@@ -18,6 +18,7 @@ from .samplers import (
     draw_ancestral_noise,
     initial_noise,
     masked_eps,
+    randn_on,
     respaced_timesteps,
     truncated_timesteps,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "flow_loss",
     "initial_noise",
     "masked_eps",
+    "randn_on",
     "respaced_timesteps",
     "sample_train_timesteps",
     "truncated_timesteps",

@@ -33,6 +33,17 @@ class Backend(ABC):
     def flow_reverse(self, eps: torch.Tensor, y: torch.Tensor, tau_f: torch.Tensor) -> torch.Tensor:
         """x_Ttrunc drawn by the flow from unit-normal ``eps`` at temperature ``tau_f``."""
 
+    @property
+    def flow_ttrunc(self) -> int | None:
+        """The Ttrunc this backend's flow was trained for, as its model / export / engines / server record
+        it; None when unrecorded (then any Ttrunc is accepted). Raises TtruncMismatch for a manifest
+        written before Ttrunc was recorded."""
+        return None
+
+    def origin(self) -> str:
+        """Where the networks come from, for messages (a folder, a server)."""
+        return f"the {self.name} backend"
+
     def describe(self) -> dict[str, Any]:
         """Facts for run.json: backend name, device, precision, model/engine hashes."""
         return {"backend": self.name, "device": str(self.device)}

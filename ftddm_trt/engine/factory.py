@@ -20,6 +20,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("FTDDM_TRT_CACHE", Path.home() / ".cache" / "ftddm-trt"))
 
 
+def _current_export(folder: Path) -> bool:
+    """A cached export that is complete and records the flow's Ttrunc (older ones are redone)."""
+    from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, read_manifest
+
+    try:
+        return FLOW_TTRUNC_KEY in read_manifest(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: None) -> Path:
     """The ONNX export of ``models``, made once and cached under a key of the weights' hashes."""
     from ftddm_trt.export.onnx_export import export_model_set
@@ -27,7 +37,7 @@ def onnx_export_for(models: ModelSet, log: Callable[[str], None] = lambda _m: No
     key = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(models.hashes().items())).encode()).hexdigest()[:16]
     folder = cache_root() / "onnx" / key
     deadline, told = time.monotonic() + 1800, False
-    while not (folder / "manifest.json").is_file():
+    while not _current_export(folder):
         try:
             log(f"exporting the model to ONNX once (cached in {folder}) ...")
             export_model_set(models, folder, force=True, log=log)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ftddm_trt.engine.backend import NETWORKS, Backend
-from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
 from ftddm_trt.integrity import verify_networks
 
 
@@ -41,6 +41,13 @@ class OnnxRuntimeBackend(Backend):
         # the session then reads the very bytes whose hash describe() records
         self.onnx_sha256 = verify_networks(self.root, self.manifest, present)
         self.sessions = {n: _session(self.root / f"{n}.onnx", threads, providers) for n in present}
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        return manifest_flow_ttrunc(self.manifest, self.origin())
+
+    def origin(self) -> str:
+        return f"the ONNX export {self.root}"
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         if name not in self.sessions:

@@ -38,11 +38,13 @@ from ftddm_trt.diffusion import (
     ancestral_sample,
     dpm_solver_pp_sample,
     lambda_clipped_start,
+    randn_on,
     respaced_timesteps,
     truncated_timesteps,
 )
 from ftddm_trt.diffusion.consistency import data_consistency
 from ftddm_trt.engine.backend import Backend
+from ftddm_trt.export.manifest import check_flow_ttrunc
 
 SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow")
 _DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20}
@@ -195,6 +197,13 @@ def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpe
     return replace(spec, data_consistency=fine_mask if mode == "auto" else mode == "on")
 
 
+def require_flow_ttrunc(backend: Backend, spec: SamplerSpec) -> None:
+    """Refuse (TtruncMismatch, naming Ttrunc) a flow sampler whose ``spec.ttrunc`` is not the Ttrunc the
+    backend's flow was trained for; samplers without the flow and unrecorded Ttruncs pass."""
+    if spec.uses_flow:
+        check_flow_ttrunc(backend.flow_ttrunc, spec.ttrunc, backend.origin())
+
+
 def make_eps_fn(backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Bind the condition into the ``eps_fn(x_t, t)`` callable the samplers take."""
 
@@ -216,6 +225,7 @@ def sample_batch(
 
     Returns the normalized x0 estimate (B,1,64,64), zero outside M, and the NFE it cost.
     """
+    require_flow_ttrunc(backend, spec)
     schedule = schedule or CosineSchedule(T_DIFFUSION)
     dev = backend.device
     y = y.to(dev)
@@ -225,7 +235,7 @@ def sample_batch(
     eps_fn = make_eps_fn(backend, y, s, spec.full_chain_unet)
 
     def noise() -> torch.Tensor:
-        return torch.randn((b, 1, *y.shape[2:]), generator=generator).to(dev)
+        return randn_on(generator, (b, 1, *y.shape[2:]), dev)
 
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
@@ -276,6 +286,7 @@ def sample_images(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    require_flow_ttrunc(backend, spec)
     if batch_sampler is None:
         schedule = CosineSchedule(T_DIFFUSION)
 

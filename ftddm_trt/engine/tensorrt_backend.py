@@ -1,7 +1,8 @@
 """TensorRT backend: runs engines built by ``ftddm-trt build-engine`` on an NVIDIA GPU.
 
 I/O are torch CUDA tensors bound by address (``set_tensor_address``) and run with
-``execute_async_v3`` on torch's current stream, as in TensorRT's demo/Diffusion. The engine folder's
+``execute_async_v3`` on each engine's own CUDA stream, ordered after torch's current stream
+(``export.tensorrt_build.EngineRunner``), as in TensorRT's demo/Diffusion. The engine folder's
 manifest says which engine serves which network and for which GPU and TensorRT version it was built.
 """
 
@@ -13,28 +14,9 @@ from typing import Any
 import torch
 
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.export.manifest import read_manifest
-from ftddm_trt.export.tensorrt_build import require_tensorrt
+from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
+from ftddm_trt.export.tensorrt_build import EngineRunner, require_tensorrt, tensorrt_major
 from ftddm_trt.integrity import verify_networks
-
-
-class _Engine:
-    def __init__(self, runtime, path: Path) -> None:
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {path} (built for another GPU or TensorRT version?)")
-        self.context = self.engine.create_execution_context()
-
-    def __call__(self, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
-        stream = torch.cuda.current_stream()
-        for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(output)), device="cuda", dtype=torch.float32)
-        self.context.set_tensor_address(output, out.data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        return out
 
 
 class TensorRTBackend(Backend):
@@ -44,6 +26,7 @@ class TensorRTBackend(Backend):
         gpu = require_tensorrt()  # before any TensorRT runtime is touched
         import tensorrt as trt
 
+        tensorrt_major(trt.__version__)
         self.root = Path(engine_dir)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("gpu") != gpu or self.manifest.get("tensorrt_version") != trt.__version__:
@@ -53,7 +36,14 @@ class TensorRTBackend(Backend):
         self.engine_sha256 = verify_networks(self.root, self.manifest, list(self.manifest["networks"]),
                                              key="engine_sha256", file_key="engine")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {n: _Engine(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
+        self.engines = {n: EngineRunner(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        return manifest_flow_ttrunc(self.manifest, self.origin())
+
+    def origin(self) -> str:
+        return f"the TensorRT engine folder {self.root}"
 
     def _feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, torch.float32).contiguous() for k, v in tensors.items()}

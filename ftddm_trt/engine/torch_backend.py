@@ -102,6 +102,13 @@ class TorchBackend(Backend):
         dev = self.device
         return self._flow_call(eps.to(dev), y.to(dev), tau_f.to(dev, torch.float32))
 
+    @property
+    def flow_ttrunc(self) -> int | None:
+        return self.models.flow_ttrunc()
+
+    def origin(self) -> str:
+        return f"the model {self.models.root} ({self.models.flow_file})"
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision, "cuda_graph": self.cuda_graph,
                 "models": self.models.hashes()}

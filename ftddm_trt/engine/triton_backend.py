@@ -36,6 +36,7 @@ import torch
 from ftddm_trt.diffusion import SampleResult
 from ftddm_trt.engine.backend import NETWORKS, Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
+from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch
 
 #: Triton model name of each network (the repository generator and the client share them).
 TRITON_MODELS: dict[str, str] = {"unet": "ftddm_unet", "unet_full": "ftddm_unet_full", "flow": "ftddm_flow"}
@@ -47,6 +48,23 @@ NETWORK_TENSORS: dict[str, tuple[tuple[str, ...], str]] = {
     "flow": (("eps", "y", "tau_f"), "x"),
 }
 PROTOCOLS = ("grpc", "http")
+#: config.pbtxt parameter of ftddm_flow and ftddm_sampler: the Ttrunc the flow was trained for ("none": unrecorded).
+FLOW_TTRUNC_PARAM = FLOW_TTRUNC_KEY
+
+
+def encode_ttrunc_param(ttrunc: int | None) -> str:
+    """The string value of the ``flow_ttrunc`` config parameter."""
+    return "none" if ttrunc is None else str(int(ttrunc))
+
+
+def decode_ttrunc_param(params: dict[str, str], where: str) -> int | None:
+    """Inverse of ``encode_ttrunc_param`` on a model's string parameters; a repository generated before
+    Ttrunc was recorded (no such parameter) is refused with TtruncMismatch."""
+    if FLOW_TTRUNC_PARAM not in params:
+        raise TtruncMismatch(f"{where} does not record the Ttrunc its flow was trained for (a repository from an "
+                             "older ftddm-trt): regenerate it with `ftddm-trt triton-repo`")
+    value = params[FLOW_TTRUNC_PARAM].strip().lower()
+    return None if value in ("", "none", "null") else int(value)
 
 
 class TritonUnavailable(RuntimeError):
@@ -379,6 +397,17 @@ class TritonBackend(Backend):
         """``pipeline.sample_images`` with each batch sampled by ftddm_sampler (one request per batch)."""
         return sample_images(self, spec, y, s, batch_size=batch_size, seed=seed, progress=progress,
                              batch_sampler=lambda yb, sb, bseed: self.sample_on_server(yb, sb, spec, bseed))
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        """The Ttrunc of the served flow (parameter ``flow_ttrunc`` of ftddm_flow's config), read once."""
+        if not hasattr(self, "_flow_ttrunc"):
+            model = self.models["flow"]
+            self._flow_ttrunc = decode_ttrunc_param(self.model_parameters(model), f"model {model} of {self.origin()}")
+        return self._flow_ttrunc
+
+    def origin(self) -> str:
+        return f"the Triton server at {self.url}"
 
     def model_parameters(self, model: str) -> dict[str, str]:
         """The string parameters of a served model's config (the generator records onnx_sha256 there)."""

@@ -27,7 +27,7 @@ import torch
 from ftddm_trt import __version__
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.export.manifest import file_sha256, write_manifest
+from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, file_sha256, resolve_flow_ttrunc, write_manifest
 from ftddm_trt.models import FlowReverse
 from ftddm_trt.models.model_set import ModelSet
 
@@ -227,13 +227,20 @@ def export_model_set(
     out_dir: Path,
     force: bool = False,
     log: Callable[[str], None] = print,
+    flow_ttrunc: int | None = None,
 ) -> dict[str, Any]:
     """Export every network of ``models`` into ``out_dir`` (``atomic.atomic_dir``: checked and locked
-    before exporting; ``force`` replaces only a folder ftddm-trt wrote; never the model folder)."""
+    before exporting; ``force`` replaces only a folder ftddm-trt wrote; never the model folder).
+
+    The manifest records ``flow_ttrunc``, the Ttrunc the flow was trained for: the model's own record,
+    else ``flow_ttrunc`` (a model that records another Ttrunc is refused with TtruncMismatch), else null.
+    """
+    ttrunc = resolve_flow_ttrunc(models.flow_ttrunc(), flow_ttrunc, f"the model {models.root} ({models.flow_file})")
     with atomic_dir(Path(out_dir), force=force, inputs=(models.root,), command="export") as tmp:
         nets = models.load_torch()
         hashes = models.hashes()
-        manifest: dict[str, Any] = {"ftddm_trt_version": __version__, "torch_version": torch.__version__,
+        manifest: dict[str, Any] = {FLOW_TTRUNC_KEY: ttrunc if "flow" in nets else None,
+                                    "ftddm_trt_version": __version__, "torch_version": torch.__version__,
                                     "onnx_version": onnx.__version__, "opset": OPSET, "max_batch": MAX_BATCH,
                                     "model_dir": str(models.root), "model_hashes": hashes, "networks": {}}
         for name, net in nets.items():

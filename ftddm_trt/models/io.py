@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+try:
+    from safetensors.torch import load_file, save_file
+except ImportError:  # a host without safetensors (e.g. the bare GPU check machine) can still read weights
+    from ftddm_trt.models.safetensors_plain import load_file
+
+    save_file = None
 from torch import nn
 
 from ftddm_trt.models.config import FlowConfig, UNetConfig
@@ -78,6 +83,8 @@ def save_model(module: nn.Module, config: UNetConfig | FlowConfig, path: str | o
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     cfg = config.to_dict()
     tmp = wpath.with_name(wpath.name + ".tmp")
+    if save_file is None:
+        raise RuntimeError("writing weights needs the safetensors package (pip install safetensors)")
     save_file(tensors, str(tmp), metadata={"kind": kind, "config": json.dumps(cfg, sort_keys=True)})
     os.replace(tmp, wpath)
     meta = {"kind": kind, "config": cfg, "n_params": count_parameters(module), "sha256": _sha256_file(wpath)}

@@ -35,10 +35,20 @@ class BLSBackend(Backend):
 
     name = "triton-bls"
 
-    def __init__(self, infer: InferFn, models: Mapping[str, str] | None = None) -> None:
+    def __init__(self, infer: InferFn, models: Mapping[str, str] | None = None, flow_ttrunc: int | None = None) -> None:
         self.infer = infer
         self.models = dict(TRITON_MODELS if models is None else models)
         self.calls = 0
+        self._flow_ttrunc = flow_ttrunc
+
+    @property
+    def flow_ttrunc(self) -> int | None:
+        """The Ttrunc of the repository's flow (the sampler's ``flow_ttrunc`` parameter): ``sample_batch``
+        refuses requests for another one, so the server loop checks it as the client loop does."""
+        return self._flow_ttrunc
+
+    def origin(self) -> str:
+        return "this Triton repository (ftddm_sampler)"
 
     def _call(self, network: str, inputs: dict[str, np.ndarray], output: str) -> torch.Tensor:
         if network not in self.models:

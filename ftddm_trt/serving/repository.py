@@ -22,7 +22,11 @@ Flavours, from the same function:
   the Python backend (REFERENCE.md section 4).
 - ``gpu``: the network models are ``platform: "tensorrt_plan"`` with the engines of an engine folder
   (``ftddm-trt build-engine``) when one is given, else ``platform: "onnxruntime_onnx"`` with the
-  TensorRT execution accelerator; for NVIDIA's Triton container. The sampler stays a Python model.
+  TensorRT execution accelerator (engine cache path and min/opt/max profile shapes set); for NVIDIA's
+  Triton container. The sampler stays a Python model.
+- ``gpu-python``: the network models are ``backend: "python"`` on KIND_GPU running the engines of an
+  engine folder (required) with TensorRT from Python (``serving/triton_templates/python/tensorrt_network.py``): a
+  server with only the Python backend (nvidia-pytriton's tritonserver) can load it.
 
 Config text comes from the templates in ``serving/triton_templates/templates`` (shipped inside the package); every generated config is parsed
 with Triton's own schema (``model_config_pb2.ModelConfig``) and checked by ``validate_config`` before
@@ -39,11 +43,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TRITON_MODELS
+from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.export.manifest import read_manifest
+from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
+from ftddm_trt.integrity import verify_networks
 
-FLAVORS = ("cpu", "gpu")
+FLAVORS = ("cpu", "gpu", "gpu-python")
+#: Where the ONNX Runtime TensorRT accelerator of the gpu flavour caches its engines (inside the server).
+DEFAULT_TRT_CACHE_PATH = "/tmp/ftddm-trt-engine-cache"
 #: Source of the config templates and of the Python-backend model code (source only; never generated into).
 def triton_templates_dir() -> Path:
     """The Triton templates and Python-backend model code: ``$FTDDM_TRITON_REPO_SRC`` if set, else the
@@ -85,6 +92,7 @@ class RepoOptions:
     intra_op_threads: int = 0
     trt_precision: str = "FP32"
     trt_workspace_bytes: int = 1 << 30
+    trt_cache_path: str = DEFAULT_TRT_CACHE_PATH
     sampler: bool = True
     dynamic_batching: bool = True
 
@@ -152,6 +160,18 @@ def sampler_io(image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4,
             [TensorIO("x0", image), TensorIO("nfe", (1,), "TYPE_INT32")])
 
 
+def profile_shapes(inputs: list[TensorIO], options: RepoOptions) -> dict[str, str]:
+    """ONNX Runtime TensorRT profile shapes ``{"min"|"opt"|"max": "x_t:1x1x64x64,...,t:1"}`` over the batch:
+    min 1, opt the largest preferred batch size (else half the max), max ``max_batch_size``. Per-item
+    scalars are (B,) in the graph."""
+    opt = max(options.preferred_batch_sizes) if options.preferred_batch_sizes else max(1, options.max_batch_size // 2)
+
+    def shape(b: int) -> str:
+        return ",".join(f"{t.name}:" + "x".join(str(d) for d in ((b,) if t.scalar else (b, *t.dims))) for t in inputs)
+
+    return {"min": shape(1), "opt": shape(opt), "max": shape(options.max_batch_size)}
+
+
 # -- config text -----------------------------------------------------------------------------------
 def _template(name: str) -> string.Template:
     path = TRITON_REPO_SRC / "templates" / name
@@ -181,6 +201,10 @@ def network_config(
         runtime, kind = 'backend: "python"', "KIND_CPU"
         params = {"onnx_file": "model.onnx", "intra_op_threads": str(options.intra_op_threads), **(params or {})}
         optimization = ""
+    elif flavor == "gpu-python":
+        runtime, kind = 'backend: "python"', "KIND_GPU"
+        params = {"engine_file": "model.plan", **(params or {"network": network})}
+        optimization = ""
     else:
         platform = platform or "onnxruntime_onnx"
         if platform not in GPU_PLATFORMS:
@@ -195,7 +219,10 @@ def network_config(
                 f'      parameters {{ key: "precision_mode" value: "{options.trt_precision}" }}\n'
                 f'      parameters {{ key: "max_workspace_size_bytes" value: "{options.trt_workspace_bytes}" }}\n'
                 '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-                "    } ]\n  }\n}\n")
+                f'      parameters {{ key: "trt_engine_cache_path" value: "{options.trt_cache_path}/{TRITON_MODELS[network]}" }}\n'
+                + "".join(f'      parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n'
+                          for k, v in profile_shapes(inputs, options).items())
+                + "    } ]\n  }\n}\n")
     batching = ""
     if options.dynamic_batching:
         preferred = ""
@@ -212,10 +239,13 @@ def network_config(
 
 
 def sampler_config(networks: Mapping[str, str], options: RepoOptions = RepoOptions(),
-                   image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64)) -> str:
-    """config.pbtxt text of ftddm_sampler. ``networks``: network -> Triton model name it calls."""
+                   image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64),
+                   flow_ttrunc: int | None = None) -> str:
+    """config.pbtxt text of ftddm_sampler. ``networks``: network -> Triton model name it calls;
+    ``flow_ttrunc``: the Ttrunc the flow was trained for (the sampler refuses requests for another)."""
     inputs, outputs = sampler_io(image, cond)
-    params = {"models": json.dumps(dict(networks), sort_keys=True), "torch_threads": "1", "bls_timeout_us": "0"}
+    params = {"models": json.dumps(dict(networks), sort_keys=True), "torch_threads": "1", "bls_timeout_us": "0",
+              FLOW_TTRUNC_PARAM: encode_ttrunc_param(flow_ttrunc)}
     return _template("sampler.pbtxt.in").substitute(
         model_name=SAMPLER_MODEL, bls_models=", ".join(networks.values()), max_batch_size=options.max_batch_size,
         inputs=",\n".join(t.pbtxt() for t in inputs), outputs=",\n".join(t.pbtxt() for t in outputs),
@@ -305,6 +335,9 @@ def validate_config(
     elif flavor == "gpu":
         if cfg.platform not in GPU_PLATFORMS:
             raise ConfigError(f"{where}: a gpu-flavour network must be platform {' or '.join(GPU_PLATFORMS)}, got {runtime!r}")
+    elif flavor == "gpu-python":
+        if cfg.backend != "python":
+            raise ConfigError(f"{where}: a gpu-python network must be backend \"python\" (TensorRT from Python), got {runtime!r}")
     elif cfg.backend != "python" and cfg.platform not in GPU_PLATFORMS:
         raise ConfigError(f"{where}: platform/backend {runtime!r} is not one ftddm-trt generates")
     if is_sampler:
@@ -325,7 +358,7 @@ def validate_config(
         if g.count < 1:
             raise ConfigError(f"{where}: instance_group count must be >= 1, got {g.count}")
         kind = pb.ModelInstanceGroup.Kind.Name(g.kind)
-        allowed = ("KIND_CPU",) if (is_sampler or flavor == "cpu") else ("KIND_GPU", "KIND_AUTO") if flavor == "gpu" else ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
+        allowed = ("KIND_CPU",) if (is_sampler or flavor == "cpu") else ("KIND_GPU", "KIND_AUTO") if flavor in ("gpu", "gpu-python") else ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
         if kind not in allowed:
             raise ConfigError(f"{where}: instance_group kind {kind} not allowed here (use {' or '.join(allowed)})")
     return cfg
@@ -352,13 +385,15 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
         if not path.is_file():
             raise ConfigError(f"{d} has no config.pbtxt")
         cfg = validate_config(path.read_text(), flavor, manifest, expected_name=d.name, where=str(path))
-        need = [_model_file(cfg)] + (["model.onnx"] if cfg.backend == "python" and cfg.name != SAMPLER_MODEL else [])
+        network_file = "model.plan" if flavor == "gpu-python" else "model.onnx"
+        need = [_model_file(cfg)] + ([network_file] if cfg.backend == "python" and cfg.name != SAMPLER_MODEL else [])
         missing = [f for f in need if not (d / "1" / f).is_file()]
         if missing:
             raise ConfigError(f"{d}: version folder 1/ lacks {', '.join(missing)}")
         configs[cfg.name] = cfg
     if not any(n in configs for n in TRITON_MODELS.values()):
         raise ConfigError(f"{repo} holds none of the network models {', '.join(TRITON_MODELS.values())}")
+    _check_ttrunc_params(repo, configs, meta)
     if SAMPLER_MODEL in configs:
         params = configs[SAMPLER_MODEL].parameters
         called = json.loads(params["models"].string_value) if "models" in params else {}
@@ -366,6 +401,22 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
         if not called or absent:
             raise ConfigError(f"{repo}: {SAMPLER_MODEL} calls models that the repository lacks: {absent or '(none listed)'}")
     return configs
+
+
+def _check_ttrunc_params(repo: Path, configs: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """ftddm_flow and ftddm_sampler carry the same ``flow_ttrunc`` parameter as repository.json."""
+    found: dict[str, int | None] = {}
+    for model in (TRITON_MODELS["flow"], SAMPLER_MODEL):
+        if model in configs:
+            params = {k: v.string_value for k, v in configs[model].parameters.items()}
+            try:
+                found[model] = decode_ttrunc_param(params, f"{repo}/{model}/config.pbtxt")
+            except (TtruncMismatch, ValueError) as err:
+                raise ConfigError(str(err)) from err
+    if FLOW_TTRUNC_KEY in meta:
+        found[REPOSITORY_JSON] = meta[FLOW_TTRUNC_KEY]
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"{repo}: the flow's Ttrunc differs between {', '.join(f'{k} ({v})' for k, v in found.items())}")
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -386,20 +437,31 @@ def build_repository(
     options: RepoOptions = RepoOptions(),
     force: bool = False,
     log: Callable[[str], None] = print,
+    flow_ttrunc: int | None = None,
 ) -> dict[str, Any]:
     """Write a Triton model repository for ``flavor`` into ``out_dir`` (atomic; refuses a non-empty
-    folder without ``force``). Returns what ``repository.json`` records."""
+    folder without ``force``). Returns what ``repository.json`` records.
+
+    The flow's Ttrunc (from the export's manifest; ``flow_ttrunc`` must agree with it, TtruncMismatch
+    otherwise, or supplies it when the export has none) goes into repository.json and into the
+    ``flow_ttrunc`` parameter of ftddm_flow and ftddm_sampler, where clients and the server loop read it."""
     if flavor not in FLAVORS:
         raise ConfigError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-    if engines_dir is not None and flavor != "gpu":
-        raise ConfigError("TensorRT engines only go into a gpu-flavour repository (--flavor gpu)")
+    if engines_dir is not None and flavor == "cpu":
+        raise ConfigError("TensorRT engines only go into a gpu-flavour repository (--flavor gpu or gpu-python)")
+    if engines_dir is None and flavor == "gpu-python":
+        raise ConfigError("the gpu-python flavour runs TensorRT engines: give --engines (from `ftddm-trt build-engine`)")
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     manifest = read_manifest(onnx_dir)
     networks = [n for n in TRITON_MODELS if n in manifest.get("networks", {})]
     if not networks:
         raise ConfigError(f"the export {onnx_dir} lists no network in its manifest")
+    ttrunc = resolve_flow_ttrunc(manifest_flow_ttrunc(manifest, f"the ONNX export {onnx_dir}"), flow_ttrunc,
+                                 f"the ONNX export {onnx_dir}")
     engines = read_manifest(Path(engines_dir)) if engines_dir is not None else None
     if engines is not None:
+        resolve_flow_ttrunc(manifest_flow_ttrunc(engines, f"the engine folder {engines_dir}"), ttrunc,
+                            f"the engine folder {engines_dir}")
         prof_max = int(engines.get("profile", {}).get("max", 0))
         if prof_max and options.max_batch_size > prof_max:
             raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the engines' profile max {prof_max}")
@@ -409,36 +471,43 @@ def build_repository(
                 raise ConfigError(f"the engine folder {engines_dir} has no engine for {n}")
             if info.get("onnx_sha256") != manifest["networks"][n].get("onnx_sha256"):
                 raise ConfigError(f"the {n} engine in {engines_dir} was built from another ONNX file than {onnx_dir}: rebuild it")
+        verify_networks(Path(engines_dir), engines, networks, key="engine_sha256", file_key="engine")  # IntegrityError
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
     with atomic_dir(Path(out_dir), force=force, inputs=(onnx_dir, engines_dir), command="triton-repo") as tmp:
-        platform = None if flavor == "cpu" else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
+        platform = None if flavor in ("cpu", "gpu-python") else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)
             info = manifest["networks"][n]
             model_dir = tmp / TRITON_MODELS[n]
             params = {"network": n, "onnx_sha256": info.get("onnx_sha256", "")}
+            if n == "flow":
+                params[FLOW_TTRUNC_PARAM] = encode_ttrunc_param(ttrunc)
+            if flavor == "gpu-python":  # the model hashes its engine at load (tensorrt_network.py)
+                params["engine_sha256"] = engines["networks"][n]["engine_sha256"]
             text = network_config(n, flavor, ins, outs, options, platform, params)
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text)
-            if platform == "tensorrt_plan":
+            if platform == "tensorrt_plan" or flavor == "gpu-python":
                 _place(Path(engines_dir) / engines["networks"][n]["engine"], model_dir / "1" / "model.plan")
             else:
                 _place(onnx_dir / info["onnx"], model_dir / "1" / "model.onnx")
             if flavor == "cpu":
                 shutil.copy2(TRITON_REPO_SRC / "python" / "onnx_network.py", model_dir / "1" / "model.py")
-            log(f"{TRITON_MODELS[n]}: {platform or 'python + onnxruntime'}")
+            elif flavor == "gpu-python":
+                shutil.copy2(TRITON_REPO_SRC / "python" / "tensorrt_network.py", model_dir / "1" / "model.py")
+            log(f"{TRITON_MODELS[n]}: {platform or ('python + tensorrt' if flavor == 'gpu-python' else 'python + onnxruntime')}")
         if options.sampler:
             ins, outs = manifest_network_io(manifest, networks[0])
             img = next(t.dims for t in outs)
             cond = next(t.dims for t in ins if t.name == "y")
             model_dir = tmp / SAMPLER_MODEL
             (model_dir / "1").mkdir(parents=True)
-            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond))
+            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc))
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
-        meta = {"flavor": flavor, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
+        meta = {"flavor": flavor, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
                 "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
                 "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
                 "export_manifest": manifest}

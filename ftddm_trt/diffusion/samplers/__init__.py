@@ -7,7 +7,7 @@ from .ancestral import (
     respaced_timesteps,
     truncated_timesteps,
 )
-from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps
+from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps, randn_on
 from .dpm_solver import DEFAULT_LAMBDA_MIN, dpm_solver_pp_sample, dpm_solver_timesteps, lambda_clipped_start, lambda_clipped_timesteps
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "draw_ancestral_noise",
     "initial_noise",
     "masked_eps",
+    "randn_on",
     "respaced_timesteps",
     "truncated_timesteps",
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import DiscreteSchedule, RespacedSchedule
-from .base import EpsFn, ProgressFn, SampleResult, masked_eps
+from .base import EpsFn, ProgressFn, SampleResult, masked_eps, randn_on
 
 __all__ = [
     "ancestral_sample",
@@ -67,10 +67,7 @@ def draw_ancestral_noise(
     ``n_steps`` chain: ``n_steps - 1`` unit normals of ``like``'s shape, drawn one step after another, stacked
     to ``(n_steps - 1, *like.shape)``. Passing the result as ``noise=`` gives the same sample as passing the
     generator (useful for CUDA graphs and for comparing backends on one noise draw)."""
-    draws = [
-        torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-        for _ in range(n_steps - 1)
-    ]
+    draws = [randn_on(generator, like.shape, like.device, like.dtype) for _ in range(n_steps - 1)]
     if not draws:
         return torch.empty((0, *like.shape), device=like.device, dtype=like.dtype)
     return torch.stack(draws)
@@ -119,8 +116,10 @@ def ancestral_sample(
             with a :class:`RespacedSchedule`, its ``timestep_map`` gives what the network is fed).
         timesteps: strictly descending timesteps, e.g. ``[100, ..., 1]``.
         tau_d: temperature on the sampling noise (std factor), default 0.9 as the paper.
-        generator: ``torch.Generator`` on ``x_start``'s device for the sampling noise; one draw of
-            ``x_start``'s shape per step except the last (see :func:`draw_ancestral_noise`).
+        generator: ``torch.Generator`` for the sampling noise, on any device: each draw happens on the
+            generator's device and is then moved to ``x_start``'s (:func:`randn_on`), so a CPU generator
+            serves a CUDA chain and gives the same noise as on the CPU; one draw of ``x_start``'s shape
+            per step except the last (see :func:`draw_ancestral_noise`).
         clip: optional ``(lo, hi)``: clamp the predicted x0 and use the posterior mean instead of the
             (algebraically identical) eq. 12 form.
         noise: optional pre-drawn noise ``(n_steps - 1 or n_steps, B, 1, H, W)`` used instead of the
@@ -156,7 +155,7 @@ def ancestral_sample(
             if noise is not None:
                 z = noise[i].to(device=x.device, dtype=x.dtype)
             else:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = randn_on(generator, x.shape, x.device, x.dtype)
             z = z if mask is None else z * mask
             x = x + (math.sqrt(float(sub.posterior_variances[k])) * tau_d) * z
         if progress is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EpsFn", "ProgressFn", "SampleResult", "initial_noise", "masked_eps"]
+__all__ = ["EpsFn", "ProgressFn", "SampleResult", "initial_noise", "masked_eps", "randn_on"]
 
 #: ``eps_fn(x_t: (B,1,H,W), t: (B,) float32) -> (B,1,H,W)`` predicted noise.
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -36,12 +36,30 @@ class SampleResult:
     nfe: int
 
 
+def randn_on(
+    generator: torch.Generator | None,
+    shape: tuple[int, ...] | torch.Size,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Unit normals of ``shape`` drawn where ``generator`` lives, then moved to ``device`` as ``dtype``.
+
+    torch refuses a CPU generator for a CUDA draw, and a CUDA generator draws other numbers than a CPU
+    one for the same seed. Drawing on the generator's own device (in float32, or float64 when ``dtype``
+    is float64) and then moving the tensor makes one seed give the same noise on every backend and in
+    every reduced precision. Without a generator the draw happens on ``device`` (its default generator).
+    """
+    draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    where = generator.device if generator is not None else torch.device(device)
+    z = torch.randn(tuple(shape), generator=generator, device=where, dtype=draw_dtype)
+    return z.to(device=device, dtype=dtype)
+
+
 def initial_noise(mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """``x_T = M * z``, ``z ~ N(0, I)``: the start of a full (untruncated) chain, noise only inside the mask.
 
-    Drawn with ``mask``'s shape, dtype and device (the generator must live on that device)."""
-    z = torch.randn(mask.shape, generator=generator, device=mask.device, dtype=mask.dtype)
-    return mask * z
+    Has ``mask``'s shape, dtype and device; drawn on the generator's device (see :func:`randn_on`)."""
+    return mask * randn_on(generator, mask.shape, mask.device, mask.dtype)
 
 
 def masked_eps(eps_fn: EpsFn, x: Tensor, t: int, mask: Tensor | None) -> Tensor:

@@ -19,13 +19,15 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
+        from ftddm_trt.engine.triton_backend import decode_ttrunc_param
         from ftddm_trt.serving.bls import BLSBackend
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(max(1, int(params.get("torch_threads", "1") or 1)))
         self.timeout_us = int(params.get("bls_timeout_us", "0") or 0)
-        self.backend = BLSBackend(self._infer, json.loads(params["models"]))
+        ttrunc = decode_ttrunc_param(params, "ftddm_sampler's config")
+        self.backend = BLSBackend(self._infer, json.loads(params["models"]), flow_ttrunc=ttrunc)
 
     def _infer(self, model, inputs, outputs):
         kwargs = {"timeout": self.timeout_us} if self.timeout_us > 0 else {}
