@@ -286,8 +286,7 @@ def per_nfe(models, budget: Budget, batches=(1, 2, 4, 8, 16, 32, 64, 128)) -> li
                 rows.append({"net": label, "params": n_params, "mode": mode, "batch": b, "ms_per_call": ms,
                              "ms_per_nfe_per_image": ms / b})
         net.cpu()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = True  # torch's defaults
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # back to this check's fp32
     return rows
 
 
@@ -404,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.monotonic()
     budget = Budget(args.minutes)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 unless a row says tf32
+    # fp32 means fp32 (no TF32 in matmuls or convolutions) unless a row says tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     models = ModelSet.open(args.model)
     report: dict[str, Any] = {
         "machine": {"gpu": torch.cuda.get_device_name(torch.cuda.current_device()), "torch": torch.__version__,
