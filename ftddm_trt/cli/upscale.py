@@ -77,7 +77,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            ModelSet.open(opts.model, flow_ttrunc)  # a flow trained for this Ttrunc must exist
+            ModelSet.open(opts.model, flow_ttrunc, start=spec.start_network or "flow")  # a flow trained for this Ttrunc must exist
         except FileNotFoundError as err:
             fail(str(err))
     try:
@@ -96,7 +96,7 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
 
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
-                               url=opts.url, ttrunc=flow_ttrunc, log=console.print)
+                               url=opts.url, ttrunc=flow_ttrunc, log=console.print, start=spec.start_network or "flow")
     except Exception as err:  # every runtime has its own errors: report them by name
         fail(f"cannot open backend {opts.backend!r}: {err}")
 
@@ -143,7 +143,7 @@ def upscale_cmd(
     subject_dir: Path = typer.Argument(..., help="Subject folder in the FSL-MRS layout (concs/<kind>/<metab>.nii.gz, qc/, t1, flair)."),
     out_dir: Path = typer.Argument(..., help="Output folder (64x64xZ maps in the same layout, run.json, report.png)."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url)."),
-    sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp or flow."),
+    sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model)."),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise."),

@@ -40,17 +40,21 @@ def open_backend(
     precision: str = "fp32",
     ttrunc: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    start: str = "flow",
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
-    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``)."""
+    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``); ``start="tdpm"`` serves the TDPM
+    generator in the flow's place (in-process backends only)."""
+    if start != "flow" and (kind not in ("torch", "onnxruntime") or onnx_dir is not None):
+        raise ValueError(f"the {start} start point runs on --backend torch or onnxruntime from a model folder only")
     if kind == "torch":
         from ftddm_trt.engine.torch_backend import TorchBackend
 
-        return TorchBackend(ModelSet.open(model, ttrunc), device=device, precision=precision)
+        return TorchBackend(ModelSet.open(model, ttrunc, start=start), device=device, precision=precision)
     if kind == "onnxruntime":
         from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model, ttrunc), log))
+        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model, ttrunc, start=start), log))
     if kind == "tensorrt":
         from ftddm_trt.engine.tensorrt_backend import TensorRTBackend
 
