@@ -97,30 +97,6 @@ def test_train_task_resumes_and_packages(tmp_path):
     assert isinstance(load_model(pkg / "tdpm"), TDPMGenerator)
 
 
-def test_package_model_base_adds_a_network_to_a_model_folder(tiny_model_dir, tmp_path):
-    """`package-model --base M --out M --force` adds the TDPM generator in place, keeping every other network
-    and the manifest's entries and commands."""
-    import shutil
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = TDPMConfig.preset("tiny")
-    save_model(TDPMGenerator(cfg), cfg, run_dir / "best")
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    before = {p.name: p.read_bytes() for p in model.iterdir() if p.suffix == ".safetensors"}
-    (model / "manifest.json").write_text(json.dumps({"commands": ["train unet"], "networks": {"unet": {"sha256": "x", "step": 7}}}))
-    res = runner.invoke(app, ["package-model", "--out", str(model), "--base", str(model), "--force", "--tdpm", str(run_dir),
-                              "--command", "train tdpm"])
-    assert res.exit_code == 0, res.output
-    after = {p.name: p.read_bytes() for p in model.iterdir() if p.suffix == ".safetensors"}
-    assert set(after) == set(before) | {"tdpm.safetensors"} and all(after[k] == v for k, v in before.items())
-    manifest = json.loads((model / "manifest.json").read_text())
-    assert manifest["commands"] == ["train unet", "train tdpm"] and manifest["networks"]["unet"]["step"] == 7
-    assert set(manifest["networks"]) >= {"unet", "unet_full", "flow", "tdpm"}
-    assert isinstance(ModelSet.open(model, start="tdpm").load_torch()["flow"], TDPMGenerator)
-
-
 def _model_with_tdpm(tiny_model_dir, folder, t_trunc: int = 5):
     """A copy of the tiny model folder plus a tiny TDPM generator recorded for ``t_trunc``."""
     import shutil

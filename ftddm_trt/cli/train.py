@@ -54,7 +54,6 @@ def package_model_cmd(
     tdpm: Path = typer.Option(None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*."),
     extra_flow: list[Path] = typer.Option([], "--extra-flow", help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*."),
     which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
-    base: Path = typer.Option(None, "--base", help="Model folder whose other networks (and manifest entries, commands) are kept; may be --out itself with --force."),
     command: list[str] = typer.Option([], "--command", help="Training command lines to record in the manifest (repeatable)."),
     force: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
@@ -65,7 +64,7 @@ def package_model_cmd(
     if not runs:
         fail("give at least one of --unet, --unet-full, --flow, --tdpm")
     try:
-        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow), base=base)
+        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

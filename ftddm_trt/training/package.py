@@ -22,12 +22,10 @@ def _run_summary(run_dir: Path) -> dict:
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
-                  force: bool = False, extra_flows: list[Path] = (), base: Path | None = None) -> dict:
+                  force: bool = False, extra_flows: list[Path] = ()) -> dict:
     """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json.
 
-    ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``. ``base`` (a
-    model folder, may be ``out_dir`` itself with ``force``) supplies every network the runs do not replace,
-    with its manifest entries and commands (the new commands are appended).
+    ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -40,17 +38,6 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
             raise ValueError(f"{run_dir} is not a flow training run")
         files[f"flow_t{cfg['t_trunc']}"] = Path(run_dir)
     with atomic_dir(Path(out_dir), force=force) as tmp:
-        if base is not None:
-            base = Path(base)
-            old = json.loads((base / "manifest.json").read_text()) if (base / "manifest.json").is_file() else {}
-            manifest["commands"] = [*old.get("commands", []), *manifest["commands"]]
-            for src in sorted(base.glob("*.safetensors")):
-                name = src.stem
-                if name in files or not src.with_suffix(".json").is_file():
-                    continue
-                for ext in (".safetensors", ".json"):
-                    shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
-                manifest["networks"][name] = old.get("networks", {}).get(name, {"sha256": model_sha256(tmp / name)})
         for name, run_dir in files.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
