@@ -26,7 +26,7 @@ from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--maps", type=int, default=48)
+    ap.add_argument("--maps", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.bench.latency import LatencyConfig, latency_chart, latency_markdown, run_latency  # noqa: E402
-from ftddm_trt.bench.report import write_json  # noqa: E402
+from ftddm_trt.bench.report import portable, write_json  # noqa: E402
 from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out.resolve() == (ROOT / "benchmarks" / "results").resolve():
         print("error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr)
         return 2
-    result = run_latency(cfg)
+    result = portable(run_latency(cfg))  # no absolute paths of this machine in the results
     j = write_json(args.out / "latency.json", result)
     png = latency_chart(result, args.out / "latency.png")
     (args.out / "latency.md").write_text(latency_markdown(result, png.name))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.bench.per_nfe import DEFAULT_BATCHES, PerNfeConfig, per_nfe_markdown, run_per_nfe  # noqa: E402
-from ftddm_trt.bench.report import write_json  # noqa: E402
+from ftddm_trt.bench.report import portable, write_json  # noqa: E402
 from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR  # noqa: E402
 
 
@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=_ints, default=None, help=f"comma-separated (default {','.join(map(str, DEFAULT_BATCHES))})")
     ap.add_argument("--backends", default=None,
                     help="comma-separated labels (default: torch-fp32,torch-bf16,onnxruntime, + GPU ones with CUDA)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 10)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 5)")
     ap.add_argument("--budget", type=float, default=None, help="seconds per row before repeats are cut (default 20)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all available cores)")
     ap.add_argument("--paper-preset", default=None, choices=["paper", "cpu", "tiny", "none"],
                     help="preset of the random-weight UNet (default paper; none skips it)")
     ap.add_argument("--no-overhead", action="store_true", help="skip the whole-volume pipeline overhead run")
     ap.add_argument("--overhead-batch", type=int, default=None, help="batch of the overhead run (default: best per backend)")
-    ap.add_argument("--overhead-maps", type=int, default=None, help="maps of the volume used (default: all)")
+    ap.add_argument("--overhead-maps", type=int, default=None, help="maps of the volume used (default 35; 0: all)")
     ap.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder of the model (GPU only)")
     ap.add_argument("--cache", type=Path, default=None, help="export cache (default $FTDDM_TRT_CACHE or ~/.cache/ftddm-trt)")
     args = ap.parse_args(argv)
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("overhead_maps", args.overhead_maps)):
         if value is not None:
             changes[name] = value
+    if args.overhead_maps == 0:
+        changes["overhead_maps"] = None  # the whole volume
     if args.backends:
         changes["backends"] = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     if args.paper_preset is not None:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out.resolve() == (ROOT / "benchmarks" / "results").resolve():
         print("error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr)
         return 2
-    result = run_per_nfe(cfg)
+    result = portable(run_per_nfe(cfg))  # no absolute paths of this machine in the results
     j = write_json(args.out / "per_nfe.json", result)
     (args.out / "per_nfe.md").write_text(per_nfe_markdown(result))
     print(f"wrote {j} and {args.out / 'per_nfe.md'}")

@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ftddm_trt.bench.report import portable  # noqa: E402
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_TRUNC  # noqa: E402
 from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images  # noqa: E402
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx", type=Path, default=None, help="existing export folder (skips the export)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--batch", type=int, default=1, help="images per ftddm_unet request")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per concurrency level")
     ap.add_argument("--max-requests", type=int, default=20000, help="request budget per level")
     ap.add_argument("--repeats", type=int, default=50, help="single-call latency samples")
     ap.add_argument("--loop-steps", type=int, default=10, help="ftddm-dpmpp steps of the sampling-loop comparison")
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    result = portable(result)  # no absolute paths of this machine in the results
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(result))
     print(f"wrote {args.out / (args.name + '.json')} and .md")

@@ -128,7 +128,7 @@ def test_nfe_equals_the_backend_calls(spec, nfe):
 
 
 def test_every_sampler_is_covered():
-    assert set(SAMPLERS) == {"ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow"}
+    assert set(SAMPLERS) == {"ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm"}
 
 
 @pytest.mark.parametrize(

@@ -86,9 +86,12 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
 
     # best.* is a loadable network of the right kind, at the data's 64 px
     net = load_model(run_dir / "best")
-    kind = "flow" if task == "flow" else "unet"
+    kind = {"flow": "flow", "tdpm": "tdpm"}.get(task, "unet")
     assert load_meta(run_dir / "best")["kind"] == kind
-    assert net.config.image_size == 64
+    if task == "tdpm":  # the generator draws (B,1,64,64) from (B,4,64,64)
+        assert net.reverse(torch.zeros(2, 1, 64, 64), torch.zeros(2, 4, 64, 64), torch.ones(2)).shape == (2, 1, 64, 64)
+    else:
+        assert net.config.image_size == 64
     # last/ is a complete checkpoint at step 2 holding the task's config
     last = run_dir / "last"
     assert find_checkpoint(last) == last
@@ -102,8 +105,9 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
 
     # nothing but safetensors / JSON / the log, no leftovers of the atomic writes
     names = {p.relative_to(run_dir).as_posix() for p in files_under(run_dir)}
-    assert names == {"best.safetensors", "best.json", "log.jsonl", "last/model.safetensors", "last/model.json",
-                     "last/optim.safetensors", "last/optim.json", "last/state.json"}
+    ckpts = ("last", "last_disc") if task == "tdpm" else ("last",)  # the GAN's discriminator has its own
+    assert names == {"best.safetensors", "best.json", "log.jsonl"} | {
+        f"{c}/{f}" for c in ckpts for f in ("model.safetensors", "model.json", "optim.safetensors", "optim.json", "state.json")}
     assert not [p for p in files_under(run_dir) if p.suffix in PICKLE_SUFFIXES]
 
 
@@ -218,7 +222,7 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{e}" for n in ("unet", "unet_full", "flow") for e in ("safetensors", "json")] + ["manifest.json", ".ftddm-trt.json"])
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm") for e in ("safetensors", "json")] + ["manifest.json", ".ftddm-trt.json"])
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["weights"] == "best" and manifest["commands"] == ["ftddm-trt train ..."]
     for name in trainer.TASKS:
@@ -228,7 +232,8 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
         assert digest == _sha256(runs[name] / "best.safetensors")
         assert info["step"] == 2 and info["train_config"]["task"] == name
     models = ModelSet.open(out)
-    assert models.networks == ("unet", "unet_full", "flow")
+    assert models.networks == ("unet", "unet_full", "flow")  # tdpm.* is served only when asked for (start="tdpm")
+    assert type(ModelSet.open(out, start="tdpm").load_torch()["flow"]).__name__ == "TDPMGenerator"
     assert models.hashes() == {n: manifest["networks"][n]["sha256"] for n in models.networks}
     nets = models.load_torch()
     assert type(nets["flow"]).__name__ == "ConditionalFlow"
@@ -268,3 +273,17 @@ def test_package_model_cli(tiny_runs, tmp_path):
                                    "--which", "bset"])
     assert res.exit_code == 2 and "which must be 'best' or 'last'" in " ".join(res.output.split())
     assert not (tmp_path / "n").exists()
+
+
+def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
+    """Validation losses 1.0, 0.9, 0.95, 0.97, ...: the best is at step 2, patience 2 stops at step 4."""
+    losses = iter([1.0, 0.9, 0.95, 0.97, 0.99, 1.0, 1.0, 1.0, 1.0, 1.0] * 2)
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: next(losses))
+    cfg = tiny_cfg("unet", 10, val_every=1, ckpt_every=100)
+    summary = train(cfg, tmp_path / "run", device="cpu", progress=False, patience=2)
+    assert summary["stopped_early"] and summary["step"] == 4 and summary["stale_validations"] == 2
+    assert summary["best_val"] == pytest.approx(0.9)
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["step"] == 4 and state["stale_validations"] == 2
+    # without patience the same run goes to the end
+    assert train(cfg, tmp_path / "run2", device="cpu", progress=False)["step"] == 10

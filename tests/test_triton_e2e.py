@@ -102,7 +102,9 @@ def test_client_loop_protocols_and_shared_memory(server, ort, inputs, protocol, 
         assert not os.path.exists(f"/dev/shm{key}")
 
 
-@pytest.mark.parametrize("spec", [*SPECS, SamplerSpec("flow", tau_f=0.0)], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [*SPECS, SamplerSpec("flow", tau_f=0.0), SamplerSpec("dpmpp", steps=3, clip_x0=None),
+                                  SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.25), lambda_min=-4.0)],
+                         ids=lambda s: f"{s.name}-clip{s.clip_x0}-lambda{s.lambda_min}")
 def test_server_loop_matches_onnxruntime(server, ort, inputs, spec):
     y, s = inputs
     ref, nfe = sample_images(ort, spec, y, s, batch_size=3, seed=7)

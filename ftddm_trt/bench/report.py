@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+#: The repository (or installed package's parent): paths under it are written relative to it.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 NOISE_NOTE = ("The machine is shared with other jobs (training runs, tests): timings are noisy. Each figure is "
               "the median of the stated number of repeats, taken in blocks that alternate between backends; the "
               "load average before and after the run is recorded with the machine facts.")
 
 
+def portable_path(text: str) -> str:
+    """An absolute path as written into results: relative to the project root when under it, ``$VENV/...`` under
+    the Python environment, ``~/...`` under the home folder, else ``<abs>/NAME``; other strings unchanged."""
+    if not (isinstance(text, str) and os.path.isabs(text) and "\n" not in text and " " not in text):
+        return text
+    p = Path(text)
+    for root, label in ((PROJECT_ROOT, None), (Path(sys.prefix), "$VENV"), (Path.home(), "~")):
+        try:
+            rel = p.resolve().relative_to(root.resolve()) if p.exists() else p.relative_to(root)
+        except ValueError:
+            continue
+        return rel.as_posix() if label is None else f"{label}/{rel.as_posix()}"
+    return f"<abs>/{p.name}"
+
+
+def portable(obj: Any) -> Any:
+    """``obj`` with every absolute path string replaced by :func:`portable_path` (dict keys kept)."""
+    if isinstance(obj, str):
+        return portable_path(obj)
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path | str, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (NaN written as null), creating the folder."""
+    """Write ``obj`` as indented JSON (NaN written as null, absolute paths made portable), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(_clean(portable(obj)), indent=2, sort_keys=False) + "\n")
     return path
 
 

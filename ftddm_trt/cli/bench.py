@@ -1,4 +1,7 @@
-"""`ftddm-trt bench`: quality versus NFE on the phantom test split (paper Table 1 / Fig. 5 shape)."""
+"""`ftddm-trt bench`: quality versus NFE on the phantom test split (paper Table 1, Figs. 5-7).
+
+Its defaults are the settings of the committed ``benchmarks/results/quality.*`` (``make bench`` runs it
+with them)."""
 
 from __future__ import annotations
 
@@ -14,16 +17,19 @@ from ftddm_trt.cli.upscale import CLIP_X0_DEFAULT, LAMBDA_MIN_DEFAULT
 
 @app.command("bench")
 def bench_cmd(
-    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for quality.json, quality.md and quality_vs_nfe.png."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for quality.json, quality.md and the figures (quality_vs_nfe.png, quality_vs_s.png, quality_tau_d.png)."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
     backend: str = typer.Option("onnxruntime", help="Backend every method runs on (one backend, one run)."),
     maps: int = typer.Option(64, help="Test-split maps per (s, protocol), the same for every method."),
-    ddpm_maps: int = typer.Option(8, help="Maps DDPM T=1000 runs on (the first of --maps; it costs ~10x the others)."),
+    ddpm_maps: int = typer.Option(0, help="Maps DDPM T=1000 runs on (the first of --maps; 0: all; it costs ~10x the others, and a subset is stated in the table)."),
     batch_size: int = typer.Option(32, help="Maps per network call."),
     no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000."),
     stem: str = typer.Option("quality", help="File name stem of the results."),
     clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none."),
     lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none."),
+    tau_d_sweep: str = typer.Option("0,0.5,0.9,1.0,1.2", "--tau-d-sweep", help="Fig. 7: tau_d values for FTDDM Ttrunc=100 at s = 4 (empty: skip)."),
+    s_sweep: str = typer.Option("2,4,8", "--s-sweep", help="Fig. 6: s told to the networks on the s = 4 inputs (empty: skip)."),
+    seed: int = typer.Option(0, help="Seed of the map choice and of the samplers."),
 ) -> None:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
     from ftddm_trt.bench.quality import paper_methods, run_quality, write_results
@@ -37,17 +43,31 @@ def bench_cmd(
         ttruncs = [t for t in (100, 50, 20) if t in (models.flow_ttruncs() or [main_ttrunc])]
         b = open_backend(backend, model=model, log=console.print)
         flow_backends = {t: open_backend(backend, model=model, ttrunc=t, log=console.print) for t in ttruncs if t != main_ttrunc}
+        has_tdpm = (models.root / "tdpm.safetensors").is_file()
+        if has_tdpm:
+            flow_backends["tdpm"] = open_backend(backend, model=model, ttrunc=main_ttrunc, start="tdpm", log=console.print)
     except Exception as err:
         fail(f"cannot open backend {backend!r}: {err}")
     params = {name: count_parameters(net) for name, net in models.load_torch().items()}
+    if has_tdpm:
+        params["tdpm"] = count_parameters(ModelSet.open(model, start="tdpm").load_torch()["flow"])
+    else:
+        console.print("[yellow]no TDPM row:[/] the model folder has no tdpm.* (train it with `ftddm-trt train --task tdpm`)")
+    try:
+        sweeps = {name: tuple(float(v) for v in text.split(",") if v.strip()) for name, text in (("tau_d", tau_d_sweep), ("s", s_sweep))}
+    except ValueError:
+        fail("--tau-d-sweep and --s-sweep take comma-separated numbers")
     try:
         methods = paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs), clip_x0=parse_clip_x0(clip_x0),
-                                lambda_min=parse_lambda_min(lambda_min))
-        results = run_quality(b, methods, n_maps=maps,
-                              ddpm_maps=ddpm_maps, batch_size=batch_size, log=console.print, flow_backends=flow_backends)
+                                lambda_min=parse_lambda_min(lambda_min), tdpm=has_tdpm)
+        results = run_quality(b, methods, n_maps=maps, ddpm_maps=ddpm_maps or None, batch_size=batch_size, seed=seed,
+                              log=console.print, flow_backends=flow_backends, tau_d_sweep=sweeps["tau_d"], s_sweep=sweeps["s"])
     finally:
         for x in (b, *flow_backends.values()):
             x.close()
     results["model"] = {"dir": str(models.root), "hashes": models.hashes(), "manifest": models.manifest()}
+    results["command"] = {"maps": maps, "ddpm_maps": ddpm_maps, "batch_size": batch_size, "backend": backend,
+                          "clip_x0": clip_x0, "lambda_min": lambda_min, "tau_d_sweep": tau_d_sweep, "s_sweep": s_sweep,
+                          "seed": seed, "no_ddpm": no_ddpm}
     paths = write_results(results, params, out, stem=stem)
     console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}")

@@ -121,7 +121,7 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            ModelSet.open(opts.model, _flow_ttrunc(spec))  # a flow trained for this Ttrunc must exist
+            ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")  # a flow (or TDPM generator) for this Ttrunc must exist
         except FileNotFoundError as err:
             raise UpscaleError(str(err)) from err
     return spec
@@ -139,7 +139,7 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
     try:
         backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
                                url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
-                               clients_per_server=opts.clients_per_server)
+                               clients_per_server=opts.clients_per_server, start=spec.start_network or "flow")
     except IntegrityError as err:
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
@@ -342,7 +342,7 @@ def upscale_cmd(
     subject_dir: Path = typer.Argument(..., help="Subject folder in the FSL-MRS layout (concs/<kind>/<metab>.nii.gz, qc/, t1, flair)."),
     out_dir: Path = typer.Argument(..., help="Output folder (64x64xZ maps in the same layout, run.json, report.png)."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url)."),
-    sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp or flow."),
+    sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model)."),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),

@@ -64,19 +64,23 @@ def open_backend(
     log: Callable[[str], None] = lambda _m: None,
     retry_s: float | None = None,
     clients_per_server: int = 1,
+    start: str = "flow",
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
-    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``). ``url``: one Triton endpoint, or
+    backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``); ``start="tdpm"`` serves the TDPM
+    generator in the flow's place (in-process backends only). ``url``: one Triton endpoint, or
     several for a ``TritonPool`` with ``clients_per_server`` concurrent clients each. ``retry_s``: how long
     each Triton client retries a server that stops answering (a pool then drops it)."""
+    if start != "flow" and (kind not in ("torch", "onnxruntime") or onnx_dir is not None):
+        raise ValueError(f"the {start} start point runs on --backend torch or onnxruntime from a model folder only")
     if kind == "torch":
         from ftddm_trt.engine.torch_backend import TorchBackend
 
-        return TorchBackend(ModelSet.open(model, ttrunc), device=device, precision=precision)
+        return TorchBackend(ModelSet.open(model, ttrunc, start=start), device=device, precision=precision)
     if kind == "onnxruntime":
         from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model, ttrunc), log))
+        return OnnxRuntimeBackend(onnx_dir or onnx_export_for(ModelSet.open(model, ttrunc, start=start), log))
     if kind == "tensorrt":
         from ftddm_trt.engine.tensorrt_backend import TensorRTBackend
 

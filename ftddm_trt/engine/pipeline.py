@@ -15,6 +15,8 @@ name               what runs                                                    
 ``dpmpp``          DPM-Solver++(2M) from pure noise, ``steps`` steps, starting   steps
                    where lambda(t) >= ``lambda_min`` (diffusers' clip)
 ``flow``           flow only: x_Ttrunc at ``tau_f`` / sqrt(gamma_Ttrunc)       1
+``tdpm``           TDPM baseline: GAN generator -> x_Ttrunc, ancestral DDPM     Ttrunc + 1
+                   t = Ttrunc..1 (the backend serves the generator as ``flow``)
 =================  ==========================================================  ===============
 
 ``flow`` reuses the FTDDM flow (the paper's ablation trains a separate flow on x0; at tau_f = 0 ours
@@ -46,7 +48,7 @@ from ftddm_trt.diffusion.consistency import data_consistency
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import check_flow_ttrunc
 
-SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow")
+SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm")
 _DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20}
 
 
@@ -115,11 +117,17 @@ class SamplerSpec:
         """True when the output does not depend on the seed (repeated samples would all be equal)."""
         if self.name in ("ftddm-dpmpp", "flow"):
             return self.tau_f == 0.0
-        return self.name == "ftddm" and self.tau_f == 0.0 and self.tau_d == 0.0
+        return self.name in ("ftddm", "tdpm") and self.tau_f == 0.0 and self.tau_d == 0.0
 
     @property
     def uses_flow(self) -> bool:
-        return self.name in ("ftddm", "ftddm-dpmpp", "flow")
+        """The chain starts from the backend's start-point network (flow, or TDPM's generator) at Ttrunc."""
+        return self.name in ("ftddm", "ftddm-dpmpp", "flow", "tdpm")
+
+    @property
+    def start_network(self) -> str | None:
+        """Which network the backend must serve as its start point (``ModelSet.open(start=...)``), or None."""
+        return "tdpm" if self.name == "tdpm" else ("flow" if self.uses_flow else None)
 
     @property
     def full_chain_unet(self) -> bool:
@@ -130,6 +138,7 @@ class SamplerSpec:
         """Network function evaluations per image (flow pass counted as one)."""
         return {
             "ftddm": self.ttrunc + 1,
+            "tdpm": self.ttrunc + 1,
             "ftddm-dpmpp": (self.n_steps or 0) + 1,
             "ddpm": T_DIFFUSION,
             "ddpm-respaced": self.n_steps or 0,

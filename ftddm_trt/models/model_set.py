@@ -6,9 +6,11 @@ Layout of a model folder (weights as safetensors + JSON config, written by ``mod
     unet_full.safetensors / unet_full.json  the same UNet trained on 1..T (DDPM baselines)
     flow.safetensors / flow.json            conditional flow that draws x_Ttrunc (Ttrunc in the manifest)
     flow_t<T>.safetensors / flow_t<T>.json  optional flows for other truncation points T
+    tdpm.safetensors / tdpm.json            optional TDPM generator (baseline): draws x_Ttrunc adversarially
     manifest.json                           training commands, data seed, sha256 of each file
 
-A ``ModelSet`` opened for a truncation point presents the matching flow as its ``flow`` network, so
+A ``ModelSet`` opened for a truncation point presents the matching flow as its ``flow`` network (opened
+with ``start="tdpm"``, the TDPM generator, which has the flow's reverse interface), so
 exports, engines, Triton repositories and backends built from it never need to know which it is.
 
 The shipped model lives in ``ftddm_trt/assets/model`` so that an installed package finds it.
@@ -25,6 +27,8 @@ import torch
 from ftddm_trt.models.io import load_model, model_sha256
 
 NETWORK_FILES: tuple[str, ...] = ("unet", "unet_full", "flow")
+#: What may draw the start point x_Ttrunc of the truncated chain.
+START_NETWORKS: tuple[str, ...] = ("flow", "tdpm")
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 
 
@@ -36,11 +40,12 @@ class ModelSet:
     flow_file: str = "flow"
 
     @classmethod
-    def open(cls, root: Path | str | None = None, ttrunc: int | None = None) -> "ModelSet":
+    def open(cls, root: Path | str | None = None, ttrunc: int | None = None, start: str = "flow") -> "ModelSet":
         """Open a model folder (default: the shipped model), checking that it holds networks.
 
         ``ttrunc`` selects the flow trained for that truncation point: ``flow`` when the manifest says
         it was trained there (or does not say), else ``flow_t<ttrunc>``; a clear error if neither fits.
+        ``start="tdpm"`` presents the TDPM generator (``tdpm.*``) as the start-point network instead.
         """
         path = Path(root) if root is not None else SHIPPED_MODEL_DIR
         if not path.is_dir():
@@ -48,6 +53,17 @@ class ModelSet:
         found = [n for n in NETWORK_FILES if (path / f"{n}.safetensors").is_file()]
         if not found:
             raise FileNotFoundError(f"model folder {path} holds none of {', '.join(n + '.safetensors' for n in NETWORK_FILES)}")
+        if start not in START_NETWORKS:
+            raise ValueError(f"start must be one of {', '.join(START_NETWORKS)}, got {start!r}")
+        if start == "tdpm":
+            if not (path / "tdpm.safetensors").is_file():
+                raise FileNotFoundError(f"{path} has no TDPM generator (tdpm.safetensors); train one with "
+                                        "`ftddm-trt train --task tdpm` and add it with `ftddm-trt package-model --tdpm`")
+            models = cls(path, flow_file="tdpm")
+            trained = models.flow_ttrunc()
+            if ttrunc is not None and trained is not None and trained != ttrunc:
+                raise FileNotFoundError(f"{path}: the TDPM generator draws x_Ttrunc at Ttrunc = {trained}, not {ttrunc}")
+            return models
         models = cls(path)
         main = models.flow_ttrunc()
         if ttrunc is None or main is None or ttrunc == main:

@@ -3,7 +3,8 @@
 ``task`` is one of:
 - ``unet``: the denoising UNet of FTDDM, t uniform in 1..Ttrunc;
 - ``unet_full``: the same UNet trained on the whole chain 1..T, for the DDPM / DPM-Solver++ baselines;
-- ``flow``: the conditional flow that draws x_Ttrunc.
+- ``flow``: the conditional flow that draws x_Ttrunc;
+- ``tdpm``: the TDPM baseline's generator of x_Ttrunc, trained adversarially (``training.tdpm``).
 
 A run folder holds ``last/`` (the resumable checkpoint), ``best.safetensors`` + ``best.json`` (lowest
 validation loss) and ``log.jsonl``. Every random draw of step k comes from generators seeded by
@@ -34,7 +35,7 @@ from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save
 from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
 from ftddm_trt.training.objectives import flow_objective, unet_objective
 
-TASKS = ("unet", "unet_full", "flow")
+TASKS = ("unet", "unet_full", "flow", "tdpm")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     data_dir: str | None = None
     #: Subjects of ``data_dir`` held out for validation (at least one).
     val_subjects: int = 2
+    gan_l1: float = 10.0  # tdpm: weight of the generator's centre L1 term
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,7 @@ def train(
     progress: bool = True,
     init_from: Path | None = None,
     dist_ctx: DistContext | None = None,
+    patience: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume) ``cfg`` in ``run_dir`` until ``cfg.iterations`` or ``max_minutes``.
 
@@ -170,8 +173,20 @@ def train(
     Ttrunc = 100 flow; it is ignored when the run resumes from its own checkpoint.
     ``dist_ctx`` (``training.distributed.init_from_env`` under torchrun): train across processes,
     ``cfg.extra["shards"]`` shards per global batch (default: one per process); only rank 0 writes.
+    ``patience > 0`` stops the run once that many validations in a row have not improved on the best
+    (early stopping; the count is kept in the checkpoint, so it survives a resume).
     Returns a summary: step reached, last and best validation loss, seconds, iterations per second.
     """
+    if cfg.task == "tdpm":
+        if init_from is not None:
+            raise ValueError("--init-from is not supported for the tdpm task")
+        if patience:
+            raise ValueError("--patience is not supported for the tdpm task")
+        if dist_ctx is not None and dist_ctx.enabled:
+            raise ValueError("the tdpm task trains in one process: run it without torchrun")
+        from ftddm_trt.training.tdpm import train_tdpm
+
+        return train_tdpm(cfg, run_dir, max_minutes=max_minutes, device=device, progress=progress)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -193,6 +208,7 @@ def train(
         cfg = TrainConfig(**{**state["config"], "iterations": cfg.iterations})
         mcfg = model.config
         step, best = int(state["step"]), float(state["best_val"])
+        stale = int(state.get("stale_validations", 0))
     else:
         torch.manual_seed(cfg.seed)
         model, mcfg = build_model(cfg)
@@ -204,6 +220,7 @@ def train(
         model.to(dev)
         opt = _optimizer(cfg)(model)
         step, best = 0, float("inf")
+        stale = 0
         needs_data_init = cfg.task == "flow" and init_from is None
 
     train_subjects, val_subjects = training_subjects(cfg)
@@ -225,12 +242,13 @@ def train(
     t0 = time.monotonic()
     start_step = step
     last_val = float("nan")
+    stopped_early = False
     deadline = t0 + 60.0 * max_minutes if max_minutes else None
 
     def checkpoint() -> None:
         if not ctx.is_main:
             return
-        state = {"step": step, "best_val": best, "config": asdict(cfg)}
+        state = {"step": step, "best_val": best, "stale_validations": stale, "config": asdict(cfg)}
         save_checkpoint(run_dir / "last", model, mcfg, opt, state)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -256,9 +274,11 @@ def train(
             if step % cfg.val_every == 0 or step == cfg.iterations or out_of_time:  # a stopped run ends validated
                 last_val = validate(cfg, model, val_batches, schedule, dev)
                 if last_val < best:
-                    best = last_val
+                    best, stale = last_val, 0
                     if ctx.is_main:
                         _save_best(model, mcfg, run_dir)
+                else:
+                    stale += 1
             if step % 20 == 0 or step == cfg.iterations:
                 log.write(json.dumps({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
@@ -267,8 +287,12 @@ def train(
                 checkpoint()
             if out_of_time:
                 break
+            if patience and ctx.any_true(stale >= patience):  # every rank validated the same weights: agreed anyway
+                stopped_early = True
+                break
         checkpoint()
     log.close()
     seconds = time.monotonic() - t0
     return {"task": cfg.task, "step": step, "iterations": cfg.iterations, "val": last_val, "best_val": best,
-            "seconds": seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9)}
+            "seconds": seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9), "stopped_early": stopped_early,
+            "stale_validations": stale}

@@ -1,0 +1,155 @@
+"""The paper-style quality report (bench.paper_table, bench.quality.write_results) and portable result paths,
+on small synthetic results records (no benchmark is run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ftddm_trt.bench import paper_table
+from ftddm_trt.bench.quality import paper_methods, write_results
+from ftddm_trt.bench.report import PROJECT_ROOT, portable, portable_path, write_json
+
+
+def _run(method, family, n, protocol, nfe, maps, batch, spm, psnr, rng):
+    vals = np.asarray(psnr, float)
+    return {"n": n, "s": 64 / n, "protocol": protocol, "method": method, "family": family, "nfe": nfe, "maps": maps,
+            "batch": batch, "seconds_per_map": spm,
+            "per_map": {"psnr": vals.tolist(), "ssim": (0.5 + 0.01 * vals).tolist(), "nrmse": (1.0 / vals).tolist()},
+            "all": {"psnr": float(np.mean(vals))}}
+
+
+@pytest.fixture()
+def results(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = []
+    for n in (16, 8):
+        for protocol in ("hr", "lr"):
+            base = 20 + rng.normal(0, 1, 12)
+            runs += [
+                _run("zero-filled", "zero-filled", n, protocol, 0, 12, None, 0.0, base - 3, rng),
+                _run("DDPM T=1000", "DDPM", n, protocol, 1000, 6, 6, 2.0, base[:6] + 1, rng),
+                _run("DDPM respaced 100", "DDPM respaced", n, protocol, 100, 12, 12, 0.2, base, rng),
+                _run("DPM-Solver++ 20", "DPM-Solver++", n, protocol, 20, 12, 6, 0.05, base - 0.5, rng),
+                _run("TDPM Ttrunc=100", "TDPM", n, protocol, 101, 12, 6, 0.21, base + 0.5 + rng.normal(0, 0.1, 12), rng),
+                _run("FTDDM Ttrunc=100", "FTDDM", n, protocol, 101, 12, 6, 0.2, base + 2 + rng.normal(0, 0.1, 12), rng),
+                _run("FTDDM Ttrunc=50", "FTDDM", n, protocol, 51, 12, 6, 0.1, base + 1.5, rng),
+            ]
+    runs[4]["per_map"]["psnr"][3] = None  # an invalid map (NaN in the record) is skipped, not counted
+    return {"test_subjects": ["sub-020", "sub-021"], "n_maps": 12, "ddpm_maps": 6, "batch_size": 6,
+            "backend": {"backend": "onnxruntime", "path": str(tmp_path / "onnx")}, "runs": runs,
+            "model": {"dir": str(PROJECT_ROOT / "ftddm_trt" / "assets" / "model"), "manifest": {"networks": {
+                "unet": {"step": 1000, "best_val": 0.2, "train_config": {"batch_size": 8, "t_trunc": 100}},
+                "unet_full": {"step": 1000, "best_val": 0.05, "train_config": {"batch_size": 8, "t_trunc": 100}}}}},
+            "tau_d_sweep": {"method": "FTDDM Ttrunc=100", "description": "synthetic", "columns": ["tau_d", "psnr", "ssim", "sharpness"],
+                            "rows": [{"tau_d": t, "psnr": 25 - 2 * t, "ssim": 0.9 - 0.1 * t, "sharpness": 0.6 + 0.4 * t}
+                                     for t in (0.0, 0.5, 0.9, 1.2)]},
+            "s_sweep": {"method": "FTDDM + DPM-Solver++ 20", "description": "synthetic", "columns": ["true_s", "given_s", "psnr", "ssim"],
+                        "rows": [{"true_s": 4.0, "given_s": g, "psnr": 25 - abs(math.log2(g / 4)), "ssim": 0.9} for g in (2.0, 4.0, 8.0)]}}
+
+
+def test_mean_std_and_wilcoxon_against_numpy_and_scipy():
+    m, sd, k = paper_table.mean_std([1.0, 2.0, None, 4.0, float("nan")])
+    assert k == 3 and m == pytest.approx(7 / 3) and sd == pytest.approx(np.std([1, 2, 4], ddof=1))
+    a = np.arange(10.0)
+    b = a + np.linspace(0.1, 1.0, 10)
+    assert paper_table.wilcoxon_p(a, b) == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert paper_table.wilcoxon_p(a, b) < 0.01  # every pair shifted the same way: significant
+    assert paper_table.wilcoxon_p(a, a) == 1.0
+    assert math.isnan(paper_table.wilcoxon_p([1.0], [2.0]))
+    # pairs with a missing value on either side are dropped, the rest stay paired
+    assert paper_table.wilcoxon_p([*a, None], [*b, 5.0]) == pytest.approx(stats.wilcoxon(a, b).pvalue)
+
+
+def test_speedups_only_at_equal_batch(results):
+    sp = paper_table.speedups(results)
+    assert sp["FTDDM Ttrunc=100"]["speedup"] == pytest.approx(10.0)  # 2.0 / 0.2 s per map, both at batch 6
+    assert sp["DDPM respaced 100"]["speedup"] is None  # batch 12 vs DDPM's 6: not compared
+    assert sp["DDPM T=1000"]["speedup"] == pytest.approx(1.0)
+
+
+def test_table_rows_pair_the_ddpm_subset(results):
+    rows = {r["method"]: r for r in paper_table.table_rows(results, 16, "hr", {"unet": 2_000_000, "flow": 400_000,
+                                                                               "unet_full": 2_000_000, "tdpm": 300_000})}
+    ref = next(r for r in results["runs"] if r["method"] == "FTDDM Ttrunc=100" and r["n"] == 16 and r["protocol"] == "hr")
+    ddpm = next(r for r in results["runs"] if r["method"] == "DDPM T=1000" and r["n"] == 16 and r["protocol"] == "hr")
+    assert rows["DDPM T=1000"]["p_psnr"] == pytest.approx(stats.wilcoxon(ref["per_map"]["psnr"][:6], ddpm["per_map"]["psnr"]).pvalue)
+    assert rows["DDPM T=1000"]["psnr"][2] == 6 and rows["DPM-Solver++ 20"]["psnr"][2] == 12
+    assert "p_psnr" not in rows["FTDDM Ttrunc=100"]
+    assert rows["TDPM Ttrunc=100"]["params"] == 2_300_000 and rows["FTDDM Ttrunc=50"]["params"] == 2_400_000
+    assert rows["DPM-Solver++ 20"]["params"] == 2_000_000 and rows["zero-filled"]["params"] == 0
+
+
+def test_write_results_table_figures_and_no_absolute_paths(results, tmp_path):
+    out = tmp_path / "res"
+    paths = write_results(results, {"unet": 2_000_000, "flow": 400_000, "unet_full": 2_000_000}, out)
+    md = paths["md"].read_text()
+    assert "±" in md and "Wilcoxon" in md and "first 6 of the 12 maps only" in md
+    assert "### s = 4, mask protocol `hr`" in md and "### s = 8, mask protocol `lr`" in md
+    assert "tau_d sweep (Fig. 7)" in md and "conditioning on s (Fig. 6)" in md
+    assert "**80 per timestep**" in md and "**8 per timestep**" in md  # 8000 images over 100 and over 1000 steps
+    for key in ("fig5", "fig6", "fig7"):
+        assert paths[key].is_file() and paths[key].read_bytes()[:4] == b"\x89PNG"
+    text = paths["json"].read_text() + md
+    assert str(tmp_path) not in text and str(PROJECT_ROOT) not in text
+    record = json.loads(paths["json"].read_text())
+    assert record["model"]["dir"] == "ftddm_trt/assets/model" and record["backend"]["path"] == "<abs>/onnx"
+    with pytest.raises(ValueError, match="tau_d_sweep"):
+        paper_table.plot_tau_d({"runs": []}, tmp_path / "x.png")
+
+
+def test_portable_paths(tmp_path):
+    assert portable_path(str(PROJECT_ROOT / "benchmarks" / "results")) == "benchmarks/results"
+    assert portable_path(str(tmp_path / "a")) == "<abs>/a"
+    assert portable_path("relative/path") == "relative/path" and portable_path("a note / with spaces") == "a note / with spaces"
+    assert portable({"x": [str(PROJECT_ROOT / "a.json")], "n": 3}) == {"x": ["a.json"], "n": 3}
+    p = write_json(tmp_path / "r.json", {"model": str(tmp_path / "m"), "v": float("nan")})
+    assert json.loads(p.read_text()) == {"model": "<abs>/m", "v": None}
+
+
+def test_per_nfe_markdown_of_a_committed_record_holds_no_absolute_path():
+    """The per_nfe writer renders what it is given: a record made portable leaves no machine path in the md."""
+    from ftddm_trt.bench.per_nfe import per_nfe_markdown
+
+    record = json.loads((PROJECT_ROOT / "benchmarks" / "results" / "per_nfe.json").read_text())
+    record["models"]["shipped"]["path"] = "/somewhere/else/model"
+    md = per_nfe_markdown(record)  # the writer itself makes the model path portable
+    assert "/somewhere" not in md and "`<abs>/model`" in md
+    assert "/work/" not in per_nfe_markdown(portable(record))
+
+
+def test_paper_methods_rows():
+    rows = {m.label: m for m in paper_methods(tdpm=True)}
+    assert rows["TDPM Ttrunc=100"].spec.name == "tdpm" and rows["DPM-Solver++ 100"].spec.lambda_min == -5.1
+    assert rows["DPM-Solver++ 100, clip_x0=none"].spec.clip_x0 is None
+    assert rows["DPM-Solver++ 100, lambda_min=none"].spec.lambda_min is None
+    none = {m.label: m for m in paper_methods(clip_x0=None, lambda_min=None, solver_variants=False)}
+    assert all(m.spec.clip_x0 is None for m in none.values()) and "TDPM Ttrunc=100" not in none
+
+
+def test_committed_results_hold_no_absolute_paths():
+    import os
+    import re
+
+    results = PROJECT_ROOT / "benchmarks" / "results"
+
+    def strings(obj):
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from strings(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from strings(v)
+
+    for path in sorted(results.glob("*.json")):
+        bad = [s for s in strings(json.loads(path.read_text())) if os.path.isabs(s) and " " not in s]
+        assert not bad, (path.name, bad[:3])
+    for path in sorted(results.glob("*.md")):
+        assert not re.findall(r"`/[^`\s]+`", path.read_text()), path.name
