@@ -43,8 +43,9 @@ class Variant:
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F)),
     Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9)),
-    Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4),
 )
+#: The posterior mean of K samples (``upscale --samples K --tau-f 0.9``); K times the cost of a variant.
+POSTERIOR_MEAN_VARIANT = Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4)
 
 
 def style_maps(style: str, n_subjects: int = 6, n_maps: int = 64, seed: int = GENERALIZATION_SEED,
