@@ -54,11 +54,13 @@ class Serve:
         raise AssertionError(f"serve on {self.url} not ready: {self.proc.stdout.read() if self.proc.poll() is not None else ''}")
 
     def server_pid(self) -> int:
-        kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        for k in kids:
-            if "tritonserver" in Path(f"/proc/{k}/cmdline").read_text():
+        """The tritonserver process itself (under `serve`'s guard), found by its name and gRPC port."""
+        pids = subprocess.run(["pgrep", "-x", "tritonserver"], capture_output=True, text=True).stdout.split()
+        for k in pids:
+            args = Path(f"/proc/{k}/cmdline").read_text().split("\0")
+            if any(a.endswith(f"={self.ports[1]}") or a == str(self.ports[1]) for a in args):
                 return int(k)
-        raise AssertionError(f"no tritonserver child of {self.proc.pid}")
+        raise AssertionError(f"no tritonserver on gRPC port {self.ports[1]}")
 
     def kill_server(self) -> None:
         os.kill(self.server_pid(), signal.SIGKILL)

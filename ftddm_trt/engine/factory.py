@@ -70,7 +70,7 @@ def open_backend(
     backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``); ``start="tdpm"`` serves the TDPM
     generator in the flow's place (in-process backends only). ``url``: one Triton endpoint, or
     several for a ``TritonPool`` with ``clients_per_server`` concurrent clients each. ``retry_s``: how long
-    each Triton client retries a server that stops answering (a pool then drops it)."""
+    a single Triton server is retried when it stops answering (a pool of several drops it at once)."""
     if start != "flow" and (kind not in ("torch", "onnxruntime") or onnx_dir is not None):
         raise ValueError(f"the {start} start point runs on --backend torch or onnxruntime from a model folder only")
     if kind == "torch":
@@ -92,7 +92,10 @@ def open_backend(
         if len(urls) > 1 or clients_per_server > 1:  # batches spread over the servers that are up
             from ftddm_trt.engine.triton_pool import TritonPool
 
-            return TritonPool(urls, clients_per_server=clients_per_server, log=log, retry_s=retry_s)
+            # with other servers to fail over to, a server that stops answering is dropped at once and its
+            # batch rerun elsewhere; waiting out a restart (retry_s) is for a single server
+            return TritonPool(urls, clients_per_server=clients_per_server, log=log,
+                              retry_s=0.0 if len(urls) > 1 else retry_s)
         from ftddm_trt.engine.triton_backend import TritonBackend
 
         return TritonBackend(urls[0], retry_s=retry_s)
