@@ -287,3 +287,25 @@ def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
     assert state["step"] == 4 and state["stale_validations"] == 2
     # without patience the same run goes to the end
     assert train(cfg, tmp_path / "run2", device="cpu", progress=False)["step"] == 10
+
+
+def test_cumulative_steps_follow_init_from_and_base_history(tiny_runs, tmp_path):
+    """A run started from a packaged network records that network's steps; the package states the sum, a
+    second package from it sums again, and base_commands keep the whole history."""
+    first = package_model({"unet": tiny_runs["unet"][0]}, tmp_path / "m1", commands=["train A"])
+    assert first["networks"]["unet"]["cumulative_steps"] == first["networks"]["unet"]["step"] == 2
+    cfg = tiny_cfg("unet", 3, val_every=3)
+    train(cfg, tmp_path / "r2", device="cpu", progress=False, init_from=tmp_path / "m1" / "unet")
+    second = package_model({"unet": tmp_path / "r2"}, tmp_path / "m2", commands=["train B"], base=tmp_path / "m1")
+    assert second["networks"]["unet"]["step"] == 3
+    assert second["networks"]["unet"]["train_config"]["extra"]["init_steps"] == 2
+    assert second["networks"]["unet"]["cumulative_steps"] == 5
+    third = package_model({"flow": tiny_runs["flow"][0]}, tmp_path / "m3", commands=["train C"], base=tmp_path / "m2")
+    assert third["networks"]["unet"]["cumulative_steps"] == 5 and third["networks"]["unet"]["from_base"]
+    assert third["base_commands"] == ["train A", "train B"] and third["commands"] == ["train C"]
+    assert trainer.prior_steps(tmp_path / "m3" / "unet") == 5
+    assert trainer.prior_steps(tmp_path / "nowhere" / "unet") == 0  # weights without a manifest: nothing known
+    from ftddm_trt.bench.paper_table import budget_lines
+
+    text = "\n".join(budget_lines(third))
+    assert "`unet` (t in 1..100): 5 iterations (2 of them in the runs it started from) x batch" in text

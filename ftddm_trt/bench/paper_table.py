@@ -180,9 +180,14 @@ def budget_lines(manifest: dict) -> list[str]:
         if not cfg or info.get("step") is None:
             continue
         t_max = t_default or int(cfg.get("t_trunc", 100))
-        seen = int(info["step"]) * int(cfg.get("batch_size", 0))
-        out.append(f"- `{name}` (t in 1..{t_max}): {info['step']} iterations x batch {cfg.get('batch_size')} = {seen} "
-                   f"images, **{seen / t_max:.0f} per timestep**; best validation loss {info.get('best_val', float('nan')):.4g}")
+        steps = int(info.get("cumulative_steps") or info["step"])
+        seen = steps * int(cfg.get("batch_size", 0))
+        earlier = (f" ({steps - int(info['step'])} of them in the runs it started from)"
+                   if steps > int(info["step"]) else "")
+        out.append(f"- `{name}` (t in 1..{t_max}): {steps} iterations{earlier} x batch {cfg.get('batch_size')} = {seen} "
+                   f"images, **{seen / t_max:.0f} per timestep**; best validation loss {info.get('best_val', float('nan')):.4g}"
+                   + (f"; its last {info['stale_validations']} validations did not improve on the best"
+                      if info.get("stale_validations") else ""))
     if out:
         out = ["Training budgets of the UNets (the DDPM / DPM-Solver++ baselines run `unet_full`, FTDDM and TDPM "
                "run `unet`):", "", *out, ""]

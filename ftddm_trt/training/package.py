@@ -17,8 +17,11 @@ def _run_summary(run_dir: Path) -> dict:
     state = json.loads((run_dir / "last" / "state.json").read_text()) if (run_dir / "last" / "state.json").is_file() else {}
     log_lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
     last_log = json.loads(log_lines[-1]) if log_lines else {}
-    return {"run_dir": str(run_dir), "step": state.get("step"), "best_val": state.get("best_val"),
-            "train_config": state.get("config"), "last_log": last_log}
+    cfg = state.get("config") or {}
+    step = state.get("step")
+    init_steps = int((cfg.get("extra") or {}).get("init_steps", 0))
+    return {"run_dir": str(run_dir), "step": step, "best_val": state.get("best_val"), "train_config": state.get("config"),
+            "last_log": last_log, "stale_validations": state.get("stale_validations"), "cumulative_steps": None if step is None else int(step) + init_steps}
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
@@ -52,7 +55,8 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
         if base is not None:
             base_manifest = json.loads((Path(base) / "manifest.json").read_text()) if (Path(base) / "manifest.json").is_file() else {}
             base_nets = base_manifest.get("networks", {})
-            manifest["base_commands"] = base_manifest.get("commands", [])  # how the copied networks were made
+            # how the copied networks were made: the base's own history, then its commands
+            manifest["base_commands"] = [*base_manifest.get("base_commands", []), *base_manifest.get("commands", [])]
             for src in sorted(Path(base).glob("*.safetensors")):
                 name = src.stem
                 if name in files:

@@ -93,6 +93,20 @@ def training_subjects(cfg: TrainConfig) -> tuple[list, list]:
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
 
+def prior_steps(weights: Path) -> int:
+    """Training iterations behind the weights ``DIR/NAME`` of a model folder: its manifest entry's
+    ``cumulative_steps`` (or ``step``); 0 when the folder has no manifest entry for it.
+
+    Recorded as ``extra["init_steps"]`` of a run started from those weights, so that ``package_model`` can
+    state every network's whole training budget (``cumulative_steps``), not only its last run's."""
+    manifest = Path(weights).parent / "manifest.json"
+    try:
+        entry = json.loads(manifest.read_text())["networks"][Path(weights).name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return int(entry.get("cumulative_steps") or entry.get("step") or 0)
+
+
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """A fresh network and its config for the task's preset, at the data's image size (64 px)."""
     if cfg.task == "flow":
@@ -217,6 +231,7 @@ def train(
             if init.config != mcfg:
                 raise ValueError(f"{init_from} is not a {cfg.task}/{cfg.preset} network: its config differs")
             model.load_state_dict(init.state_dict())
+            cfg.extra.setdefault("init_steps", prior_steps(init_from))
         model.to(dev)
         opt = _optimizer(cfg)(model)
         step, best = 0, float("inf")
