@@ -41,16 +41,19 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--test-subjects", type=int, default=6)
     ap.add_argument("--maps", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
+    ap.add_argument("--keep", type=Path, default=None, help="also keep the fine-tuned model folder here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "site"
         for i in range(args.subjects):
             write_training_subject(data, make_subject(i, SEED, style=args.style))
-        tuned = Path(tmp) / "tuned"
+        tuned = args.keep or Path(tmp) / "tuned"
         t0 = time.perf_counter()
-        manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes),
-                            command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g}")
+        manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
+                                           lr=args.lr),
+                            command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g}")
         wall = time.perf_counter() - t0
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
@@ -61,7 +64,7 @@ def main() -> int:
                     rows = score_maps(backend, pool, idx, DEFAULT_VARIANTS[:1], n, protocol)
                     runs += [{"model": label, **r} for r in rows if label == "base" or r["method"] != "zero-filled"]
     ft = manifest["finetune"]
-    result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes,
+    result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
               "wall_seconds": wall, "cpu_threads": os.cpu_count(), "training": ft["training"],
               "validation_quality": ft["validation_quality"], "test_subjects": args.test_subjects,
               "maps": int(idx.size), "runs": runs}
