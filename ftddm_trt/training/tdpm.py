@@ -112,7 +112,7 @@ def train_tdpm(cfg: Any, run_dir: Path, max_minutes: float | None = None, device
 
     Returns the same summary as ``trainer.train``: step, last and best validation value, seconds, it/s.
     """
-    from ftddm_trt.training.trainer import TrainConfig, _lr_at, _save_best, config_changes, training_subjects
+    from ftddm_trt.training.trainer import _lr_at, _save_best, resumed_config, training_subjects
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,14 +122,7 @@ def train_tdpm(cfg: Any, run_dir: Path, max_minutes: float | None = None, device
     if ckpt is not None and dckpt is not None:
         gen, g_opt, state = load_checkpoint(ckpt, _adam(cfg.lr), map_location=dev)
         disc, d_opt, d_state = load_checkpoint(dckpt, _adam(cfg.lr), map_location=dev)
-        saved = TrainConfig(**state["config"])
-        if (saved.task, saved.preset) != (cfg.task, cfg.preset):
-            raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
-        changed = config_changes(saved, cfg)
-        if changed:
-            raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
-                             "same options, or train into a new run folder")
-        cfg = TrainConfig(**{**state["config"], "iterations": cfg.iterations})
+        cfg = resumed_config(state, cfg, run_dir)
         step, best = int(state["step"]), float(state["best_val"])
         if int(d_state["step"]) != step:
             print(f"note: discriminator checkpoint at step {d_state['step']}, generator at {step}")

@@ -170,6 +170,19 @@ def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
             for k in [*a, *(k for k in b if k not in a)] if k != "iterations" and a.get(k) != b.get(k)]
 
 
+def resumed_config(state: dict, cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """The config a run resumes with: the saved one (``state["config"]``) with the requested ``iterations``.
+    ValueError when the request names another task / preset or changes any other option."""
+    saved = TrainConfig(**state["config"])
+    if (saved.task, saved.preset) != (cfg.task, cfg.preset):
+        raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
+    changed = config_changes(saved, cfg)
+    if changed:
+        raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
+                         "same options, or train into a new run folder")
+    return TrainConfig(**{**state["config"], "iterations": cfg.iterations})
+
+
 def train(
     cfg: TrainConfig,
     run_dir: Path,
@@ -212,14 +225,7 @@ def train(
     needs_data_init = False
     if ckpt is not None:
         model, opt, state = load_checkpoint(ckpt, _optimizer(cfg), map_location=dev)
-        saved = TrainConfig(**state["config"])
-        if (saved.task, saved.preset) != (cfg.task, cfg.preset):
-            raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
-        changed = config_changes(saved, cfg)
-        if changed:
-            raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
-                             "same options, or train into a new run folder")
-        cfg = TrainConfig(**{**state["config"], "iterations": cfg.iterations})
+        cfg = resumed_config(state, cfg, run_dir)
         mcfg = model.config
         step, best = int(state["step"]), float(state["best_val"])
         stale = int(state.get("stale_validations", 0))
