@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--test-subjects", type=int, default=6)
     ap.add_argument("--maps", type=int, default=64)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
+    ap.add_argument("--networks", default=",".join(FinetuneConfig.networks), help="networks to fine-tune (comma-separated)")
     ap.add_argument("--keep", type=Path, default=None, help="also keep the fine-tuned model folder here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -51,9 +52,11 @@ def main() -> int:
             write_training_subject(data, make_subject(i, SEED, style=args.style))
         tuned = args.keep or Path(tmp) / "tuned"
         t0 = time.perf_counter()
+        networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
         manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
-                                           lr=args.lr),
-                            command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g}")
+                                           lr=args.lr, networks=networks),
+                            command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "
+                                    f"--networks {','.join(networks)}")
         wall = time.perf_counter() - t0
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
@@ -65,16 +68,17 @@ def main() -> int:
                     runs += [{"model": label, **r} for r in rows if label == "base" or r["method"] != "zero-filled"]
     ft = manifest["finetune"]
     result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
+              "networks": list(networks),
               "wall_seconds": wall, "cpu_threads": os.cpu_count(), "training": ft["training"],
               "validation_quality": ft["validation_quality"], "test_subjects": args.test_subjects,
               "maps": int(idx.size), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "finetune.json").write_text(json.dumps(result, indent=1))
+    iterations = " and ".join(f"{name} ({summary['step']} iterations)" for name, summary in ft["training"].items())
     lines = [f"# Fine-tuning on an unseen phantom style (`{args.style}`)", "",
              f"`ftddm-trt finetune` on {args.subjects} high-resolution `{args.style}` subjects ({args.subjects - 2} train, "
              f"2 validation) for {args.minutes:g} minutes ({wall / 60:.1f} min wall, {os.cpu_count()} CPU cores), from the "
-             f"shipped model; unet {ft['training']['unet']['step']} and flow {ft['training']['flow']['step']} iterations "
-             f"(from their checkpoints). Scored on {idx.size} maps of {args.test_subjects} *other* `{args.style}` subjects "
+             f"shipped model, fine-tuning {iterations} at lr {args.lr:g}. Scored on {idx.size} maps of {args.test_subjects} *other* `{args.style}` subjects "
              "(never used for fine-tuning), default sampler, PSNR / SSIM inside the truth's quality mask; gain = over "
              "zero-filled. Written by `python benchmarks/finetune_unseen.py`.", ""]
     for protocol in ("lr", "hr"):

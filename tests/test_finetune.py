@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -151,6 +152,22 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
     assert res.exit_code == 0, res.output
     run = json.loads((sr / "run.json").read_text())
     assert any(v == manifest["networks"]["unet"]["sha256"] for v in json.dumps(run).split('"'))
+
+
+def test_finetune_default_tunes_the_unet_and_keeps_the_base_flow(site_dir, tiny_model_dir, tmp_path):
+    """Default networks: the UNet alone (a fine-tuned flow over-fitted a few subjects, README); the flow
+    is the base's, bit for bit, and marked as copied."""
+    out = tmp_path / "tuned"
+    res = CliRunner().invoke(app, ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",
+                                   "--val-subjects", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    base_sha = {n: hashlib.sha256((tiny_model_dir / f"{n}.safetensors").read_bytes()).hexdigest() for n in ("unet", "flow")}
+    assert list(manifest["finetune"]["training"]) == ["unet"] and "--networks unet" in manifest["commands"][0]
+    assert manifest["networks"]["flow"]["from_base"] and not manifest["networks"]["unet"].get("from_base")
+    assert manifest["networks"]["flow"]["sha256"] == base_sha["flow"]
+    assert hashlib.sha256((out / "flow.safetensors").read_bytes()).hexdigest() == base_sha["flow"]
+    assert manifest["networks"]["unet"]["sha256"] != base_sha["unet"]
 
 
 def test_finetune_refuses_bad_data_before_training(site_copy, tiny_model_dir, tmp_path):

@@ -99,7 +99,9 @@ def finetune_cmd(
     out_model: Path = typer.Argument(..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."),
     base: Optional[Path] = typer.Option(None, "--from", help="Model folder to start from (default: the shipped model)."),
     minutes: float = typer.Option(10.0, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
-    networks: str = typer.Option("unet,flow", "--networks", help="Comma-separated networks to fine-tune: unet, flow, unet_full (DDPM baselines)."),
+    networks: str = typer.Option("unet", "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
+                                                           "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
+                                                           "on a few subjects over-fitted them in our benchmark (README)."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (constant)."),
     lr_fraction: float = typer.Option(0.75, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
     val_subjects: int = typer.Option(2, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),

@@ -4,7 +4,7 @@ Steps, all resumable:
 
 1. Check the training folder (``data.training_folder``) before anything trains: unusable data is
    refused with the file and the problem named.
-2. Train each requested network (``unet``, ``flow``; ``unet_full`` on request) from the base model's
+2. Train each requested network (``unet`` by default; ``flow`` and ``unet_full`` on request) from the base model's
    weights, on pairs made the way an acquisition makes them (``data.examples``: k-space truncation
    to N x N for every s, both mask protocols, ``lr`` weighted by ``lr_fraction``), with the last
    ``val_subjects`` subjects held out. Networks train side by side (one process and core each) when
@@ -44,7 +44,10 @@ class FinetuneConfig:
     out_model: Path
     base_model: Path | None = None
     minutes: float = 10.0
-    networks: tuple[str, ...] = ("unet", "flow")
+    #: The truncated UNet alone by default: on held-out subjects of an unseen style (benchmarks/finetune_unseen.py)
+    #: a fine-tuned UNet with the base flow gained over the base model, a fine-tuned flow lost (it over-fits
+    #: the few site subjects in the 10-minute budget); README "Fine-tuning on the unseen style".
+    networks: tuple[str, ...] = ("unet",)
     lr: float = 1e-4
     lr_fraction: float = 0.75
     val_subjects: int = 2
