@@ -111,38 +111,74 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
     assert not [p for p in files_under(run_dir) if p.suffix in PICKLE_SUFFIXES]
 
 
-@pytest.mark.parametrize("task,from_old", [("unet", True), ("flow", False)], ids=["unet-from-last.old", "flow"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, task, from_old):
+@pytest.mark.parametrize("task,from_old,ema", [("unet", True, 0.0), ("flow", False, 0.0), ("unet", False, 0.5)],
+                         ids=["unet-from-last.old", "flow", "unet-ema"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch, task, from_old, ema):
     straight = tmp_path / "straight"
-    run(tiny_cfg(task, 6), straight)
+    run(tiny_cfg(task, 6, ema=ema), straight)
 
     # the same run, killed right after its step-3 checkpoint
     real_save = trainer.save_checkpoint
 
-    def save_then_die(folder, model, mcfg, opt, state):
-        real_save(folder, model, mcfg, opt, state)
+    def save_then_die(folder, model, mcfg, opt, state, **kw):
+        real_save(folder, model, mcfg, opt, state, **kw)
         if state["step"] == 3:
             raise KeyboardInterrupt
 
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_cfg(task, 6), resumed)
+        run(tiny_cfg(task, 6, ema=ema), resumed)
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     assert json.loads((resumed / "last" / "state.json").read_text())["step"] == 3
     if from_old:  # killed in the middle of the next swap: only last.old is whole
         (resumed / "last").rename(resumed / "last.old")
         assert find_checkpoint(resumed / "last") == resumed / "last.old"
 
-    summary = run(tiny_cfg(task, 6), resumed)
+    summary = run(tiny_cfg(task, 6, ema=ema), resumed)
     assert summary["step"] == 6
-    for name in ("model.safetensors", "optim.safetensors"):
+    names = ("model.safetensors", "optim.safetensors") + (("ema.safetensors",) if ema else ())
+    assert (straight / "last" / "ema.safetensors").is_file() == bool(ema)
+    for name in names:
         assert_same_tensors(load_file(str(straight / "last" / name)), load_file(str(resumed / "last" / name)))
     assert_same_tensors(load_file(str(straight / "best.safetensors")), load_file(str(resumed / "best.safetensors")))
     a, b = (json.loads((d / "last" / "state.json").read_text()) for d in (straight, resumed))
     assert a == b
     assert json.loads((straight / "last" / "optim.json").read_text()) == json.loads((resumed / "last" / "optim.json").read_text())
     assert not (resumed / "last.old").exists() and not (resumed / "last.tmp").exists()
+
+
+def test_weight_average_follows_the_ema_recursion():
+    """p_avg starts at the weights, then p_avg <- d * p_avg + (1 - d) * p after each update (closed form)."""
+    net = torch.nn.Linear(3, 2)
+    p0 = net.weight.detach().clone()
+    ema = trainer.weight_average(net, 0.9)
+    expected = p0.clone()
+    for k in range(3):
+        with torch.no_grad():
+            net.weight.add_(float(k + 1))
+        ema.update_parameters(net)
+        expected = 0.9 * expected + 0.1 * net.weight.detach()
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6) and not torch.allclose(ema.module.weight, net.weight)
+    # continued from a saved average: no copy of the current weights first
+    again = trainer.weight_average(net, 0.9, state=ema.module.state_dict())
+    again.update_parameters(net)
+    assert torch.allclose(again.module.weight, 0.9 * expected + 0.1 * net.weight.detach(), atol=1e-6)
+    assert trainer.weight_average(net, 0.0) is None
+
+
+def test_ema_run_keeps_the_average_as_best_and_refuses_a_changed_decay(tmp_path):
+    run_dir = tmp_path / "ema"
+    summary = run(tiny_cfg("unet", 3, ema=0.5), run_dir)
+    best, raw, avg = (load_file(str(p)) for p in (run_dir / "best.safetensors", run_dir / "last" / "model.safetensors",
+                                                  run_dir / "last" / "ema.safetensors"))
+    assert summary["step"] == 3
+    assert_same_tensors(best, avg)  # validated at step 3, the last step: best.* is the average
+    assert any(not torch.equal(best[k], raw[k]) for k in best)
+    with pytest.raises(ValueError, match="--ema 0.5 -> 0.9"):
+        run(tiny_cfg("unet", 4, ema=0.9), run_dir)
+    with pytest.raises(ValueError, match="--ema must be in"):
+        tiny_cfg("unet", 1, ema=1.0)
 
 
 def test_a_run_folder_of_another_task_refuses_to_resume(tmp_path):

@@ -35,6 +35,7 @@ def train_cmd(
     lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
     data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
+    ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and best.* use it, as DDPM samples with averaged weights."),
     shards: int = typer.Option(0, "--shards", help="Shards per global batch (0: one per process). The same shards give the same run on any number of processes dividing them."),
 ) -> None:
     """Train (or resume) one network. Interrupt at any moment; the same command resumes.
@@ -52,7 +53,7 @@ def train_cmd(
         cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                           t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every, gan_l1=gan_l1,
                           styles=tuple(style), lr_protocol_fraction=lr_fraction, val_subjects=val_subjects,
-                          data_dir=str(data.resolve()) if data is not None else None,
+                          data_dir=str(data.resolve()) if data is not None else None, ema=ema,
                           extra={"shards": shards} if shards else {})
         summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx,
                         patience=patience)

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder holding the model (``model.safetensors`` + ``model.json`` via
 ``models.io``), the Adam state (``optim.safetensors``) and ``state.json`` (step, best validation
-loss, RNG states, training config). It is written to a temporary folder and swapped in with renames,
+loss, RNG states, training config), and ``ema.safetensors`` when the run keeps a moving average of the
+weights. It is written to a temporary folder and swapped in with renames,
 so an interruption at any moment leaves either the old or the new checkpoint whole.
 """
 
@@ -17,6 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ftddm_trt.models.io import load_model, save_model
+
+#: File of a checkpoint holding the exponential moving average of the weights (``TrainConfig.ema``).
+EMA_FILE = "ema.safetensors"
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -50,8 +54,10 @@ def save_checkpoint(
     model_config: Any,
     opt: torch.optim.Optimizer,
     state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``folder`` atomically (tmp folder, then rename over the old one)."""
+    """Write ``folder`` atomically (tmp folder, then rename over the old one); ``ema_state`` (the weight
+    average's state dict, if any) goes to ``EMA_FILE`` inside it."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
@@ -62,12 +68,20 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optim.safetensors"))
     (tmp / "optim.json").write_text(json.dumps(meta))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if ema_state is not None:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
     if folder.exists():  # `folder` is whole: the stale `.old` may go, then `folder` becomes `.old`
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     # else `.old` (left by an interrupted swap) is the only whole checkpoint: keep it until `tmp` is in place
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def load_ema_state(folder: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+    """The weight average saved in checkpoint ``folder`` (None when it holds none)."""
+    path = Path(folder) / EMA_FILE
+    return load_file(str(path), device=str(map_location)) if path.is_file() else None
 
 
 def find_checkpoint(folder: Path) -> Path | None:

@@ -31,7 +31,7 @@ from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
 from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
-from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, load_ema_state, save_checkpoint
 from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
 from ftddm_trt.training.objectives import flow_objective, unet_objective
 
@@ -67,6 +67,10 @@ class TrainConfig:
     #: Subjects of ``data_dir`` held out for validation (at least one).
     val_subjects: int = 2
     gan_l1: float = 10.0  # tdpm: weight of the generator's centre L1 term
+    #: Decay of an exponential moving average of the weights (0: none). With it, validation scores and
+    #: ``best.*`` holds the averaged weights, as DDPM (0.9999) and improved-diffusion sample with them;
+    #: ``last/`` keeps the raw weights and the average (``ema.safetensors``) for resuming.
+    ema: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,10 @@ class TrainConfig:
         self.styles = tuple(self.styles)
         for name in self.styles:
             get_style(name)
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.ema and self.task == "tdpm":
+            raise ValueError("--ema is not supported for the tdpm task")
 
     @property
     def t_max(self) -> int:
@@ -143,6 +151,23 @@ def validate(cfg: TrainConfig, model, batches, schedule, device) -> float:
     losses = [float(_step_loss(cfg, model, b.to(device), schedule, gen)[0]) for b in batches]
     model.train()
     return float(np.mean(losses))
+
+
+def weight_average(model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None):
+    """An exponential moving average of ``model``'s parameters (``torch.optim.swa_utils.AveragedModel``:
+    ``p_avg <- decay * p_avg + (1 - decay) * p`` after every optimizer step, starting from the current
+    weights), or None when ``decay`` is 0. ``state``: a saved average to continue from."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if state is not None:
+        ema.module.load_state_dict(state)
+        ema.n_averaged.fill_(1)  # continue averaging instead of copying the weights again
+    else:
+        ema.update_parameters(model)  # the first update copies: the average starts at these weights
+    return ema
 
 
 def _save_best(model, mcfg, run_dir: Path) -> None:
@@ -244,6 +269,9 @@ def train(
         stale = 0
         needs_data_init = cfg.task == "flow" and init_from is None
 
+    ema = weight_average(model, cfg.ema, load_ema_state(ckpt, map_location=dev) if ckpt is not None else None)
+    scored = ema.module if ema is not None else model  # the weights validation scores and best.* keeps
+
     train_subjects, val_subjects = training_subjects(cfg)
     train_pool = SlicePool.from_subjects(train_subjects)
     val_batches = fixed_batches(SlicePool.from_subjects(val_subjects), cfg.val_examples, cfg.batch_size)
@@ -270,15 +298,23 @@ def train(
         if not ctx.is_main:
             return
         state = {"step": step, "best_val": best, "stale_validations": stale, "config": asdict(cfg)}
-        save_checkpoint(run_dir / "last", model, mcfg, opt, state)
+        save_checkpoint(run_dir / "last", model, mcfg, opt, state, ema_state=scored.state_dict() if ema is not None else None)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn(f"[bold]{cfg.task}"), BarColumn(), MofNCompleteColumn(),
+    # a time budget shorter than the iterations left is what ends the run: the bar then follows the clock
+    timed = deadline is not None
+    columns = [TextColumn(f"[bold]{cfg.task}"), BarColumn(),
+               TextColumn("step {task.fields[step]}") if timed else MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  {task.fields[speed]:.2f} it/s"),
                TimeRemainingColumn()]
+
+    def done() -> float:
+        return min(time.monotonic() - t0, 60.0 * max_minutes) if timed else step
+
     with Progress(*columns, disable=not progress or not ctx.is_main) as bar:
-        task = bar.add_task("train", total=cfg.iterations, completed=step, loss=float("nan"), val=float("nan"), speed=0.0)
+        task = bar.add_task("train", total=60.0 * max_minutes if timed else cfg.iterations, completed=done(), step=step,
+                            loss=float("nan"), val=float("nan"), speed=0.0)
         model.train()
         while step < cfg.iterations:
             for group in opt.param_groups:
@@ -288,22 +324,24 @@ def train(
                                         cfg.seed, step, cfg.batch_size, shards)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
             # agreed by every rank (a collective), so all ranks validate and stop at the same step
             out_of_time = ctx.any_true(deadline is not None and time.monotonic() > deadline)
             if step % cfg.val_every == 0 or step == cfg.iterations or out_of_time:  # a stopped run ends validated
-                last_val = validate(cfg, model, val_batches, schedule, dev)
+                last_val = validate(cfg, scored, val_batches, schedule, dev)
                 if last_val < best:
                     best, stale = last_val, 0
                     if ctx.is_main:
-                        _save_best(model, mcfg, run_dir)
+                        _save_best(scored, mcfg, run_dir)
                 else:
                     stale += 1
             if step % 20 == 0 or step == cfg.iterations:
                 log.write(json.dumps({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
-            bar.update(task, completed=step, loss=float(loss.detach()), val=last_val, speed=speed)
+            bar.update(task, completed=done(), step=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
                 checkpoint()
             if out_of_time:
