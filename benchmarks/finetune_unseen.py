@@ -28,7 +28,7 @@ from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
-from ftddm_trt.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks  # noqa: E402
 
 SEED = 3030
 
@@ -52,7 +52,7 @@ def main() -> int:
             write_training_subject(data, make_subject(i, SEED, style=args.style))
         tuned = args.keep or Path(tmp) / "tuned"
         t0 = time.perf_counter()
-        networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+        networks = parse_networks(args.networks)
         manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
                                            lr=args.lr, networks=networks),
                             command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "

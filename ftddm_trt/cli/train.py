@@ -122,12 +122,12 @@ def finetune_cmd(
 
     from ftddm_trt.data.nifti_io import InputError
     from ftddm_trt.training.distributed import init_from_env
-    from ftddm_trt.training.finetune import FinetuneConfig, finetune
+    from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks
 
     check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
     try:
         cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
-                             networks=tuple(n.strip() for n in networks.split(",") if n.strip()), lr=lr,
+                             networks=parse_networks(networks), lr=lr,
                              lr_fraction=lr_fraction, val_subjects=val_subjects, work_dir=work)
         command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",

@@ -29,7 +29,7 @@ from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training.package import package_model
 from ftddm_trt.training.trainer import TrainConfig, train
 
-__all__ = ["FinetuneConfig", "finetune", "NETWORK_SHARE"]
+__all__ = ["FinetuneConfig", "finetune", "parse_networks", "NETWORK_SHARE"]
 
 #: Relative share of the time budget per network.
 NETWORK_SHARE = {"unet": 1.0, "flow": 1.0, "unet_full": 1.0}
@@ -68,6 +68,11 @@ class FinetuneConfig:
     @property
     def runs_dir(self) -> Path:
         return self.work_dir or self.out_model.with_name(self.out_model.name + ".runs")
+
+
+def parse_networks(text: str) -> tuple[str, ...]:
+    """``"unet, flow"`` -> ``("unet", "flow")`` (the ``--networks`` option; checked by FinetuneConfig)."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def preset_of(models: ModelSet, name: str) -> str:

@@ -302,7 +302,7 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    # a time budget shorter than the iterations left is what ends the run: the bar then follows the clock
+    # with a time budget the bar follows the clock (the iterations may never be reached), else the steps
     timed = deadline is not None
     columns = [TextColumn(f"[bold]{cfg.task}"), BarColumn(),
                TextColumn("step {task.fields[step]}") if timed else MofNCompleteColumn(),
