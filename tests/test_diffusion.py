@@ -337,6 +337,79 @@ def test_dpm_solver_lambda_clipped_matches_diffusers(sched, data, steps):
     torch.testing.assert_close(exact.x0, x0, atol=1e-5, rtol=0)
 
 
+def _diffusers_sde_dpm(sched, eps_fn, x_start, mask, steps: int, noises: list, t_start: int):
+    """diffusers' sde-dpmsolver++ (2M, midpoint) on our float64 schedule, fed the given noise at each step."""
+    ref = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", algorithm_type="sde-dpmsolver++", solver_order=2,
+        solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero", lambda_min_clipped=-5.1,
+    )
+    ref.alphas_cumprod = sched.gammas[1:].clone()
+    if t_start == 1000:
+        ref.set_timesteps(steps)  # its own lambda-clipped grid
+    else:
+        ref.set_timesteps(timesteps=[t - 1 for t in dpm_solver_timesteps(t_start, steps)[:-1]])
+    x = x_start.clone()
+    for i, k in enumerate(ref.timesteps):
+        e = eps_fn(x, torch.full((x.shape[0],), float(k + 1))) * mask
+        x = ref.step(e, k, x, variance_noise=noises[i]).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("t_start,steps,tau", [(1000, 20, 1.0), (1000, 10, 0.9), (100, 10, 0.9)])
+def test_sde_dpm_solver_matches_diffusers(sched, data, t_start, steps, tau):
+    """The SDE form, step by step against diffusers' sde-dpmsolver++ given the same noise (times tau, times M)."""
+    mask, x0 = data
+    perturb = torch.randn(1, 1, H, H, generator=torch.Generator().manual_seed(9)) * 0.3
+    g = torch.Generator().manual_seed(4)
+    x_start = (initial_noise(mask, g) if t_start == 1000
+               else sched.q_sample(x0, torch.full((B,), t_start), torch.randn(x0.shape, generator=g), mask))
+    lam = -5.1 if t_start == 1000 else None
+    ours_seen: list = []
+    ours = dpm_solver_pp_sample(oracle(sched, x0, ours_seen, perturb), x_start, mask, sched, t_start, steps,
+                                lambda_min=lam, sde=True, tau=tau, generator=torch.Generator().manual_seed(5))
+    assert ours.nfe == steps == len(ours_seen)
+    assert torch.count_nonzero(ours.x0[mask == 0]) == 0
+    # our draws: one unit normal per step except the last (noise level 0 there), from the generator
+    g5 = torch.Generator().manual_seed(5)
+    zs = [torch.randn(x_start.shape, generator=g5) for _ in range(steps - 1)]
+    noises = [tau * z * mask for z in zs] + [torch.zeros_like(x_start)]
+    ref_seen: list = []
+    ref = _diffusers_sde_dpm(sched, oracle(sched, x0, ref_seen, perturb), x_start, mask, steps, noises, t_start)
+    assert [t for _, t in ours_seen] == [t for _, t in ref_seen]
+
+    def rel(a, b):
+        return ((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    errs = [rel(a, b) for (a, _), (b, _) in zip(ours_seen, ref_seen)] + [rel(ours.x0, ref)]
+    assert max(errs) < 2e-5, errs
+    # the noise matters: another seed gives another trajectory (the oracle pulls both to x0 at the end)
+    other_seen: list = []
+    dpm_solver_pp_sample(oracle(sched, x0, other_seen, perturb), x_start, mask, sched, t_start, steps,
+                         lambda_min=lam, sde=True, tau=tau, generator=torch.Generator().manual_seed(6))
+    assert (other_seen[1][0] - ours_seen[1][0]).abs().max() > 0.1 * tau
+    # with the exact data prediction the SDE still lands on x0 (D = x0 at every step, the last step returns it)
+    exact = dpm_solver_pp_sample(oracle(sched, x0), x_start, mask, sched, t_start, steps, lambda_min=lam, sde=True,
+                                 tau=tau, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(exact.x0, x0, atol=1e-5, rtol=0)
+
+
+def test_sde_dpm_solver_keeps_the_forward_marginal(sched):
+    """Closed form: with the exact data prediction of a point x0, the SDE form at tau = 1 samples the forward
+    marginal q(x_t | x0) = N(alpha_t x0, sigma_t^2) at every grid point (brute force over many chains)."""
+    n, x0v = 20000, 0.7
+    x0 = torch.full((n, 1, 1, 1), x0v)
+    grid = dpm_solver_timesteps(100, 5)
+    seen: list = []
+    x_start = sched.q_sample(x0, torch.full((n,), 100), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    dpm_solver_pp_sample(oracle(sched, x0, seen), x_start, None, sched, 100, 5, sde=True,
+                         generator=torch.Generator().manual_seed(1))
+    for (x, t), t_grid in zip(seen, grid):
+        assert t == t_grid
+        g = float(sched.gammas[t])
+        assert abs(x.mean().item() - math.sqrt(g) * x0v) < 0.03 * math.sqrt(1 - g) + 1e-3
+        assert x.std().item() == pytest.approx(math.sqrt(1 - g), rel=0.03)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 def test_losses():
     g = torch.Generator().manual_seed(0)

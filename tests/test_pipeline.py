@@ -107,6 +107,8 @@ def ort_backend(tiny_onnx_export):
         (SamplerSpec("ddpm-respaced"), 100),
         (SamplerSpec("dpmpp", steps=4), 4),
         (SamplerSpec("dpmpp"), 20),
+        (SamplerSpec("dpmpp", steps=4, sde=True), 4),
+        (SamplerSpec("ftddm-dpmpp", ttrunc=10, steps=3, sde=True), 4),
         (SamplerSpec("flow"), 1),
     ],
     ids=lambda v: v if isinstance(v, int) else f"{v.name}-{v.ttrunc}-{v.steps}",
@@ -148,6 +150,8 @@ def test_every_sampler_is_covered():
         (dict(name="ddpm-respaced", steps=2000), "at most 1000 steps"),
         (dict(name="ftddm", tau_d=-0.5), "temperatures"),
         (dict(name="flow", tau_f=float("nan")), "temperatures"),
+        (dict(name="ftddm", sde=True), "DPM-Solver"),
+        (dict(name="dpmpp", sde="yes"), "sde must be"),
     ],
 )
 def test_invalid_specs_raise(kwargs, match):
@@ -227,6 +231,24 @@ def test_batch_size_changes_neither_shape_nor_order(torch_backend, real_conditio
     torch.testing.assert_close(rev.flip(0), ref, atol=1e-5, rtol=1e-5)
     # and the images do differ from each other (so the order check means something)
     assert float((ref[0] - ref[1]).abs().max()) > 1e-3
+
+
+def test_sde_solver_draws_from_the_seed_and_is_the_only_random_dpmpp(torch_backend, real_condition):
+    """ftddm-dpmpp at tau_f = 0: the ODE form is deterministic; the SDE form depends on the seed through
+    tau_d (and is the ODE's drift alone at tau_d = 0, so then deterministic too)."""
+    y, s = real_condition
+    y, s = y[:3], s[:3]
+    ode = SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=4, tau_f=0.0)
+    sde = SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=4, tau_f=0.0, sde=True)
+    assert ode.deterministic and not sde.deterministic and SamplerSpec.from_dict(sde.to_dict()).sde
+    assert SamplerSpec("ftddm-dpmpp", tau_f=0.0, tau_d=0.0, sde=True).deterministic
+    runs = {seed: sample_images(torch_backend, sde, y, s, batch_size=3, seed=seed)[0] for seed in (1, 2)}
+    assert float((runs[1] - runs[2]).abs().max()) > 1e-3
+    again, _ = sample_images(torch_backend, sde, y, s, batch_size=3, seed=1)
+    assert torch.equal(again, runs[1])
+    a, _ = sample_images(torch_backend, ode, y, s, batch_size=3, seed=1)
+    b, _ = sample_images(torch_backend, ode, y, s, batch_size=3, seed=2)
+    assert torch.equal(a, b) and float((a - runs[1]).abs().max()) > 1e-3
 
 
 def test_stochastic_samplers_depend_on_seed_and_batch_index_only(torch_backend, real_condition):

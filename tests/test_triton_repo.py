@@ -242,6 +242,8 @@ def test_validate_repository_catches_missing_files(export_dir, tmp_path):
     SamplerSpec("dpmpp", steps=30, clip_x0=None, lambda_min=-4.25),
     SamplerSpec("dpmpp", clip_x0=(-0.5, 2.25), lambda_min=None),
     SamplerSpec("ddpm-respaced", steps=13, clip_x0=(0.0, 1e-3), tau_d=0.0),
+    SamplerSpec("dpmpp", steps=40, sde=True, tau_d=0.7),
+    SamplerSpec("ftddm-dpmpp", steps=9, sde=True),
 ])
 def test_sampler_settings_round_trip(spec):
     """One symmetric encoding: every field survives (clip_x0 and lambda_min included), through JSON."""
@@ -265,9 +267,12 @@ def test_sampler_settings_refused():
     with pytest.raises(ValueError, match="costs 21"):
         SamplerSpec.from_dict({"name": "ftddm-dpmpp", "nfe": 5})
     for bad in ({"clip_x0": [1, 2, 3]}, {"clip_x0": [2, 1]}, {"steps": 2.5, "name": "dpmpp"}, {"ttrunc": "x"},
-                {"lambda_min": float("inf")}):
+                {"lambda_min": float("inf")}, {"name": "dpmpp", "sde": 1}, {"name": "dpmpp", "sde": "yes"},
+                {"name": "ftddm", "sde": True}):
         with pytest.raises(ValueError):
             SamplerSpec.from_dict(bad)
+    with pytest.raises(ValueError, match="DPM-Solver"):
+        SamplerSpec("ddpm-respaced", sde=True)
     with pytest.raises(ValueError, match="seed"):
         decode_sampler_settings('{"name": "ftddm", "seed": 1.5}')
     with pytest.raises(ValueError, match="at most 995"):

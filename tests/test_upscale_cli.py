@@ -124,14 +124,14 @@ def test_samples_write_uncertainties(tiny_model_dir, subject_copy, tmp_path):
     assert snapshot(subject_copy) == before
 
 
-@pytest.mark.parametrize("clip,expected", [("none", None), ("-0.25,1.5", [-0.25, 1.5])])
-def test_clip_x0_option_reaches_run_json(tiny_model_dir, subject_copy, tmp_path, clip, expected):
+@pytest.mark.parametrize("clip,expected,sde", [("none", None, False), ("-0.25,1.5", [-0.25, 1.5], True)])
+def test_clip_x0_option_reaches_run_json(tiny_model_dir, subject_copy, tmp_path, clip, expected, sde):
     out = tmp_path / "sr"
     res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--clip-x0", clip,
-                  "--lambda-min", "none")
+                  "--lambda-min", "none", *(["--sde"] if sde else []))
     assert res.exit_code == 0, res.output
     sampler = json.loads((out / "run.json").read_text())["sampler"]
-    assert sampler["clip_x0"] == expected and sampler["lambda_min"] is None
+    assert sampler["clip_x0"] == expected and sampler["lambda_min"] is None and sampler["sde"] is sde
     from ftddm_trt.engine.pipeline import SamplerSpec
 
     assert SamplerSpec.from_dict(sampler).clip_x0 == (None if expected is None else tuple(expected))

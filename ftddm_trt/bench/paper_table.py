@@ -78,7 +78,7 @@ def speedups(results: dict) -> dict[str, dict[str, Any]]:
 def params_of(family: str, params: dict[str, int]) -> int:
     """Parameters a method runs: the full-chain UNet for the DDPM baselines, UNet + flow for FTDDM, UNet +
     generator for TDPM, the flow alone for flow-only, 0 for zero-filling."""
-    if family in ("DDPM", "DDPM respaced", "DPM-Solver++", "DPM-Solver++ variant"):
+    if family in ("DDPM", "DDPM respaced", "DPM-Solver++", "SDE-DPM-Solver++", "DPM-Solver++ variant"):
         return params.get("unet_full", 0)
     if family.startswith("FTDDM"):
         return params.get("unet", 0) + params.get("flow", 0)

@@ -49,7 +49,9 @@ def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (1
 
     ``clip_x0`` and ``lambda_min`` are every row's settings (SamplerSpec); ``solver_variants`` adds
     DPM-Solver++ 100 from noise with the other choice of each (the baselines with and without the clips);
-    ``tdpm`` adds the TDPM row (GAN generator of x_100, then the truncated chain).
+    ``tdpm`` adds the TDPM row (GAN generator of x_100, then the truncated chain). DPM-Solver++ from noise
+    runs in both forms: the ODE (deterministic, the paper's) and the SDE (fresh noise scaled by tau_d, as the
+    DDPM rows).
     """
     def spec(name: str, **kw) -> SamplerSpec:
         return SamplerSpec(name, **{"clip_x0": clip_x0, "lambda_min": lambda_min, **kw})
@@ -59,6 +61,8 @@ def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (1
         rows.append(Method("DDPM T=1000", spec("ddpm"), "DDPM"))
     rows += [Method(f"DDPM respaced {k}", spec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
     rows += [Method(f"DPM-Solver++ {k}", spec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
+    # the SDE form (diffusers' sde-dpmsolver++), with the DDPM rows' tau_d on its fresh noise
+    rows += [Method(f"SDE-DPM-Solver++ {k}", spec("dpmpp", steps=k, sde=True), "SDE-DPM-Solver++") for k in (100, 20, 10)]
     if solver_variants:
         other_clip = None if clip_x0 is not None else (0.0, 3.0)
         other_lambda = None if lambda_min is not None else DEFAULT_LAMBDA_MIN

@@ -49,6 +49,7 @@ class UpscaleOptions:
     tau_f: float = USER_DEFAULT_TAU_F
     clip_x0: Optional[tuple[float, float]] = (0.0, 3.0)
     lambda_min: Optional[float] = DEFAULT_LAMBDA_MIN
+    sde: bool = False
     samples: int = 1
     metabolites: Optional[list[str]] = None
     seed: int = 0
@@ -106,7 +107,7 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         check_temperature("--tau-d", opts.tau_d)
         check_temperature("--tau-f", opts.tau_f)
         spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min)
+                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min, sde=opts.sde)
         consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
     except ValueError as err:
         raise UpscaleError(str(err)) from err
@@ -349,6 +350,7 @@ def upscale_cmd(
     tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent, in [0, 2]: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
     clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
     lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
+    sde: bool = typer.Option(False, "--sde", help="dpmpp / ftddm-dpmpp: the SDE form of DPM-Solver++ (diffusers' sde-dpmsolver++), fresh noise at each step scaled by --tau-d; the default ODE form is deterministic."),
     samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
     metabolites: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),

@@ -19,6 +19,9 @@ name               what runs                                                    
                    t = Ttrunc..1 (the backend serves the generator as ``flow``)
 =================  ==========================================================  ===============
 
+``sde=True`` runs either DPM-Solver++ sampler in its SDE form (diffusers' ``sde-dpmsolver++``): fresh noise at
+every step, scaled by ``tau_d`` as in ancestral DDPM, the same NFE.
+
 ``flow`` reuses the FTDDM flow (the paper's ablation trains a separate flow on x0; at tau_f = 0 ours
 returns the centre of q(x_Ttrunc | x0) rescaled to x0 units).
 """
@@ -79,10 +82,17 @@ class SamplerSpec:
     #: ``dpmpp`` (from pure noise) only: start the solver at the last t with lambda(t) = log(alpha_t/sigma_t)
     #: >= lambda_min, as diffusers' ``lambda_min_clipped`` (its timestep choice too). None: start at T.
     lambda_min: float | None = DEFAULT_LAMBDA_MIN
+    #: ``dpmpp`` / ``ftddm-dpmpp`` only: the SDE form of DPM-Solver++ (diffusers' ``sde-dpmsolver++``), fresh
+    #: noise at each step with ``tau_d`` as its std factor. False: the ODE form (deterministic).
+    sde: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.sde, bool):
+            raise ValueError(f"sde must be true or false, got {self.sde!r}")
+        if self.sde and self.name not in ("dpmpp", "ftddm-dpmpp"):
+            raise ValueError(f"sde is a setting of the DPM-Solver++ samplers (dpmpp, ftddm-dpmpp), not of {self.name}")
         if self.steps is None and self.name in _DEFAULT_STEPS:
             object.__setattr__(self, "steps", _DEFAULT_STEPS[self.name])
         if self.clip_x0 is not None:
@@ -115,7 +125,9 @@ class SamplerSpec:
     @property
     def deterministic(self) -> bool:
         """True when the output does not depend on the seed (repeated samples would all be equal)."""
-        if self.name in ("ftddm-dpmpp", "flow"):
+        if self.name == "ftddm-dpmpp":
+            return self.tau_f == 0.0 and not (self.sde and self.tau_d > 0.0)
+        if self.name == "flow":
             return self.tau_f == 0.0
         return self.name in ("ftddm", "tdpm") and self.tau_f == 0.0 and self.tau_d == 0.0
 
@@ -177,6 +189,10 @@ class SamplerSpec:
                         raise ValueError(f"clip_x0 must be [lo, hi] or null, got {v!r}")
                 elif k == "lambda_min":
                     kw[k] = None if v is None else float(v)
+                elif k == "sde":
+                    if not isinstance(v, bool):
+                        raise ValueError(f"sde must be true or false, got {v!r}")
+                    kw[k] = v
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     kw[k] = float(v)
                 else:
@@ -257,7 +273,8 @@ def sample_batch(
         res = SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=0)
     elif spec.name in ("ftddm-dpmpp", "dpmpp"):
         res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0,
-                                   lambda_min=spec.lambda_min if spec.name == "dpmpp" else None)
+                                   lambda_min=spec.lambda_min if spec.name == "dpmpp" else None,
+                                   sde=spec.sde, tau=spec.tau_d, generator=generator)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)

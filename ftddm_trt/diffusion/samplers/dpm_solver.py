@@ -1,6 +1,8 @@
-"""DPM-Solver++ multistep (Lu et al. 2022, arXiv 2211.01095), data prediction, deterministic.
+"""DPM-Solver++ multistep (Lu et al. 2022, arXiv 2211.01095), data prediction: the ODE form and its SDE form.
 
-Used by the paper (Table 4) on the full chain and on the truncated chain of FTDDM.
+Used by the paper (Table 4) on the full chain and on the truncated chain of FTDDM. The ODE form
+(diffusers' ``algorithm_type="dpmsolver++"``) is deterministic; the SDE form (``"sde-dpmsolver++"``) adds fresh
+noise at every step, which, like ancestral DDPM, keeps forgetting the network's errors of earlier steps.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..schedule import DiscreteSchedule, RespacedSchedule
-from .base import EpsFn, ProgressFn, SampleResult, masked_eps
+from .base import EpsFn, ProgressFn, SampleResult, masked_eps, randn_on
 
 __all__ = ["dpm_solver_pp_sample", "dpm_solver_timesteps", "lambda_clipped_start", "lambda_clipped_timesteps"]
 
@@ -94,6 +96,8 @@ def dpm_solver_pp_sample(
     progress: ProgressFn | None = None,
     clip: tuple[float, float] | None = None,
     lambda_min: float | None = None,
+    sde: bool = False,
+    tau: float = 1.0,
 ) -> SampleResult:
     """DPM-Solver++(2M), 'midpoint' form (diffusers' default), from ``x_start = x_{t_start}`` to x0.
 
@@ -111,9 +115,20 @@ def dpm_solver_pp_sample(
         x_{t_{i+1}} = sigma_{t_{i+1}} / sigma_{t_i} * x_{t_i}
                       - alpha_{t_{i+1}} (exp(-h_i) - 1) (D_i + (D_i - D_{i-1}) / (2 r))
 
+    ``sde=True`` runs the SDE form instead (diffusers' ``algorithm_type="sde-dpmsolver++"``, the same grid and
+    data predictions; ``D' = D_i`` at first order, ``D_i + (D_i - D_{i-1}) / (2 r)`` at second)::
+
+        x_{t_{i+1}} = sigma_{t_{i+1}} / sigma_{t_i} * exp(-h_i) * x_{t_i} + alpha_{t_{i+1}} (1 - exp(-2 h_i)) D'
+                      + tau * sigma_{t_{i+1}} sqrt(1 - exp(-2 h_i)) * M z_i,        z_i ~ N(0, I)
+
+    with one draw ``z_i`` from ``generator`` per step except the last (whose noise level is 0). ``tau`` is a
+    standard-deviation factor on that noise, as ``tau_d`` in ancestral sampling; ``tau = 1`` is diffusers'
+    solver (whose ``step(..., variance_noise=tau * z)`` gives ours). The ODE form ignores ``tau`` and
+    ``generator``.
+
     ``t_start = T`` with ``x_start = initial_noise(mask)`` samples from pure noise; ``t_start = Ttrunc`` with
-    the flow output runs the truncated chain (paper Table 4). The solver is deterministic: ``generator`` is
-    accepted for interface uniformity and unused. Background outside M stays at its start value (zero).
+    the flow output runs the truncated chain (paper Table 4). Background outside M stays at its start value
+    (zero).
     Coefficients are computed in float64 and applied in ``x_start``'s dtype. ``clip = (lo, hi)`` clamps
     each data prediction ``D_i`` (a static form of diffusers' ``thresholding``; data-prediction solvers
     are the ones where clamping x0 is sound, Lu et al. 2022 section 4).
@@ -127,7 +142,6 @@ def dpm_solver_pp_sample(
 
     Returns ``SampleResult(x0, nfe=steps)``.
     """
-    del generator  # deterministic ODE solver
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     if t_start > schedule.T:
@@ -159,12 +173,16 @@ def dpm_solver_pp_sample(
             x = d  # exp(-h) = 0, sigma_t = 0, alpha_t = 1: the step to x0 returns the data prediction
         else:
             h = lam_t - lam_s
-            phi = alpha_t * math.expm1(-h)  # alpha_t (exp(-h) - 1)
-            if order == 1 or d_prev is None or i == steps - 1:
-                x = (sigma_t / sigma_s) * x - phi * d
+            first_order = order == 1 or d_prev is None or i == steps - 1
+            d_hat = d if first_order else d + (0.5 / ((lam_s - lam_prev) / h)) * (d - d_prev)
+            if sde:
+                one_minus_e2h = -math.expm1(-2.0 * h)  # 1 - exp(-2 h)
+                z = randn_on(generator, x.shape, x.device, x.dtype)
+                z = z if mask is None else z * mask
+                x = ((sigma_t / sigma_s) * math.exp(-h)) * x + (alpha_t * one_minus_e2h) * d_hat \
+                    + (tau * sigma_t * math.sqrt(one_minus_e2h)) * z
             else:
-                r = (lam_s - lam_prev) / h
-                x = (sigma_t / sigma_s) * x - phi * (d + (0.5 / r) * (d - d_prev))
+                x = (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * d_hat  # alpha_t (exp(-h) - 1)
         d_prev, lam_prev = d, lam_s
         if progress is not None:
             progress(i, steps)
