@@ -218,10 +218,54 @@ def test_triton_server_refuses_corrupt_model_onnx(tiny_onnx_export, tmp_path):
     onnx_file.write_bytes(data)
     flip_byte(onnx_file)
     server = TritonServer(repo, startup_timeout_s=120)
+    with pytest.raises(TritonServerError, match="refusing to start.*IntegrityError.*ftddm_flow network file"):
+        server.start()  # the launcher checks repository.json's hashes first: nothing is launched
+    assert server.process is None
+    # a file whose changed hash was also written into repository.json: the model's own check refuses it at load
+    meta = json.loads((repo / "repository.json").read_text())
+    meta["files"]["ftddm_flow"]["sha256"] = file_sha256(onnx_file)
+    (repo / "repository.json").write_text(json.dumps(meta))
+    server = TritonServer(repo, startup_timeout_s=120)
     with pytest.raises(TritonServerError) as info:
         server.start()
     assert "IntegrityError" in str(info.value) + server.log_tail()
     assert not server.is_running() and shm_regions(server.shm_prefix) == []
+
+
+def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_export, tmp_path):
+    """Triton's onnxruntime / tensorrt backends load the gpu flavour's files unchecked: the launcher hashes
+    them against repository.json first and refuses (naming the file) a changed file, an unrecorded one,
+    or a folder triton-repo did not write; nothing is launched (no GPU needed)."""
+    from ftddm_trt.serving.launcher import TritonServer, TritonServerError
+    from ftddm_trt.serving.repository import build_repository, verify_repository_files
+
+    repo = tmp_path / "gpu"
+    build_repository(tiny_onnx_export, repo, "gpu", log=lambda _m: None)
+    hashes = verify_repository_files(repo)
+    assert set(hashes) == {"ftddm_unet", "ftddm_unet_full", "ftddm_flow"}
+    assert hashes["ftddm_unet"] == file_sha256(tiny_onnx_export / "unet.onnx")  # the exported file, placed as is
+    with pytest.raises(TritonServerError, match="only the Python backend"):
+        TritonServer(repo).start()  # intact: past the hash check, then the bundled server's own refusal
+    target = repo / "ftddm_unet" / "1" / "model.onnx"
+    data = target.read_bytes()
+    target.unlink()  # the placed file is a hard link to the export: never flip the export's bytes
+    target.write_bytes(data)
+    flip_byte(target)
+    with pytest.raises(IntegrityError, match="ftddm_unet network file .*model.onnx is corrupt"):
+        verify_repository_files(repo)
+    assert verify_repository_files(repo, ["ftddm_flow", "ftddm_sampler"]).keys() == {"ftddm_flow"}  # only what is served
+    server = TritonServer(repo)
+    with pytest.raises(TritonServerError, match="refusing to start .*ftddm_unet network file"):
+        server.start()
+    assert server.process is None
+    meta = json.loads((repo / "repository.json").read_text())
+    del meta["files"]
+    (repo / "repository.json").write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="records no sha256 for ftddm_flow"):
+        verify_repository_files(repo, ["ftddm_flow"])
+    (repo / "repository.json").unlink()
+    with pytest.raises(IntegrityError, match="no repository.json"):
+        verify_repository_files(repo)
 
 
 def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):

@@ -172,6 +172,7 @@ def test_failed_model_load_is_reported(cpu_repo, tmp_path):
     shutil.copytree(cpu_repo, broken)
     (broken / "ftddm_flow" / "1" / "model.onnx").unlink()
     (broken / "ftddm_flow" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    _record_file_hash(broken, "ftddm_flow")  # past the launcher's hash check: the server itself must fail the load
     srv = TritonServer(broken, models=["ftddm_flow"], startup_timeout_s=240, log_path=tmp_path / "server.log")
     with pytest.raises(TritonServerError, match=r"(?s)exited with code 1 before it was ready.*failed to load 'ftddm_flow'"):
         srv.start()
@@ -180,6 +181,19 @@ def test_failed_model_load_is_reported(cpu_repo, tmp_path):
     build_repository(_export_of(cpu_repo), gpu, "gpu", log=lambda _m: None)
     with pytest.raises(TritonServerError, match="only the Python backend"):
         TritonServer(gpu).start()
+
+
+def _record_file_hash(repo, model):
+    """Make repository.json record the current hash of ``model``'s network file (as if triton-repo had placed it)."""
+    import json
+
+    from ftddm_trt.integrity import file_sha256
+
+    meta_path = repo / "repository.json"
+    meta = json.loads(meta_path.read_text())
+    info = meta["files"][model]
+    info["sha256"] = file_sha256(repo / model / info["file"])
+    meta_path.write_text(json.dumps(meta))
 
 
 def _export_of(repo):

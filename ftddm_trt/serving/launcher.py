@@ -343,6 +343,7 @@ class TritonServer:
         if busy:
             raise TritonServerError(f"port(s) {', '.join(busy)} on {self.host} are in use (another server?); "
                                     "choose free ports or stop that server first")
+        self._verify_network_files()
         if self.install.bundled:
             self._check_python_only()
         if self.workdir is None:
@@ -376,6 +377,16 @@ class TritonServer:
                 raise
             self.start_time_s = time.perf_counter() - t0
         return self
+
+    def _verify_network_files(self) -> None:
+        """Every served network file matches the sha256 repository.json recorded (before anything starts)."""
+        from ftddm_trt.integrity import IntegrityError
+        from ftddm_trt.serving.repository import verify_repository_files
+
+        try:
+            verify_repository_files(self.repository, self.models)
+        except (IntegrityError, FileNotFoundError) as err:
+            raise TritonServerError(f"refusing to start on {self.repository}: {err}") from err
 
     def _check_python_only(self) -> None:
         """The bundled server has only the Python backend: refuse other models before starting."""

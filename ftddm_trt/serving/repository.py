@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
-from ftddm_trt.integrity import verify_networks
+from ftddm_trt.integrity import IntegrityError, file_sha256, verify_file, verify_networks
 
 FLAVORS = ("cpu", "gpu", "gpu-python")
 #: Where the ONNX Runtime TensorRT accelerator of the gpu flavour caches its engines (inside the server).
@@ -60,6 +60,9 @@ def triton_templates_dir() -> Path:
 
 TRITON_REPO_SRC = triton_templates_dir()
 REPOSITORY_JSON = "repository.json"
+#: repository.json key: ``{model: {"file": "1/model.onnx" | "1/model.plan", "sha256": ...}}``, the network file
+#: placed in each network model (hashed as placed; checked by :func:`verify_repository_files` before a start).
+FILES_KEY = "files"
 GPU_PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 TRT_PRECISIONS = ("FP32", "FP16")
 _MODEL_TO_NETWORK = {m: n for n, m in TRITON_MODELS.items()}
@@ -403,6 +406,31 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
     return configs
 
 
+def verify_repository_files(repo: Path | str, models: list[str] | None = None) -> dict[str, str]:
+    """Hash the network file of every network model in ``models`` (default: every one recorded) against the
+    sha256 that ``repository.json`` recorded when ``triton-repo`` placed it; returns ``{model: sha256}``.
+
+    Triton's own onnxruntime and tensorrt backends (the gpu flavour) load these files unchecked, so this
+    runs before any server starts (the Python-backend models also check their file at load). Raises
+    IntegrityError naming the file: a changed file, a model without a recorded hash, or a folder that
+    ``triton-repo`` did not write (no repository.json)."""
+    repo = Path(repo)
+    meta_path = repo / REPOSITORY_JSON
+    if not meta_path.is_file():
+        raise IntegrityError(f"IntegrityError: {repo} has no {REPOSITORY_JSON}: not a repository written by "
+                             "`ftddm-trt triton-repo`, so its network files cannot be verified")
+    recorded = json.loads(meta_path.read_text()).get(FILES_KEY) or {}
+    wanted = [m for m in (models if models is not None else list(recorded)) if m in _MODEL_TO_NETWORK]
+    hashes = {}
+    for m in wanted:
+        info = recorded.get(m)
+        if not info:
+            raise IntegrityError(f"IntegrityError: {meta_path} records no sha256 for {m}'s network file; "
+                                 "regenerate the repository with `ftddm-trt triton-repo`")
+        hashes[m] = verify_file(repo / m / info["file"], info.get("sha256"), what=f"{m} network file")
+    return hashes
+
+
 def _check_ttrunc_params(repo: Path, configs: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     """ftddm_flow and ftddm_sampler carry the same ``flow_ttrunc`` parameter as repository.json."""
     found: dict[str, int | None] = {}
@@ -507,7 +535,11 @@ def build_repository(
             (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc))
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
-        meta = {"flavor": flavor, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
+        files = {}
+        for n in networks:
+            placed = next(f for f in ("model.plan", "model.onnx") if (tmp / TRITON_MODELS[n] / "1" / f).is_file())
+            files[TRITON_MODELS[n]] = {"file": f"1/{placed}", "sha256": file_sha256(tmp / TRITON_MODELS[n] / "1" / placed)}
+        meta = {"flavor": flavor, FILES_KEY: files, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
                 "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
                 "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
                 "export_manifest": manifest}
