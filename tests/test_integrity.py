@@ -243,6 +243,8 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
     build_repository(tiny_onnx_export, repo, "gpu", log=lambda _m: None)
     hashes = verify_repository_files(repo)
     assert set(hashes) == {"ftddm_unet", "ftddm_unet_full", "ftddm_flow"}
+    ok = CliRunner().invoke(app, ["verify-repo", "--repo", str(repo)])
+    assert ok.exit_code == 0 and "3 network files" in ok.output, ok.output
     assert hashes["ftddm_unet"] == file_sha256(tiny_onnx_export / "unet.onnx")  # the exported file, placed as is
     with pytest.raises(TritonServerError, match="only the Python backend"):
         TritonServer(repo).start()  # intact: past the hash check, then the bundled server's own refusal
@@ -253,6 +255,8 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
     flip_byte(target)
     with pytest.raises(IntegrityError, match="ftddm_unet network file .*model.onnx is corrupt"):
         verify_repository_files(repo)
+    bad = CliRunner().invoke(app, ["verify-repo", "--repo", str(repo)])
+    assert bad.exit_code != 0 and "ftddm_unet" in bad.output and "corrupt" in bad.output
     assert verify_repository_files(repo, ["ftddm_flow", "ftddm_sampler"]).keys() == {"ftddm_flow"}  # only what is served
     server = TritonServer(repo)
     with pytest.raises(TritonServerError, match="refusing to start .*ftddm_unet network file"):

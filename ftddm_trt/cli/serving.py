@@ -1,4 +1,5 @@
-"""`ftddm-trt triton-repo` (generate a Triton model repository) and `ftddm-trt serve` (run tritonserver)."""
+"""`ftddm-trt triton-repo` (generate a Triton model repository), `ftddm-trt verify-repo` (check its network
+files) and `ftddm-trt serve` (run tritonserver)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,26 @@ def triton_repo_cmd(
     console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out} (flow Ttrunc = {meta['flow_ttrunc']})")
     if flavor == "cpu":
         console.print(f"serve it with: ftddm-trt serve --repo {out}")
+
+
+@app.command("verify-repo")
+def verify_repo_cmd(
+    repo: Path = typer.Option(..., "--repo", help="Model repository from `ftddm-trt triton-repo`."),
+) -> None:
+    """Check a model repository before serving it elsewhere (NVIDIA's container, Kubernetes): its configs, and
+    every network file against the sha256 `triton-repo` recorded. `serve` does both by itself; a container
+    started on the folder directly does not, so run this on the folder it will mount."""
+    from ftddm_trt.integrity import IntegrityError
+    from ftddm_trt.serving.repository import ConfigError, validate_repository, verify_repository_files
+
+    try:
+        configs = validate_repository(repo)
+        hashes = verify_repository_files(repo, list(configs))
+    except (ConfigError, IntegrityError, FileNotFoundError) as err:
+        fail(str(err))
+    for model, sha in hashes.items():
+        console.print(f"{model}: sha256 {sha[:16]}... as recorded")
+    console.print(f"[green]verified[/] {repo}: {len(configs)} models, {len(hashes)} network files")
 
 
 @app.command("serve")
