@@ -270,6 +270,13 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
     (repo / "repository.json").unlink()
     with pytest.raises(IntegrityError, match="no repository.json"):
         verify_repository_files(repo)
+    # a corrupt export is refused while the repository is built (nothing recorded, no folder written)
+    export = tmp_path / "export"
+    shutil.copytree(tiny_onnx_export, export)
+    flip_byte(export / "flow.onnx")
+    with pytest.raises(IntegrityError, match="flow network .*flow.onnx|flow network .*model.onnx"):
+        build_repository(export, tmp_path / "gpu2", "gpu", log=lambda _m: None)
+    assert not (tmp_path / "gpu2").exists()
 
 
 def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):

@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
-from ftddm_trt.integrity import IntegrityError, file_sha256, verify_file, verify_networks
+from ftddm_trt.integrity import IntegrityError, verify_file, verify_networks
 
 FLAVORS = ("cpu", "gpu", "gpu-python")
 #: Where the ONNX Runtime TensorRT accelerator of the gpu flavour caches its engines (inside the server).
@@ -504,6 +504,7 @@ def build_repository(
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
     with atomic_dir(Path(out_dir), force=force, inputs=(onnx_dir, engines_dir), command="triton-repo") as tmp:
+        files: dict[str, dict[str, str]] = {}
         platform = None if flavor in ("cpu", "gpu-python") else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)
@@ -518,9 +519,13 @@ def build_repository(
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text)
             if platform == "tensorrt_plan" or flavor == "gpu-python":
-                _place(Path(engines_dir) / engines["networks"][n]["engine"], model_dir / "1" / "model.plan")
+                placed, expected = "1/model.plan", engines["networks"][n]["engine_sha256"]
+                _place(Path(engines_dir) / engines["networks"][n]["engine"], model_dir / placed)
             else:
-                _place(onnx_dir / info["onnx"], model_dir / "1" / "model.onnx")
+                placed, expected = "1/model.onnx", info.get("onnx_sha256")
+                _place(onnx_dir / info["onnx"], model_dir / placed)
+            # the placed file must be the one its manifest hashed (IntegrityError otherwise); recorded for the launcher
+            files[TRITON_MODELS[n]] = {"file": placed, "sha256": verify_file(model_dir / placed, expected, what=f"{n} network")}
             if flavor == "cpu":
                 shutil.copy2(TRITON_REPO_SRC / "python" / "onnx_network.py", model_dir / "1" / "model.py")
             elif flavor == "gpu-python":
@@ -535,10 +540,6 @@ def build_repository(
             (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc))
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
-        files = {}
-        for n in networks:
-            placed = next(f for f in ("model.plan", "model.onnx") if (tmp / TRITON_MODELS[n] / "1" / f).is_file())
-            files[TRITON_MODELS[n]] = {"file": f"1/{placed}", "sha256": file_sha256(tmp / TRITON_MODELS[n] / "1" / placed)}
         meta = {"flavor": flavor, FILES_KEY: files, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
                 "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
                 "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
