@@ -37,7 +37,8 @@ from ftddm_trt.serving.repository import (
     validate_repository,
 )
 
-SHA = {"unet": "1" * 64, "unet_full": "2" * 64, "flow": "3" * 64}
+#: the placeholder files' real sha256, as an export's manifest records them (triton-repo checks each placed file)
+SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in ("unet", "unet_full", "flow")}
 
 
 def _fake_export(folder: Path, networks=("unet", "unet_full", "flow")) -> Path:
