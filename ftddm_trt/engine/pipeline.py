@@ -189,10 +189,6 @@ class SamplerSpec:
                         raise ValueError(f"clip_x0 must be [lo, hi] or null, got {v!r}")
                 elif k == "lambda_min":
                     kw[k] = None if v is None else float(v)
-                elif k == "sde":
-                    if not isinstance(v, bool):
-                        raise ValueError(f"sde must be true or false, got {v!r}")
-                    kw[k] = v
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     kw[k] = float(v)
                 else:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
-from ftddm_trt.integrity import IntegrityError, verify_file, verify_networks
+from ftddm_trt.integrity import IntegrityError, verify_file
 
 FLAVORS = ("cpu", "gpu", "gpu-python")
 #: Where the ONNX Runtime TensorRT accelerator of the gpu flavour caches its engines (inside the server).
@@ -499,7 +499,6 @@ def build_repository(
                 raise ConfigError(f"the engine folder {engines_dir} has no engine for {n}")
             if info.get("onnx_sha256") != manifest["networks"][n].get("onnx_sha256"):
                 raise ConfigError(f"the {n} engine in {engines_dir} was built from another ONNX file than {onnx_dir}: rebuild it")
-        verify_networks(Path(engines_dir), engines, networks, key="engine_sha256", file_key="engine")  # IntegrityError
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
         raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
