@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.bench.generalization import run_generalization, write_results  # noqa: E402
+from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE, STYLES, TRAIN_STYLES  # noqa: E402
 from ftddm_trt.engine.factory import open_backend  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
@@ -44,7 +45,9 @@ def main() -> int:
                 f"{args.maps} maps per style, the same maps and seed for every method, backend {args.backend}, batch "
                 f"{results['batch_size']}. PSNR / SSIM inside the truth's quality mask; gain = method - zero-filled "
                 "(dB, mean over maps). `lr`: the mask a user has (N x N qc maps, dilated); `hr`: the paper's 64x64 mask. "
-                "Data consistency is on for `hr` and off for `lr` (what `upscale` does by default). "
+                "Data consistency is on for `hr` and off for `lr`; in `lr` the outputs then get the qc consistency step "
+                f"(weight {QC_CONSISTENCY_WEIGHT:g}, through the fine mask the N x N qc maps imply), as `upscale` does by default; "
+                "the last `lr` row is the default without that step (the same draws). "
                 "Written by `python benchmarks/generalization.py`.")
     paths = write_results(results, args.out, held_out=held_out, preamble=preamble)
     print("wrote", ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths.values()))

@@ -21,6 +21,12 @@ T_TRUNC: int = 100
 #: ``--tau-f 0.9`` (the paper's temperature) draws samples, e.g. for ``--samples K`` uncertainty maps.
 USER_DEFAULT_TAU_F: float = 0.0
 
+#: ``lr`` protocol with qc maps: share of the acquired k-space band put back into the output through
+#: the fine-mask estimate from the qc maps (``diffusion.consistency.partial_consistency``,
+#: ``data.masks.fine_mask_estimate``). Chosen on training-style subjects of a seed no benchmark uses
+#: (README, quality floor); 0 turns it off.
+QC_CONSISTENCY_WEIGHT: float = 0.2
+
 #: Quality-filtering thresholds of the paper (FSL-MRS qc maps).
 SNR_MIN: float = 2.5
 FWHM_MAX_PPM: float = 0.15

@@ -64,3 +64,45 @@ def test_auto_mode_applies_consistency_exactly_for_a_fine_mask(tmp_path):
     assert consistency_for(spec, "on", False).data_consistency and not consistency_for(spec, "off", True).data_consistency
     with pytest.raises(ValueError, match="data consistency must be one of"):
         consistency_for(spec, "sometimes", True)
+
+
+# ------------------------------------------------------------------- partial (qc) data consistency
+
+
+def _band_matrix(size: int, n: int) -> np.ndarray:
+    """B_n as an explicit (size^2, size^2) matrix, brute force from numpy's DFT (independent of torch.fft)."""
+    k = np.fft.fftfreq(size) * size  # integer frequencies, numpy order
+    keep = np.abs(k) < n // 2
+    band = np.outer(keep, keep).reshape(-1).astype(complex)
+    f1 = np.exp(-2j * np.pi * np.outer(np.arange(size), np.arange(size)) / size)
+    f2 = np.kron(f1, f1)  # 2D DFT on row-major flattened images
+    return (np.linalg.inv(f2) @ (band[:, None] * f2)).real
+
+
+def test_partial_consistency_against_an_explicit_projector():
+    from ftddm_trt.diffusion.consistency import partial_consistency
+
+    size, n, w = 16, 8, 0.3
+    rng = np.random.default_rng(5)
+    x, zf = rng.normal(size=(2, 1, 1, size, size))
+    fine = (rng.random((1, 1, size, size)) > 0.3).astype(np.float64)
+    b = _band_matrix(size, n)
+    expected = x.reshape(-1) + w * b @ (zf.reshape(-1) - (fine * x).reshape(-1))
+    got = partial_consistency(torch.from_numpy(x), torch.from_numpy(zf), torch.from_numpy(fine),
+                              torch.tensor([size / n]), w)
+    np.testing.assert_allclose(got.numpy().reshape(-1), expected, atol=1e-10)
+
+
+def test_partial_consistency_limits():
+    from ftddm_trt.diffusion.consistency import data_consistency, partial_consistency
+
+    rng = np.random.default_rng(6)
+    x, zf = (torch.from_numpy(a) for a in rng.normal(size=(2, 3, 1, 64, 64)))
+    s = torch.tensor([8.0, 4.0, 2.0])
+    ones = torch.ones_like(x)
+    torch.testing.assert_close(partial_consistency(x, zf, ones, s, 1.0), data_consistency(x, zf, s))
+    torch.testing.assert_close(partial_consistency(x, zf, ones * 0, s, 0.0), x)
+    half = partial_consistency(x, zf, ones, s, 0.5)
+    torch.testing.assert_close(half, 0.5 * (x + data_consistency(x, zf, s)))  # affine in the weight
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):
+        partial_consistency(x, zf, ones, s, 1.5)

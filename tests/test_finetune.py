@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -198,3 +199,19 @@ def test_finetune_under_torchrun_writes_one_model_from_rank_0(site_dir, tiny_mod
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["finetune"]["training"]["unet"]["step"] >= 1 and "s=4" in manifest["finetune"]["validation_quality"]
     assert (res.stdout + res.stderr).count("wrote ") == 1  # one rank reported the folder
+
+
+def test_cli_finetune_defaults_are_the_configs():
+    """`ftddm-trt finetune --help` shows FinetuneConfig's defaults: both read training.finetune_defaults."""
+    import inspect
+
+    from ftddm_trt.cli.train import finetune_cmd
+    from ftddm_trt.training.finetune import FinetuneConfig
+
+    options = {name: p.default.default for name, p in inspect.signature(finetune_cmd).parameters.items()}
+    cfg = FinetuneConfig(data_dir=Path("site"), out_model=Path("out"))
+    assert options["minutes"] == cfg.minutes
+    assert tuple(options["networks"].split(",")) == cfg.networks
+    assert options["lr"] == cfg.lr
+    assert options["lr_fraction"] == cfg.lr_fraction
+    assert options["val_subjects"] == cfg.val_subjects

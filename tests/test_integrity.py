@@ -87,8 +87,7 @@ def test_upscale_subject_refuses_nan(phantom_subject_dir):
     from ftddm_trt.engine.upscale import upscale_subject
 
     subject = read_subject(phantom_subject_dir)
-    subject.lr, subject.mask = subject.lr[:, :1], subject.mask[:, :1]
-    subject.metabolites = subject.metabolites[:1]
+    subject.select(subject.metabolites[:1])
     with pytest.raises(NonFiniteOutputError, match="non-finite"):
         upscale_subject(subject, _NaNBackend(), SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=2))
 

@@ -215,3 +215,17 @@ def test_read_map_folder(tmp_path, subject):
         read_map_folder(d / "truth", metabolites=("Lac",))
     with pytest.raises(InputError, match="no metabolite maps"):
         read_map_folder(tmp_path / "nowhere")
+
+
+def test_select_keeps_maps_masks_and_qc_maps_together(phantom_subject_dir):
+    from ftddm_trt.data.nifti_io import read_subject
+
+    full = read_subject(phantom_subject_dir)
+    sub = read_subject(phantom_subject_dir)
+    sub.select(["NAA", "tCr"])
+    assert sub.metabolites == ("NAA", "tCr")
+    for name in ("lr", "mask", "snr", "fwhm"):
+        got, ref = getattr(sub, name), getattr(full, name)
+        assert got.shape[1] == 2
+        np.testing.assert_array_equal(got[:, 0], ref[:, full.metabolites.index("NAA")])
+        np.testing.assert_array_equal(got[:, 1], ref[:, full.metabolites.index("tCr")])

@@ -191,6 +191,7 @@ def test_failure_while_sampling_leaves_no_output(tiny_model_dir, subject_copy, t
         (["--clip-x0", "3,0"], "--clip-x0 needs finite LO < HI"),
         (["--clip-x0", "zero"], "--clip-x0 must be LO,HI"),
         (["--lambda-min", "low"], "--lambda-min must be a number"),
+        (["--qc-consistency", "1.5"], "--qc-consistency must be in [0, 1]"),
     ],
 )
 def test_bad_options(phantom_subject_dir, tiny_model_dir, tmp_path, args, message):
@@ -350,3 +351,53 @@ def test_ttrunc_other_than_the_flows_is_refused(tiny_model_dir, phantom_subject_
     assert not out.exists()
     ok = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, *torch_args(model)])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("weight", ["0.2", "0"])
+def test_qc_consistency_blends_the_band_through_the_qc_fine_mask(tiny_model_dir, subject_copy, tmp_path, weight):
+    """M from qc maps (lr protocol, data consistency off): the output is the unblended output plus
+    w B_n(zf - F x) with F the qc fine-mask estimate, cut by M; run.json records it."""
+    import torch
+
+    from ftddm_trt.data.masks import fine_mask_estimate
+    from ftddm_trt.data.nifti_io import read_map_folder, read_subject
+    from ftddm_trt.diffusion.consistency import band_project
+    from ftddm_trt.engine.upscale import build_condition
+
+    outs = {}
+    for w in dict.fromkeys(("0", weight)):
+        out = tmp_path / f"sr{w}"
+        res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "NAA", "--qc-consistency", w)
+        assert res.exit_code == 0, res.output
+        record = json.loads((out / "run.json").read_text())
+        assert record["qc_consistency"] == {"weight": float(w), "applied": float(w) > 0}
+        assert record["data_consistency"]["applied"] is False and record["mask_source"] == "qc"
+        outs[w] = read_map_folder(out)[0]
+    if weight == "0":
+        return
+    subject = read_subject(subject_copy)
+    subject.select(["NAA"])
+    cond = build_condition(subject)
+    fine = torch.from_numpy(fine_mask_estimate(subject.snr, subject.fwhm)).double()  # (Z, 1, 64, 64)
+    assert 0 < float(fine.mean()) < float(cond.y[:, 1].mean())  # stricter than M
+    scale = cond.scale[:, 0][:, None, None]
+    x0 = torch.from_numpy(outs["0"][:, 0] / scale)[:, None].double()  # unblended (x0 clipped to [0, 3]: no clip after)
+    y = cond.y.double()
+    expected = (x0 + 0.2 * band_project(y[:, 0:1] - fine * x0, cond.s)) * y[:, 1:2]
+    expected = np.clip(expected.numpy()[:, 0] * scale, 0.0, None)
+    np.testing.assert_allclose(outs[weight][:, 0], expected, atol=1e-4 * float(outs["0"].max()))
+    assert np.abs(outs[weight] - outs["0"]).max() > 1e-3 * float(outs["0"].max())  # it did something
+
+
+def test_qc_consistency_not_applied_with_a_fine_mask(tiny_model_dir, tmp_path):
+    """hr protocol (64x64 masks): full data consistency applies, the qc step does not."""
+    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.phantom import make_subject
+
+    subject = write_phantom_subject(tmp_path / "in", make_subject(1, seed=0), 16, hr_masks=True)
+    out = tmp_path / "sr"
+    res = upscale(subject, out, *torch_args(tiny_model_dir), "--metabolites", "NAA")
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["fine_mask"] is True and record["data_consistency"]["applied"] is True
+    assert record["qc_consistency"] == {"weight": 0.2, "applied": False}

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from ftddm_trt.constants import HR_SIZE
+from ftddm_trt.constants import HR_SIZE, QC_CONSISTENCY_WEIGHT
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
-from ftddm_trt.data.examples import SlicePool
+from ftddm_trt.data.examples import SlicePool, pool_stack
+from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, sample_images
+from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, sample_images
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -32,20 +34,29 @@ GENERALIZATION_SEED = 2026
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of sampling: a label, the sampler and the number of posterior samples averaged."""
+    """One way of sampling: a label, the sampler, the number of posterior samples averaged, and the
+    ``lr``-protocol qc consistency weight (``engine.pipeline.qc_consistency``; as ``upscale``, it acts
+    only where data consistency is off). ``lr_only``: not run in the ``hr`` protocol (where it would
+    repeat another row)."""
 
     label: str
     spec: SamplerSpec
     samples: int = 1
     consistency: str = "auto"  # engine.pipeline.consistency_for: auto = on for the hr protocol only
+    qc_weight: float = 0.0
+    lr_only: bool = False
 
 
+#: What ``upscale`` does with its defaults (first), the paper's temperature, and the default without
+#: the qc consistency step (``lr`` only: in ``hr`` it is the default row).
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
-    Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F)),
-    Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9)),
+    Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F), qc_weight=QC_CONSISTENCY_WEIGHT),
+    Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9), qc_weight=QC_CONSISTENCY_WEIGHT),
+    Variant("default without qc consistency", SamplerSpec(tau_f=USER_DEFAULT_TAU_F), lr_only=True),
 )
 #: The posterior mean of K samples (``upscale --samples K --tau-f 0.9``); K times the cost of a variant.
-POSTERIOR_MEAN_VARIANT = Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4)
+POSTERIOR_MEAN_VARIANT = Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4,
+                                 qc_weight=QC_CONSISTENCY_WEIGHT)
 
 
 def style_maps(style: str, n_subjects: int = 6, n_maps: int = 64, seed: int = GENERALIZATION_SEED,
@@ -68,22 +79,44 @@ def score_maps(
     batch_size: int = 32,
     seed: int = 0,
 ) -> list[dict]:
-    """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each)."""
+    """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each).
+
+    Variants with the same sampler and samples share their draws (the qc step is applied after)."""
     y, s, scale, truth, region, zf = example_tensors(pool, idx, n, protocol)
     base = {"n": n, "s": HR_SIZE / n, "protocol": protocol, "maps": int(idx.size)}
     zf_m = map_metrics(zf, truth, region)
     rows = [{**base, "method": "zero-filled", **summarize(zf_m)}]
+    fine = qc_fine_masks(pool, idx, n) if protocol == "lr" else None
+    drawn: dict[str, tuple[torch.Tensor, float]] = {}
     for v in variants:
+        if v.lr_only and protocol != "lr":
+            continue
         t0 = time.perf_counter()
         spec = consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr")
-        draws = [sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed + k)[0] for k in range(v.samples)]
-        x = np.mean([d[:, 0].numpy() for d in draws], axis=0)
+        key = json.dumps([spec.to_dict(), v.samples])
+        if key not in drawn:
+            draws = [sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed + k)[0] for k in range(v.samples)]
+            drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
+        xt, seconds = drawn[key]
+        use_qc = fine is not None and v.qc_weight > 0 and not spec.data_consistency
+        if use_qc:
+            xt = qc_consistency(xt, y, s, fine, v.qc_weight)
+        x = xt[:, 0].numpy()
         m = map_metrics(np.clip(x * scale[:, None, None], 0.0, None), truth, region)
-        rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(), **summarize(m),
+        rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(),
+                     "qc_consistency": v.qc_weight if use_qc else 0.0, **summarize(m),
                      "psnr_gain": float(np.nanmean(m["psnr"] - zf_m["psnr"])),
                      "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
-                     "seconds_per_map": (time.perf_counter() - t0) / idx.size})
+                     "seconds_per_map": seconds})
     return rows
+
+
+def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int) -> torch.Tensor:
+    """(K,1,64,64) fine-mask estimates (``data.masks.fine_mask_estimate``) from the qc maps an ``n x n``
+    acquisition of maps ``idx`` would give (``data.masks.lr_qc_maps``), as ``upscale`` makes them."""
+    est = [fine_mask_estimate(*lr_qc_maps((pool_stack(pool, int(i))[4], pool_stack(pool, int(i))[5]), n), HR_SIZE)
+           for i in idx]
+    return torch.from_numpy(np.stack(est)[:, None].astype(np.float32))
 
 
 def run_generalization(
@@ -126,7 +159,7 @@ def markdown(results: dict, held_out: Sequence[str] = ()) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for style in styles:
             tag = f"{style} (held out)" if style in held_out else style
-            for method in dict.fromkeys(r["method"] for r in runs if r["style"] == style):
+            for method in dict.fromkeys(r["method"] for r in runs if r["style"] == style and r["protocol"] == protocol):
                 cells = [tag, method]
                 for n in ns:
                     r = next((r for r in runs if (r["style"], r["n"], r["protocol"], r["method"]) == (style, n, protocol, method)), None)

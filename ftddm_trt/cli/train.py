@@ -10,6 +10,7 @@ import typer
 
 from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.training import finetune_defaults
 
 
 @app.command("train")
@@ -99,13 +100,13 @@ def finetune_cmd(
                                               "t1.nii.gz and flair.nii.gz on any grid."),
     out_model: Path = typer.Argument(..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."),
     base: Optional[Path] = typer.Option(None, "--from", help="Model folder to start from (default: the shipped model)."),
-    minutes: float = typer.Option(10.0, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
-    networks: str = typer.Option("unet", "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
+    minutes: float = typer.Option(finetune_defaults.MINUTES, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
+    networks: str = typer.Option(",".join(finetune_defaults.NETWORKS), "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
                                                            "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
                                                            "on a few subjects over-fitted them in our benchmark (README)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate (constant)."),
-    lr_fraction: float = typer.Option(0.75, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
-    val_subjects: int = typer.Option(2, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
+    lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
+    lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
 ) -> None:

@@ -23,7 +23,7 @@ from ftddm_trt import __version__
 from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
-from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, USER_DEFAULT_TAU_F
+from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, QC_CONSISTENCY_WEIGHT, USER_DEFAULT_TAU_F
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 from ftddm_trt.integrity import IntegrityError, check_temperature
 
@@ -61,6 +61,7 @@ class UpscaleOptions:
     scale: Optional[float] = None
     server_loop: bool = False
     data_consistency: str = "auto"
+    qc_consistency: float = QC_CONSISTENCY_WEIGHT
     kind: Optional[str] = None
     allow_missing_anatomy: bool = False
     accept: tuple[str, ...] = ()
@@ -111,6 +112,8 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
     except ValueError as err:
         raise UpscaleError(str(err)) from err
+    if not 0.0 <= opts.qc_consistency <= 1.0:
+        raise UpscaleError(f"--qc-consistency must be in [0, 1], got {opts.qc_consistency}")
     if opts.samples < 1:
         raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
     if opts.samples > 1 and spec.deterministic:
@@ -168,7 +171,7 @@ def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_
     return _json_normal({"input": str(subject_dir.resolve()), "sampler": spec.to_dict(), "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "metabolites": list(opts.metabolites) if opts.metabolites else None,
             "scale": opts.scale, "server_loop": opts.server_loop, "data_consistency": opts.data_consistency,
-            "kind": opts.kind, "models": model_fingerprint(spec, backend_info)})
+            "qc_consistency": opts.qc_consistency, "kind": opts.kind, "models": model_fingerprint(spec, backend_info)})
 
 
 def accepted_covered(record: dict, opts: UpscaleOptions) -> bool:
@@ -203,9 +206,7 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
         unknown = [m for m in opts.metabolites if m not in subject.metabolites]
         if unknown:
             raise UpscaleError(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
-        keep = [subject.metabolites.index(m) for m in opts.metabolites]
-        subject.lr, subject.mask = subject.lr[:, keep], subject.mask[:, keep]
-        subject.metabolites = tuple(opts.metabolites)
+        subject.select(opts.metabolites)
     try:
         accepted, input_notes = check_subject(subject, accept_set(opts))
     except (InputError, ValueError) as err:
@@ -251,7 +252,8 @@ def upscale_with_backend(
     subject_dir, subject, spec = loaded.subject_dir, loaded.input, loaded.spec
     with atomic_dir(out_dir, force, upscale_inputs(subject_dir, opts), command=command) as tmp:  # locked: no concurrent writer
         result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                 samples=opts.samples, progress=progress, server_loop=opts.server_loop)
+                                 samples=opts.samples, progress=progress, server_loop=opts.server_loop,
+                                 qc_weight=opts.qc_consistency)
         backend_info = backend.describe()
         zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
         result.maps[:, zero] = 0.0
@@ -268,6 +270,7 @@ def upscale_with_backend(
             "metabolites": list(subject.metabolites), "kind": subject.kind,
             "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
             "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
+            "qc_consistency": {"weight": opts.qc_consistency, "applied": result.qc_consistency_applied},
             "anatomy": result.condition.anatomy, "accepted": loaded.accepted, "notes": loaded.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
@@ -371,6 +374,7 @@ def upscale_cmd(
                                          "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
     data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
+    qc_consistency: float = typer.Option(QC_CONSISTENCY_WEIGHT, "--qc-consistency", help="When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through the fine quality mask the qc maps imply (SNR scaled to a 64x64 voxel); 0: off. Recorded in run.json."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
 

@@ -40,6 +40,7 @@ __all__ = [
     "support_mask_from_lr",
     "fill_outside",
     "signal_mask_from_lr",
+    "fine_mask_estimate",
 ]
 
 
@@ -115,6 +116,31 @@ def lr_qc_maps(
         fwhm_lr = np.where(amp > 1e-9, weighted / np.maximum(amp, 1e-12), plain)
     snr_lr = amp * s**snr_exponent
     return snr_lr.astype(np.float32), fwhm_lr.astype(np.float32)
+
+
+def fine_mask_estimate(
+    snr_nn: ArrayLike, fwhm_nn: ArrayLike, size: int = HR_SIZE, snr_exponent: float = 1.0
+) -> NDArray[np.bool_]:
+    """Best guess of the 64x64 quality mask from qc maps on the acquired ``n x n`` grid.
+
+    Inverts the SNR model of :func:`lr_qc_maps` for a voxel whose amplitude is uniform over its
+    footprint: each 64x64 voxel inside acquired voxel ``k`` has SNR ``snr_nn[k] / s**snr_exponent``
+    and the acquired linewidth. The paper's thresholds (:func:`quality_mask_from_qc`) on those values,
+    nearest-upsampled. Unlike the ``lr`` support mask M (thresholds on the acquired voxel's own, ``s``
+    times higher, SNR), this drops acquired voxels whose 64x64 voxels would mostly fail, e.g. those
+    over a low-SNR hole; it cannot see holes smaller than an acquired voxel.
+
+    Args:
+        snr_nn, fwhm_nn: ``(..., n, n)`` qc maps of the acquisition (FWHM in ppm).
+        size: output size.
+        snr_exponent: as in :func:`lr_qc_maps` (1: fewer phase encodes, the k-space truncation model).
+
+    Returns:
+        ``(..., size, size)`` bool.
+    """
+    snr_nn = np.asarray(snr_nn, dtype=np.float64)
+    s = size / snr_nn.shape[-1]
+    return upsample_nearest(quality_mask_from_qc(snr_nn / s**snr_exponent, fwhm_nn), size)
 
 
 def _nearest_index(n: int, size: int) -> NDArray[np.intp]:

@@ -125,6 +125,16 @@ class SubjectInput:
         """Number of slices ``Z``."""
         return int(self.lr.shape[0])
 
+    def select(self, metabolites: Sequence[str]) -> None:
+        """Keep only ``metabolites`` (present ones, in the given order): maps, masks and qc maps alike."""
+        keep = [self.metabolites.index(m) for m in metabolites]
+        self.lr = self.lr[:, keep]
+        if self.mask is not None:
+            self.mask = self.mask[:, keep]
+        if self.snr is not None and self.fwhm is not None:
+            self.snr, self.fwhm = self.snr[:, keep], self.fwhm[:, keep]
+        self.metabolites = tuple(metabolites)
+
 
 # --------------------------------------------------------------------------------------- affines
 

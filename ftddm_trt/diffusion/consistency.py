@@ -16,6 +16,16 @@ replacing the band can only remove error. The zero-filled baseline keeps the sam
 rest to zero, so ``x_dc`` beats it exactly when the network's high frequencies are closer to the
 truth's than zeros are.
 
+With only a coarse quality mask (the ``lr`` protocol) the network estimates the map over the whole
+support M, unfiltered, while the acquisition saw the quality-filtered map. :func:`partial_consistency`
+re-imposes a share ``w`` of the acquisition through an estimate ``F`` of the fine quality mask:
+
+    x_w = x + w B_n (zf - F x)
+
+``w = 1`` and ``F = 1`` is :func:`data_consistency`; ``w = 0`` leaves ``x``. With the true fine mask
+``B_n (F x_1) = B_n zf`` would hold for ``w = 1``; with an estimate, a small ``w`` corrects the level
+of the acquired band without imposing the estimate's misplaced holes (README, quality floor).
+
 Pure torch on the last two axes; ``s`` per image (any mix of acquisition sizes in one batch).
 """
 
@@ -23,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["open_band", "data_consistency"]
+__all__ = ["open_band", "band_project", "data_consistency", "partial_consistency"]
 
 
 def _centred_fft2(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +53,14 @@ def open_band(n: int, size: int, device: torch.device | str = "cpu") -> torch.Te
     return inside[:, None] & inside[None, :]
 
 
+def band_project(r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``B_n r`` per image in float64, ``n = round(m / s)``: ``r (B, C, m, m)``, ``s (B,)``."""
+    size = r.shape[-1]
+    ns = torch.round(size / s.double().cpu()).to(torch.int64)
+    band = torch.stack([open_band(int(n), size) for n in ns.tolist()])[:, None].to(r.device)  # (B,1,m,m)
+    return _centred_ifft2(_centred_fft2(r.double()) * band).real
+
+
 def data_consistency(x: torch.Tensor, zero_filled: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``x + B_n (zero_filled - x)`` per image, ``n = round(m / s)`` (module docstring).
 
@@ -54,8 +72,24 @@ def data_consistency(x: torch.Tensor, zero_filled: torch.Tensor, s: torch.Tensor
     Returns:
         ``(B, C, m, m)`` estimates, computed in float64, returned in ``x``'s dtype.
     """
-    size = x.shape[-1]
-    ns = torch.round(size / s.double().cpu()).to(torch.int64)
-    band = torch.stack([open_band(int(n), size) for n in ns.tolist()])[:, None].to(x.device)  # (B,1,m,m)
-    diff = _centred_fft2(zero_filled.double() - x.double()) * band
-    return (x.double() + _centred_ifft2(diff).real).to(x.dtype)
+    return (x.double() + band_project(zero_filled.double() - x.double(), s)).to(x.dtype)
+
+
+def partial_consistency(
+    x: torch.Tensor, zero_filled: torch.Tensor, fine_mask: torch.Tensor, s: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """``x + weight * B_n (zero_filled - fine_mask * x)`` per image (module docstring).
+
+    Args:
+        x, zero_filled: ``(B, C, m, m)`` as in :func:`data_consistency`.
+        fine_mask: ``(B, C, m, m)`` estimate of the fine quality mask (0/1, bool or float).
+        s: ``(B,)`` upscaling factors.
+        weight: share ``w`` in ``[0, 1]`` of the residual band put back.
+
+    Returns:
+        ``(B, C, m, m)`` in ``x``'s dtype.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"consistency weight must be in [0, 1], got {weight}")
+    r = zero_filled.double() - fine_mask.double() * x.double()
+    return (x.double() + weight * band_project(r, s)).to(x.dtype)

@@ -47,7 +47,7 @@ from ftddm_trt.diffusion import (
     respaced_timesteps,
     truncated_timesteps,
 )
-from ftddm_trt.diffusion.consistency import data_consistency
+from ftddm_trt.diffusion.consistency import data_consistency, partial_consistency
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import check_flow_ttrunc
 
@@ -216,6 +216,16 @@ def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpe
     if mode not in CONSISTENCY_MODES:
         raise ValueError(f"data consistency must be one of {', '.join(CONSISTENCY_MODES)}, got {mode!r}")
     return replace(spec, data_consistency=fine_mask if mode == "auto" else mode == "on")
+
+
+def qc_consistency(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, fine_mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """``lr`` protocol: put a share ``weight`` of the acquired band back through the fine-mask estimate
+    (``diffusion.consistency.partial_consistency``), then cut by M as every output is.
+
+    x: (B,1,64,64) outputs and y: (B,4,64,64) their condition, normalized units; s: (B,);
+    fine_mask: (B,1,64,64) estimate of the fine quality mask (``data.masks.fine_mask_estimate``).
+    """
+    return partial_consistency(x, y[:, 0:1], fine_mask, s, weight) * y[:, 1:2]
 
 
 def require_flow_ttrunc(backend: Backend, spec: SamplerSpec) -> None:

@@ -15,10 +15,11 @@ import torch
 
 from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.data.kspace import zero_fill
+from ftddm_trt.data.masks import fine_mask_estimate
 from ftddm_trt.data.nifti_io import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, sample_images
 from ftddm_trt.integrity import require_finite
 
 
@@ -27,7 +28,9 @@ class Condition:
     """Network inputs for every (slice, metabolite) image of a volume, in (z, c) row-major order.
 
     y: (Z*C, 4, 64, 64); s: (Z*C,); scale: (Z, C) normalization factors (file units);
-    zero_filled: (Z, C, 64, 64) in file units (the zero-filled baseline); mask: (Z, C, 64, 64) bool.
+    zero_filled: (Z, C, 64, 64) in file units (the zero-filled baseline); mask: (Z, C, 64, 64) bool;
+    qc_fine_mask: (Z*C, 1, 64, 64) float 0/1 estimate of the fine quality mask when M came from qc maps
+    on the acquired grid (``data.masks.fine_mask_estimate``), else None.
     """
 
     y: torch.Tensor
@@ -36,6 +39,7 @@ class Condition:
     zero_filled: np.ndarray
     mask: np.ndarray
     anatomy: str
+    qc_fine_mask: torch.Tensor | None = None
 
 
 def build_condition(subject: SubjectInput) -> Condition:
@@ -52,9 +56,13 @@ def build_condition(subject: SubjectInput) -> Condition:
     y = np.stack([zf_norm, mask.astype(np.float32), t1, flair], axis=2).reshape(z * c, 4, HR_SIZE, HR_SIZE)
     s = np.full(z * c, HR_SIZE / subject.n, dtype=np.float32)
     have = [n for n, v in (("t1", subject.t1), ("flair", subject.flair)) if v is not None]
+    qc_fine = None
+    if subject.mask_source == "qc" and subject.snr is not None and subject.fwhm is not None:
+        est = fine_mask_estimate(subject.snr, subject.fwhm, HR_SIZE).reshape(z * c, 1, HR_SIZE, HR_SIZE)
+        qc_fine = torch.from_numpy(est.astype(np.float32))
     return Condition(y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)), s=torch.from_numpy(s),
                      scale=np.asarray(scale, np.float32), zero_filled=zero_filled, mask=mask,
-                     anatomy="+".join(have) if have else "none (zeros)")
+                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine)
 
 
 @dataclass
@@ -68,6 +76,7 @@ class UpscaleResult:
     seconds: float
     seconds_per_slice: float
     samples: int
+    qc_consistency_applied: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,12 +89,15 @@ def upscale_subject(
     samples: int = 1,
     progress: Callable[[int, int], None] | None = None,
     server_loop: bool = False,
+    qc_weight: float = 0.0,
 ) -> UpscaleResult:
     """Run ``spec`` over every image of the volume, ``samples`` times (K > 1: mean and per-voxel SD).
 
     ``progress(done, total)`` counts images over all samples. Negative concentrations are clipped
     to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError. ``server_loop`` runs each batch's whole sampling loop
-    on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler).
+    on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler). ``qc_weight`` > 0:
+    when M came from qc maps and the spec's data consistency is off, each output goes through
+    ``pipeline.qc_consistency`` with that weight (``UpscaleResult.qc_consistency_applied`` says whether it did).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -99,6 +111,7 @@ def upscale_subject(
     z, c = cond.mask.shape[:2]
     k = z * c
     t_cond = time.perf_counter() - t0
+    use_qc = qc_weight > 0 and cond.qc_fine_mask is not None and not spec.data_consistency
     draws = []
     for i in range(samples):
         done = i * k
@@ -109,6 +122,8 @@ def upscale_subject(
 
         x, nfe = sample_images(backend, spec, cond.y, cond.s, batch_size=batch_size, seed=seed + i, progress=tick,
                                batch_sampler=batch_sampler)
+        if use_qc:
+            x = qc_consistency(x, cond.y, cond.s, cond.qc_fine_mask, qc_weight)
         x = x.numpy().reshape(z, c, HR_SIZE, HR_SIZE)
         require_finite(x, f"the {spec.name} output on backend {backend.name} (sample {i + 1})")
         draws.append(np.clip(denormalize(x, cond.scale), 0.0, None))
@@ -122,5 +137,6 @@ def upscale_subject(
         seconds=seconds,
         seconds_per_slice=(seconds - t_cond) / (samples * k),
         samples=samples,
+        qc_consistency_applied=use_qc,
         timings={"condition_s": t_cond, "sampling_s": seconds - t_cond},
     )

@@ -25,6 +25,7 @@ from typing import Callable
 from ftddm_trt.constants import T_TRUNC
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.models.config import FlowConfig, UNetConfig
+from ftddm_trt.training import finetune_defaults as defaults
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training.package import package_model
 from ftddm_trt.training.trainer import TrainConfig, train
@@ -43,14 +44,11 @@ class FinetuneConfig:
     data_dir: Path
     out_model: Path
     base_model: Path | None = None
-    minutes: float = 10.0
-    #: The truncated UNet alone by default: on held-out subjects of an unseen style (benchmarks/finetune_unseen.py)
-    #: a fine-tuned UNet with the base flow gained over the base model, a fine-tuned flow lost (it over-fits
-    #: the few site subjects in the 10-minute budget); README "Fine-tuning on the unseen style".
-    networks: tuple[str, ...] = ("unet",)
-    lr: float = 1e-4
-    lr_fraction: float = 0.75
-    val_subjects: int = 2
+    minutes: float = defaults.MINUTES
+    networks: tuple[str, ...] = defaults.NETWORKS  # why the UNet alone: training.finetune_defaults
+    lr: float = defaults.LR
+    lr_fraction: float = defaults.LR_FRACTION
+    val_subjects: int = defaults.VAL_SUBJECTS
     batch_size: int = 8
     val_every: int = 100
     seed: int = 0
@@ -198,10 +196,9 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
 
     import numpy as np
 
-    from ftddm_trt.bench.generalization import Variant, score_maps
+    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS, score_maps
     from ftddm_trt.data.evaluation import MIN_VOXELS
     from ftddm_trt.data.examples import SlicePool
-    from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec
     from ftddm_trt.engine.torch_backend import TorchBackend
 
     pool = SlicePool.from_subjects(val_subjects)
@@ -209,7 +206,7 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
     if ok.size == 0:
         return {}
     idx = np.sort(np.random.default_rng(0).choice(ok, size=min(n_maps, ok.size), replace=False))
-    variant = [Variant("default sampler", SamplerSpec(tau_f=USER_DEFAULT_TAU_F))]
+    variant = list(DEFAULT_VARIANTS[:1])  # the default sampler, as upscale runs it
     out: dict = {"maps": int(idx.size), "protocol": "lr"}
     with tempfile.TemporaryDirectory() as tmp:
         tuned = Path(tmp) / "model"

@@ -1,0 +1,20 @@
+"""Defaults of ``ftddm-trt finetune``, in one torch-free module.
+
+``training.finetune.FinetuneConfig`` (which imports torch) and the CLI (which must start fast, so it
+imports no torch at start-up) both read them from here, so ``--help`` and the config never disagree.
+"""
+
+from __future__ import annotations
+
+#: Training time budget (minutes), shared between the networks.
+MINUTES: float = 10.0
+#: The truncated UNet alone by default: on held-out subjects of an unseen style (benchmarks/finetune_unseen.py)
+#: a fine-tuned UNet with the base flow gained over the base model, a fine-tuned flow lost (it over-fits
+#: the few site subjects in the 10-minute budget); README "Fine-tuning on the unseen style".
+NETWORKS: tuple[str, ...] = ("unet",)
+#: Adam learning rate (constant).
+LR: float = 1e-4
+#: Fraction of training maps given the ``lr`` mask protocol (the N x N qc mask a user has).
+LR_FRACTION: float = 0.75
+#: Subjects held out for validation (the last ones by name).
+VAL_SUBJECTS: int = 2

@@ -1,0 +1,67 @@
+"""bench.generalization.score_maps: the qc consistency step as upscale applies it, shared draws, lr-only rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from ftddm_trt.bench.generalization import Variant, qc_fine_masks, score_maps, style_maps
+from ftddm_trt.bench.quality import example_tensors
+from ftddm_trt.data.evaluation import map_metrics
+from ftddm_trt.diffusion.consistency import band_project
+from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.engine.torch_backend import TorchBackend
+from ftddm_trt.models.model_set import ModelSet
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SPEC = SamplerSpec(ttrunc=20, steps=2, tau_f=0.0)
+VARIANTS = (Variant("default", SPEC, qc_weight=0.2), Variant("without qc", SPEC, lr_only=True))
+
+
+@pytest.fixture(scope="module")
+def maps():
+    return style_maps("smooth", n_subjects=1, n_maps=3, seed=11)
+
+
+def test_lr_rows_blend_the_shared_draws_through_the_qc_fine_mask(tiny_model_dir, maps):
+    pool, idx = maps
+    backend = TorchBackend(ModelSet.open(tiny_model_dir))
+    n = 16
+    rows = score_maps(backend, pool, idx, VARIANTS, n, "lr", batch_size=4)
+    assert [r["method"] for r in rows] == ["zero-filled", "default", "without qc"]
+    assert rows[1]["qc_consistency"] == 0.2 and rows[2]["qc_consistency"] == 0.0
+    # reference: one draw, blended by hand (x + w B_n(zf - F x), cut by M), scored as the bench scores
+    y, s, scale, truth, region, zf = example_tensors(pool, idx, n, "lr")
+    x = sample_images(backend, replace(SPEC, data_consistency=False), y, s, batch_size=4, seed=0)[0].double()
+    fine = qc_fine_masks(pool, idx, n).double()
+    assert 0 < float(fine.mean()) < float(y[:, 1].mean())
+    blended = ((x + 0.2 * band_project(y[:, 0:1].double() - fine * x, s)) * y[:, 1:2].double())[:, 0].numpy()
+    zf_psnr = map_metrics(zf, truth, region)["psnr"]
+    for row, est in ((rows[1], blended), (rows[2], x[:, 0].numpy())):
+        m = map_metrics(np.clip(est * scale[:, None, None], 0.0, None), truth, region)
+        assert row["psnr"] == pytest.approx(float(np.nanmean(m["psnr"])), abs=1e-4)
+        assert row["psnr_gain"] == pytest.approx(float(np.nanmean(m["psnr"] - zf_psnr)), abs=1e-4)
+    assert rows[1]["psnr"] != pytest.approx(rows[2]["psnr"], abs=1e-6)
+
+
+def test_hr_rows_use_data_consistency_and_skip_lr_only_variants(tiny_model_dir, maps):
+    pool, idx = maps
+    backend = TorchBackend(ModelSet.open(tiny_model_dir))
+    rows = score_maps(backend, pool, idx, VARIANTS, 16, "hr", batch_size=4)
+    assert [r["method"] for r in rows] == ["zero-filled", "default"]
+    assert rows[1]["qc_consistency"] == 0.0 and rows[1]["spec"]["data_consistency"] is True
+
+
+def test_qc_fine_masks_are_the_upscale_estimate(maps):
+    from ftddm_trt.data.examples import pool_stack
+    from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
+
+    pool, idx = maps
+    got = qc_fine_masks(pool, idx, 8)
+    assert got.shape == (len(idx), 1, 64, 64) and got.dtype == torch.float32
+    st = pool_stack(pool, int(idx[1]))
+    np.testing.assert_array_equal(got[1, 0].numpy() > 0.5, fine_mask_estimate(*lr_qc_maps((st[4], st[5]), 8)))
