@@ -1,7 +1,8 @@
 """Defaults of ``ftddm-trt finetune``, in one torch-free module.
 
-``training.finetune.FinetuneConfig`` (which imports torch) and the CLI (which must start fast, so it
-imports no torch at start-up) both read them from here, so ``--help`` and the config never disagree.
+``training.finetune.FinetuneConfig`` and the option declarations of ``ftddm-trt finetune`` both read
+them from here (the CLI imports the training code only when the command runs), so ``--help`` and the
+config never disagree.
 """
 
 from __future__ import annotations
