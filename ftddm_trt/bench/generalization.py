@@ -21,11 +21,11 @@ import torch
 
 from ftddm_trt.constants import HR_SIZE, QC_CONSISTENCY_WEIGHT
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
-from ftddm_trt.data.examples import SlicePool, pool_stack
+from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, sample_images
+from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies, sample_images
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -98,7 +98,7 @@ def score_maps(
             draws = [sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed + k)[0] for k in range(v.samples)]
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
         xt, seconds = drawn[key]
-        use_qc = fine is not None and v.qc_weight > 0 and not spec.data_consistency
+        use_qc = qc_consistency_applies(spec, fine, v.qc_weight)
         if use_qc:
             xt = qc_consistency(xt, y, s, fine, v.qc_weight)
         x = xt[:, 0].numpy()
@@ -114,9 +114,8 @@ def score_maps(
 def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int) -> torch.Tensor:
     """(K,1,64,64) fine-mask estimates (``data.masks.fine_mask_estimate``) from the qc maps an ``n x n``
     acquisition of maps ``idx`` would give (``data.masks.lr_qc_maps``), as ``upscale`` makes them."""
-    est = [fine_mask_estimate(*lr_qc_maps((pool_stack(pool, int(i))[4], pool_stack(pool, int(i))[5]), n), HR_SIZE)
-           for i in idx]
-    return torch.from_numpy(np.stack(est)[:, None].astype(np.float32))
+    est = fine_mask_estimate(*lr_qc_maps((pool.snr[idx], pool.fwhm[idx]), n), HR_SIZE)
+    return torch.from_numpy(est[:, None].astype(np.float32))
 
 
 def run_generalization(

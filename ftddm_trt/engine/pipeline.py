@@ -218,6 +218,12 @@ def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpe
     return replace(spec, data_consistency=fine_mask if mode == "auto" else mode == "on")
 
 
+def qc_consistency_applies(spec: SamplerSpec, fine_mask: torch.Tensor | None, weight: float) -> bool:
+    """Whether :func:`qc_consistency` runs: a weight, a fine-mask estimate from qc maps (the ``lr``
+    protocol) and no full data consistency already applied by ``spec``."""
+    return weight > 0 and fine_mask is not None and not spec.data_consistency
+
+
 def qc_consistency(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, fine_mask: torch.Tensor, weight: float) -> torch.Tensor:
     """``lr`` protocol: put a share ``weight`` of the acquired band back through the fine-mask estimate
     (``diffusion.consistency.partial_consistency``), then cut by M as every output is.

@@ -19,7 +19,7 @@ from ftddm_trt.data.masks import fine_mask_estimate
 from ftddm_trt.data.nifti_io import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, sample_images
+from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, qc_consistency_applies, sample_images
 from ftddm_trt.integrity import require_finite
 
 
@@ -111,7 +111,7 @@ def upscale_subject(
     z, c = cond.mask.shape[:2]
     k = z * c
     t_cond = time.perf_counter() - t0
-    use_qc = qc_weight > 0 and cond.qc_fine_mask is not None and not spec.data_consistency
+    use_qc = qc_consistency_applies(spec, cond.qc_fine_mask, qc_weight)
     draws = []
     for i in range(samples):
         done = i * k
