@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--test-subjects", type=int, default=6)
     ap.add_argument("--maps", type=int, default=64)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
+    ap.add_argument("--margin-weight", type=float, default=FinetuneConfig.margin_weight,
+                    help="loss weight of M's voxels outside the truth's quality mask")
     ap.add_argument("--networks", default=",".join(FinetuneConfig.networks), help="networks to fine-tune (comma-separated)")
     ap.add_argument("--keep", type=Path, default=None, help="also keep the fine-tuned model folder here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -54,9 +56,9 @@ def main() -> int:
         t0 = time.perf_counter()
         networks = parse_networks(args.networks)
         manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
-                                           lr=args.lr, networks=networks),
+                                           lr=args.lr, networks=networks, margin_weight=args.margin_weight),
                             command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "
-                                    f"--networks {','.join(networks)}")
+                                    f"--networks {','.join(networks)} --margin-weight {args.margin_weight:g}")
         wall = time.perf_counter() - t0
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
@@ -68,7 +70,7 @@ def main() -> int:
                     runs += [{"model": label, **r} for r in rows if label == "base" or r["method"] != "zero-filled"]
     ft = manifest["finetune"]
     result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
-              "networks": list(networks),
+              "margin_weight": args.margin_weight, "networks": list(networks),
               "wall_seconds": wall, "cpu_threads": os.cpu_count(), "training": ft["training"],
               "validation_quality": ft["validation_quality"], "test_subjects": args.test_subjects,
               "maps": int(idx.size), "runs": runs}

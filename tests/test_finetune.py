@@ -214,4 +214,5 @@ def test_cli_finetune_defaults_are_the_configs():
     assert tuple(options["networks"].split(",")) == cfg.networks
     assert options["lr"] == cfg.lr
     assert options["lr_fraction"] == cfg.lr_fraction
+    assert options["margin_weight"] == cfg.margin_weight
     assert options["val_subjects"] == cfg.val_subjects

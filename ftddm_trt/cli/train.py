@@ -34,6 +34,7 @@ def train_cmd(
     init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
     style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
     lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    margin_weight: float = typer.Option(1.0, "--margin-weight", help="Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an upward level bias."),
     data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and best.* use it, as DDPM samples with averaged weights."),
@@ -53,7 +54,7 @@ def train_cmd(
     try:
         cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
                           t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every, gan_l1=gan_l1,
-                          styles=tuple(style), lr_protocol_fraction=lr_fraction, val_subjects=val_subjects,
+                          styles=tuple(style), lr_protocol_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects,
                           data_dir=str(data.resolve()) if data is not None else None, ema=ema,
                           extra={"shards": shards} if shards else {})
         summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx,
@@ -106,6 +107,7 @@ def finetune_cmd(
                                                            "on a few subjects over-fitted them in our benchmark (README)."),
     lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
     lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help="Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an upward level bias."),
     val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
@@ -129,10 +131,10 @@ def finetune_cmd(
     try:
         cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
                              networks=parse_networks(networks), lr=lr,
-                             lr_fraction=lr_fraction, val_subjects=val_subjects, work_dir=work)
+                             lr_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects, work_dir=work)
         command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
-                   "--val-subjects", str(val_subjects)]
+                   "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects)]
         command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
         ctx = init_from_env("auto")
         try:

@@ -32,15 +32,19 @@ class Batch:
     y: (B,4,64,64) condition [zero-filled LR, M, T1, FLAIR].
     mask: (B,1,64,64) the mask M (0/1), also where diffusion noise lives.
     s: (B,) upscaling factors.
+    scored: (B,1,64,64) the voxels of M inside the truth's quality mask (0/1): those a map is scored on.
+        ``hr``: all of M. ``lr``: M less its dilated margin and its low-SNR holes, where the target is
+        the ``fill_outside`` extension (see prepare_example).
     """
 
     x0: torch.Tensor
     y: torch.Tensor
     mask: torch.Tensor
     s: torch.Tensor
+    scored: torch.Tensor
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(getattr(self, f).to(device) for f in ("x0", "y", "mask", "s")))
+        return Batch(*(getattr(self, f).to(device) for f in ("x0", "y", "mask", "s", "scored")))
 
 
 @dataclass(frozen=True)
@@ -147,21 +151,22 @@ def make_example(
     n: int,
     protocol: str,
     rng: np.random.Generator | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One training example: (x0 (64,64), y (4,64,64), mask (64,64)); augmented when rng is given."""
+) -> Example:
+    """One training example (prepare_example's), augmented when rng is given."""
     stack = pool_stack(pool, index)
     if rng is not None:
         stack = _augment(stack, rng)
-    ex = prepare_example(stack, n, protocol)
-    return ex.x0, ex.y, ex.mask
+    return prepare_example(stack, n, protocol)
 
 
-def _collate(examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sizes: list[int]) -> Batch:
-    x0 = torch.from_numpy(np.stack([e[0] for e in examples]))[:, None]
-    y = torch.from_numpy(np.stack([e[1] for e in examples]))
-    mask = torch.from_numpy(np.stack([e[2] for e in examples]))[:, None]
-    s = torch.tensor([HR_SIZE / n for n in sizes], dtype=torch.float32)
-    return Batch(x0=x0, y=y, mask=mask, s=s)
+def _collate(examples: list[Example], sizes: list[int]) -> Batch:
+    def stacked(values: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(values).astype(np.float32))
+
+    mask = stacked([e.mask for e in examples])[:, None]
+    return Batch(x0=stacked([e.x0 for e in examples])[:, None], y=stacked([e.y for e in examples]), mask=mask,
+                 s=torch.tensor([HR_SIZE / n for n in sizes], dtype=torch.float32),
+                 scored=mask * stacked([e.truth_mask for e in examples])[:, None])
 
 
 def random_batch(pool: SlicePool, batch_size: int, rng: np.random.Generator, lr_protocol_fraction: float = 0.5) -> Batch:

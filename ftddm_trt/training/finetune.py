@@ -48,6 +48,7 @@ class FinetuneConfig:
     networks: tuple[str, ...] = defaults.NETWORKS  # why the UNet alone: training.finetune_defaults
     lr: float = defaults.LR
     lr_fraction: float = defaults.LR_FRACTION
+    margin_weight: float = defaults.MARGIN_WEIGHT
     val_subjects: int = defaults.VAL_SUBJECTS
     batch_size: int = 8
     val_every: int = 100
@@ -113,7 +114,7 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
         share = NETWORK_SHARE[name] / (NETWORK_SHARE[name] if workers == len(cfg.networks) else total_share)
         tcfg = TrainConfig(task=_TASK_OF[name], preset=preset_of(models, name), iterations=1_000_000,
                            batch_size=cfg.batch_size, lr=cfg.lr, lr_final=cfg.lr, t_trunc=ttrunc, seed=cfg.seed,
-                           lr_protocol_fraction=cfg.lr_fraction, val_every=cfg.val_every,
+                           lr_protocol_fraction=cfg.lr_fraction, margin_weight=cfg.margin_weight, val_every=cfg.val_every,
                            data_dir=str(Path(cfg.data_dir).resolve()), val_subjects=cfg.val_subjects,
                            extra={"data_sha256": data_hash})
         jobs[name] = (tcfg, cfg.runs_dir / name, cfg.minutes * share, models.root / models._stem(name))
@@ -136,7 +137,7 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
                           "subjects": {"train": [s.subject_id for s in train_subj], "validation": [s.subject_id for s in val_subj]},
                           "base_model": {"dir": str(models.root), "hashes": models.hashes()},
                           "networks": list(cfg.networks), "minutes": cfg.minutes, "lr": cfg.lr,
-                          "lr_fraction": cfg.lr_fraction, "training": summaries, "validation_quality": validation}}
+                          "lr_fraction": cfg.lr_fraction, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
     return package_model(runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra)
 
 

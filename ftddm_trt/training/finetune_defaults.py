@@ -17,5 +17,7 @@ NETWORKS: tuple[str, ...] = ("unet",)
 LR: float = 1e-4
 #: Fraction of training maps given the ``lr`` mask protocol (the N x N qc mask a user has).
 LR_FRACTION: float = 0.75
+#: Loss weight of the voxels of M outside the truth's quality mask (``training.objectives.loss_weight``).
+MARGIN_WEIGHT: float = 1.0
 #: Subjects held out for validation (the last ones by name).
 VAL_SUBJECTS: int = 2

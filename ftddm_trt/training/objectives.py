@@ -6,6 +6,12 @@
   the state the first reverse step consumes, and ``L_guide`` compares the flow's reverse output at
   ``tau_f = 0`` with the centre of ``q(x_Ttrunc | x0)``, i.e. ``sqrt(gamma_Ttrunc) * x0`` (the paper
   writes ``x0``; the two differ by 1.4 % at Ttrunc = 100, and the centre is what the flow should hit).
+
+Both losses average over M with a per-voxel weight (``loss_weight``): 1 on the voxels a map is scored on,
+``margin_weight`` on the rest of M. In the ``lr`` protocol that rest (M's dilated margin and its low-SNR
+holes) holds the ``fill_outside`` extension of the truth, a target the condition does not determine; at
+full weight it teaches every network an upward level bias inside the mask (README, "What the `lr`
+output gets wrong"). ``margin_weight = 1`` is the paper's loss over all of M.
 """
 
 from __future__ import annotations
@@ -16,16 +22,24 @@ from ftddm_trt.diffusion import CosineSchedule, eps_loss, flow_guide_loss, sampl
 from ftddm_trt.data.examples import Batch
 
 
+def loss_weight(batch: Batch, margin_weight: float = 1.0) -> torch.Tensor:
+    """Per-voxel loss weight (B,1,64,64): 1 on ``batch.scored``, ``margin_weight`` on the rest of M, 0 outside M."""
+    if not 0.0 <= margin_weight <= 1.0:
+        raise ValueError(f"margin_weight must be in [0, 1], got {margin_weight}")
+    return batch.scored + margin_weight * (batch.mask - batch.scored)
+
+
 def unet_objective(
-    model: torch.nn.Module, batch: Batch, schedule: CosineSchedule, t_max: int, generator: torch.Generator
+    model: torch.nn.Module, batch: Batch, schedule: CosineSchedule, t_max: int, generator: torch.Generator,
+    margin_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE for one batch (a scalar tensor)."""
+    """Epsilon-prediction MSE for one batch (a scalar tensor), weighted by ``loss_weight``."""
     b = batch.x0.shape[0]
     t = sample_train_timesteps(b, t_max, generator).to(batch.x0.device)
     eps = torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
     x_t = schedule.q_sample(batch.x0, t, eps, batch.mask)
     pred = model(x_t, batch.y, t.to(torch.float32), batch.s)
-    return eps_loss(pred, eps, batch.mask)
+    return eps_loss(pred, eps, loss_weight(batch, margin_weight))
 
 
 def flow_objective(
@@ -37,8 +51,10 @@ def flow_objective(
     lam: float = 10.0,
     alpha: float = 0.84,
     background_noise: float = 0.01,
+    margin_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """NLL + lambda * guide loss for one batch; returns (loss, parts for logging).
+    """NLL + lambda * guide loss for one batch; returns (loss, parts for logging). The guide loss is weighted
+    by ``loss_weight``; the NLL is a density of the whole image and is not.
 
     The background outside M is exactly zero in x_Ttrunc, a degenerate density; a small
     ``background_noise`` (std, normalized units) dequantizes it. Samples are cut by M afterwards.
@@ -54,6 +70,6 @@ def flow_objective(
     zeros = torch.zeros_like(batch.x0)
     x_hat = model.reverse(zeros, batch.y, torch.zeros(b, device=dev)) * batch.mask
     centre = schedule.gammas[t_trunc].sqrt().to(batch.x0.dtype) * batch.x0
-    guide = flow_guide_loss(x_hat, centre, batch.mask, alpha=alpha)
+    guide = flow_guide_loss(x_hat, centre, loss_weight(batch, margin_weight), alpha=alpha)
     loss = nll + lam * guide
     return loss, {"nll": float(nll.detach()), "guide": float(guide.detach())}

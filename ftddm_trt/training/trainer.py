@@ -54,6 +54,9 @@ class TrainConfig:
     fold: int = 0
     seed: int = 0
     lr_protocol_fraction: float = 0.5
+    #: Loss weight of the voxels of M outside the truth's quality mask (``training.objectives``; 1: the paper's
+    #: loss over all of M). A run saved before this option existed resumes with 1.
+    margin_weight: float = 1.0
     val_every: int = 500
     val_examples: int = 64
     ckpt_every: int = 100
@@ -79,6 +82,8 @@ class TrainConfig:
         self.styles = tuple(self.styles)
         for name in self.styles:
             get_style(name)
+        if not 0.0 <= self.margin_weight <= 1.0:
+            raise ValueError(f"--margin-weight must be in [0, 1], got {self.margin_weight}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
         if self.ema and self.task == "tdpm":
@@ -138,8 +143,9 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Tensor, dict[str, float]]:
     if cfg.task == "flow":
-        return flow_objective(model, batch, schedule, cfg.t_trunc, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha)
-    loss = unet_objective(model, batch, schedule, cfg.t_max, gen)
+        return flow_objective(model, batch, schedule, cfg.t_trunc, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha,
+                              margin_weight=cfg.margin_weight)
+    loss = unet_objective(model, batch, schedule, cfg.t_max, gen, margin_weight=cfg.margin_weight)
     return loss, {}
 
 
