@@ -27,6 +27,12 @@ USER_DEFAULT_TAU_F: float = 0.0
 #: (README, quality floor); 0 turns it off.
 QC_CONSISTENCY_WEIGHT: float = 0.2
 
+#: Training-loss weight of the voxels of M outside the truth's quality mask (``training.objectives.loss_weight``;
+#: 1 is the paper's loss over all of M). In ``lr`` those voxels hold an extension of the truth the
+#: condition does not determine, and at full weight they teach an upward level bias (README). The shipped
+#: UNet and ``finetune`` use this; a training run saved before the option existed resumes with 1.
+MARGIN_WEIGHT: float = 0.1
+
 #: Quality-filtering thresholds of the paper (FSL-MRS qc maps).
 SNR_MIN: float = 2.5
 FWHM_MAX_PPM: float = 0.15

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ftddm_trt.constants import MARGIN_WEIGHT
 from ftddm_trt.data.examples import SlicePool, _collate, make_example
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.diffusion import CosineSchedule, eps_loss, sample_train_timesteps
@@ -97,9 +98,10 @@ def test_zero_margin_weight_ignores_the_margin_only(batches):
 def test_train_config_checks_the_margin_weight_and_old_runs_resume_with_the_papers_loss(tmp_path: Path):
     with pytest.raises(ValueError, match="--margin-weight"):
         TrainConfig(margin_weight=1.5)
+    assert TrainConfig().margin_weight == MARGIN_WEIGHT < 1.0
     old = TrainConfig(preset="tiny")
     saved = {k: v for k, v in old.__dict__.items() if k != "margin_weight"}  # a run saved before the option
-    resumed = resumed_config({"config": saved}, TrainConfig(preset="tiny"), tmp_path)
+    resumed = resumed_config({"config": saved}, TrainConfig(preset="tiny", margin_weight=1.0), tmp_path)
     assert resumed.margin_weight == 1.0
-    with pytest.raises(ValueError, match="--margin-weight 1.0 -> 0.1"):
-        resumed_config({"config": saved}, TrainConfig(preset="tiny", margin_weight=0.1), tmp_path)
+    with pytest.raises(ValueError, match=f"--margin-weight 1.0 -> {MARGIN_WEIGHT}"):  # today's default differs
+        resumed_config({"config": saved}, TrainConfig(preset="tiny"), tmp_path)

@@ -8,9 +8,14 @@ from typing import Optional
 
 import typer
 
+from ftddm_trt import constants
 from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.training import finetune_defaults
+
+_MARGIN_HELP = ("Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR "
+                "holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an "
+                "upward level bias. A run started before this option resumes with --margin-weight 1.")
 
 
 @app.command("train")
@@ -34,7 +39,7 @@ def train_cmd(
     init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
     style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
     lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
-    margin_weight: float = typer.Option(1.0, "--margin-weight", help="Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an upward level bias."),
+    margin_weight: float = typer.Option(constants.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
     data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and best.* use it, as DDPM samples with averaged weights."),
@@ -107,7 +112,7 @@ def finetune_cmd(
                                                            "on a few subjects over-fitted them in our benchmark (README)."),
     lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
     lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
-    margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help="Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an upward level bias."),
+    margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
     val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),

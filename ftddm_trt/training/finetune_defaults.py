@@ -7,6 +7,8 @@ config never disagree.
 
 from __future__ import annotations
 
+from ftddm_trt import constants
+
 #: Training time budget (minutes), shared between the networks.
 MINUTES: float = 10.0
 #: The truncated UNet alone by default: on held-out subjects of an unseen style (benchmarks/finetune_unseen.py)
@@ -17,7 +19,7 @@ NETWORKS: tuple[str, ...] = ("unet",)
 LR: float = 1e-4
 #: Fraction of training maps given the ``lr`` mask protocol (the N x N qc mask a user has).
 LR_FRACTION: float = 0.75
-#: Loss weight of the voxels of M outside the truth's quality mask (``training.objectives.loss_weight``).
-MARGIN_WEIGHT: float = 1.0
+#: Loss weight of the voxels of M outside the truth's quality mask (``constants.MARGIN_WEIGHT``).
+MARGIN_WEIGHT: float = constants.MARGIN_WEIGHT
 #: Subjects held out for validation (the last ones by name).
 VAL_SUBJECTS: int = 2

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftddm_trt.constants import HR_SIZE, T_DIFFUSION, T_TRUNC
+from ftddm_trt.constants import HR_SIZE, MARGIN_WEIGHT, T_DIFFUSION, T_TRUNC
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.data.phantom_styles import get_style
 from ftddm_trt.diffusion import CosineSchedule
@@ -55,8 +55,8 @@ class TrainConfig:
     seed: int = 0
     lr_protocol_fraction: float = 0.5
     #: Loss weight of the voxels of M outside the truth's quality mask (``training.objectives``; 1: the paper's
-    #: loss over all of M). A run saved before this option existed resumes with 1.
-    margin_weight: float = 1.0
+    #: loss over all of M). A run saved before this option existed resumes with 1 (``resumed_config``).
+    margin_weight: float = MARGIN_WEIGHT
     val_every: int = 500
     val_examples: int = 64
     ckpt_every: int = 100
@@ -204,14 +204,15 @@ def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
 def resumed_config(state: dict, cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The config a run resumes with: the saved one (``state["config"]``) with the requested ``iterations``.
     ValueError when the request names another task / preset or changes any other option."""
-    saved = TrainConfig(**state["config"])
+    saved_fields = {"margin_weight": 1.0, **state["config"]}  # saved before the option: the paper's loss
+    saved = TrainConfig(**saved_fields)
     if (saved.task, saved.preset) != (cfg.task, cfg.preset):
         raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
     changed = config_changes(saved, cfg)
     if changed:
         raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
                          "same options, or train into a new run folder")
-    return TrainConfig(**{**state["config"], "iterations": cfg.iterations})
+    return TrainConfig(**{**saved_fields, "iterations": cfg.iterations})
 
 
 def train(
