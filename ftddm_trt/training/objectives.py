@@ -11,7 +11,7 @@ Both losses average over M with a per-voxel weight (``loss_weight``): 1 on the v
 ``margin_weight`` on the rest of M. In the ``lr`` protocol that rest (M's dilated margin and its low-SNR
 holes) holds the ``fill_outside`` extension of the truth, a target the condition does not determine; at
 full weight it teaches every network an upward level bias inside the mask (README, "What the `lr`
-output gets wrong"). ``margin_weight = 1`` is the paper's loss over all of M.
+output got wrong"). ``margin_weight = 1`` is the paper's loss over all of M.
 """
 
 from __future__ import annotations
