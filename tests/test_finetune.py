@@ -19,6 +19,7 @@ from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_
 from ftddm_trt.data.nifti_io import InputError, write_training_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
+from ftddm_trt.training.finetune import PASSES_CHOICES, QC_WEIGHT_CHOICES, recommend_sampler, sampler_choices
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -135,7 +136,10 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
     assert ft["data_sha256"] == folder_sha256(site_dir) and ft["subjects"]["validation"] == ["sub-002"]
     assert "ftddm-trt finetune" in manifest["commands"][0]
     assert {"unet", "flow", "unet_full"} <= set(manifest["networks"]) and manifest["networks"]["unet_full"]["from_base"]
-    assert set(ft["validation_quality"]["s=4"]) == {"zero-filled", "base", "finetuned"}
+    assert set(ft["validation_quality"]["s=4"]) == {"zero-filled", "base", "finetuned", "choices"}
+    assert len(ft["validation_quality"]["s=4"]["choices"]) == len(PASSES_CHOICES) * len(QC_WEIGHT_CHOICES)
+    assert ft["validation_quality"]["recommended"] == recommend_sampler(ft["validation_quality"])
+    assert "--passes" in res.output
     steps = ft["training"]["unet"]["step"]
     assert steps >= 1
 
@@ -216,3 +220,28 @@ def test_cli_finetune_defaults_are_the_configs():
     assert options["lr_fraction"] == cfg.lr_fraction
     assert options["margin_weight"] == cfg.margin_weight
     assert options["val_subjects"] == cfg.val_subjects
+
+
+def test_recommend_sampler_takes_the_best_mean_gain_over_s_8_and_4():
+    def quality(gains8, gains4):
+        keys = [(1, 0.2), (1, 0.0), (2, 0.2), (2, 0.0)]
+        return {f"s={k}": {"choices": [{"passes": p, "qc_consistency": w, "psnr_gain": g} for (p, w), g in zip(keys, gains)]}
+                for k, gains in ((8, gains8), (4, gains4))}
+
+    rec = recommend_sampler(quality([3.0, 3.1, 3.4, 3.2], [4.0, 4.2, 4.1, 4.6]))
+    assert (rec["passes"], rec["qc_consistency"]) == (2, 0.0) and rec["psnr_gain"] == pytest.approx(3.9)
+    # a tie keeps the first (the default), and no choices recommend nothing
+    rec = recommend_sampler(quality([3.0, 3.0, 3.0, 3.0], [4.0, 4.0, 4.0, 4.0]))
+    assert (rec["passes"], rec["qc_consistency"]) == (1, 0.2)
+    assert recommend_sampler({"maps": 0}) == {}
+
+
+def test_sampler_choices_cover_the_grid_once_with_the_default_first():
+    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS
+
+    default = DEFAULT_VARIANTS[0]
+    choices = sampler_choices(default)
+    assert choices[0] == default
+    grid = {(v.spec.passes, v.qc_weight) for v in choices}
+    assert grid == {(p, w) for p in PASSES_CHOICES for w in QC_WEIGHT_CHOICES} and len(choices) == len(grid)
+    assert all(v.spec.tau_f == default.spec.tau_f and v.spec.steps == default.spec.steps for v in choices)

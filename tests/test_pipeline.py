@@ -109,9 +109,10 @@ def ort_backend(tiny_onnx_export):
         (SamplerSpec("dpmpp"), 20),
         (SamplerSpec("dpmpp", steps=4, sde=True), 4),
         (SamplerSpec("ftddm-dpmpp", ttrunc=10, steps=3, sde=True), 4),
+        (SamplerSpec("ftddm-dpmpp", ttrunc=10, steps=3, passes=3), 10),
         (SamplerSpec("flow"), 1),
     ],
-    ids=lambda v: v if isinstance(v, int) else f"{v.name}-{v.ttrunc}-{v.steps}",
+    ids=lambda v: v if isinstance(v, int) else f"{v.name}-{v.ttrunc}-{v.steps}-{v.passes}",
 )
 def test_nfe_equals_the_backend_calls(spec, nfe):
     assert spec.nfe == nfe and spec.to_dict()["nfe"] == nfe
@@ -152,6 +153,9 @@ def test_every_sampler_is_covered():
         (dict(name="flow", tau_f=float("nan")), "temperatures"),
         (dict(name="ftddm", sde=True), "DPM-Solver"),
         (dict(name="dpmpp", sde="yes"), "sde must be"),
+        (dict(name="ftddm-dpmpp", passes=0), "passes must be"),
+        (dict(name="ftddm-dpmpp", passes=1.5), "passes must be"),
+        (dict(name="ftddm", passes=2), "passes is a setting of ftddm-dpmpp"),
     ],
 )
 def test_invalid_specs_raise(kwargs, match):
@@ -359,3 +363,37 @@ def test_open_backend_and_the_onnx_cache(tiny_model_dir, tiny_onnx_export, tmp_p
         OnnxRuntimeBackend(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         factory.open_backend("torch", model=tmp_path / "nowhere")
+
+
+def test_passes_restart_the_solver_from_each_output(torch_backend, real_condition):
+    """passes = 3 equals the solver run by hand three times, each from sqrt(gamma_Ttrunc) * previous x0 * M
+    (and data consistency, when on, applied once at the end); it survives a to_dict / from_dict round trip."""
+    import math
+
+    from ftddm_trt.diffusion import CosineSchedule, dpm_solver_pp_sample
+    from ftddm_trt.diffusion.consistency import data_consistency
+    from ftddm_trt.engine.pipeline import make_eps_fn
+
+    y, s = real_condition
+    y, s = y[:2], s[:2]
+    spec = SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0, passes=3)
+    assert SamplerSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["nfe"] == 10
+    out = sample_batch(torch_backend, spec, y, s, torch.Generator().manual_seed(0))
+    assert out.nfe == 10
+
+    sched = CosineSchedule(1000)
+    mask = y[:, 1:2]
+    eps_fn = make_eps_fn(torch_backend, y, s, full=False)
+    root_gamma = math.sqrt(float(sched.gammas[20]))
+    with torch.no_grad():
+        start = torch_backend.flow_reverse(torch.zeros(2, 1, 64, 64), y, torch.zeros(2)) * mask
+        outputs = []
+        for _ in range(3):
+            outputs.append(dpm_solver_pp_sample(eps_fn, start, mask, sched, t_start=20, steps=3, clip=spec.clip_x0).x0)
+            start = root_gamma * outputs[-1] * mask
+    first, x_last = outputs[0], outputs[-1]
+    torch.testing.assert_close(out.x0, data_consistency(x_last, y[:, 0:1], s) * mask, atol=1e-5, rtol=1e-5)
+    one = sample_batch(torch_backend, SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0, data_consistency=False), y, s,
+                       torch.Generator().manual_seed(0))
+    torch.testing.assert_close(one.x0, first, atol=1e-5, rtol=1e-5)
+    assert float((out.x0 - data_consistency(first, y[:, 0:1], s) * mask).abs().max()) > 1e-4  # the passes did something

@@ -160,4 +160,8 @@ def finetune_cmd(
             console.print(f"validation ({quality['maps']} maps, lr protocol) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
                           f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
                           f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})")
+    rec = quality.get("recommended")
+    if rec:
+        console.print(f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
+                      f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale")
     console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")

@@ -45,6 +45,7 @@ class UpscaleOptions:
     sampler: str = "ftddm-dpmpp"
     ttrunc: int = T_TRUNC
     steps: Optional[int] = None
+    passes: int = 1
     tau_d: float = 0.9
     tau_f: float = USER_DEFAULT_TAU_F
     clip_x0: Optional[tuple[float, float]] = (0.0, 3.0)
@@ -108,7 +109,8 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         check_temperature("--tau-d", opts.tau_d)
         check_temperature("--tau-f", opts.tau_f)
         spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
-                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min, sde=opts.sde)
+                           clip_x0=opts.clip_x0, lambda_min=opts.lambda_min, sde=opts.sde,
+                           passes=opts.passes)
         consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
     except ValueError as err:
         raise UpscaleError(str(err)) from err
@@ -349,6 +351,9 @@ def upscale_cmd(
     sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model)."),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
     steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
+    passes: int = typer.Option(1, help="ftddm-dpmpp: solver passes; each one after the first restarts the solver at Ttrunc from "
+                               "the previous output (passes x steps UNet calls). Helps a model fine-tuned on the data's kind "
+                               "(`ftddm-trt finetune` reports the count that scored best on its validation subjects)."),
     tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),
     tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent, in [0, 2]: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
     clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),

@@ -9,7 +9,8 @@ Samplers (``SamplerSpec.name``), with their network function evaluations (NFE):
 name               what runs                                                    NFE
 =================  ==========================================================  ===============
 ``ftddm``          flow -> x_Ttrunc, ancestral DDPM t = Ttrunc..1 (Alg. 1)      Ttrunc + 1
-``ftddm-dpmpp``    flow -> x_Ttrunc, DPM-Solver++(2M) from Ttrunc to 0          steps + 1
+``ftddm-dpmpp``    flow -> x_Ttrunc, DPM-Solver++(2M) from Ttrunc to 0          passes * steps + 1
+                   (``passes`` > 1: the solver runs again from each output)
 ``ddpm``           ancestral DDPM over the full chain T..1 (``unet_full``)      T
 ``ddpm-respaced``  ancestral DDPM over ``steps`` evenly spaced steps             steps
 ``dpmpp``          DPM-Solver++(2M) from pure noise, ``steps`` steps, starting   steps
@@ -85,6 +86,10 @@ class SamplerSpec:
     #: ``dpmpp`` / ``ftddm-dpmpp`` only: the SDE form of DPM-Solver++ (diffusers' ``sde-dpmsolver++``), fresh
     #: noise at each step with ``tau_d`` as its std factor. False: the ODE form (deterministic).
     sde: bool = False
+    #: ``ftddm-dpmpp`` only: solver passes. Each pass after the first restarts the solver at Ttrunc from the
+    #: centre of q(x_Ttrunc | x0) of the previous output, ``sqrt(gamma_Ttrunc) * x0`` (noise-free, as the flow's
+    #: mode at tau_f = 0 is), so the UNet corrects its own output once more; ``passes * steps`` UNet calls.
+    passes: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLERS:
@@ -93,6 +98,10 @@ class SamplerSpec:
             raise ValueError(f"sde must be true or false, got {self.sde!r}")
         if self.sde and self.name not in ("dpmpp", "ftddm-dpmpp"):
             raise ValueError(f"sde is a setting of the DPM-Solver++ samplers (dpmpp, ftddm-dpmpp), not of {self.name}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise ValueError(f"passes must be an integer >= 1, got {self.passes!r}")
+        if self.passes > 1 and self.name != "ftddm-dpmpp":
+            raise ValueError(f"passes is a setting of ftddm-dpmpp, not of {self.name}")
         if self.steps is None and self.name in _DEFAULT_STEPS:
             object.__setattr__(self, "steps", _DEFAULT_STEPS[self.name])
         if self.clip_x0 is not None:
@@ -151,7 +160,7 @@ class SamplerSpec:
         return {
             "ftddm": self.ttrunc + 1,
             "tdpm": self.ttrunc + 1,
-            "ftddm-dpmpp": (self.n_steps or 0) + 1,
+            "ftddm-dpmpp": self.passes * (self.n_steps or 0) + 1,
             "ddpm": T_DIFFUSION,
             "ddpm-respaced": self.n_steps or 0,
             "dpmpp": self.n_steps or 0,
@@ -181,7 +190,7 @@ class SamplerSpec:
                     continue
                 if k == "name":
                     kw[k] = str(v)
-                elif k in ("ttrunc", "steps"):
+                elif k in ("ttrunc", "steps", "passes"):
                     kw[k] = None if v is None and k == "steps" else _as_int(k, v)
                 elif k == "clip_x0":
                     kw[k] = None if v is None else tuple(float(x) for x in v)
@@ -284,9 +293,15 @@ def sample_batch(
     if spec.name == "flow":
         res = SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=0)
     elif spec.name in ("ftddm-dpmpp", "dpmpp"):
-        res = dpm_solver_pp_sample(eps_fn, x_start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0,
-                                   lambda_min=spec.lambda_min if spec.name == "dpmpp" else None,
-                                   sde=spec.sde, tau=spec.tau_d, generator=generator)
+        def solve(start: torch.Tensor) -> SampleResult:
+            return dpm_solver_pp_sample(eps_fn, start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0,
+                                        lambda_min=spec.lambda_min if spec.name == "dpmpp" else None,
+                                        sde=spec.sde, tau=spec.tau_d, generator=generator)
+
+        res = solve(x_start)
+        for _ in range(spec.passes - 1):  # restart at Ttrunc from the output's centre sqrt(gamma) * x0
+            again = solve(math.sqrt(float(schedule.gammas[t_start])) * res.x0 * mask)
+            res = SampleResult(x0=again.x0, nfe=res.nfe + again.nfe)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)

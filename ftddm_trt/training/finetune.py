@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ftddm_trt.constants import T_TRUNC
+from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, T_TRUNC
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.model_set import ModelSet
@@ -221,8 +221,39 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
                     shutil.copyfile((run_dir / "best").with_suffix(ext), (tuned / name).with_suffix(ext))
         for label, folder in (("base", Path(base)), ("finetuned", tuned)):
             backend = TorchBackend(ModelSet(folder))
+            choices = sampler_choices(variant[0]) if label == "finetuned" else variant
             for n in (8, 16):
-                zf, row = score_maps(backend, pool, idx, variant, n, "lr", batch_size=cfg.batch_size * 4)
+                zf, row, *others = score_maps(backend, pool, idx, choices, n, "lr", batch_size=cfg.batch_size * 4)
                 out.setdefault(f"s={64 // n}", {})["zero-filled"] = {"psnr": zf["psnr"], "ssim": zf["ssim"]}
                 out[f"s={64 // n}"][label] = {"psnr": row["psnr"], "ssim": row["ssim"], "psnr_gain": row["psnr_gain"]}
+                if label == "finetuned":
+                    out[f"s={64 // n}"]["choices"] = [{"passes": r["spec"]["passes"], "qc_consistency": r["qc_consistency"],
+                                                       "psnr_gain": r["psnr_gain"]} for r in (row, *others)]
+    out["recommended"] = recommend_sampler(out)
     return out
+
+
+#: Sampler settings the fine-tune scores on its validation subjects: solver passes x qc consistency weight.
+PASSES_CHOICES: tuple[int, ...] = (1, 2, 3)
+QC_WEIGHT_CHOICES: tuple[float, ...] = (QC_CONSISTENCY_WEIGHT, 0.0)
+
+
+def sampler_choices(default):
+    """The default variant first, then every other (passes, qc weight) of the grid above (same label scheme)."""
+    from dataclasses import replace
+
+    grid = [(p, w) for p in PASSES_CHOICES for w in QC_WEIGHT_CHOICES]
+    return [default] + [replace(default, label=f"passes {p}, qc {w:g}", spec=replace(default.spec, passes=p), qc_weight=w)
+                        for p, w in grid if (p, w) != (default.spec.passes, default.qc_weight)]
+
+
+def recommend_sampler(quality: dict) -> dict:
+    """The (passes, qc weight) with the highest mean validation gain over s = 8 and 4 (first wins a tie)."""
+    rows: dict[tuple[int, float], list[float]] = {}
+    for key in ("s=8", "s=4"):
+        for c in quality.get(key, {}).get("choices", []):
+            rows.setdefault((c["passes"], c["qc_consistency"]), []).append(c["psnr_gain"])
+    if not rows:
+        return {}
+    (passes, weight), gains = max(rows.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
+    return {"passes": passes, "qc_consistency": weight, "psnr_gain": sum(gains) / len(gains)}
