@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,8 @@ from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks  # noqa: E402
 
 SEED = 3030
+#: The fine-tuned model with the sampler settings its validation subjects chose (--passes, --qc-consistency).
+CHOSEN = "fine-tuned, validation-chosen"
 
 
 def main() -> int:
@@ -60,19 +63,24 @@ def main() -> int:
                             command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "
                                     f"--networks {','.join(networks)} --margin-weight {args.margin_weight:g}")
         wall = time.perf_counter() - t0
+        ft = manifest["finetune"]
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
+        rec = ft["validation_quality"].get("recommended") or {"passes": 1, "qc_consistency": DEFAULT_VARIANTS[0].qc_weight}
+        default = DEFAULT_VARIANTS[0]
+        chosen = replace(default, label="validation-chosen", spec=replace(default.spec, passes=rec["passes"]),
+                         qc_weight=rec["qc_consistency"])
         for label, folder in (("base", args.model or ModelSet.open().root), ("fine-tuned", tuned)):
             backend = TorchBackend(ModelSet.open(folder))
             for n in (8, 16, 32):
                 for protocol in ("lr", "hr"):
-                    rows = score_maps(backend, pool, idx, DEFAULT_VARIANTS[:1], n, protocol)
-                    runs += [{"model": label, **r} for r in rows if label == "base" or r["method"] != "zero-filled"]
-    ft = manifest["finetune"]
+                    rows = score_maps(backend, pool, idx, [default] + ([chosen] if label == "fine-tuned" else []), n, protocol)
+                    runs += [{"model": label if r["method"] != chosen.label else CHOSEN, **r}
+                             for r in rows if label == "base" or r["method"] != "zero-filled"]
     result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
               "margin_weight": args.margin_weight, "networks": list(networks),
               "wall_seconds": wall, "cpu_threads": os.cpu_count(), "training": ft["training"],
-              "validation_quality": ft["validation_quality"], "test_subjects": args.test_subjects,
+              "validation_quality": ft["validation_quality"], "recommended": rec, "test_subjects": args.test_subjects,
               "maps": int(idx.size), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "finetune.json").write_text(json.dumps(result, indent=1))
@@ -82,11 +90,13 @@ def main() -> int:
              f"2 validation) for {args.minutes:g} minutes ({wall / 60:.1f} min wall, {os.cpu_count()} CPU cores), from the "
              f"shipped model, fine-tuning {iterations} at lr {args.lr:g}. Scored on {idx.size} maps of {args.test_subjects} *other* `{args.style}` subjects "
              "(never used for fine-tuning), default sampler, PSNR / SSIM inside the truth's quality mask; gain = over "
-             "zero-filled. Written by `python benchmarks/finetune_unseen.py`.", ""]
+             "zero-filled. The last row runs the fine-tuned model with the sampler settings that scored best on the 2 "
+             f"validation subjects (`--passes {rec['passes']} --qc-consistency {rec['qc_consistency']:g}`, reported by "
+             "`ftddm-trt finetune`). Written by `python benchmarks/finetune_unseen.py`.", ""]
     for protocol in ("lr", "hr"):
         lines += [f"### Mask protocol `{protocol}`", "", "| model | " + " | ".join(f"s = {HR_SIZE / n:g}" for n in (8, 16, 32)) + " |",
                   "|---|---|---|---|"]
-        for label in ("zero-filled", "base", "fine-tuned"):
+        for label in ("zero-filled", "base", "fine-tuned", CHOSEN):
             cells = []
             for n in (8, 16, 32):
                 r = next(r for r in runs if r["n"] == n and r["protocol"] == protocol and
