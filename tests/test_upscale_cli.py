@@ -137,6 +137,14 @@ def test_clip_x0_option_reaches_run_json(tiny_model_dir, subject_copy, tmp_path,
     assert SamplerSpec.from_dict(sampler).clip_x0 == (None if expected is None else tuple(expected))
 
 
+def test_passes_option_reaches_the_sampler_and_run_json(tiny_model_dir, subject_copy, tmp_path):
+    out = tmp_path / "sr"
+    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--passes", "3")
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["sampler"]["passes"] == 3 and record["nfe"] == 3 * 2 + 1
+
+
 def test_refuses_non_empty_out_without_force(tiny_model_dir, subject_copy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -192,6 +200,8 @@ def test_failure_while_sampling_leaves_no_output(tiny_model_dir, subject_copy, t
         (["--clip-x0", "zero"], "--clip-x0 must be LO,HI"),
         (["--lambda-min", "low"], "--lambda-min must be a number"),
         (["--qc-consistency", "1.5"], "--qc-consistency must be in [0, 1]"),
+        (["--passes", "0"], "passes must be an integer >= 1"),
+        (["--sampler", "ftddm", "--passes", "2"], "passes is a setting of ftddm-dpmpp"),
     ],
 )
 def test_bad_options(phantom_subject_dir, tiny_model_dir, tmp_path, args, message):
