@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +28,7 @@ from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
-from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks  # noqa: E402
+from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks, sampler_variant  # noqa: E402
 
 SEED = 3030
 #: The fine-tuned model with the sampler settings its validation subjects chose (--passes, --qc-consistency).
@@ -68,8 +67,7 @@ def main() -> int:
         runs = []
         rec = ft["validation_quality"].get("recommended") or {"passes": 1, "qc_consistency": DEFAULT_VARIANTS[0].qc_weight}
         default = DEFAULT_VARIANTS[0]
-        chosen = replace(default, label="validation-chosen", spec=replace(default.spec, passes=rec["passes"]),
-                         qc_weight=rec["qc_consistency"])
+        chosen = sampler_variant(default, rec["passes"], rec["qc_consistency"], label="validation-chosen")
         for label, folder in (("base", args.model or ModelSet.open().root), ("fine-tuned", tuned)):
             backend = TorchBackend(ModelSet.open(folder))
             for n in (8, 16, 32):

@@ -19,7 +19,7 @@ from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_
 from ftddm_trt.data.nifti_io import InputError, write_training_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
-from ftddm_trt.training.finetune import PASSES_CHOICES, QC_WEIGHT_CHOICES, recommend_sampler, sampler_choices
+from ftddm_trt.training.finetune import PASSES_CHOICES, QC_WEIGHT_CHOICES, recommend_sampler, sampler_choices, sampler_variant
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -245,3 +245,17 @@ def test_sampler_choices_cover_the_grid_once_with_the_default_first():
     grid = {(v.spec.passes, v.qc_weight) for v in choices}
     assert grid == {(p, w) for p in PASSES_CHOICES for w in QC_WEIGHT_CHOICES} and len(choices) == len(grid)
     assert all(v.spec.tau_f == default.spec.tau_f and v.spec.steps == default.spec.steps for v in choices)
+
+
+def test_sampler_variant_changes_only_passes_and_qc_weight():
+    from dataclasses import asdict
+
+    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS
+
+    default = DEFAULT_VARIANTS[0]
+    v = sampler_variant(default, 3, 0.0)
+    assert (v.spec.passes, v.qc_weight, v.label) == (3, 0.0, "passes 3, qc 0")
+    assert v.spec.nfe == 3 * default.spec.nfe - 2  # 3 x steps + 1 flow call
+    same = {k: x for k, x in asdict(v.spec).items() if k != "passes"}
+    assert same == {k: x for k, x in asdict(default.spec).items() if k != "passes"}
+    assert sampler_variant(default, 2, 0.2, label="chosen").label == "chosen"

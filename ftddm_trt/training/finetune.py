@@ -238,13 +238,19 @@ PASSES_CHOICES: tuple[int, ...] = (1, 2, 3)
 QC_WEIGHT_CHOICES: tuple[float, ...] = (QC_CONSISTENCY_WEIGHT, 0.0)
 
 
-def sampler_choices(default):
-    """The default variant first, then every other (passes, qc weight) of the grid above (same label scheme)."""
+def sampler_variant(default, passes: int, qc_weight: float, label: str | None = None):
+    """``default`` (a ``bench.generalization.Variant``) run with ``passes`` solver passes and qc weight ``qc_weight``,
+    as ``upscale --passes P --qc-consistency W`` runs it; labelled "passes P, qc W" unless ``label`` is given."""
     from dataclasses import replace
 
+    return replace(default, label=label or f"passes {passes}, qc {qc_weight:g}", spec=replace(default.spec, passes=passes),
+                   qc_weight=qc_weight)
+
+
+def sampler_choices(default):
+    """The default variant first, then every other (passes, qc weight) of the grid above."""
     grid = [(p, w) for p in PASSES_CHOICES for w in QC_WEIGHT_CHOICES]
-    return [default] + [replace(default, label=f"passes {p}, qc {w:g}", spec=replace(default.spec, passes=p), qc_weight=w)
-                        for p, w in grid if (p, w) != (default.spec.passes, default.qc_weight)]
+    return [default] + [sampler_variant(default, p, w) for p, w in grid if (p, w) != (default.spec.passes, default.qc_weight)]
 
 
 def recommend_sampler(quality: dict) -> dict:
