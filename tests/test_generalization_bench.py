@@ -65,3 +65,18 @@ def test_qc_fine_masks_are_the_upscale_estimate(maps):
     assert got.shape == (len(idx), 1, 64, 64) and got.dtype == torch.float32
     st = pool_stack(pool, int(idx[1]))
     np.testing.assert_array_equal(got[1, 0].numpy() > 0.5, fine_mask_estimate(*lr_qc_maps((st[4], st[5]), 8)))
+
+
+@pytest.mark.parametrize("protocol", ["lr", "hr"])
+def test_variants_differing_in_passes_score_as_separate_runs(tiny_model_dir, maps, protocol):
+    """Passes 3, 1 and 2 scored together (one shared 3-pass run) give the rows each scores alone."""
+    pool, idx = maps
+    backend = TorchBackend(ModelSet.open(tiny_model_dir))
+    spec = replace(SPEC, tau_f=0.9)  # a stochastic flow draw: the passes must share it to match
+    variants = [Variant(f"passes {p}", replace(spec, passes=p), qc_weight=0.2) for p in (3, 1, 2)]
+    together = score_maps(backend, pool, idx, variants, 16, protocol, batch_size=2)
+    assert [r["spec"]["passes"] for r in together[1:]] == [3, 1, 2]
+    for v, row in zip(variants, together[1:]):
+        alone = score_maps(backend, pool, idx, [v], 16, protocol, batch_size=2)[1]
+        assert row["psnr"] == pytest.approx(alone["psnr"], abs=1e-5) and row["ssim"] == pytest.approx(alone["ssim"], abs=1e-6)
+    assert len({round(r["psnr"], 6) for r in together[1:]}) == 3

@@ -7,6 +7,7 @@ import shutil
 from collections import Counter
 
 import numpy as np
+from dataclasses import replace
 import pytest
 import torch
 
@@ -397,3 +398,23 @@ def test_passes_restart_the_solver_from_each_output(torch_backend, real_conditio
                        torch.Generator().manual_seed(0))
     torch.testing.assert_close(one.x0, first, atol=1e-5, rtol=1e-5)
     assert float((out.x0 - data_consistency(first, y[:, 0:1], s) * mask).abs().max()) > 1e-4  # the passes did something
+
+
+@pytest.mark.parametrize("data_consistency", [True, False])
+def test_on_pass_reports_what_each_smaller_passes_returns(torch_backend, real_condition, data_consistency):
+    """Pass k reported by on_pass equals a separate run with passes = k and the same seed, also with a
+    stochastic flow draw (tau_f 0.9) and with data consistency on; samplers without passes report once."""
+    y, s = real_condition
+    y, s = y[:2], s[:2]
+    spec = SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.9, passes=3, data_consistency=data_consistency)
+    reported: list[torch.Tensor] = []
+    out = sample_batch(torch_backend, spec, y, s, torch.Generator().manual_seed(5), on_pass=reported.append)
+    assert len(reported) == 3
+    torch.testing.assert_close(reported[-1], out.x0)
+    for k in (1, 2):
+        alone = sample_batch(torch_backend, replace(spec, passes=k), y, s, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(reported[k - 1], alone.x0, atol=1e-6, rtol=1e-6)
+    assert float((reported[0] - reported[1]).abs().max()) > 1e-4
+    once: list[torch.Tensor] = []
+    flow = sample_batch(torch_backend, SamplerSpec("flow", ttrunc=20), y, s, torch.Generator().manual_seed(5), on_pass=once.append)
+    assert len(once) == 1 and torch.equal(once[0], flow.x0)

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ftddm_trt.constants import HR_SIZE, QC_CONSISTENCY_WEIGHT
+from ftddm_trt.constants import HR_SIZE, QC_CONSISTENCY_WEIGHT, T_DIFFUSION
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies, sample_images
+from ftddm_trt.diffusion import CosineSchedule, SampleResult
+from ftddm_trt.engine.pipeline import (USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies,
+                                      sample_batch, sample_images)
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -81,23 +83,34 @@ def score_maps(
 ) -> list[dict]:
     """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each).
 
-    Variants with the same sampler and samples share their draws (the qc step is applied after)."""
+    Variants with the same sampler and samples share their draws (the qc step is applied after); those
+    that differ only in solver passes share one run with the most passes (``sample_batch``'s ``on_pass``:
+    pass k of it is exactly the ``passes = k`` output). ``seconds_per_map`` is that shared run's time."""
     y, s, scale, truth, region, zf = example_tensors(pool, idx, n, protocol)
     base = {"n": n, "s": HR_SIZE / n, "protocol": protocol, "maps": int(idx.size)}
     zf_m = map_metrics(zf, truth, region)
     rows = [{**base, "method": "zero-filled", **summarize(zf_m)}]
     fine = qc_fine_masks(pool, idx, n) if protocol == "lr" else None
-    drawn: dict[str, tuple[torch.Tensor, float]] = {}
-    for v in variants:
-        if v.lr_only and protocol != "lr":
-            continue
-        t0 = time.perf_counter()
-        spec = consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr")
-        key = json.dumps([spec.to_dict(), v.samples])
+    used = [v for v in variants if not v.lr_only or protocol == "lr"]
+    specs = [consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr") for v in used]
+
+    def draw_key(spec: SamplerSpec, samples: int) -> str:
+        return json.dumps([replace(spec, passes=1).to_dict(), samples])
+
+    most_passes: dict[str, int] = {}
+    for v, spec in zip(used, specs):
+        key = draw_key(spec, v.samples)
+        most_passes[key] = max(most_passes.get(key, 1), spec.passes)
+    drawn: dict[str, tuple[torch.Tensor, float]] = {}  # key -> ((K, passes, 64, 64) mean over samples, seconds per map)
+    for v, spec in zip(used, specs):
+        key = draw_key(spec, v.samples)
         if key not in drawn:
-            draws = [sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed + k)[0] for k in range(v.samples)]
+            t0 = time.perf_counter()
+            draws = [_every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
+                     for k in range(v.samples)]
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
-        xt, seconds = drawn[key]
+        every, seconds = drawn[key]
+        xt = every[:, spec.passes - 1 : spec.passes]
         use_qc = qc_consistency_applies(spec, fine, v.qc_weight)
         if use_qc:
             xt = qc_consistency(xt, y, s, fine, v.qc_weight)
@@ -109,6 +122,19 @@ def score_maps(
                      "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
                      "seconds_per_map": seconds})
     return rows
+
+
+def _every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int,
+                seed: int) -> torch.Tensor:
+    """(K, spec.passes, 64, 64): channel k - 1 holds what ``spec`` with ``passes = k`` samples (same seeds)."""
+    schedule = CosineSchedule(T_DIFFUSION)
+
+    def batch_sampler(yb: torch.Tensor, sb: torch.Tensor, bseed: int) -> SampleResult:
+        outs: list[torch.Tensor] = []
+        res = sample_batch(backend, spec, yb, sb, torch.Generator().manual_seed(bseed), schedule, on_pass=outs.append)
+        return SampleResult(x0=torch.cat(outs, dim=1), nfe=res.nfe)
+
+    return sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed, batch_sampler=batch_sampler)[0]
 
 
 def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int) -> torch.Tensor:

@@ -266,10 +266,14 @@ def sample_batch(
     s: torch.Tensor,
     generator: torch.Generator,
     schedule: CosineSchedule | None = None,
+    on_pass: Callable[[torch.Tensor], None] | None = None,
 ) -> SampleResult:
     """Super-resolve one batch. y: (B,4,64,64) condition (channel 1 is the mask M); s: (B,).
 
     Returns the normalized x0 estimate (B,1,64,64), zero outside M, and the NFE it cost.
+    ``on_pass`` (optional) receives, for k = 1 .. ``spec.passes``, exactly what the same call with
+    ``passes = k`` returns (pass k's output, data consistency applied where the spec has it): the
+    passes of one run share their draws, so a sweep over passes needs only the longest run.
     """
     require_flow_ttrunc(backend, spec)
     schedule = schedule or CosineSchedule(T_DIFFUSION)
@@ -282,6 +286,9 @@ def sample_batch(
 
     def noise() -> torch.Tensor:
         return randn_on(generator, (b, 1, *y.shape[2:]), dev)
+
+    def finish(x0: torch.Tensor) -> torch.Tensor:  # data consistency once, on the output
+        return data_consistency(x0, y[:, 0:1], s) * mask if spec.data_consistency else x0
 
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
@@ -300,12 +307,16 @@ def sample_batch(
 
         res = solve(x_start)
         for _ in range(spec.passes - 1):  # restart at Ttrunc from the output's centre sqrt(gamma) * x0
+            if on_pass is not None:
+                on_pass(finish(res.x0))
             again = solve(math.sqrt(float(schedule.gammas[t_start])) * res.x0 * mask)
             res = SampleResult(x0=again.x0, nfe=res.nfe + again.nfe)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
-    x0 = data_consistency(res.x0, y[:, 0:1], s) * mask if spec.data_consistency else res.x0
+    x0 = finish(res.x0)
+    if on_pass is not None:
+        on_pass(x0)
     return SampleResult(x0=x0, nfe=res.nfe + flow_nfe)
 
 
