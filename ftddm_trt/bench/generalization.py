@@ -93,17 +93,12 @@ def score_maps(
     fine = qc_fine_masks(pool, idx, n) if protocol == "lr" else None
     used = [v for v in variants if not v.lr_only or protocol == "lr"]
     specs = [consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr") for v in used]
-
-    def draw_key(spec: SamplerSpec, samples: int) -> str:
-        return json.dumps([replace(spec, passes=1).to_dict(), samples])
-
+    keys = [json.dumps([replace(spec, passes=1).to_dict(), v.samples]) for v, spec in zip(used, specs)]  # draws shared
     most_passes: dict[str, int] = {}
-    for v, spec in zip(used, specs):
-        key = draw_key(spec, v.samples)
+    for key, spec in zip(keys, specs):
         most_passes[key] = max(most_passes.get(key, 1), spec.passes)
     drawn: dict[str, tuple[torch.Tensor, float]] = {}  # key -> ((K, passes, 64, 64) mean over samples, seconds per map)
-    for v, spec in zip(used, specs):
-        key = draw_key(spec, v.samples)
+    for v, spec, key in zip(used, specs, keys):
         if key not in drawn:
             t0 = time.perf_counter()
             draws = [_every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
