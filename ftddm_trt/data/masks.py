@@ -41,6 +41,8 @@ __all__ = [
     "fill_outside",
     "signal_mask_from_lr",
     "fine_mask_estimate",
+    "FINE_MASK_FEATURES",
+    "fine_mask_features",
 ]
 
 
@@ -225,3 +227,42 @@ def signal_mask_from_lr(lr: ArrayLike, fraction: float = SIGNAL_FRACTION) -> NDA
     a = np.asarray(lr, dtype=np.float64)
     ref = np.percentile(a, 99.0, axis=(0, 2, 3), keepdims=True) if a.ndim == 4 else np.percentile(a, 99.0)
     return a > fraction * np.maximum(ref, 1e-12)
+
+
+#: Channels of :func:`fine_mask_features` (the learned fine-mask estimator's input, ``models.fine_mask``).
+FINE_MASK_FEATURES: int = 8
+
+
+def fine_mask_features(
+    zero_filled_norm: ArrayLike, support: ArrayLike, t1: ArrayLike, flair: ArrayLike, snr_nn: ArrayLike, fwhm_nn: ArrayLike
+) -> NDArray[np.float32]:
+    """Input of the learned fine-mask estimator, from what an ``lr`` user has.
+
+    Args:
+        zero_filled_norm: ``(..., 64, 64)`` normalized zero-filled map (condition channel 0).
+        support: ``(..., 64, 64)`` the ``lr`` mask M (0/1).
+        t1, flair: ``(..., 64, 64)`` anatomy in [0, 1] (condition channels 2, 3).
+        snr_nn, fwhm_nn: ``(..., n, n)`` qc maps of the acquisition (FWHM in ppm).
+
+    Returns:
+        ``(..., 8, 64, 64)`` float32: zero-filled map cut by M, M, T1, FLAIR, the qc fine-mask estimate F
+        (:func:`fine_mask_estimate`), ``log(1 + SNR / s) / 2`` and ``FWHM / 0.15 ppm`` (clipped to 3) of the
+        acquired voxel under each pixel (both cut by M), and ``s / 8``.
+    """
+    m = np.asarray(support, dtype=np.float32)
+    snr_nn = np.asarray(snr_nn, dtype=np.float64)
+    size = m.shape[-1]
+    s = size / snr_nn.shape[-1]
+    snr_up = upsample_nearest(np.clip(snr_nn, 0.0, None) / s, size)
+    fwhm_up = upsample_nearest(np.asarray(fwhm_nn, dtype=np.float64), size)
+    channels = [
+        np.asarray(zero_filled_norm, dtype=np.float32) * m,
+        m,
+        np.asarray(t1, dtype=np.float32),
+        np.asarray(flair, dtype=np.float32),
+        fine_mask_estimate(snr_nn, fwhm_nn, size).astype(np.float32),
+        np.log1p(snr_up) / 2.0 * m,
+        np.clip(np.nan_to_num(fwhm_up / FWHM_MAX_PPM, nan=3.0), 0.0, 3.0) * m,
+        np.full(m.shape, s / 8.0),
+    ]
+    return np.stack([np.broadcast_to(c, m.shape) for c in channels], axis=-3).astype(np.float32)

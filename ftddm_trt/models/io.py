@@ -1,6 +1,6 @@
 """Weights on disk: ``NAME.safetensors`` + ``NAME.json``; never pickles.
 
-``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc", "config": {...}, "n_params": int, "sha256": str}`` where
+``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc" | "fine_mask", "config": {...}, "n_params": int, "sha256": str}`` where
 ``sha256`` is the digest of ``NAME.safetensors``. ``path`` arguments may be given with or without the
 ``.safetensors`` / ``.json`` suffix.
 """
@@ -23,15 +23,17 @@ except ImportError:  # a host without safetensors (e.g. the bare GPU check machi
 from torch import nn
 
 from ftddm_trt.models.config import FlowConfig, UNetConfig
+from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
 from ftddm_trt.models.flow import ConditionalFlow
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
 from ftddm_trt.models.unet import DenoisingUNet, count_parameters
 
-_KINDS: dict[str, tuple[type[nn.Module], type[UNetConfig] | type[FlowConfig] | type[TDPMConfig]]] = {
+_KINDS: dict[str, tuple[type[nn.Module], type[UNetConfig] | type[FlowConfig] | type[TDPMConfig] | type[FineMaskConfig]]] = {
     "unet": (DenoisingUNet, UNetConfig),
     "flow": (ConditionalFlow, FlowConfig),
     "tdpm": (TDPMGenerator, TDPMConfig),
     "tdpm_disc": (TDPMDiscriminator, TDPMConfig),
+    "fine_mask": (FineMaskNet, FineMaskConfig),
 }
 
 
@@ -53,7 +55,7 @@ def meta_path(path: str | os.PathLike[str]) -> Path:
 
 
 def model_kind(module: nn.Module) -> str:
-    """``"unet"``, ``"flow"``, ``"tdpm"`` or ``"tdpm_disc"``."""
+    """``"unet"``, ``"flow"``, ``"tdpm"``, ``"tdpm_disc"`` or ``"fine_mask"``."""
     for kind, (cls, _) in _KINDS.items():
         if isinstance(module, cls):
             return kind
@@ -73,7 +75,7 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
     return _sha256_file(weights_path(path))
 
 
-def save_model(module: nn.Module, config: UNetConfig | FlowConfig | TDPMConfig, path: str | os.PathLike[str]) -> dict[str, Any]:
+def save_model(module: nn.Module, config: UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Write ``path.safetensors`` and ``path.json``; returns the JSON metadata."""
     kind = model_kind(module)
     if not isinstance(config, _KINDS[kind][1]):
@@ -105,7 +107,7 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_config(path: str | os.PathLike[str]) -> UNetConfig | FlowConfig | TDPMConfig:
+def load_config(path: str | os.PathLike[str]) -> UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig:
     """The config stored in ``NAME.json``."""
     meta = load_meta(path)
     return _KINDS[meta["kind"]][1].from_dict(meta["config"])

@@ -1,0 +1,82 @@
+"""What a learned fine mask buys the ``lr`` qc consistency step (``benchmarks/fine_mask.py``).
+
+The default sampler runs once per map and acquisition size (``lr`` protocol, no qc step); the step is
+then applied to those same outputs through each mask: none, the qc estimate F at the shipped weight,
+the learned estimator at each (threshold, weight) of a grid, and the truth's quality mask (an oracle,
+not available to a user). Scores are PSNR / SSIM gains over zero-filled inside the truth's mask, as in
+``bench.generalization``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ftddm_trt.bench.generalization import qc_fine_masks
+from ftddm_trt.bench.quality import example_tensors
+from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, USER_DEFAULT_TAU_F
+from ftddm_trt.data.evaluation import map_metrics, summarize
+from ftddm_trt.data.examples import SlicePool
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, sample_images
+from ftddm_trt.models.fine_mask import FineMaskNet
+from ftddm_trt.training.fine_mask import dice, fine_mask_batch
+
+THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
+WEIGHTS: tuple[float, ...] = (0.2, 0.5, 1.0)
+
+
+def learned_masks(net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int, thresholds: Sequence[float]) -> dict[float, torch.Tensor]:
+    """(K,1,64,64) thresholded estimates of maps ``idx`` acquired at ``n``, one per threshold."""
+    feats, _, support = fine_mask_batch(pool, idx, [n] * idx.size, None)
+    with torch.no_grad():
+        prob = torch.sigmoid(net(feats)) * support
+    return {t: (prob > t).float() for t in thresholds}
+
+
+def score_steps(backend: Backend, net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int,
+                thresholds: Sequence[float] = THRESHOLDS, weights: Sequence[float] = WEIGHTS,
+                batch_size: int = 32, seed: int = 0) -> list[dict]:
+    """One row per (mask, weight) on maps ``idx`` at acquisition ``n``: PSNR / SSIM gain, Dice of the mask."""
+    y, s, scale, truth, region, zf = example_tensors(pool, idx, n, "lr")
+    spec = replace(SamplerSpec(tau_f=USER_DEFAULT_TAU_F), data_consistency=False)
+    x, _ = sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed)
+    zf_m = map_metrics(zf, truth, region)
+    true_mask = torch.from_numpy(region[:, None].astype(np.float32))
+    candidates: list[tuple[str, float | None, torch.Tensor | None, float]] = [("none", None, None, 0.0)]
+    candidates.append(("qc estimate F", None, qc_fine_masks(pool, idx, n), QC_CONSISTENCY_WEIGHT))
+    for t, m in learned_masks(net, pool, idx, n, thresholds).items():
+        candidates += [("learned", t, m, w) for w in weights]
+    candidates += [("true mask (oracle)", None, true_mask, w) for w in weights]
+    rows = []
+    for name, thr, mask, w in candidates:
+        xt = qc_consistency(x, y, s, mask, w) if mask is not None and w > 0 else x
+        met = map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region)
+        rows.append({"n": n, "s": 64 / n, "maps": int(idx.size), "mask": name, "threshold": thr, "weight": w,
+                     "dice": None if mask is None else dice(mask[:, 0].numpy() > 0.5, region > 0.5),
+                     **summarize(met), "psnr_gain": float(np.nanmean(met["psnr"] - zf_m["psnr"])),
+                     "ssim_gain": float(np.nanmean(met["ssim"] - zf_m["ssim"]))})
+    return rows
+
+
+def choose_step(rows: Sequence[dict]) -> tuple[float, float]:
+    """The learned (threshold, weight) whose worst mean PSNR gain over the rows' groups (each style and
+    acquisition size; rows without a style group by size alone) is highest; the overall mean breaks ties.
+    The worst case rather than the mean: a weight that gains most where the estimator is good loses most
+    where it is not (README, quality floor)."""
+    groups: dict[tuple[float, float], dict[tuple, list[float]]] = {}
+    for r in rows:
+        if r["mask"] == "learned":
+            group = (r.get("style"), r["n"])
+            groups.setdefault((r["threshold"], r["weight"]), {}).setdefault(group, []).append(r["psnr_gain"])
+    if not groups:
+        raise ValueError("no learned-mask rows to choose from")
+
+    def score(key: tuple[float, float]) -> tuple[float, float]:
+        means = [float(np.mean(g)) for g in groups[key].values()]
+        return min(means), float(np.mean(means))
+
+    return max(groups, key=score)
