@@ -60,19 +60,22 @@ def main() -> int:
         manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
                                            lr=args.lr, networks=networks, margin_weight=args.margin_weight),
                             command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "
-                                    f"--networks {','.join(networks)} --margin-weight {args.margin_weight:g}")
+                                    f"--networks {','.join(networks)} --margin-weight {args.margin_weight:g} "
+                                    f"--fine-mask-share {FinetuneConfig.fine_mask_share:g}")
         wall = time.perf_counter() - t0
         ft = manifest["finetune"]
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
-        rec = ft["validation_quality"].get("recommended") or {"passes": 1, "qc_consistency": DEFAULT_VARIANTS[0].qc_weight}
+        rec = ft["validation_quality"].get("recommended") or {"passes": 1, "qc_consistency": None}  # None: upscale's default
         default = DEFAULT_VARIANTS[0]
         chosen = sampler_variant(default, rec["passes"], rec["qc_consistency"], label="validation-chosen")
         for label, folder in (("base", args.model or ModelSet.open().root), ("fine-tuned", tuned)):
-            backend = TorchBackend(ModelSet.open(folder))
+            models = ModelSet.open(folder)
+            backend, mask_net = TorchBackend(models), models.fine_mask_net()  # the qc step as upscale --model FOLDER runs it
             for n in (8, 16, 32):
                 for protocol in ("lr", "hr"):
-                    rows = score_maps(backend, pool, idx, [default] + ([chosen] if label == "fine-tuned" else []), n, protocol)
+                    rows = score_maps(backend, pool, idx, [default] + ([chosen] if label == "fine-tuned" else []), n, protocol,
+                                      fine_mask_net=mask_net)
                     runs += [{"model": label if r["method"] != chosen.label else CHOSEN, **r}
                              for r in rows if label == "base" or r["method"] != "zero-filled"]
     result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
@@ -82,14 +85,17 @@ def main() -> int:
               "maps": int(idx.size), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "finetune.json").write_text(json.dumps(result, indent=1))
-    iterations = " and ".join(f"{name} ({summary['step']} iterations)" for name, summary in ft["training"].items())
+    iterations = " and ".join(f"{name} ({summary.get('step', summary.get('iterations'))} iterations)"
+                              for name, summary in ft["training"].items())
+    qc_text = "default" if rec["qc_consistency"] is None else f"{rec['qc_consistency']:g}"
     lines = [f"# Fine-tuning on an unseen phantom style (`{args.style}`)", "",
              f"`ftddm-trt finetune` on {args.subjects} high-resolution `{args.style}` subjects ({args.subjects - 2} train, "
              f"2 validation) for {args.minutes:g} minutes ({wall / 60:.1f} min wall, {os.cpu_count()} CPU cores), from the "
              f"shipped model, fine-tuning {iterations} at lr {args.lr:g}. Scored on {idx.size} maps of {args.test_subjects} *other* `{args.style}` subjects "
-             "(never used for fine-tuning), default sampler, PSNR / SSIM inside the truth's quality mask; gain = over "
+             "(never used for fine-tuning), default sampler (in `lr` with the qc step as `upscale` runs it: through each "
+             "model's fine-mask estimator when it has one), PSNR / SSIM inside the truth's quality mask; gain = over "
              "zero-filled. The last row runs the fine-tuned model with the sampler settings that scored best on the 2 "
-             f"validation subjects (`--passes {rec['passes']} --qc-consistency {rec['qc_consistency']:g}`, reported by "
+             f"validation subjects (`--passes {rec['passes']} --qc-consistency {qc_text}`, reported by "
              "`ftddm-trt finetune`). Written by `python benchmarks/finetune_unseen.py`.", ""]
     for protocol in ("lr", "hr"):
         lines += [f"### Mask protocol `{protocol}`", "", "| model | " + " | ".join(f"s = {HR_SIZE / n:g}" for n in (8, 16, 32)) + " |",

@@ -218,6 +218,7 @@ def test_cli_finetune_defaults_are_the_configs():
     assert tuple(options["networks"].split(",")) == cfg.networks
     assert options["lr"] == cfg.lr
     assert options["lr_fraction"] == cfg.lr_fraction
+    assert options["fine_mask_share"] == cfg.fine_mask_share
     assert options["margin_weight"] == cfg.margin_weight
     assert options["val_subjects"] == cfg.val_subjects
 
@@ -259,3 +260,32 @@ def test_sampler_variant_changes_only_passes_and_qc_weight():
     same = {k: x for k, x in asdict(v.spec).items() if k != "passes"}
     assert same == {k: x for k, x in asdict(default.spec).items() if k != "passes"}
     assert sampler_variant(default, 2, 0.2, label="chosen").label == "chosen"
+
+
+def test_finetune_tunes_the_base_fine_mask_estimator(site_dir, tiny_model_dir, tmp_path):
+    """A base with a fine-mask estimator: finetune trains it on the site's masks for its share of the budget,
+    chooses its threshold and weight on the validation subject, and packages it (hash-recorded)."""
+    import torch
+
+    from ftddm_trt.bench.fine_mask import THRESHOLDS, WEIGHTS
+    from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
+    from ftddm_trt.models.io import model_sha256, save_model
+    from ftddm_trt.models.model_set import ModelSet
+
+    base = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))
+    torch.manual_seed(0)
+    cfg = FineMaskConfig.preset("tiny")
+    save_model(FineMaskNet(cfg), cfg, base / "fine_mask")
+    out = tmp_path / "tuned"
+    res = CliRunner().invoke(app, ["finetune", str(site_dir), str(out), "--from", str(base), "--minutes", "0.1",
+                                   "--val-subjects", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    ft = manifest["finetune"]
+    assert ft["training"]["fine_mask"]["iterations"] >= 1 and ft["fine_mask_share"] == 0.1
+    assert not manifest["networks"]["fine_mask"].get("from_base")
+    assert manifest["networks"]["fine_mask"]["sha256"] == model_sha256(out / "fine_mask") != model_sha256(base / "fine_mask")
+    chosen = ft["validation_quality"]["fine_mask"]
+    net = ModelSet.open(out).fine_mask_net()
+    assert (net.config.threshold, net.config.consistency_weight) == (chosen["threshold"], chosen["weight"])
+    assert chosen["threshold"] in THRESHOLDS and chosen["weight"] in (*WEIGHTS, 0.0)

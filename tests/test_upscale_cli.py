@@ -380,7 +380,8 @@ def test_qc_consistency_blends_the_band_through_the_qc_fine_mask(tiny_model_dir,
         res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "NAA", "--qc-consistency", w)
         assert res.exit_code == 0, res.output
         record = json.loads((out / "run.json").read_text())
-        assert record["qc_consistency"] == {"weight": float(w), "applied": float(w) > 0}
+        assert record["qc_consistency"] == {"weight": float(w), "applied": float(w) > 0,
+                                            "fine_mask": "qc" if float(w) > 0 else None, "fine_mask_sha256": None}
         assert record["data_consistency"]["applied"] is False and record["mask_source"] == "qc"
         outs[w] = read_map_folder(out)[0]
     if weight == "0":
@@ -410,4 +411,4 @@ def test_qc_consistency_not_applied_with_a_fine_mask(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     record = json.loads((out / "run.json").read_text())
     assert record["fine_mask"] is True and record["data_consistency"]["applied"] is True
-    assert record["qc_consistency"] == {"weight": 0.2, "applied": False}
+    assert record["qc_consistency"] == {"weight": 0.2, "applied": False, "fine_mask": None, "fine_mask_sha256": None}

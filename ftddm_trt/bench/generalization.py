@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ftddm_trt.constants import HR_SIZE, QC_CONSISTENCY_WEIGHT, T_DIFFUSION
+from ftddm_trt.constants import HR_SIZE, T_DIFFUSION
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
@@ -27,7 +27,9 @@ from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.diffusion import CosineSchedule, SampleResult
 from ftddm_trt.engine.pipeline import (USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies,
-                                      sample_batch, sample_images)
+                                      qc_step_weight, sample_batch, sample_images)
+from ftddm_trt.models.fine_mask import FineMaskNet
+from ftddm_trt.training.fine_mask import fine_mask_batch
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -38,27 +40,27 @@ GENERALIZATION_SEED = 2026
 class Variant:
     """One way of sampling: a label, the sampler, the number of posterior samples averaged, and the
     ``lr``-protocol qc consistency weight (``engine.pipeline.qc_consistency``; as ``upscale``, it acts
-    only where data consistency is off). ``lr_only``: not run in the ``hr`` protocol (where it would
+    only where data consistency is off; None: upscale's default, ``engine.pipeline.qc_step_weight``). ``lr_only``: not run in the ``hr`` protocol (where it would
     repeat another row)."""
 
     label: str
     spec: SamplerSpec
     samples: int = 1
     consistency: str = "auto"  # engine.pipeline.consistency_for: auto = on for the hr protocol only
-    qc_weight: float = 0.0
+    qc_weight: float | None = 0.0
     lr_only: bool = False
 
 
 #: What ``upscale`` does with its defaults (first), the paper's temperature, and the default without
 #: the qc consistency step (``lr`` only: in ``hr`` it is the default row).
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
-    Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F), qc_weight=QC_CONSISTENCY_WEIGHT),
-    Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9), qc_weight=QC_CONSISTENCY_WEIGHT),
+    Variant("default: FTDDM + DPM-Solver++ 20, tau_f 0", SamplerSpec(tau_f=USER_DEFAULT_TAU_F), qc_weight=None),
+    Variant("tau_f 0.9 (paper), 1 sample", SamplerSpec(tau_f=0.9), qc_weight=None),
     Variant("default without qc consistency", SamplerSpec(tau_f=USER_DEFAULT_TAU_F), lr_only=True),
 )
 #: The posterior mean of K samples (``upscale --samples K --tau-f 0.9``); K times the cost of a variant.
 POSTERIOR_MEAN_VARIANT = Variant("tau_f 0.9, mean of 4 samples", SamplerSpec(tau_f=0.9), samples=4,
-                                 qc_weight=QC_CONSISTENCY_WEIGHT)
+                                 qc_weight=None)
 
 
 def style_maps(style: str, n_subjects: int = 6, n_maps: int = 64, seed: int = GENERALIZATION_SEED,
@@ -80,8 +82,12 @@ def score_maps(
     protocol: str,
     batch_size: int = 32,
     seed: int = 0,
+    fine_mask_net: FineMaskNet | None = None,
 ) -> list[dict]:
     """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each).
+
+    In ``lr`` the qc step goes through ``fine_mask_net``'s fine-mask estimate when given (as ``upscale``
+    with a model that has one), else through the qc maps' own.
 
     Variants with the same sampler and samples share their draws (the qc step is applied after); those
     that differ only in solver passes share one run with the most passes (``sample_batch``'s ``on_pass``:
@@ -90,7 +96,7 @@ def score_maps(
     base = {"n": n, "s": HR_SIZE / n, "protocol": protocol, "maps": int(idx.size)}
     zf_m = map_metrics(zf, truth, region)
     rows = [{**base, "method": "zero-filled", **summarize(zf_m)}]
-    fine = qc_fine_masks(pool, idx, n) if protocol == "lr" else None
+    fine = qc_fine_masks(pool, idx, n, fine_mask_net) if protocol == "lr" else None
     used = [v for v in variants if not v.lr_only or protocol == "lr"]
     specs = [consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr") for v in used]
     keys = [json.dumps([replace(spec, passes=1).to_dict(), v.samples]) for v, spec in zip(used, specs)]  # draws shared
@@ -106,13 +112,14 @@ def score_maps(
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
         every, seconds = drawn[key]
         xt = every[:, spec.passes - 1 : spec.passes]
-        use_qc = qc_consistency_applies(spec, fine, v.qc_weight)
+        weight = qc_step_weight(v.qc_weight, fine_mask_net)
+        use_qc = qc_consistency_applies(spec, fine, weight)
         if use_qc:
-            xt = qc_consistency(xt, y, s, fine, v.qc_weight)
+            xt = qc_consistency(xt, y, s, fine, weight)
         x = xt[:, 0].numpy()
         m = map_metrics(np.clip(x * scale[:, None, None], 0.0, None), truth, region)
         rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(),
-                     "qc_consistency": v.qc_weight if use_qc else 0.0, **summarize(m),
+                     "qc_consistency": weight if use_qc else 0.0, **summarize(m),
                      "psnr_gain": float(np.nanmean(m["psnr"] - zf_m["psnr"])),
                      "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
                      "seconds_per_map": seconds})
@@ -132,9 +139,13 @@ def _every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.T
     return sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed, batch_sampler=batch_sampler)[0]
 
 
-def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int) -> torch.Tensor:
-    """(K,1,64,64) fine-mask estimates (``data.masks.fine_mask_estimate``) from the qc maps an ``n x n``
-    acquisition of maps ``idx`` would give (``data.masks.lr_qc_maps``), as ``upscale`` makes them."""
+def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int, fine_mask_net: FineMaskNet | None = None) -> torch.Tensor:
+    """(K,1,64,64) fine-mask estimates from what an ``n x n`` acquisition of maps ``idx`` gives, as
+    ``upscale`` makes them: ``fine_mask_net``'s when given, else the qc maps' own
+    (``data.masks.fine_mask_estimate`` of ``data.masks.lr_qc_maps``)."""
+    if fine_mask_net is not None:
+        feats, _, _ = fine_mask_batch(pool, idx, [n] * idx.size, None)
+        return fine_mask_net.mask(feats)
     est = fine_mask_estimate(*lr_qc_maps((pool.snr[idx], pool.fwhm[idx]), n), HR_SIZE)
     return torch.from_numpy(est[:, None].astype(np.float32))
 
@@ -150,6 +161,7 @@ def run_generalization(
     batch_size: int = 32,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    fine_mask_net: FineMaskNet | None = None,
 ) -> dict:
     """Zero-filled and every variant on every (style, s, protocol); returns the results record."""
     results: dict = {"seed": GENERALIZATION_SEED, "n_subjects": n_subjects, "n_maps": n_maps,
@@ -158,7 +170,8 @@ def run_generalization(
         pool, idx = style_maps(style, n_subjects, n_maps)
         for n in scales:
             for protocol in protocols:
-                rows = [{"style": style, **r} for r in score_maps(backend, pool, idx, variants, n, protocol, batch_size, seed)]
+                rows = [{"style": style, **r} for r in score_maps(backend, pool, idx, variants, n, protocol, batch_size, seed,
+                                                                         fine_mask_net)]
                 results["runs"] += rows
                 for r in rows[1:]:
                     log(f"{style:8s} s={HR_SIZE / n:g} {protocol} {r['method']:36s} PSNR {r['psnr']:.2f} "

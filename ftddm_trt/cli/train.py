@@ -112,6 +112,7 @@ def finetune_cmd(
                                                            "on a few subjects over-fitted them in our benchmark (README)."),
     lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
     lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    fine_mask_share: float = typer.Option(finetune_defaults.FINE_MASK_SHARE, "--fine-mask-share", help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the networks; 0: keep the base's)."),
     margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
     val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
@@ -135,10 +136,11 @@ def finetune_cmd(
     check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
     try:
         cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
-                             networks=parse_networks(networks), lr=lr,
+                             networks=parse_networks(networks), lr=lr, fine_mask_share=fine_mask_share,
                              lr_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects, work_dir=work)
         command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
+                   "--fine-mask-share", f"{fine_mask_share:g}",
                    "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects)]
         command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
         ctx = init_from_env("auto")
@@ -160,8 +162,64 @@ def finetune_cmd(
             console.print(f"validation ({quality['maps']} maps, lr protocol) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
                           f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
                           f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})")
+    if quality.get("fine_mask"):
+        fm = quality["fine_mask"]
+        console.print(f"fine-mask estimator fine-tuned: threshold {fm['threshold']:g}, qc weight {fm['weight']:g} "
+                      "(chosen on the validation subjects; upscale --model uses them)")
     rec = quality.get("recommended")
     if rec:
         console.print(f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
                       f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale")
     console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")
+
+
+@app.command("add-fine-mask")
+def add_fine_mask_cmd(
+    out_model: Path = typer.Argument(..., help="Model folder to write: the --from model's files plus fine_mask.safetensors / .json."),
+    base: Optional[Path] = typer.Option(None, "--from", help="Model folder to add the estimator to (default: the shipped model)."),
+    minutes: float = typer.Option(20.0, "--minutes", help="Training time of the estimator."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Train on a site's own subjects (finetune's DATA_DIR layout) instead of phantoms."),
+    subjects: int = typer.Option(45, "--subjects", help="Phantom subjects (train and validation folds; the shipped model's training used 45)."),
+    data_seed: int = typer.Option(0, "--data-seed", help="Phantom dataset seed (the shipped model's training used 0)."),
+    style: list[str] = typer.Option(["classic", "smooth", "patchy"], "--style", help="Phantom styles, round-robin (repeat the option)."),
+    val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out to choose threshold and weight (the last ones by name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
+) -> None:
+    """Train the fine-mask estimator of a model and write the model with it.
+
+    In the `lr` protocol (qc maps on the acquired grid) `upscale` puts part of the acquired k-space band
+    back through an estimate of the 64 x 64 quality mask. This small network estimates that mask from the
+    zero-filled map, T1, FLAIR and the qc maps; its threshold and qc weight are then chosen on validation
+    subjects with the model's own networks, and `upscale --model OUT_MODEL` uses them.
+    """
+    import shlex
+
+    from ftddm_trt.data.nifti_io import InputError
+    from ftddm_trt.training.fine_mask import add_fine_mask
+
+    check_output_dir(out_model, force, (base, data))
+    try:
+        if data is not None:
+            from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
+
+            train_subj, val_subj = split_subjects(read_training_folder(data), val_subjects)
+            record = {"data_dir": str(data.resolve()), "data_sha256": folder_sha256(data)}
+        else:
+            from ftddm_trt.training.trainer import TrainConfig, training_subjects
+
+            train_subj, val_subj = training_subjects(TrainConfig(n_subjects=subjects, data_seed=data_seed, styles=tuple(style)))
+            record = {"phantoms": {"subjects": subjects, "data_seed": data_seed, "styles": list(style)}}
+        record["subjects"] = {"train": len(train_subj), "validation": len(val_subj)}
+        command = ["ftddm-trt", "add-fine-mask", str(out_model), "--minutes", f"{minutes:g}"]
+        command += ["--from", str(base)] if base else []
+        command += ["--data", str(data), "--val-subjects", str(val_subjects)] if data else \
+            ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in style for a in ("--style", s)]]
+        manifest = add_fine_mask(base, out_model, train_subj, val_subj, minutes,
+                                 shlex.join(command + (["--force"] if force else [])), record, force=force, log=console.print)
+    except InputError as err:
+        fail(str(err))
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    fm = manifest["networks"]["fine_mask"]
+    console.print(f"[green]wrote[/] {out_model}: fine-mask estimator ({fm['training']['iterations']} iterations), threshold "
+                  f"{fm['threshold']:g}, qc weight {fm['consistency_weight']:g}")

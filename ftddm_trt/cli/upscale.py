@@ -8,6 +8,7 @@ one subject and `upscale-cohort` (cli/cohort.py) for every subject of a cohort o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -62,7 +63,7 @@ class UpscaleOptions:
     scale: Optional[float] = None
     server_loop: bool = False
     data_consistency: str = "auto"
-    qc_consistency: float = QC_CONSISTENCY_WEIGHT
+    qc_consistency: Optional[float] = None  # None: the model's fine-mask estimator's weight, else QC_CONSISTENCY_WEIGHT
     kind: Optional[str] = None
     allow_missing_anatomy: bool = False
     accept: tuple[str, ...] = ()
@@ -114,7 +115,7 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
     except ValueError as err:
         raise UpscaleError(str(err)) from err
-    if not 0.0 <= opts.qc_consistency <= 1.0:
+    if opts.qc_consistency is not None and not 0.0 <= opts.qc_consistency <= 1.0:
         raise UpscaleError(f"--qc-consistency must be in [0, 1], got {opts.qc_consistency}")
     if opts.samples < 1:
         raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
@@ -165,6 +166,27 @@ def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:
     return {n: str(hashes.get(n, "")) for n in needed}
 
 
+@functools.lru_cache(maxsize=4)
+def fine_mask_net(model: Optional[Path]):
+    """The fine-mask estimator of model folder ``model`` (default: the shipped model), hash-verified, or None.
+
+    It prepares the ``lr`` qc consistency step on the client, whichever backend runs the networks, so it
+    is read from ``--model`` even when ``--onnx``, ``--engines`` or Triton serve them."""
+    from ftddm_trt.models.model_set import ModelSet
+
+    try:
+        return ModelSet.open(model).fine_mask_net()
+    except IntegrityError as err:
+        raise UpscaleError(f"refusing the fine-mask estimator: {err}") from err
+
+
+def fine_mask_sha256(model: Optional[Path]) -> Optional[str]:
+    """sha256 of the fine-mask estimator ``fine_mask_net`` would load, or None."""
+    from ftddm_trt.models.model_set import ModelSet
+
+    return ModelSet.open(model).fine_mask_sha256()
+
+
 def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_info: dict) -> dict:
     """What decides a subject's output: input, sampler (``spec`` from ``check_options``), data-consistency
     mode, concentration kind, seed, batching, samples, metabolites and the model hashes. The backend
@@ -173,7 +195,8 @@ def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_
     return _json_normal({"input": str(subject_dir.resolve()), "sampler": spec.to_dict(), "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "metabolites": list(opts.metabolites) if opts.metabolites else None,
             "scale": opts.scale, "server_loop": opts.server_loop, "data_consistency": opts.data_consistency,
-            "qc_consistency": opts.qc_consistency, "kind": opts.kind, "models": model_fingerprint(spec, backend_info)})
+            "qc_consistency": opts.qc_consistency, "fine_mask": fine_mask_sha256(opts.model), "kind": opts.kind,
+            "models": model_fingerprint(spec, backend_info)})
 
 
 def accepted_covered(record: dict, opts: UpscaleOptions) -> bool:
@@ -249,13 +272,16 @@ def upscale_with_backend(
     from ftddm_trt.data.figures import report_figure
     from ftddm_trt.data.input_checks import zero_output_channels
     from ftddm_trt.data.nifti_io import write_maps
+    from ftddm_trt.engine.pipeline import qc_step_weight
     from ftddm_trt.engine.upscale import upscale_subject
 
     subject_dir, subject, spec = loaded.subject_dir, loaded.input, loaded.spec
     with atomic_dir(out_dir, force, upscale_inputs(subject_dir, opts), command=command) as tmp:  # locked: no concurrent writer
+        net = fine_mask_net(opts.model)
+        qc_weight = qc_step_weight(opts.qc_consistency, net)
         result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
                                  samples=opts.samples, progress=progress, server_loop=opts.server_loop,
-                                 qc_weight=opts.qc_consistency)
+                                 qc_weight=qc_weight, fine_mask_net=net)
         backend_info = backend.describe()
         zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
         result.maps[:, zero] = 0.0
@@ -272,7 +298,9 @@ def upscale_with_backend(
             "metabolites": list(subject.metabolites), "kind": subject.kind,
             "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
             "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
-            "qc_consistency": {"weight": opts.qc_consistency, "applied": result.qc_consistency_applied},
+            "qc_consistency": {"weight": qc_weight, "applied": result.qc_consistency_applied,
+                               "fine_mask": result.condition.qc_mask_source if result.qc_consistency_applied else None,
+                               "fine_mask_sha256": fine_mask_sha256(opts.model) if net is not None else None},
             "anatomy": result.condition.anatomy, "accepted": loaded.accepted, "notes": loaded.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
@@ -379,7 +407,7 @@ def upscale_cmd(
                                          "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
     data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
-    qc_consistency: float = typer.Option(QC_CONSISTENCY_WEIGHT, "--qc-consistency", help="When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through the fine quality mask the qc maps imply (SNR scaled to a 64x64 voxel); 0: off. Recorded in run.json."),
+    qc_consistency: Optional[float] = typer.Option(None, "--qc-consistency", help=f"When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through an estimate of the fine quality mask: the model's learned fine-mask estimator (fine_mask.safetensors; default share: the one it was tuned with, 0.5 in the shipped model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default {QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ftddm_trt.constants import T_DIFFUSION, T_TRUNC, USER_DEFAULT_TAU_F  # noqa: F401 (re-exported)
+from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, T_DIFFUSION, T_TRUNC, USER_DEFAULT_TAU_F  # noqa: F401 (re-exported)
 from ftddm_trt.diffusion import (
     DEFAULT_LAMBDA_MIN,
     CosineSchedule,
@@ -231,6 +231,15 @@ def qc_consistency_applies(spec: SamplerSpec, fine_mask: torch.Tensor | None, we
     """Whether :func:`qc_consistency` runs: a weight, a fine-mask estimate from qc maps (the ``lr``
     protocol) and no full data consistency already applied by ``spec``."""
     return weight > 0 and fine_mask is not None and not spec.data_consistency
+
+
+def qc_step_weight(requested: float | None, fine_mask_net: Any | None) -> float:
+    """The qc consistency weight to use: ``requested`` when given, else the fine-mask estimator's own
+    (``models.fine_mask.FineMaskConfig.consistency_weight``), else the weight for the qc maps' estimate
+    (``QC_CONSISTENCY_WEIGHT``)."""
+    if requested is not None:
+        return requested
+    return fine_mask_net.config.consistency_weight if fine_mask_net is not None else QC_CONSISTENCY_WEIGHT
 
 
 def qc_consistency(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, fine_mask: torch.Tensor, weight: float) -> torch.Tensor:

@@ -15,12 +15,13 @@ import torch
 
 from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.data.kspace import zero_fill
-from ftddm_trt.data.masks import fine_mask_estimate
+from ftddm_trt.data.masks import fine_mask_estimate, fine_mask_features
 from ftddm_trt.data.nifti_io import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, qc_consistency_applies, sample_images
 from ftddm_trt.integrity import require_finite
+from ftddm_trt.models.fine_mask import FineMaskNet
 
 
 @dataclass
@@ -30,7 +31,9 @@ class Condition:
     y: (Z*C, 4, 64, 64); s: (Z*C,); scale: (Z, C) normalization factors (file units);
     zero_filled: (Z, C, 64, 64) in file units (the zero-filled baseline); mask: (Z, C, 64, 64) bool;
     qc_fine_mask: (Z*C, 1, 64, 64) float 0/1 estimate of the fine quality mask when M came from qc maps
-    on the acquired grid (``data.masks.fine_mask_estimate``), else None.
+    on the acquired grid, else None: the learned estimator's (``models.fine_mask``) when one is given,
+    else the qc maps' own (``data.masks.fine_mask_estimate``); ``qc_mask_source`` says which
+    (``"learned"``, ``"qc"`` or None).
     """
 
     y: torch.Tensor
@@ -40,10 +43,12 @@ class Condition:
     mask: np.ndarray
     anatomy: str
     qc_fine_mask: torch.Tensor | None = None
+    qc_mask_source: str | None = None
 
 
-def build_condition(subject: SubjectInput) -> Condition:
-    """Zero-fill the LR maps, normalize as in training, stack [LR, M, T1, FLAIR]."""
+def build_condition(subject: SubjectInput, fine_mask_net: FineMaskNet | None = None) -> Condition:
+    """Zero-fill the LR maps, normalize as in training, stack [LR, M, T1, FLAIR]; with qc maps, estimate
+    the fine quality mask (by ``fine_mask_net`` when given)."""
     z, c = subject.lr.shape[:2]
     zero_filled = zero_fill(subject.lr, HR_SIZE).astype(np.float32)
     mask = subject.mask.astype(bool)
@@ -56,13 +61,18 @@ def build_condition(subject: SubjectInput) -> Condition:
     y = np.stack([zf_norm, mask.astype(np.float32), t1, flair], axis=2).reshape(z * c, 4, HR_SIZE, HR_SIZE)
     s = np.full(z * c, HR_SIZE / subject.n, dtype=np.float32)
     have = [n for n, v in (("t1", subject.t1), ("flair", subject.flair)) if v is not None]
-    qc_fine = None
+    qc_fine, source = None, None
     if subject.mask_source == "qc" and subject.snr is not None and subject.fwhm is not None:
-        est = fine_mask_estimate(subject.snr, subject.fwhm, HR_SIZE).reshape(z * c, 1, HR_SIZE, HR_SIZE)
-        qc_fine = torch.from_numpy(est.astype(np.float32))
+        if fine_mask_net is not None:
+            feats = fine_mask_features(zf_norm, mask, t1, flair, subject.snr, subject.fwhm)
+            qc_fine = fine_mask_net.mask(torch.from_numpy(feats.reshape(z * c, -1, HR_SIZE, HR_SIZE)))
+            source = "learned"
+        else:
+            est = fine_mask_estimate(subject.snr, subject.fwhm, HR_SIZE).reshape(z * c, 1, HR_SIZE, HR_SIZE)
+            qc_fine, source = torch.from_numpy(est.astype(np.float32)), "qc"
     return Condition(y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)), s=torch.from_numpy(s),
                      scale=np.asarray(scale, np.float32), zero_filled=zero_filled, mask=mask,
-                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine)
+                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine, qc_mask_source=source)
 
 
 @dataclass
@@ -90,6 +100,7 @@ def upscale_subject(
     progress: Callable[[int, int], None] | None = None,
     server_loop: bool = False,
     qc_weight: float = 0.0,
+    fine_mask_net: FineMaskNet | None = None,
 ) -> UpscaleResult:
     """Run ``spec`` over every image of the volume, ``samples`` times (K > 1: mean and per-voxel SD).
 
@@ -97,7 +108,8 @@ def upscale_subject(
     to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError. ``server_loop`` runs each batch's whole sampling loop
     on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler). ``qc_weight`` > 0:
     when M came from qc maps and the spec's data consistency is off, each output goes through
-    ``pipeline.qc_consistency`` with that weight (``UpscaleResult.qc_consistency_applied`` says whether it did).
+    ``pipeline.qc_consistency`` with that weight (``UpscaleResult.qc_consistency_applied`` says whether it did),
+    through ``fine_mask_net``'s estimate of the fine mask when given, else the qc maps' own.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -107,7 +119,7 @@ def upscale_subject(
             raise ValueError(f"backend {backend.name!r} has no server-side loop (only triton has)")
         batch_sampler = lambda yb, sb, bseed: backend.sample_on_server(yb, sb, spec, bseed)  # noqa: E731
     t0 = time.perf_counter()
-    cond = build_condition(subject)
+    cond = build_condition(subject, fine_mask_net)
     z, c = cond.mask.shape[:2]
     k = z * c
     t_cond = time.perf_counter() - t0

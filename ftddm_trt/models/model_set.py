@@ -7,6 +7,9 @@ Layout of a model folder (weights as safetensors + JSON config, written by ``mod
     flow.safetensors / flow.json            conditional flow that draws x_Ttrunc (Ttrunc in the manifest)
     flow_t<T>.safetensors / flow_t<T>.json  optional flows for other truncation points T
     tdpm.safetensors / tdpm.json            optional TDPM generator (baseline): draws x_Ttrunc adversarially
+    fine_mask.safetensors / fine_mask.json  optional fine-mask estimator (``models.fine_mask``): input
+                                            preparation for the ``lr`` qc step, run in PyTorch on the
+                                            client whatever the backend, so never exported
     manifest.json                           training commands, data seed, sha256 of each file
 
 A ``ModelSet`` opened for a truncation point presents the matching flow as its ``flow`` network (opened
@@ -22,13 +25,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ftddm_trt.models.io import load_model, model_sha256
 
+if TYPE_CHECKING:
+    from ftddm_trt.models.fine_mask import FineMaskNet
+
 NETWORK_FILES: tuple[str, ...] = ("unet", "unet_full", "flow")
 #: What may draw the start point x_Ttrunc of the truncated chain.
 START_NETWORKS: tuple[str, ...] = ("flow", "tdpm")
+#: File stem of the optional fine-mask estimator (not one of NETWORK_FILES: no backend runs it).
+FINE_MASK_FILE = "fine_mask"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
 
 
@@ -91,6 +101,27 @@ class ModelSet:
     def hashes(self) -> dict[str, str]:
         """sha256 of each network's safetensors file."""
         return {n: model_sha256(self.root / self._stem(n)) for n in self.networks}
+
+    def fine_mask_net(self) -> "FineMaskNet | None":
+        """The fine-mask estimator, its weights verified against the JSON sidecar and the manifest's sha256
+        (IntegrityError on a mismatch); None when the folder has none."""
+        from ftddm_trt.integrity import IntegrityError, verify_file
+
+        path = self.root / FINE_MASK_FILE
+        if not path.with_suffix(".safetensors").is_file():
+            return None
+        recorded = self.manifest().get("networks", {}).get(FINE_MASK_FILE, {}).get("sha256")
+        if recorded:
+            verify_file(path.with_suffix(".safetensors"), recorded, what="fine-mask estimator")
+        try:
+            return load_model(path)
+        except ValueError as err:  # the JSON sidecar's sha256 differs
+            raise IntegrityError(f"IntegrityError: {err}") from err
+
+    def fine_mask_sha256(self) -> str | None:
+        """sha256 of ``fine_mask.safetensors``, or None when the folder has no estimator."""
+        path = self.root / FINE_MASK_FILE
+        return model_sha256(path) if path.with_suffix(".safetensors").is_file() else None
 
     def flow_ttrunc(self) -> int | None:
         """The truncation point this set's flow was trained for (manifest), or None if unrecorded."""

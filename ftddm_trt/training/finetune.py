@@ -10,6 +10,9 @@ Steps, all resumable:
    ``val_subjects`` subjects held out. Networks train side by side (one process and core each) when
    the machine has the cores, each for the whole budget, else one after another sharing it; the best
    validation weights are kept. Runs live in ``work_dir`` and a re-run continues them.
+   Then, when the base has a fine-mask estimator (``models.fine_mask``), it is fine-tuned on the
+   site's quality masks for ``FINE_MASK_SHARE`` of the budget (the networks get the rest), and its
+   threshold and qc weight are chosen anew on the held-out subjects with the fine-tuned networks.
 3. Score the base and the fine-tuned model on the held-out subjects (PSNR / SSIM against zero-filled,
    ``lr`` protocol, s = 8 and 4) and write a complete model folder: every network (untrained ones
    copied from the base), and a manifest with the data's hash, the exact command and those metrics.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, T_TRUNC
+from ftddm_trt.constants import T_TRUNC
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.model_set import ModelSet
@@ -48,6 +51,7 @@ class FinetuneConfig:
     networks: tuple[str, ...] = defaults.NETWORKS  # why the UNet alone: training.finetune_defaults
     lr: float = defaults.LR
     lr_fraction: float = defaults.LR_FRACTION
+    fine_mask_share: float = defaults.FINE_MASK_SHARE
     margin_weight: float = defaults.MARGIN_WEIGHT
     val_subjects: int = defaults.VAL_SUBJECTS
     batch_size: int = 8
@@ -63,6 +67,8 @@ class FinetuneConfig:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
         if not 0.0 <= self.lr_fraction <= 1.0:
             raise ValueError(f"--lr-fraction must be in [0, 1], got {self.lr_fraction}")
+        if not 0.0 <= self.fine_mask_share < 1.0:
+            raise ValueError(f"--fine-mask-share must be in [0, 1), got {self.fine_mask_share}")
 
     @property
     def runs_dir(self) -> Path:
@@ -107,6 +113,9 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
         f"{', '.join(s.subject_id for s in val_subj)}), data sha256 {data_hash[:12]}")
 
     jobs, summaries = {}, {}
+    base_mask_net = models.fine_mask_net()
+    mask_minutes = cfg.minutes * cfg.fine_mask_share if base_mask_net is not None else 0.0
+    net_minutes = cfg.minutes - mask_minutes
     total_share = sum(NETWORK_SHARE[n] for n in cfg.networks)
     workers = max(1, min(len(cfg.networks), os.cpu_count() or 1))
     for name in cfg.networks:  # step 2
@@ -117,28 +126,62 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
                            lr_protocol_fraction=cfg.lr_fraction, margin_weight=cfg.margin_weight, val_every=cfg.val_every,
                            data_dir=str(Path(cfg.data_dir).resolve()), val_subjects=cfg.val_subjects,
                            extra={"data_sha256": data_hash})
-        jobs[name] = (tcfg, cfg.runs_dir / name, cfg.minutes * share, models.root / models._stem(name))
+        jobs[name] = (tcfg, cfg.runs_dir / name, net_minutes * share, models.root / models._stem(name))
     runs = {name: job[1] for name, job in jobs.items()}
     if dist_ctx is not None and dist_ctx.enabled:  # torchrun: the processes share each network in turn
         for name, (tcfg, run_dir, _minutes, init_from) in jobs.items():
-            minutes = cfg.minutes * NETWORK_SHARE[name] / total_share
+            minutes = net_minutes * NETWORK_SHARE[name] / total_share
             log(f"fine-tuning {name} for {minutes:.1f} min on {dist_ctx.world_size} processes in {run_dir}")
             summaries[name] = train(tcfg, run_dir, max_minutes=minutes, init_from=init_from, progress=progress,
                                     dist_ctx=dist_ctx)
         if not dist_ctx.is_main:
             return {}
     else:
-        log(f"fine-tuning {', '.join(cfg.networks)} for {cfg.minutes:g} min "
+        log(f"fine-tuning {', '.join(cfg.networks)} for {net_minutes:g} min "
             f"({'side by side' if workers > 1 else 'one after another'}) in {cfg.runs_dir}")
         summaries = _train_all(jobs, workers, progress)
+    if mask_minutes > 0:
+        runs["fine_mask"] = cfg.runs_dir / "fine_mask"
+        summaries["fine_mask"] = finetune_fine_mask(base_mask_net, train_subj, runs["fine_mask"], mask_minutes, cfg.seed, log)
 
     validation = validation_quality(models.root, runs, val_subj, cfg)  # step 3
     extra = {"finetune": {"data_dir": str(Path(cfg.data_dir).resolve()), "data_sha256": data_hash,
                           "subjects": {"train": [s.subject_id for s in train_subj], "validation": [s.subject_id for s in val_subj]},
                           "base_model": {"dir": str(models.root), "hashes": models.hashes()},
                           "networks": list(cfg.networks), "minutes": cfg.minutes, "lr": cfg.lr,
-                          "lr_fraction": cfg.lr_fraction, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
+                          "lr_fraction": cfg.lr_fraction, "fine_mask_share": cfg.fine_mask_share, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
     return package_model(runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra)
+
+
+def finetune_fine_mask(base_net, train_subjects: list, run_dir: Path, minutes: float, seed: int,
+                       log: Callable[[str], None] = print) -> dict:
+    """Fine-tune the fine-mask estimator on ``train_subjects`` for ``minutes`` (all cores), from
+    ``run_dir/best`` when an earlier run left one (resume), else from ``base_net``; writes ``run_dir/best``
+    (its threshold and weight are chosen later, in ``validation_quality``). Returns the run's summary."""
+    import json
+
+    import torch
+
+    from ftddm_trt.data.examples import SlicePool
+    from ftddm_trt.models.io import load_model, save_model
+    from ftddm_trt.training.fine_mask import train_fine_mask
+
+    best = run_dir / "best"
+    previous = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    init = load_model(best) if best.with_suffix(".safetensors").is_file() else base_net
+    log(f"fine-tuning the fine-mask estimator for {minutes:.1f} min in {run_dir}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), init.config, minutes=minutes, init=init,
+                                   lr=FINE_MASK_LR, seed=seed + int(previous.get("iterations", 0)))
+    summary["iterations"] += int(previous.get("iterations", 0))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_model(net, net.config, best)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+#: Adam learning rate of the fine-mask estimator's fine-tune (it was trained at 2e-3).
+FINE_MASK_LR: float = 5e-4
 
 
 def _train_job(tcfg: TrainConfig, run_dir: Path, minutes: float, init_from: Path, threads: int) -> dict:
@@ -201,6 +244,8 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
     from ftddm_trt.data.evaluation import MIN_VOXELS
     from ftddm_trt.data.examples import SlicePool
     from ftddm_trt.engine.torch_backend import TorchBackend
+    from ftddm_trt.models.io import save_model
+    from ftddm_trt.training.fine_mask import step_summary, tune_step
 
     pool = SlicePool.from_subjects(val_subjects)
     ok = np.flatnonzero(pool.masks.reshape(len(pool), -1).sum(1) >= 4 * MIN_VOXELS)
@@ -221,9 +266,17 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
                     shutil.copyfile((run_dir / "best").with_suffix(ext), (tuned / name).with_suffix(ext))
         for label, folder in (("base", Path(base)), ("finetuned", tuned)):
             backend = TorchBackend(ModelSet(folder))
+            mask_net = ModelSet(folder).fine_mask_net()
+            if label == "finetuned" and mask_net is not None and "fine_mask" in runs:
+                # the fine-tuned estimator's threshold and weight, chosen with the fine-tuned networks
+                mask_net.config, rows = tune_step(mask_net, backend, pool, idx, batch_size=cfg.batch_size * 4)
+                save_model(mask_net, mask_net.config, runs["fine_mask"] / "best")  # packaged with them
+                out["fine_mask"] = {"threshold": mask_net.config.threshold, "weight": mask_net.config.consistency_weight,
+                                    "scores": step_summary(rows)}
             choices = sampler_choices(variant[0]) if label == "finetuned" else variant
             for n in (8, 16):
-                zf, row, *others = score_maps(backend, pool, idx, choices, n, "lr", batch_size=cfg.batch_size * 4)
+                zf, row, *others = score_maps(backend, pool, idx, choices, n, "lr", batch_size=cfg.batch_size * 4,
+                                              fine_mask_net=mask_net)
                 out.setdefault(f"s={64 // n}", {})["zero-filled"] = {"psnr": zf["psnr"], "ssim": zf["ssim"]}
                 out[f"s={64 // n}"][label] = {"psnr": row["psnr"], "ssim": row["ssim"], "psnr_gain": row["psnr_gain"]}
                 if label == "finetuned":
@@ -235,15 +288,19 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
 
 #: Sampler settings the fine-tune scores on its validation subjects: solver passes x qc consistency weight.
 PASSES_CHOICES: tuple[int, ...] = (1, 2, 3)
-QC_WEIGHT_CHOICES: tuple[float, ...] = (QC_CONSISTENCY_WEIGHT, 0.0)
+#: None: upscale's default step (the model's fine-mask estimator at its weight, else the qc maps' mask at
+#: ``QC_CONSISTENCY_WEIGHT``).
+QC_WEIGHT_CHOICES: tuple[float | None, ...] = (None, 0.0)
 
 
-def sampler_variant(default, passes: int, qc_weight: float, label: str | None = None):
-    """``default`` (a ``bench.generalization.Variant``) run with ``passes`` solver passes and qc weight ``qc_weight``,
-    as ``upscale --passes P --qc-consistency W`` runs it; labelled "passes P, qc W" unless ``label`` is given."""
+def sampler_variant(default, passes: int, qc_weight: float | None, label: str | None = None):
+    """``default`` (a ``bench.generalization.Variant``) run with ``passes`` solver passes and qc weight ``qc_weight``
+    (None: upscale's default), as ``upscale --passes P --qc-consistency W`` runs it; labelled "passes P, qc W"
+    unless ``label`` is given."""
     from dataclasses import replace
 
-    return replace(default, label=label or f"passes {passes}, qc {qc_weight:g}", spec=replace(default.spec, passes=passes),
+    weight = "default" if qc_weight is None else f"{qc_weight:g}"
+    return replace(default, label=label or f"passes {passes}, qc {weight}", spec=replace(default.spec, passes=passes),
                    qc_weight=qc_weight)
 
 

@@ -23,3 +23,6 @@ LR_FRACTION: float = 0.75
 MARGIN_WEIGHT: float = constants.MARGIN_WEIGHT
 #: Subjects held out for validation (the last ones by name).
 VAL_SUBJECTS: int = 2
+#: Share of the budget that fine-tunes the base's fine-mask estimator (``models.fine_mask``) on the site's
+#: quality masks, after the networks (which get the rest); 0 or a base without one: not fine-tuned.
+FINE_MASK_SHARE: float = 0.1
