@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/ftddm-trt bench --out benchmarks/results
 	$(BIN)/python benchmarks/bf16_drift.py --out benchmarks/results
 	$(BIN)/python benchmarks/generalization.py --out benchmarks/results
+	$(BIN)/python benchmarks/fine_mask.py --out benchmarks/results
 	$(BIN)/python benchmarks/finetune_unseen.py --out benchmarks/results
 
 figures: $(STAMP)
