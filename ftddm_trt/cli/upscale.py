@@ -407,7 +407,7 @@ def upscale_cmd(
                                          "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
     data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
-    qc_consistency: Optional[float] = typer.Option(None, "--qc-consistency", help=f"When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through an estimate of the fine quality mask: the model's learned fine-mask estimator (fine_mask.safetensors; default share: the one it was tuned with, 0.5 in the shipped model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default {QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json."),
+    qc_consistency: Optional[float] = typer.Option(None, "--qc-consistency", help=f"When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through an estimate of the fine quality mask: the model's learned fine-mask estimator (fine_mask.safetensors; default share: the one chosen with it, 1 in the shipped model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default {QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json."),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
 
