@@ -180,8 +180,10 @@ def fine_mask_net(model: Optional[Path]):
         raise UpscaleError(f"refusing the fine-mask estimator: {err}") from err
 
 
+@functools.lru_cache(maxsize=4)
 def fine_mask_sha256(model: Optional[Path]) -> Optional[str]:
-    """sha256 of the fine-mask estimator ``fine_mask_net`` would load, or None."""
+    """sha256 of the fine-mask estimator ``fine_mask_net`` would load, or None (hashed once per folder and
+    process: the fingerprint and run.json of every subject of a cohort ask for it)."""
     from ftddm_trt.models.model_set import ModelSet
 
     return ModelSet.open(model).fine_mask_sha256()
