@@ -46,3 +46,6 @@ def scale_for(n: int) -> float:
     if n not in LR_SIZES:
         raise ValueError(f"in-plane size {n} is not one of {LR_SIZES}")
     return HR_SIZE / n
+
+#: Input channels of the fine-mask estimator (``data.masks.fine_mask_features``, ``models.fine_mask``).
+FINE_MASK_FEATURES: int = 8

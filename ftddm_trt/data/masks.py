@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from ftddm_trt.constants import FWHM_MAX_PPM, HR_SIZE, SNR_MIN
+from ftddm_trt.constants import FINE_MASK_FEATURES, FWHM_MAX_PPM, HR_SIZE, SNR_MIN  # noqa: F401 (re-exported)
 
 __all__ = [
     "quality_mask_from_qc",
@@ -227,10 +227,6 @@ def signal_mask_from_lr(lr: ArrayLike, fraction: float = SIGNAL_FRACTION) -> NDA
     a = np.asarray(lr, dtype=np.float64)
     ref = np.percentile(a, 99.0, axis=(0, 2, 3), keepdims=True) if a.ndim == 4 else np.percentile(a, 99.0)
     return a > fraction * np.maximum(ref, 1e-12)
-
-
-#: Channels of :func:`fine_mask_features` (the learned fine-mask estimator's input, ``models.fine_mask``).
-FINE_MASK_FEATURES: int = 8
 
 
 def fine_mask_features(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftddm_trt.data.masks import FINE_MASK_FEATURES
+from ftddm_trt.constants import FINE_MASK_FEATURES  # not data.masks: models must load without scipy (GPU check host)
 from ftddm_trt.models.config import _ConfigBase
 
 
