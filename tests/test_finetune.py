@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ftddm_trt.cli.main import app
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.masks import lr_support_mask
 from ftddm_trt.data.nifti_io import InputError, write_training_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
@@ -62,9 +62,8 @@ def test_pairs_are_made_as_an_acquisition_makes_them(site_dir):
         _, zf = kspace_truncate(pool.maps[k] * pool.masks[k], n)  # truncation of the quality-filtered truth
         np.testing.assert_allclose(hr.zero_filled, zf, atol=1e-5)
         assert np.array_equal(hr.mask > 0, pool.masks[k])  # hr: the 64 x 64 quality mask
-        snr_lr, fwhm_lr = lr_qc_maps((pool.snr[k], pool.fwhm[k]), n)  # lr: the N x N qc an acquisition gives
-        assert snr_lr.shape == (n, n)
-        assert np.array_equal(lr.mask > 0, support_mask_from_lr(quality_mask_from_qc(snr_lr, fwhm_lr)))
+        lr_nn, _ = kspace_truncate(pool.maps[k] * pool.masks[k], n)  # lr: M from the acquired map, as upscale makes it
+        assert np.array_equal(lr.mask > 0, lr_support_mask(lr_nn))
 
 
 def _refusal(root, match):

@@ -9,7 +9,8 @@ import pytest
 
 from ftddm_trt.constants import METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, signal_mask_from_lr, support_mask_from_lr
+from ftddm_trt.data.masks import lr_support_mask, support_mask_from_lr
+from ftddm_trt.data.qc_conventions import get_convention
 from ftddm_trt.data.nifti_io import (
     InputError,
     lr_affine_for,
@@ -61,19 +62,28 @@ def test_round_trip_phantom(tmp_path, subject):
     assert not list(d.rglob("*.tmp*"))  # atomic writes leave no temporaries
 
 
-def test_qc_and_fallback_masks(tmp_path, subject):
-    d = write_phantom_subject(tmp_path, subject, 10, hr_masks=False)
-    r = read_subject(d)
-    assert r.mask_source == "qc" and r.n == 10
-    np.testing.assert_array_equal(r.mask, support_mask_from_lr(quality_mask_from_qc(r.snr, r.fwhm)))
-    for f in (d / "qc").iterdir():
-        f.unlink()
-    r = read_subject(d)
-    assert r.mask_source == "fallback"
-    np.testing.assert_array_equal(r.mask, support_mask_from_lr(signal_mask_from_lr(r.lr)))
-    # the fallback is close to the qc-derived mask, not the whole field of view that LR > 0 gives
-    qc_mask = support_mask_from_lr(quality_mask_from_qc(*lr_qc_maps(subject, 10)))
-    assert (r.mask == qc_mask).mean() > 0.85 and support_mask_from_lr(r.lr > 0).mean() > 0.9
+def test_lr_mask_comes_from_the_acquired_maps_whatever_the_qc_convention(tmp_path, subject):
+    masks = []
+    for name in ("ours", "mean-k0", "sample-hz-7t", "missing"):
+        d = write_phantom_subject(tmp_path / name, subject, 10, hr_masks=False, convention=get_convention(name))
+        r = read_subject(d)
+        assert r.mask_source == "signal" and r.n == 10
+        assert (r.snr is None) == (name == "missing")
+        np.testing.assert_array_equal(r.mask, lr_support_mask(r.lr))
+        masks.append(r.mask)
+    for m in masks[1:]:
+        np.testing.assert_array_equal(m, masks[0])  # qc maps never enter M
+    # M covers the truth's fine quality mask, and is not the whole field of view that LR > 0 gives
+    assert (masks[0] & subject.masks).sum() / subject.masks.sum() > 0.995
+    assert masks[0].mean() < 0.9 * support_mask_from_lr(r.lr > 0).mean()
+
+
+def test_lr_mask_of_a_slice_does_not_depend_on_the_other_slices():
+    rng = np.random.default_rng(0)
+    lr = rng.random((3, 2, 16, 16)).astype(np.float32) * np.array([1.0, 50.0, 0.01])[:, None, None, None]
+    whole = lr_support_mask(lr)
+    for z in range(3):
+        np.testing.assert_array_equal(lr_support_mask(lr[z : z + 1]), whole[z : z + 1])
 
 
 def test_shared_mask_on_lr_grid_and_aliases(tmp_path):

@@ -27,6 +27,13 @@ def map_metrics(pred: NDArray, truth: NDArray, region: NDArray) -> dict[str, NDA
     return {k: np.where(valid, np.asarray(v, dtype=np.float64), np.nan) for k, v in out.items()}
 
 
+def mask_coverage(mask: NDArray, region: NDArray) -> float:
+    """Share of the ``region`` voxels (the truth's quality mask, ``(..., 64, 64)``) inside ``mask`` (the mask M
+    the output is cut by); 1 when the region is empty."""
+    region = np.asarray(region, bool)
+    return float((np.asarray(mask, bool) & region).sum() / max(int(region.sum()), 1)) if region.any() else 1.0
+
+
 def summarize(values: dict[str, NDArray]) -> dict[str, float]:
     """Mean of each metric over the valid maps, and how many maps that was.
 

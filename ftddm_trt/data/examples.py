@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from ftddm_trt.constants import HR_SIZE, LR_SIZES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import fill_outside, lr_qc_maps, quality_mask_from_qc, support_mask_from_lr
+from ftddm_trt.data.masks import fill_outside, lr_support_mask
 from ftddm_trt.data.normalize import normalize_anatomy, normalize_maps
 from ftddm_trt.data.phantom import PhantomSubject
 
@@ -120,12 +120,11 @@ def prepare_example(stack: np.ndarray, n: int, protocol: str) -> Example:
     """Condition and target from a (6,64,64) stack [map, quality mask, T1, FLAIR, SNR, FWHM]."""
     truth_mask = stack[1] > 0.5
     truth = stack[0] * truth_mask
-    _, zero_filled = kspace_truncate(truth, n)
+    lr, zero_filled = kspace_truncate(truth, n)
     if protocol == "hr":
         mask = truth_mask
     elif protocol == "lr":
-        snr_lr, fwhm_lr = lr_qc_maps((stack[4], stack[5]), n)
-        mask = support_mask_from_lr(quality_mask_from_qc(snr_lr, fwhm_lr), HR_SIZE)
+        mask = lr_support_mask(lr, HR_SIZE)
     else:
         raise ValueError(f"unknown mask protocol {protocol!r}; expected one of {PROTOCOLS}")
     maskf = mask.astype(np.float32)

@@ -40,6 +40,8 @@ __all__ = [
     "support_mask_from_lr",
     "fill_outside",
     "signal_mask_from_lr",
+    "lr_support_mask",
+    "SIGNAL_FRACTION",
     "fine_mask_estimate",
     "FINE_MASK_FEATURES",
     "fine_mask_features",
@@ -213,52 +215,88 @@ def fill_outside(x: ArrayLike, mask: ArrayLike, sigmas: tuple[float, ...] = (1.5
     return out.astype(np.float32)
 
 
-#: Fraction of a map's robust maximum above which an acquired voxel counts as signal (no qc maps given).
-SIGNAL_FRACTION: float = 0.05
+#: Fraction of a map's robust maximum above which an acquired voxel counts as signal (the ``lr`` mask M).
+SIGNAL_FRACTION: float = 0.03
 
 
 def signal_mask_from_lr(lr: ArrayLike, fraction: float = SIGNAL_FRACTION) -> NDArray[np.bool_]:
-    """A quality mask on the acquired grid when no qc maps exist: voxels above ``fraction`` of the map's
-    99th percentile (over each ``(Z, n, n)`` volume of a ``(Z, M, n, n)`` stack).
+    """Acquired voxels that hold signal: above ``fraction`` of the map's 99th percentile, per map.
 
-    ``lr > 0`` would keep almost the whole field of view, since k-space truncation rings positive far
-    outside the brain; on phantoms this threshold agrees with the qc-derived mask on ~95 % of voxels.
+    ``lr``: ``(..., n, n)`` acquired maps (any units; each ``n x n`` map is thresholded on its own, so a
+    slice's mask does not depend on the other slices). ``lr > 0`` would keep almost the whole field of
+    view, since k-space truncation rings positive far outside the brain.
     """
     a = np.asarray(lr, dtype=np.float64)
-    ref = np.percentile(a, 99.0, axis=(0, 2, 3), keepdims=True) if a.ndim == 4 else np.percentile(a, 99.0)
+    ref = np.percentile(a, 99.0, axis=(-2, -1), keepdims=True)
     return a > fraction * np.maximum(ref, 1e-12)
 
 
+def lr_support_mask(lr: ArrayLike, size: int = HR_SIZE) -> NDArray[np.bool_]:
+    """The ``lr``-protocol mask M from the acquired maps alone: :func:`signal_mask_from_lr`, then
+    :func:`support_mask_from_lr` (nearest upsampling, dilation by one acquired voxel).
+
+    It reads no qc map, so it is the same whatever convention a site writes its qc maps in (SNR per
+    unit volume or per coarse voxel, sampled or averaged, linewidth in ppm or Hz) and when it writes
+    none; training pairs use the same function (``data.examples.prepare_example``). On phantoms it covers
+    more than 99.9 % of the fine quality mask's voxels at s = 2 to 8.
+
+    Args:
+        lr: ``(..., n, n)`` acquired maps.
+        size: output size.
+
+    Returns:
+        ``(..., size, size)`` bool.
+    """
+    return support_mask_from_lr(signal_mask_from_lr(lr), size)
+
+
+def _relative(values_up: NDArray[np.float64], support: NDArray[np.float32]) -> NDArray[np.float64]:
+    """``values_up (..., 64, 64)`` divided by their median over each image's support (1 where empty)."""
+    inside = np.where(support > 0, values_up, np.nan)
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(inside.reshape(*inside.shape[:-2], -1), axis=-1)
+    med = np.where(np.isfinite(med) & (med > 0), med, 1.0)
+    return values_up / med[..., None, None]
+
+
 def fine_mask_features(
-    zero_filled_norm: ArrayLike, support: ArrayLike, t1: ArrayLike, flair: ArrayLike, snr_nn: ArrayLike, fwhm_nn: ArrayLike
+    zero_filled_norm: ArrayLike, support: ArrayLike, t1: ArrayLike, flair: ArrayLike, n: int,
+    snr_nn: ArrayLike | None = None, fwhm_nn: ArrayLike | None = None,
 ) -> NDArray[np.float32]:
-    """Input of the learned fine-mask estimator, from what an ``lr`` user has.
+    """Input of the learned fine-mask estimator, from what an ``lr`` user has, in any qc convention.
+
+    The qc maps enter only relative to their own median over M: the SNR of a coarse voxel is written
+    per unit volume or per voxel, averaged, sampled or as a minimum, and the linewidth in ppm or Hz,
+    depending on the software (``data.qc_conventions``); a ratio to the map's own median is the same
+    under every one of those scalings.
 
     Args:
         zero_filled_norm: ``(..., 64, 64)`` normalized zero-filled map (condition channel 0).
         support: ``(..., 64, 64)`` the ``lr`` mask M (0/1).
         t1, flair: ``(..., 64, 64)`` anatomy in [0, 1] (condition channels 2, 3).
-        snr_nn, fwhm_nn: ``(..., n, n)`` qc maps of the acquisition (FWHM in ppm).
+        n: acquired matrix size (``s = 64 / n``).
+        snr_nn, fwhm_nn: ``(..., n, n)`` qc maps of the acquisition (any convention), or None when the
+            site has none.
 
     Returns:
-        ``(..., 8, 64, 64)`` float32: zero-filled map cut by M, M, T1, FLAIR, the qc fine-mask estimate F
-        (:func:`fine_mask_estimate`), ``log(1 + SNR / s) / 2`` and ``FWHM / 0.15 ppm`` (clipped to 3) of the
-        acquired voxel under each pixel (both cut by M), and ``s / 8``.
+        ``(..., 8, 64, 64)`` float32: zero-filled map cut by M, M, T1, FLAIR, 1 where qc maps were given
+        (else 0), ``log(1 + SNR / median SNR) / 2`` and ``FWHM / median FWHM`` (clipped to 3) of the
+        acquired voxel under each pixel (both cut by M; 0 without qc maps), and ``s / 8``.
     """
     m = np.asarray(support, dtype=np.float32)
-    snr_nn = np.asarray(snr_nn, dtype=np.float64)
+    zf = np.asarray(zero_filled_norm, dtype=np.float32)
     size = m.shape[-1]
-    s = size / snr_nn.shape[-1]
-    snr_up = upsample_nearest(np.clip(snr_nn, 0.0, None) / s, size)
-    fwhm_up = upsample_nearest(np.asarray(fwhm_nn, dtype=np.float64), size)
-    channels = [
-        np.asarray(zero_filled_norm, dtype=np.float32) * m,
-        m,
-        np.asarray(t1, dtype=np.float32),
-        np.asarray(flair, dtype=np.float32),
-        fine_mask_estimate(snr_nn, fwhm_nn, size).astype(np.float32),
-        np.log1p(snr_up) / 2.0 * m,
-        np.clip(np.nan_to_num(fwhm_up / FWHM_MAX_PPM, nan=3.0), 0.0, 3.0) * m,
-        np.full(m.shape, s / 8.0),
-    ]
+    s = size / n
+    have_qc = snr_nn is not None and fwhm_nn is not None
+    if have_qc:
+        snr_nn = np.asarray(snr_nn, dtype=np.float64)
+        snr_up = np.clip(np.nan_to_num(upsample_nearest(snr_nn, size), nan=0.0), 0.0, None)
+        fwhm_up = np.nan_to_num(upsample_nearest(np.asarray(fwhm_nn, dtype=np.float64), size), nan=np.inf)
+        rel_snr = np.log1p(_relative(snr_up, m)) / 2.0 * m
+        rel_fwhm = np.clip(_relative(np.where(np.isfinite(fwhm_up), fwhm_up, np.nan), m), 0.0, 3.0)
+        rel_fwhm = np.nan_to_num(rel_fwhm, nan=3.0) * m
+    else:
+        rel_snr = rel_fwhm = np.zeros(m.shape)
+    channels = [zf * m, m, np.asarray(t1, dtype=np.float32), np.asarray(flair, dtype=np.float32),
+                np.full(m.shape, 1.0 if have_qc else 0.0), rel_snr, rel_fwhm, np.full(m.shape, s / 8.0)]
     return np.stack([np.broadcast_to(c, m.shape) for c in channels], axis=-3).astype(np.float32)

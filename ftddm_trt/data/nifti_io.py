@@ -35,7 +35,8 @@ from scipy import ndimage
 
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc, signal_mask_from_lr, support_mask_from_lr
+from ftddm_trt.data.masks import SIGNAL_FRACTION, lr_qc_maps, lr_support_mask, support_mask_from_lr
+from ftddm_trt.data.qc_conventions import QcConvention, acquired_qc
 
 if TYPE_CHECKING:
     from ftddm_trt.data.phantom import PhantomSubject
@@ -93,7 +94,7 @@ class SubjectInput:
         metabolites: the ``M`` canonical names present, in ``constants.METABOLITES`` order.
         kind: concentration folder read (``raw``, ``internal``, ...).
         mask: ``(Z, M, 64, 64)`` bool mask M on the SR grid (always filled; ``None`` only if built by hand).
-        mask_source: ``"masks"`` | ``"mask"`` | ``"qc"`` | ``"fallback"``.
+        mask_source: ``"masks"`` | ``"mask"`` | ``"signal"``.
         fine_mask: True when M is a quality mask on a finer grid than the acquisition (the paper's
             ``hr`` protocol), False when it comes from the acquired grid (the ``lr`` protocol).
         snr, fwhm: ``(Z, M, n, n)`` float32 qc maps if present (FWHM in ppm), else ``None``.
@@ -298,11 +299,13 @@ def write_phantom_subject(
     n: int,
     hr_masks: bool = False,
     snr_exponent: float = 1.0,
+    convention: QcConvention | None = None,
 ) -> Path:
     """Write a phantom as a user's ``n x n`` scan plus its ground truth, under ``out_dir/<subject_id>/``.
 
     Input part: ``concs/raw`` = ``kspace_truncate(maps, n)[0]``, ``qc/`` = ``masks.lr_qc_maps`` at
-    ``n x n``, ``t1``/``flair`` on the 128x128 anatomy grid, and with ``hr_masks`` the paper's 64x64
+    ``n x n`` (or the qc maps a site with ``convention`` writes, ``data.qc_conventions.acquired_qc``:
+    none for ``missing``), ``t1``/``flair`` on the 128x128 anatomy grid, and with ``hr_masks`` the paper's 64x64
     quality masks in ``masks/`` (SR affine). Truth part: ``truth/concs/raw`` and ``truth/masks`` at
     64x64 (SR affine). Returns the subject folder.
     """
@@ -312,7 +315,10 @@ def write_phantom_subject(
     a_sr = subject.mrsi_affine_hr
     a_lr = lr_affine_for(a_sr, n)
     lr, _ = kspace_truncate(subject.maps, n)
-    snr_lr, fwhm_lr = lr_qc_maps(subject, n, snr_exponent=snr_exponent)
+    if convention is None:
+        snr_lr, fwhm_lr = lr_qc_maps(subject, n, snr_exponent=snr_exponent)
+    else:
+        snr_lr, fwhm_lr = acquired_qc(subject.snr, subject.fwhm, n, convention) or (None, None)
     write_subject(
         sub_dir, lr, a_lr, snr=snr_lr, fwhm=fwhm_lr,
         t1=subject.t1_hires, t1_affine=subject.anat_affine,
@@ -325,6 +331,7 @@ def write_phantom_subject(
     _write_json(sub_dir / "phantom.json", {
         "subject_id": subject.subject_id, "n": n, "scale": HR_SIZE / n, "hr_masks": hr_masks,
         "has_tumour": subject.has_tumour, "slices": subject.n_slices, "snr_exponent": snr_exponent,
+        "qc_convention": convention.to_dict() if convention is not None else None,
     })
     return sub_dir
 
@@ -476,9 +483,8 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     Returns:
         a :class:`SubjectInput`; ``mask`` is taken from, in order: ``masks/<metab>`` (``"masks"``),
         ``mask.nii.gz`` (``"mask"``) -- any grid, nearest-neighbour onto the SR grid, and masks on the
-        acquired grid itself go through ``support_mask_from_lr`` --, else complete qc maps
-        (``"qc"``: ``quality_mask_from_qc`` on the acquired grid, then ``support_mask_from_lr``), else
-        ``support_mask_from_lr(signal_mask_from_lr(lr))`` (``"fallback"``).
+        acquired grid itself go through ``support_mask_from_lr`` --, else the acquired maps' own
+        signal (``"signal"``: ``data.masks.lr_support_mask``, whatever the qc maps' convention).
 
     Raises:
         InputError: naming the offending file, for every problem with the inputs.
@@ -568,11 +574,10 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     elif shared is not None:
         one = explicit(shared)
         mask, source = np.repeat(one[:, None], len(names), axis=1), "mask"
-    elif snr is not None and fwhm is not None:
-        mask, source = support_mask_from_lr(quality_mask_from_qc(snr, fwhm)), "qc"
     else:
-        mask, source = support_mask_from_lr(signal_mask_from_lr(lr)), "fallback"
-        notes.append("no masks, mask.nii.gz or qc maps: mask M = dilated support of LR above 5% of its robust max")
+        mask, source = lr_support_mask(lr), "signal"
+        notes.append(f"mask M = the acquired maps' signal (above {SIGNAL_FRACTION:.0%} of each map's robust max), "
+                     "dilated by one acquired voxel; qc maps do not enter M")
 
     # anatomy
     anat: dict[str, NDArray[np.float32] | None] = {}
