@@ -254,6 +254,28 @@ def n_maps(loaded: LoadedSubject, opts: UpscaleOptions) -> int:
     return int(loaded.input.lr.shape[0] * loaded.input.lr.shape[1] * opts.samples)
 
 
+def correction_decisions(result, spec, qc_weight: float) -> list[str]:
+    """One sentence per run-time correction: whether it ran, on how many maps it was kept and why (run.json
+    ``corrections``, stderr and the report)."""
+    lines = []
+    if spec.data_consistency:
+        lines.append("data consistency: applied to every map (M is a fine quality mask; the output reproduces "
+                     "the acquired k-space band exactly)")
+    elif result.qc_consistency_applied:
+        lines.append(f"qc consistency (weight {qc_weight:g}): kept on {result.qc_consistency_kept} of "
+                     f"{result.qc_consistency_tried} maps, where it agreed better with the acquired k-space band")
+    else:
+        why = result.condition.qc_mask_note or ("weight 0" if qc_weight <= 0 else "M is not from the acquired grid")
+        lines.append(f"qc consistency: not applied ({why})")
+    if spec.passes > 1:
+        lines.append(f"solver passes {spec.passes}: each pass kept per map only where it agreed at least as well "
+                     "with the acquired k-space band")
+    if result.condition.y.shape[0] and not spec.data_consistency:
+        lines.append("mask M: the acquired maps' own signal, dilated by one acquired voxel (qc maps do not enter M, "
+                     "so any qc convention gives the same M)")
+    return lines
+
+
 def upscale_with_backend(
     loaded: LoadedSubject,
     out_dir: Path,
@@ -301,8 +323,11 @@ def upscale_with_backend(
             "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
             "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
             "qc_consistency": {"weight": qc_weight, "applied": result.qc_consistency_applied,
+                               "kept_maps": result.qc_consistency_kept, "tried_maps": result.qc_consistency_tried,
                                "fine_mask": result.condition.qc_mask_source if result.qc_consistency_applied else None,
-                               "fine_mask_sha256": fine_mask_sha256(opts.model) if net is not None else None},
+                               "fine_mask_sha256": fine_mask_sha256(opts.model) if net is not None else None,
+                               "note": result.condition.qc_mask_note},
+            "corrections": correction_decisions(result, spec, qc_weight),
             "anatomy": result.condition.anatomy, "accepted": loaded.accepted, "notes": loaded.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
@@ -310,9 +335,12 @@ def upscale_with_backend(
             "fingerprint": settings_fingerprint(subject_dir, opts, base_spec, backend_info),
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        for line in record["corrections"]:
+            console.print(f"[dim]{subject_dir.name}: {line}[/]", highlight=False)
         report_figure(tmp / "report.png", subject.lr, result.maps, subject.metabolites, sd=result.sd,
                       t1=subject.t1, flair=subject.flair,
-                      title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}")
+                      title=f"{subject_dir.name}: {spec.name}, NFE {result.nfe}, s = {subject.scale:.2f}\n"
+                            + record["corrections"][0])
     return record
 
 

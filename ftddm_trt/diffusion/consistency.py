@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["open_band", "band_project", "data_consistency", "partial_consistency"]
+__all__ = ["open_band", "band_project", "band_residual", "data_consistency", "partial_consistency", "keep_if_closer"]
 
 
 def _centred_fft2(x: torch.Tensor) -> torch.Tensor:
@@ -93,3 +93,31 @@ def partial_consistency(
         raise ValueError(f"consistency weight must be in [0, 1], got {weight}")
     r = zero_filled.double() - fine_mask.double() * x.double()
     return (x.double() + weight * band_project(r, s)).to(x.dtype)
+
+
+def band_residual(x: torch.Tensor, zero_filled: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """How far each estimate is from the acquisition inside its acquired band: ``||B_n (x - zero_filled)||_2``.
+
+    Args:
+        x, zero_filled: ``(B, C, m, m)`` as in :func:`data_consistency`.
+        s: ``(B,)`` upscaling factors.
+
+    Returns:
+        ``(B,)`` float64 norms (normalized units; 0 means the estimate reproduces the acquisition).
+    """
+    r = band_project(x.double() - zero_filled.double(), s)
+    return r.flatten(1).norm(dim=1)
+
+
+def keep_if_closer(before: torch.Tensor, after: torch.Tensor, zero_filled: torch.Tensor, s: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The do-no-harm rule of every run-time correction: per image, ``after`` (the corrected estimate)
+    where it agrees at least as well with the acquired band as ``before`` does (:func:`band_residual`),
+    else ``before``.
+
+    Every user has the acquisition, so this check needs no assumption about how the qc maps or the
+    quality mask were made. Returns ``(chosen (B, C, m, m), applied (B,) bool)``.
+    """
+    applied = band_residual(after, zero_filled, s) <= band_residual(before, zero_filled, s)
+    keep = applied.to(after.device).view(-1, *([1] * (after.dim() - 1)))
+    return torch.where(keep, after, before), applied.cpu()

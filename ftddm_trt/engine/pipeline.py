@@ -48,7 +48,7 @@ from ftddm_trt.diffusion import (
     respaced_timesteps,
     truncated_timesteps,
 )
-from ftddm_trt.diffusion.consistency import data_consistency, partial_consistency
+from ftddm_trt.diffusion.consistency import data_consistency, keep_if_closer, partial_consistency
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import check_flow_ttrunc
 
@@ -242,14 +242,20 @@ def qc_step_weight(requested: float | None, fine_mask_net: Any | None) -> float:
     return fine_mask_net.config.consistency_weight if fine_mask_net is not None else QC_CONSISTENCY_WEIGHT
 
 
-def qc_consistency(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, fine_mask: torch.Tensor, weight: float) -> torch.Tensor:
+def qc_consistency(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, fine_mask: torch.Tensor, weight: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``lr`` protocol: put a share ``weight`` of the acquired band back through the fine-mask estimate
-    (``diffusion.consistency.partial_consistency``), then cut by M as every output is.
+    (``diffusion.consistency.partial_consistency``), then cut by M as every output is; per image, the
+    corrected output is kept only where it agrees at least as well with the acquired band as ``x``
+    (``diffusion.consistency.keep_if_closer``: do no harm).
 
     x: (B,1,64,64) outputs and y: (B,4,64,64) their condition, normalized units; s: (B,);
-    fine_mask: (B,1,64,64) estimate of the fine quality mask (``data.masks.fine_mask_estimate``).
+    fine_mask: (B,1,64,64) estimate of the fine quality mask.
+
+    Returns ``(outputs (B,1,64,64), applied (B,) bool)``.
     """
-    return partial_consistency(x, y[:, 0:1], fine_mask, s, weight) * y[:, 1:2]
+    corrected = partial_consistency(x, y[:, 0:1], fine_mask, s, weight) * y[:, 1:2]
+    return keep_if_closer(x, corrected, y[:, 0:1], s)
 
 
 def require_flow_ttrunc(backend: Backend, spec: SamplerSpec) -> None:
@@ -319,7 +325,9 @@ def sample_batch(
             if on_pass is not None:
                 on_pass(finish(res.x0))
             again = solve(math.sqrt(float(schedule.gammas[t_start])) * res.x0 * mask)
-            res = SampleResult(x0=again.x0, nfe=res.nfe + again.nfe)
+            # do no harm: a pass is kept, per image, only where it agrees at least as well with the acquired band
+            x0, _ = keep_if_closer(res.x0, again.x0, y[:, 0:1], s)
+            res = SampleResult(x0=x0, nfe=res.nfe + again.nfe)
     else:
         timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
         res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)

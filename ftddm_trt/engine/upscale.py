@@ -15,7 +15,7 @@ import torch
 
 from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.data.kspace import zero_fill
-from ftddm_trt.data.masks import fine_mask_estimate, fine_mask_features
+from ftddm_trt.data.masks import fine_mask_features
 from ftddm_trt.data.nifti_io import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
@@ -30,10 +30,10 @@ class Condition:
 
     y: (Z*C, 4, 64, 64); s: (Z*C,); scale: (Z, C) normalization factors (file units);
     zero_filled: (Z, C, 64, 64) in file units (the zero-filled baseline); mask: (Z, C, 64, 64) bool;
-    qc_fine_mask: (Z*C, 1, 64, 64) float 0/1 estimate of the fine quality mask when M came from qc maps
-    on the acquired grid, else None: the learned estimator's (``models.fine_mask``) when one is given,
-    else the qc maps' own (``data.masks.fine_mask_estimate``); ``qc_mask_source`` says which
-    (``"learned"``, ``"qc"`` or None).
+    qc_fine_mask: (Z*C, 1, 64, 64) float 0/1 estimate of the fine quality mask when M came from the acquired
+    grid (``lr``) and the model has a fine-mask estimator (``models.fine_mask``) that reads the current,
+    convention-free features; else None. ``qc_mask_source`` says which (``"learned"`` or None) and
+    ``qc_mask_note`` why there is none.
     """
 
     y: torch.Tensor
@@ -44,6 +44,7 @@ class Condition:
     anatomy: str
     qc_fine_mask: torch.Tensor | None = None
     qc_mask_source: str | None = None
+    qc_mask_note: str | None = None
 
 
 def build_condition(subject: SubjectInput, fine_mask_net: FineMaskNet | None = None) -> Condition:
@@ -61,18 +62,20 @@ def build_condition(subject: SubjectInput, fine_mask_net: FineMaskNet | None = N
     y = np.stack([zf_norm, mask.astype(np.float32), t1, flair], axis=2).reshape(z * c, 4, HR_SIZE, HR_SIZE)
     s = np.full(z * c, HR_SIZE / subject.n, dtype=np.float32)
     have = [n for n, v in (("t1", subject.t1), ("flair", subject.flair)) if v is not None]
-    qc_fine, source = None, None
-    if subject.mask_source == "qc" and subject.snr is not None and subject.fwhm is not None:
-        if fine_mask_net is not None:
-            feats = fine_mask_features(zf_norm, mask, t1, flair, subject.snr, subject.fwhm)
-            qc_fine = fine_mask_net.mask(torch.from_numpy(feats.reshape(z * c, -1, HR_SIZE, HR_SIZE)))
-            source = "learned"
-        else:
-            est = fine_mask_estimate(subject.snr, subject.fwhm, HR_SIZE).reshape(z * c, 1, HR_SIZE, HR_SIZE)
-            qc_fine, source = torch.from_numpy(est.astype(np.float32)), "qc"
+    qc_fine, source, note = None, None, None
+    if subject.fine_mask:
+        note = "M is a fine quality mask: full data consistency instead"
+    elif fine_mask_net is None:
+        note = "the model has no fine-mask estimator"
+    elif not fine_mask_net.config.current_features:
+        note = "the model's fine-mask estimator reads absolute qc values of one convention: not used"
+    else:
+        feats = fine_mask_features(zf_norm, mask, t1, flair, subject.n, subject.snr, subject.fwhm)
+        qc_fine = fine_mask_net.mask(torch.from_numpy(feats.reshape(z * c, -1, HR_SIZE, HR_SIZE)))
+        source = "learned"
     return Condition(y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)), s=torch.from_numpy(s),
                      scale=np.asarray(scale, np.float32), zero_filled=zero_filled, mask=mask,
-                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine, qc_mask_source=source)
+                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine, qc_mask_source=source, qc_mask_note=note)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class UpscaleResult:
     seconds_per_slice: float
     samples: int
     qc_consistency_applied: bool = False
+    #: maps (over all samples) whose qc step was kept by the do-no-harm check, and how many it ran on
+    qc_consistency_kept: int = 0
+    qc_consistency_tried: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -108,8 +114,9 @@ def upscale_subject(
     to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError. ``server_loop`` runs each batch's whole sampling loop
     on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler). ``qc_weight`` > 0:
     when M came from qc maps and the spec's data consistency is off, each output goes through
-    ``pipeline.qc_consistency`` with that weight (``UpscaleResult.qc_consistency_applied`` says whether it did),
-    through ``fine_mask_net``'s estimate of the fine mask when given, else the qc maps' own.
+    ``pipeline.qc_consistency`` with that weight through ``fine_mask_net``'s estimate of the fine mask, kept per map
+    only where it agrees better with the acquired band (``UpscaleResult.qc_consistency_applied`` says whether
+    it ran, ``qc_consistency_kept`` / ``_tried`` on how many maps it was kept).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -124,6 +131,7 @@ def upscale_subject(
     k = z * c
     t_cond = time.perf_counter() - t0
     use_qc = qc_consistency_applies(spec, cond.qc_fine_mask, qc_weight)
+    kept = tried = 0
     draws = []
     for i in range(samples):
         done = i * k
@@ -135,7 +143,8 @@ def upscale_subject(
         x, nfe = sample_images(backend, spec, cond.y, cond.s, batch_size=batch_size, seed=seed + i, progress=tick,
                                batch_sampler=batch_sampler)
         if use_qc:
-            x = qc_consistency(x, cond.y, cond.s, cond.qc_fine_mask, qc_weight)
+            x, applied = qc_consistency(x, cond.y, cond.s, cond.qc_fine_mask, qc_weight)
+            kept, tried = kept + int(applied.sum()), tried + int(applied.numel())
         x = x.numpy().reshape(z, c, HR_SIZE, HR_SIZE)
         require_finite(x, f"the {spec.name} output on backend {backend.name} (sample {i + 1})")
         draws.append(np.clip(denormalize(x, cond.scale), 0.0, None))
@@ -150,5 +159,7 @@ def upscale_subject(
         seconds_per_slice=(seconds - t_cond) / (samples * k),
         samples=samples,
         qc_consistency_applied=use_qc,
+        qc_consistency_kept=kept,
+        qc_consistency_tried=tried,
         timings={"condition_s": t_cond, "sampling_s": seconds - t_cond},
     )
