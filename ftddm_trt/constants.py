@@ -49,3 +49,6 @@ def scale_for(n: int) -> float:
 
 #: Input channels of the fine-mask estimator (``data.masks.fine_mask_features``, ``models.fine_mask``).
 FINE_MASK_FEATURES: int = 8
+#: Version of those features: 2 reads the qc maps relative to their own median (any qc convention);
+#: an estimator saved with version 1 read absolute SNR in one convention and is not used.
+FINE_MASK_FEATURES_VERSION: int = 2

@@ -8,9 +8,8 @@ import torch
 
 
 def test_features_carry_what_an_lr_user_has():
-    """Channel by channel against the functions that define them, for a batch of two maps at n = 16."""
-    from ftddm_trt.data.masks import (FINE_MASK_FEATURES, fine_mask_estimate, fine_mask_features, lr_qc_maps,
-                                      upsample_nearest)
+    """Channel by channel against their definitions, for a batch of two maps at n = 16."""
+    from ftddm_trt.data.masks import FINE_MASK_FEATURES, fine_mask_features, lr_qc_maps
 
     rng = np.random.default_rng(0)
     snr64 = rng.uniform(0, 8, (2, 64, 64))
@@ -19,15 +18,35 @@ def test_features_carry_what_an_lr_user_has():
     zf = rng.normal(size=(2, 64, 64)).astype(np.float32)
     m = (rng.random((2, 64, 64)) < 0.6).astype(np.float32)
     t1, flair = rng.random((2, 64, 64)), rng.random((2, 64, 64))
-    f = fine_mask_features(zf, m, t1, flair, snr, fwhm)
+    f = fine_mask_features(zf, m, t1, flair, 16, snr, fwhm)
     assert f.shape == (2, FINE_MASK_FEATURES, 64, 64) and f.dtype == np.float32
     np.testing.assert_allclose(f[:, 0], zf * m)
     np.testing.assert_array_equal(f[:, 1], m)
     np.testing.assert_allclose(f[:, 2], t1, rtol=1e-6)
-    np.testing.assert_array_equal(f[:, 4], fine_mask_estimate(snr, fwhm))
-    np.testing.assert_allclose(f[:, 5], np.log1p(upsample_nearest(snr / 4.0)) / 2 * m, rtol=1e-5)
-    np.testing.assert_allclose(f[:, 6], np.clip(upsample_nearest(fwhm) / 0.15, 0, 3) * m, rtol=1e-5)
+    np.testing.assert_array_equal(f[:, 4], 1.0)
+    for b in range(2):  # brute force: the coarse voxel under each pixel, over its median inside M
+        k = np.clip(np.floor(np.arange(64) / 4 + 0.5).astype(int), 0, 15)
+        snr_up, fwhm_up = snr[b][np.ix_(k, k)], fwhm[b][np.ix_(k, k)]
+        inside = m[b] > 0
+        np.testing.assert_allclose(f[b, 5], np.log1p(snr_up / np.median(snr_up[inside])) / 2 * m[b], rtol=1e-5)
+        np.testing.assert_allclose(f[b, 6], np.clip(fwhm_up / np.median(fwhm_up[inside]), 0, 3) * m[b], rtol=1e-5)
     np.testing.assert_allclose(f[:, 7], 0.5)
+    none = fine_mask_features(zf, m, t1, flair, 16)  # no qc maps: flag and qc channels zero
+    assert not none[:, 4:7].any() and np.array_equal(none[:, :4], f[:, :4])
+
+
+def test_features_are_the_same_in_every_scaling_convention():
+    """SNR per unit volume or per voxel (x s^k) and linewidth in ppm or Hz give the same features."""
+    from ftddm_trt.data.masks import fine_mask_features
+    from ftddm_trt.data.qc_conventions import acquired_qc, get_convention
+
+    rng = np.random.default_rng(3)
+    snr64, fwhm64 = rng.uniform(0, 8, (64, 64)), rng.uniform(0.05, 0.2, (64, 64))
+    zf, m = rng.normal(size=(64, 64)), (rng.random((64, 64)) < 0.6).astype(np.float32)
+    feats = [fine_mask_features(zf, m, m, m, 8, *acquired_qc(snr64, fwhm64, 8, get_convention(c)))
+             for c in ("ours", "mean-k0", "mean-k2", "hz-3t")]
+    for f in feats[1:]:
+        np.testing.assert_allclose(f, feats[0], rtol=1e-5, atol=1e-6)
 
 
 def test_network_shapes_mask_and_weights_round_trip(tmp_path):
@@ -125,6 +144,13 @@ def _model_with_estimator(tiny_model_dir, folder, threshold=0.5, weight=0.5):
     return folder, net
 
 
+def subject_maps(subject_dir) -> int:
+    """Number of maps (slices) of NAA in a phantom subject folder."""
+    from ftddm_trt.data.nifti_io import read_subject
+
+    return read_subject(subject_dir).n_slices
+
+
 def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, phantom_subject_dir, tmp_path):
     """A model folder with an estimator: the `lr` qc step goes through its thresholded mask at its own
     weight (x + w B_n(zf - P x), cut by M), run.json says so; --qc-consistency overrides the weight."""
@@ -150,8 +176,9 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
         assert res.exit_code == 0, res.output
         record = json.loads((out / "run.json").read_text())["qc_consistency"]
         if w is None:
-            assert record == {"weight": 0.5, "applied": True, "fine_mask": "learned",
-                              "fine_mask_sha256": model_sha256(model / "fine_mask")}
+            assert {k: record[k] for k in ("weight", "applied", "fine_mask", "fine_mask_sha256", "tried_maps")} == {
+                "weight": 0.5, "applied": True, "fine_mask": "learned",
+                "fine_mask_sha256": model_sha256(model / "fine_mask"), "tried_maps": subject_maps(phantom_subject_dir)}
         else:
             assert record["weight"] == 0.0 and record["applied"] is False
         outs[w] = read_map_folder(out)[0]
@@ -161,7 +188,8 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
     assert cond.qc_mask_source == "learned"
     z = cond.y.shape[0]
     feats = fine_mask_features(cond.y[:, 0].numpy(), cond.y[:, 1].numpy(), cond.y[:, 2].numpy(), cond.y[:, 3].numpy(),
-                               subject.snr.reshape(z, *subject.snr.shape[-2:]), subject.fwhm.reshape(z, *subject.fwhm.shape[-2:]))
+                               subject.n, subject.snr.reshape(z, *subject.snr.shape[-2:]),
+                               subject.fwhm.reshape(z, *subject.fwhm.shape[-2:]))
     prob = torch.sigmoid(net(torch.from_numpy(feats))).double()
     fine = (prob > 0.5).double() * cond.y[:, 1:2].double()
     assert torch.equal(fine, cond.qc_fine_mask.double())
@@ -169,8 +197,13 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
     scale = cond.scale[:, 0][:, None, None]
     x0 = torch.from_numpy(outs["0"][:, 0] / scale)[:, None].double()
     y = cond.y.double()
-    expected = (x0 + 0.5 * band_project(y[:, 0:1] - fine * x0, cond.s)) * y[:, 1:2]
-    expected = np.clip(expected.numpy()[:, 0] * scale, 0.0, None)
+    corrected = (x0 + 0.5 * band_project(y[:, 0:1] - fine * x0, cond.s)) * y[:, 1:2]
+    # do no harm: per map, the corrected output only where it agrees at least as well with the acquired band
+    def residual(x):
+        return band_project(x - y[:, 0:1], cond.s).flatten(1).norm(dim=1)
+
+    keep = (residual(corrected) <= residual(x0))[:, None, None, None]
+    expected = np.clip(torch.where(keep, corrected, x0).numpy()[:, 0] * scale, 0.0, None)
     np.testing.assert_allclose(outs[None][:, 0], expected, atol=1e-4 * float(outs["0"].max()))
 
 

@@ -15,9 +15,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ftddm_trt.bench.generalization import qc_fine_masks
 from ftddm_trt.bench.quality import example_tensors
-from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, USER_DEFAULT_TAU_F
+from ftddm_trt.constants import USER_DEFAULT_TAU_F
 from ftddm_trt.data.evaluation import map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.engine.backend import Backend
@@ -29,9 +28,10 @@ THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
 WEIGHTS: tuple[float, ...] = (0.2, 0.5, 1.0)
 
 
-def learned_masks(net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int, thresholds: Sequence[float]) -> dict[float, torch.Tensor]:
-    """(K,1,64,64) thresholded estimates of maps ``idx`` acquired at ``n``, one per threshold."""
-    feats, _, support = fine_mask_batch(pool, idx, [n] * idx.size, None)
+def learned_masks(net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int, thresholds: Sequence[float],
+                  convention: str = "ours") -> dict[float, torch.Tensor]:
+    """(K,1,64,64) thresholded estimates of maps ``idx`` acquired at ``n`` (qc in ``convention``), one per threshold."""
+    feats, _, support = fine_mask_batch(pool, idx, [n] * idx.size, None, convention)
     with torch.no_grad():
         prob = torch.sigmoid(net(feats)) * support
     return {t: (prob > t).float() for t in thresholds}
@@ -39,26 +39,29 @@ def learned_masks(net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int, th
 
 def score_steps(backend: Backend, net: FineMaskNet, pool: SlicePool, idx: np.ndarray, n: int,
                 thresholds: Sequence[float] = THRESHOLDS, weights: Sequence[float] = WEIGHTS,
-                batch_size: int = 32, seed: int = 0) -> list[dict]:
-    """One row per (mask, weight) on maps ``idx`` at acquisition ``n``: PSNR / SSIM gain, Dice of the mask."""
+                batch_size: int = 32, seed: int = 0, conventions: Sequence[str] = ("ours",)) -> list[dict]:
+    """One row per (qc convention, mask, weight) on maps ``idx`` at acquisition ``n``: PSNR / SSIM gain, Dice
+    of the mask. The sampler runs once; each step is applied after, as ``upscale`` applies it (kept per map
+    only where it agrees better with the acquired band)."""
     y, s, scale, truth, region, zf = example_tensors(pool, idx, n, "lr")
     spec = replace(SamplerSpec(tau_f=USER_DEFAULT_TAU_F), data_consistency=False)
     x, _ = sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed)
     zf_m = map_metrics(zf, truth, region)
     true_mask = torch.from_numpy(region[:, None].astype(np.float32))
-    candidates: list[tuple[str, float | None, torch.Tensor | None, float]] = [("none", None, None, 0.0)]
-    candidates.append(("qc estimate F", None, qc_fine_masks(pool, idx, n), QC_CONSISTENCY_WEIGHT))
-    for t, m in learned_masks(net, pool, idx, n, thresholds).items():
-        candidates += [("learned", t, m, w) for w in weights]
-    candidates += [("true mask (oracle)", None, true_mask, w) for w in weights]
     rows = []
-    for name, thr, mask, w in candidates:
-        xt = qc_consistency(x, y, s, mask, w) if mask is not None and w > 0 else x
-        met = map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region)
-        rows.append({"n": n, "s": 64 / n, "maps": int(idx.size), "mask": name, "threshold": thr, "weight": w,
-                     "dice": None if mask is None else dice(mask[:, 0].numpy() > 0.5, region > 0.5),
-                     **summarize(met), "psnr_gain": float(np.nanmean(met["psnr"] - zf_m["psnr"])),
-                     "ssim_gain": float(np.nanmean(met["ssim"] - zf_m["ssim"]))})
+    for convention in conventions:
+        candidates: list[tuple[str, float | None, torch.Tensor | None, float]] = [("none", None, None, 0.0)]
+        for t, m in learned_masks(net, pool, idx, n, thresholds, convention).items():
+            candidates += [("learned", t, m, w) for w in weights]
+        candidates += [("true mask (oracle)", None, true_mask, w) for w in weights]
+        for name, thr, mask, w in candidates:
+            xt = qc_consistency(x, y, s, mask, w)[0] if mask is not None and w > 0 else x
+            met = map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region)
+            rows.append({"n": n, "s": 64 / n, "maps": int(idx.size), "convention": convention, "mask": name,
+                         "threshold": thr, "weight": w,
+                         "dice": None if mask is None else dice(mask[:, 0].numpy() > 0.5, region > 0.5),
+                         **summarize(met), "psnr_gain": float(np.nanmean(met["psnr"] - zf_m["psnr"])),
+                         "ssim_gain": float(np.nanmean(met["ssim"] - zf_m["ssim"]))})
     return rows
 
 
@@ -70,7 +73,7 @@ def choose_step(rows: Sequence[dict]) -> tuple[float, float]:
     groups: dict[tuple[float, float], dict[tuple, list[float]]] = {}
     for r in rows:
         if r["mask"] == "learned":
-            group = (r.get("style"), r["n"])
+            group = (r.get("style"), r.get("convention"), r["n"])
             groups.setdefault((r["threshold"], r["weight"]), {}).setdefault(group, []).append(r["psnr_gain"])
     if not groups:
         raise ValueError("no learned-mask rows to choose from")

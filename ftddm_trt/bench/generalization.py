@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from ftddm_trt.constants import HR_SIZE, T_DIFFUSION
-from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
+from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.data.examples import SlicePool
-from ftddm_trt.data.masks import fine_mask_estimate, lr_qc_maps
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.diffusion import CosineSchedule, SampleResult
@@ -83,11 +82,13 @@ def score_maps(
     batch_size: int = 32,
     seed: int = 0,
     fine_mask_net: FineMaskNet | None = None,
+    conventions: Sequence[str] = ("ours",),
 ) -> list[dict]:
     """Zero-filled, then each variant, on maps ``idx`` of ``pool`` at acquisition ``n`` (one row each).
 
-    In ``lr`` the qc step goes through ``fine_mask_net``'s fine-mask estimate when given (as ``upscale``
-    with a model that has one), else through the qc maps' own.
+    In ``lr`` the qc step goes through ``fine_mask_net``'s fine-mask estimate (as ``upscale`` with a model
+    that has one), from qc maps written in each of ``conventions`` (``data.qc_conventions``): a row's
+    metrics are then the mean over the conventions (M and the sampler's output do not depend on them).
 
     Variants with the same sampler and samples share their draws (the qc step is applied after); those
     that differ only in solver passes share one run with the most passes (``sample_batch``'s ``on_pass``:
@@ -96,7 +97,7 @@ def score_maps(
     base = {"n": n, "s": HR_SIZE / n, "protocol": protocol, "maps": int(idx.size)}
     zf_m = map_metrics(zf, truth, region)
     rows = [{**base, "method": "zero-filled", **summarize(zf_m)}]
-    fine = qc_fine_masks(pool, idx, n, fine_mask_net) if protocol == "lr" else None
+    fines = [qc_fine_masks(pool, idx, n, fine_mask_net, c) if protocol == "lr" else None for c in conventions]
     used = [v for v in variants if not v.lr_only or protocol == "lr"]
     specs = [consistency_for(v.spec, v.consistency, fine_mask=protocol == "hr") for v in used]
     keys = [json.dumps([replace(spec, passes=1).to_dict(), v.samples]) for v, spec in zip(used, specs)]  # draws shared
@@ -104,6 +105,7 @@ def score_maps(
     for key, spec in zip(keys, specs):
         most_passes[key] = max(most_passes.get(key, 1), spec.passes)
     drawn: dict[str, tuple[torch.Tensor, float]] = {}  # key -> ((K, passes, 64, 64) mean over samples, seconds per map)
+    coverage = mask_coverage(y[:, 1].numpy() > 0.5, region)
     for v, spec, key in zip(used, specs, keys):
         if key not in drawn:
             t0 = time.perf_counter()
@@ -111,15 +113,20 @@ def score_maps(
                      for k in range(v.samples)]
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
         every, seconds = drawn[key]
-        xt = every[:, spec.passes - 1 : spec.passes]
         weight = qc_step_weight(v.qc_weight, fine_mask_net)
-        use_qc = qc_consistency_applies(spec, fine, weight)
-        if use_qc:
-            xt = qc_consistency(xt, y, s, fine, weight)
-        x = xt[:, 0].numpy()
-        m = map_metrics(np.clip(x * scale[:, None, None], 0.0, None), truth, region)
+        per_convention, applied_share = [], []
+        for fine in fines:
+            xt = every[:, spec.passes - 1 : spec.passes]
+            if qc_consistency_applies(spec, fine, weight):
+                xt, applied = qc_consistency(xt, y, s, fine, weight)
+                applied_share.append(float(applied.float().mean()))
+            per_convention.append(map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region))
+        m = {k: np.mean([pc[k] for pc in per_convention], axis=0) for k in per_convention[0]}
+        use_qc = bool(applied_share)
         rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(),
-                     "qc_consistency": weight if use_qc else 0.0, **summarize(m),
+                     "qc_consistency": weight if use_qc else 0.0,
+                     "qc_applied": float(np.mean(applied_share)) if use_qc else 0.0,
+                     "conventions": list(conventions), "coverage": coverage, **summarize(m),
                      "psnr_gain": float(np.nanmean(m["psnr"] - zf_m["psnr"])),
                      "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
                      "seconds_per_map": seconds})
@@ -139,15 +146,15 @@ def _every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.T
     return sample_images(backend, spec, y, s, batch_size=batch_size, seed=seed, batch_sampler=batch_sampler)[0]
 
 
-def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int, fine_mask_net: FineMaskNet | None = None) -> torch.Tensor:
-    """(K,1,64,64) fine-mask estimates from what an ``n x n`` acquisition of maps ``idx`` gives, as
-    ``upscale`` makes them: ``fine_mask_net``'s when given, else the qc maps' own
-    (``data.masks.fine_mask_estimate`` of ``data.masks.lr_qc_maps``)."""
-    if fine_mask_net is not None:
-        feats, _, _ = fine_mask_batch(pool, idx, [n] * idx.size, None)
-        return fine_mask_net.mask(feats)
-    est = fine_mask_estimate(*lr_qc_maps((pool.snr[idx], pool.fwhm[idx]), n), HR_SIZE)
-    return torch.from_numpy(est[:, None].astype(np.float32))
+def qc_fine_masks(pool: SlicePool, idx: np.ndarray, n: int, fine_mask_net: FineMaskNet | None = None,
+                  convention: str = "ours") -> torch.Tensor | None:
+    """(K,1,64,64) fine-mask estimates from what an ``n x n`` acquisition of maps ``idx`` gives, its qc
+    maps written in ``convention`` (``data.qc_conventions``), as ``upscale`` makes them with
+    ``fine_mask_net``; None (no qc step) without an estimator that reads the current features."""
+    if fine_mask_net is None or not fine_mask_net.config.current_features:
+        return None
+    feats, _, _ = fine_mask_batch(pool, idx, [n] * idx.size, None, convention)
+    return fine_mask_net.mask(feats)
 
 
 def run_generalization(

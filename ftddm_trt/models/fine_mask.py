@@ -5,7 +5,8 @@ the map cut by the *fine* quality mask. The qc consistency step (``diffusion.con
 partial_consistency``) puts the acquired band back through an estimate of that fine mask; with the
 true mask it is worth several dB, with the qc-derived estimate F (``data.masks.fine_mask_estimate``)
 little, because F's errors lie where the output is large. This small UNet reads the zero-filled map,
-M, T1, FLAIR, F and the qc maps (``data.masks.fine_mask_features``) and returns, per pixel, the
+M, T1, FLAIR and the qc maps relative to their own median, so any qc convention
+(``data.masks.fine_mask_features``), and returns, per pixel, the
 probability that it lies in the fine quality mask; :meth:`FineMaskNet.mask` thresholds it high, since a
 pixel wrongly kept (just outside the true mask's border) costs the step far more than one wrongly dropped.
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftddm_trt.constants import FINE_MASK_FEATURES  # not data.masks: models must load without scipy (GPU check host)
+from ftddm_trt.constants import FINE_MASK_FEATURES, FINE_MASK_FEATURES_VERSION  # not data.masks: models must load without scipy (GPU check host)
 from ftddm_trt.models.config import _ConfigBase
 
 
@@ -33,6 +34,8 @@ class FineMaskConfig(_ConfigBase):
     threshold: a pixel counts as inside the fine mask when its probability exceeds this.
     consistency_weight: the share ``w`` of the acquired band the qc consistency step puts back through
         the thresholded mask.
+    features_version: which ``data.masks.fine_mask_features`` it reads (``constants.FINE_MASK_FEATURES_VERSION``);
+        files saved without it read version 1 (absolute qc values) and are not used.
     """
 
     PRESETS: ClassVar[tuple[str, ...]] = ("cpu", "tiny")
@@ -42,6 +45,12 @@ class FineMaskConfig(_ConfigBase):
     groups: int = 8
     threshold: float = 0.8
     consistency_weight: float = 0.5
+    features_version: int = 1
+
+    @property
+    def current_features(self) -> bool:
+        """Whether it reads the features ``data.masks.fine_mask_features`` computes now."""
+        return self.features_version == FINE_MASK_FEATURES_VERSION
 
     def __post_init__(self) -> None:
         if not self.channels or any(c % self.groups for c in self.channels):
@@ -55,9 +64,9 @@ class FineMaskConfig(_ConfigBase):
     def preset(cls, name: str) -> "FineMaskConfig":
         """``"cpu"``: about 0.27 M parameters; ``"tiny"``: unit-test size."""
         if name == "cpu":
-            return cls()
+            return cls(features_version=FINE_MASK_FEATURES_VERSION)
         if name == "tiny":
-            return cls(channels=(8, 16), groups=4)
+            return cls(channels=(8, 16), groups=4, features_version=FINE_MASK_FEATURES_VERSION)
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
 
 

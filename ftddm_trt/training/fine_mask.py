@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ftddm_trt.constants import LR_SIZES
 from ftddm_trt.data.examples import SlicePool, _augment, pool_stack, prepare_example
-from ftddm_trt.data.masks import fine_mask_features, lr_qc_maps
+from ftddm_trt.data.masks import fine_mask_features
+from ftddm_trt.data.qc_conventions import CONVENTIONS, QcConvention, acquired_qc, get_convention
 from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
 
 __all__ = ["FineMaskExample", "fine_mask_example", "fine_mask_batch", "masked_bce", "dice", "train_fine_mask",
@@ -35,23 +36,35 @@ class FineMaskExample:
     support: np.ndarray
 
 
-def fine_mask_example(stack: np.ndarray, n: int) -> FineMaskExample:
+#: qc conventions the estimator trains over (``data.qc_conventions``; thresholds stay the paper's).
+TRAINING_CONVENTIONS: tuple[QcConvention, ...] = tuple(c for c in CONVENTIONS.values() if c.name != "strict-thresholds")
+
+
+def fine_mask_example(stack: np.ndarray, n: int, convention: QcConvention) -> FineMaskExample:
     """The estimator's input and target for a (6, 64, 64) stack [map, quality mask, T1, FLAIR, SNR, FWHM]
-    acquired at ``n x n`` (the ``lr`` condition of ``data.examples.prepare_example``)."""
+    acquired at ``n x n`` (the ``lr`` condition of ``data.examples.prepare_example``), its qc maps written
+    in ``convention``."""
     ex = prepare_example(stack, n, "lr")
-    snr_nn, fwhm_nn = lr_qc_maps((stack[4], stack[5]), n)
-    feats = fine_mask_features(ex.y[0], ex.mask, ex.y[2], ex.y[3], snr_nn, fwhm_nn)
+    qc = acquired_qc(stack[4], stack[5], n, convention)
+    feats = fine_mask_features(ex.y[0], ex.mask, ex.y[2], ex.y[3], n, *(qc or (None, None)))
     return FineMaskExample(features=feats, target=ex.truth_mask.astype(np.float32), support=ex.mask)
 
 
-def fine_mask_batch(pool: SlicePool, indices: np.ndarray, sizes: list[int], rng: np.random.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fine_mask_batch(pool: SlicePool, indices: np.ndarray, sizes: list[int], rng: np.random.Generator | None,
+                    convention: QcConvention | str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features (B,8,64,64), target (B,1,64,64), support (B,1,64,64)) of maps ``indices`` at ``sizes``;
-    augmented when ``rng`` is given."""
+    with ``rng``, augmented and each map's qc convention drawn from ``TRAINING_CONVENTIONS``, else all
+    written in ``convention``."""
+    fixed = get_convention(convention) if isinstance(convention, str) else convention
     exs = []
     for i, n in zip(indices, sizes):
         stack = pool_stack(pool, int(i))
-        exs.append(fine_mask_example(_augment(stack, rng) if rng is not None else stack, int(n)))
+        if rng is not None:
+            stack = _augment(stack, rng)
+            conv = TRAINING_CONVENTIONS[int(rng.integers(len(TRAINING_CONVENTIONS)))]
+        else:
+            conv = fixed
+        exs.append(fine_mask_example(stack, int(n), conv))
     return (torch.from_numpy(np.stack([e.features for e in exs])),
             torch.from_numpy(np.stack([e.target for e in exs]))[:, None],
             torch.from_numpy(np.stack([e.support for e in exs]).astype(np.float32))[:, None])
@@ -127,11 +140,14 @@ def validation_maps(pool: SlicePool, n_maps: int = 32, seed: int = 0) -> np.ndar
 def tune_step(net: FineMaskNet, backend, pool: SlicePool, idx: np.ndarray, sizes: tuple[int, ...] = (8, 16, 32),
               batch_size: int = 32) -> tuple[FineMaskConfig, list[dict]]:
     """Threshold and weight of the qc step with ``net``, chosen on maps ``idx`` of ``pool`` (the model on
-    ``backend``'s default sampler, ``lr`` protocol, each of ``sizes``; ``bench.fine_mask``): the best mean
-    PSNR gain, or weight 0 (no step) when no learned setting beats none. Returns (config, score rows)."""
+    ``backend``'s default sampler, ``lr`` protocol, each of ``sizes``, qc maps in every convention the
+    estimator trains over; ``bench.fine_mask``): the best worst-case PSNR gain, or weight 0 (no step) when
+    no learned setting beats none on average. Returns (config, score rows)."""
     from ftddm_trt.bench.fine_mask import choose_step, score_steps
 
-    rows = [r for n in sizes for r in score_steps(backend, net, pool, idx, n, batch_size=batch_size)]
+    conventions = [c.name for c in TRAINING_CONVENTIONS]
+    rows = [r for n in sizes for r in score_steps(backend, net, pool, idx, n, batch_size=batch_size,
+                                                  conventions=conventions)]
     thr, w = choose_step(rows)
     best = np.mean([r["psnr_gain"] for r in rows if r["mask"] == "learned" and (r["threshold"], r["weight"]) == (thr, w)])
     none = np.mean([r["psnr_gain"] for r in rows if r["mask"] == "none"])
