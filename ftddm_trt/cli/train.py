@@ -21,7 +21,7 @@ _MARGIN_HELP = ("Loss weight of the voxels of M outside the truth's quality mask
 @app.command("train")
 def train_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints (last/), best weights (best.*), log.jsonl. Re-running resumes."),
-    task: str = typer.Option("unet", help="unet (t in 1..Ttrunc), unet_full (t in 1..T, DDPM baselines), flow, or tdpm (TDPM baseline's GAN generator of x_Ttrunc)."),
+    task: str = typer.Option("unet", help="unet (t in 1..Ttrunc), unet_full (t in 1..T, DDPM baselines), flow, tdpm (TDPM baseline's GAN generator of x_Ttrunc), or regression (the same UNet predicting the map in one evaluation: the conditional-mean yardstick)."),
     preset: str = typer.Option("cpu", help="Network size: cpu (trains on a laptop CPU), paper (30 M + 20 M), tiny (tests)."),
     iterations: int = typer.Option(20_000, help="Total iterations of the run (a resumed run continues to this)."),
     batch_size: int = typer.Option(8, help="Maps per iteration."),
@@ -116,12 +116,14 @@ def finetune_cmd(
     margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
     val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
+    qc_convention: str = typer.Option(finetune_defaults.QC_CONVENTION, "--qc-convention", help="How your N x N qc maps are written, for the validation of the qc step: any (the mean over every convention), or one of ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, missing (docs: qc conventions)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
 ) -> None:
     """Fine-tune the model on your own high-resolution data; write a complete model folder.
 
-    Training pairs are made the way an acquisition makes them: k-space truncation to N x N (s = 2..8)
-    and the N x N qc maps an acquisition at N would give. Bad training folders are refused before any
+    Training pairs are made the way an acquisition makes them: k-space truncation to N x N (s = 2..8),
+    the mask M from the acquired maps themselves (as upscale makes it), and N x N qc maps in every
+    convention for the fine-mask estimator. Bad training folders are refused before any
     training starts. Interrupt at any time; the same command resumes.
 
     Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main finetune ...` (DDP, the
@@ -137,11 +139,13 @@ def finetune_cmd(
     try:
         cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
                              networks=parse_networks(networks), lr=lr, fine_mask_share=fine_mask_share,
-                             lr_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects, work_dir=work)
+                             lr_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects, work_dir=work,
+                             qc_convention=qc_convention)
         command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
                    "--fine-mask-share", f"{fine_mask_share:g}",
-                   "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects)]
+                   "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects),
+                   "--qc-convention", qc_convention]
         command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
         ctx = init_from_env("auto")
         try:
@@ -159,7 +163,7 @@ def finetune_cmd(
     for key in ("s=8", "s=4"):
         if key in quality:
             q = quality[key]
-            console.print(f"validation ({quality['maps']} maps, lr protocol) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
+            console.print(f"validation ({quality['maps']} maps, lr protocol, qc {cfg.qc_convention}) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
                           f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
                           f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})")
     if quality.get("fine_mask"):

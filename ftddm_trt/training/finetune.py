@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 from ftddm_trt.constants import T_TRUNC
+from ftddm_trt.data.qc_conventions import get_convention
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training import finetune_defaults as defaults
 from ftddm_trt.training.package import package_model
+from ftddm_trt.training.fine_mask import TRAINING_CONVENTIONS
 from ftddm_trt.training.trainer import TrainConfig, train
 
 __all__ = ["FinetuneConfig", "finetune", "parse_networks", "NETWORK_SHARE"]
@@ -58,6 +60,9 @@ class FinetuneConfig:
     val_every: int = 100
     seed: int = 0
     work_dir: Path | None = None
+    #: How the site's N x N qc maps are written (``data.qc_conventions``), for the validation of the qc step;
+    #: ``any``: averaged over every convention the fine-mask estimator trains over.
+    qc_convention: str = defaults.QC_CONVENTION
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.networks if n not in NETWORK_SHARE]
@@ -69,6 +74,15 @@ class FinetuneConfig:
             raise ValueError(f"--lr-fraction must be in [0, 1], got {self.lr_fraction}")
         if not 0.0 <= self.fine_mask_share < 1.0:
             raise ValueError(f"--fine-mask-share must be in [0, 1), got {self.fine_mask_share}")
+        if self.qc_convention != "any":
+            get_convention(self.qc_convention)
+
+    @property
+    def validation_conventions(self) -> tuple[str, ...]:
+        """The qc conventions the validation writes the held-out subjects' qc maps in."""
+        if self.qc_convention == "any":
+            return tuple(c.name for c in TRAINING_CONVENTIONS)
+        return (self.qc_convention,)
 
     @property
     def runs_dir(self) -> Path:
@@ -149,7 +163,7 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
                           "subjects": {"train": [s.subject_id for s in train_subj], "validation": [s.subject_id for s in val_subj]},
                           "base_model": {"dir": str(models.root), "hashes": models.hashes()},
                           "networks": list(cfg.networks), "minutes": cfg.minutes, "lr": cfg.lr,
-                          "lr_fraction": cfg.lr_fraction, "fine_mask_share": cfg.fine_mask_share, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
+                          "lr_fraction": cfg.lr_fraction, "fine_mask_share": cfg.fine_mask_share, "qc_convention": cfg.qc_convention, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
     return package_model(runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra)
 
 
@@ -233,7 +247,8 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
                        n_maps: int = 32) -> dict:
     """PSNR / SSIM and gain over zero-filled of the base and the fine-tuned networks on held-out maps.
 
-    Default sampler, ``lr`` protocol, s = 8 and 4, in-process PyTorch (no export needed).
+    Default sampler, ``lr`` protocol as ``upscale`` runs it on the site's acquisitions (M from the acquired maps;
+    the qc step from qc maps in ``cfg.validation_conventions``, averaged), s = 8 and 4, in-process PyTorch.
     """
     import shutil
     import tempfile
@@ -253,7 +268,7 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
         return {}
     idx = np.sort(np.random.default_rng(0).choice(ok, size=min(n_maps, ok.size), replace=False))
     variant = list(DEFAULT_VARIANTS[:1])  # the default sampler, as upscale runs it
-    out: dict = {"maps": int(idx.size), "protocol": "lr"}
+    out: dict = {"maps": int(idx.size), "protocol": "lr", "qc_conventions": list(cfg.validation_conventions)}
     with tempfile.TemporaryDirectory() as tmp:
         tuned = Path(tmp) / "model"
         tuned.mkdir()
@@ -276,7 +291,7 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
             choices = sampler_choices(variant[0]) if label == "finetuned" else variant
             for n in (8, 16):
                 zf, row, *others = score_maps(backend, pool, idx, choices, n, "lr", batch_size=cfg.batch_size * 4,
-                                              fine_mask_net=mask_net)
+                                              fine_mask_net=mask_net, conventions=cfg.validation_conventions)
                 out.setdefault(f"s={64 // n}", {})["zero-filled"] = {"psnr": zf["psnr"], "ssim": zf["ssim"]}
                 out[f"s={64 // n}"][label] = {"psnr": row["psnr"], "ssim": row["ssim"], "psnr_gain": row["psnr_gain"]}
                 if label == "finetuned":

@@ -26,3 +26,6 @@ VAL_SUBJECTS: int = 2
 #: Share of the budget that fine-tunes the base's fine-mask estimator (``models.fine_mask``) on the site's
 #: quality masks, after the networks (which get the rest); 0 or a base without one: not fine-tuned.
 FINE_MASK_SHARE: float = 0.1
+#: qc convention of the site's N x N acquisitions for the validation of the qc step (``data.qc_conventions``);
+#: ``any`` averages over all of them.
+QC_CONVENTION: str = "any"

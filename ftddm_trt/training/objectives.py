@@ -1,4 +1,4 @@
-"""The two training objectives of FTDDM (REFERENCE.md section 1).
+"""The training objectives: FTDDM's two (the paper, Section 2) and a regression yardstick.
 
 - Denoising UNet: ``|| M*eps - eps_theta(x_t, y, t, s) ||^2`` with ``t`` uniform in ``1..t_max``
   (``t_max = Ttrunc`` for FTDDM, ``T`` for the DDPM baselines).
@@ -7,7 +7,11 @@
   ``tau_f = 0`` with the centre of ``q(x_Ttrunc | x0)``, i.e. ``sqrt(gamma_Ttrunc) * x0`` (the paper
   writes ``x0``; the two differ by 1.4 % at Ttrunc = 100, and the centre is what the flow should hit).
 
-Both losses average over M with a per-voxel weight (``loss_weight``): 1 on the voxels a map is scored on,
+- Regression (``regression_objective``): the same UNet architecture asked for x0 directly in one
+  evaluation (input the zero-filled map, t = 0), a conditional-mean estimator: the yardstick a diffusion
+  model should beat.
+
+All losses average over M with a per-voxel weight (``loss_weight``): 1 on the voxels a map is scored on,
 ``margin_weight`` on the rest of M. In the ``lr`` protocol that rest (M's dilated margin and its low-SNR
 holes) holds the ``fill_outside`` extension of the truth, a target the condition does not determine; at
 full weight it teaches every network an upward level bias inside the mask (README, "What the `lr`
@@ -73,3 +77,18 @@ def flow_objective(
     guide = flow_guide_loss(x_hat, centre, loss_weight(batch, margin_weight), alpha=alpha)
     loss = nll + lam * guide
     return loss, {"nll": float(nll.detach()), "guide": float(guide.detach())}
+
+
+def regression_predict(model: torch.nn.Module, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x0 estimate of a regression UNet in one evaluation: ``model(zero-filled * M, y, t = 0, s) * M``.
+
+    y: (B,4,64,64) condition (channel 0 the zero-filled map, channel 1 M); s: (B,). Returns (B,1,64,64).
+    """
+    mask = y[:, 1:2]
+    t = torch.zeros(y.shape[0], dtype=torch.float32, device=y.device)
+    return model(y[:, 0:1] * mask, y, t, s) * mask
+
+
+def regression_objective(model: torch.nn.Module, batch: Batch, margin_weight: float = 1.0) -> torch.Tensor:
+    """Weighted MSE of :func:`regression_predict` against the target x0 (``loss_weight``)."""
+    return eps_loss(regression_predict(model, batch.y, batch.s), batch.x0, loss_weight(batch, margin_weight))

@@ -4,7 +4,9 @@
 - ``unet``: the denoising UNet of FTDDM, t uniform in 1..Ttrunc;
 - ``unet_full``: the same UNet trained on the whole chain 1..T, for the DDPM / DPM-Solver++ baselines;
 - ``flow``: the conditional flow that draws x_Ttrunc;
-- ``tdpm``: the TDPM baseline's generator of x_Ttrunc, trained adversarially (``training.tdpm``).
+- ``tdpm``: the TDPM baseline's generator of x_Ttrunc, trained adversarially (``training.tdpm``);
+- ``regression``: the UNet asked for x0 in one evaluation (``training.objectives.regression_objective``),
+  the conditional-mean yardstick of the benchmarks.
 
 A run folder holds ``last/`` (the resumable checkpoint), ``best.safetensors`` + ``best.json`` (lowest
 validation loss) and ``log.jsonl``. Every random draw of step k comes from generators seeded by
@@ -33,9 +35,9 @@ from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, load_ema_state, save_checkpoint
 from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
-from ftddm_trt.training.objectives import flow_objective, unet_objective
+from ftddm_trt.training.objectives import flow_objective, regression_objective, unet_objective
 
-TASKS = ("unet", "unet_full", "flow", "tdpm")
+TASKS = ("unet", "unet_full", "flow", "tdpm", "regression")
 
 
 @dataclass
@@ -145,6 +147,8 @@ def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Ten
     if cfg.task == "flow":
         return flow_objective(model, batch, schedule, cfg.t_trunc, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha,
                               margin_weight=cfg.margin_weight)
+    if cfg.task == "regression":
+        return regression_objective(model, batch, margin_weight=cfg.margin_weight), {}
     loss = unet_objective(model, batch, schedule, cfg.t_max, gen, margin_weight=cfg.margin_weight)
     return loss, {}
 
