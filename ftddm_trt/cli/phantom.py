@@ -39,11 +39,22 @@ def phantom(
     style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
     training: bool = typer.Option(False, "--training", help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, instead of N x N inputs with truth."),
     first: int = typer.Option(0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."),
+    family: str = typer.Option("tissue", "--family", help="Metabolite generator: tissue (tissue fractions, the --style options) or fields (random fields and textures, never used in training the shipped model)."),
+    qc_convention: str = typer.Option("ours", "--qc-convention", help="How the N x N qc maps are written: ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, strict-thresholds, missing (docs: qc conventions)."),
 ) -> None:
     """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
+    from ftddm_trt.data.field_phantom import make_field_subject
     from ftddm_trt.data.nifti_io import write_phantom_subject, write_training_subject
     from ftddm_trt.data.phantom import make_subject
     from ftddm_trt.data.phantom_styles import get_style
+    from ftddm_trt.data.qc_conventions import get_convention, with_site_thresholds
+
+    if family not in ("tissue", "fields"):
+        raise typer.BadParameter(f"{family!r} is not one of tissue, fields", param_hint="--family")
+    try:
+        convention = get_convention(qc_convention)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--qc-convention") from exc
 
     for name in style:
         try:
@@ -73,18 +84,24 @@ def phantom(
             ) as progress:
                 task = progress.add_task("phantoms", total=subjects)
                 for k, i in enumerate(range(first, first + subjects)):
-                    sub = make_subject(i, seed, style=style[k % len(style)])
+                    if family == "fields":
+                        sub = make_field_subject(i, seed)
+                    else:
+                        sub = make_subject(i, seed, style=style[k % len(style)])
+                    sub = with_site_thresholds(sub, convention)
                     if training:
                         write_training_subject(tmp, sub)
                     else:
-                        write_phantom_subject(tmp, sub, size, hr_masks=hr_masks)
+                        write_phantom_subject(tmp, sub, size, hr_masks=hr_masks, convention=convention)
                     ids.append(sub.subject_id)
                     progress.advance(task)
             manifest = {"seed": seed, "n": HR_SIZE if training else size, "scale": 1.0 if training else HR_SIZE / size,
-                        "hr_masks": hr_masks, "styles": list(style), "layout": "training" if training else "input+truth",
+                        "hr_masks": hr_masks, "family": family, "styles": list(style) if family == "tissue" else [],
+                        "qc_convention": convention.name, "layout": "training" if training else "input+truth",
                         "subjects": ids}
             (tmp / "phantoms.json").write_text(json.dumps(manifest, indent=2))
     except OutputError as err:
         raise typer.BadParameter(str(err), param_hint="OUT_DIR") from err
     what = "64 x 64 training subjects" if training else f"subjects (N={size}, s={HR_SIZE / size:.2f})"
-    console.print(f"wrote {subjects} {what} to {out_dir} (styles {', '.join(style)}, seed={seed})")
+    made = f"styles {', '.join(style)}" if family == "tissue" else "fields family"
+    console.print(f"wrote {subjects} {what} to {out_dir} ({made}, qc {convention.name}, seed={seed})")
