@@ -1,4 +1,4 @@
-"""Training losses of FTDDM (Dong et al. 2024, Sect. 2.2 and 2.4): the UNet's eps loss and the flow's NLL + guide loss."""
+"""Training losses of FTDDM (paper Sect. 2.2, 2.4): the UNet's eps loss and the flow's NLL + guide loss."""
 
 from __future__ import annotations
 
