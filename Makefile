@@ -1,12 +1,15 @@
-# Two set-up commands for a fresh machine (Python 3.11 only):
+# Two set-up commands for a fresh machine. The venv needs a Python 3.10 to 3.13 (pyproject.toml's
+# requires-python); PYTHON=python3.12 make demo picks another interpreter than python3.
 #   make demo   install into .venv, then run `ftddm-trt demo` end to end (ONNX Runtime on the CPU)
 #   make test   install into .venv, then run the whole test suite
+#   make docs   regenerate docs/cli.md from the commands' --help
+#   make lint   ruff over the package, the tests and the benchmarks
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench quality figures clean
+.PHONY: install demo test bench quality figures docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +37,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fine_mask.py --out benchmarks/results
 	$(BIN)/python benchmarks/finetune_unseen.py --out benchmarks/results
 
-figures: $(STAMP)
+figures: demo
 	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png
 	$(BIN)/python docs/make_styles_figure.py docs/phantom_styles.png
+	$(BIN)/python docs/make_before_after.py demo_out --out docs/before_after.png
+
+docs: $(STAMP)
+	$(BIN)/python docs/make_cli_reference.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check ftddm_trt tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,7 +11,7 @@ Triton round-trip overhead per network evaluation (NFE) against ONNX Runtime in-
 ONNX file: single UNet calls, and a whole sampling loop run three ways (in-process, client loop over
 Triton, server loop in ftddm_sampler). Writes benchmarks/results/triton_load.{json,md}.
 
-perf_analyzer cannot be installed on this machine (REFERENCE.md section 4), hence the Python loop.
+perf_analyzer is not part of the pip-installable Triton client, hence the Python loop.
 """
 
 from __future__ import annotations

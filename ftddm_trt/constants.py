@@ -24,12 +24,12 @@ USER_DEFAULT_TAU_F: float = 0.0
 #: ``lr`` protocol with qc maps: share of the acquired k-space band put back into the output through
 #: the fine-mask estimate from the qc maps (``diffusion.consistency.partial_consistency``,
 #: ``data.masks.fine_mask_estimate``). Chosen on training-style subjects of a seed no benchmark uses
-#: (README, quality floor); 0 turns it off.
+#: (the mean gain over the three training styles at s = 8, 4, 2); 0 turns it off.
 QC_CONSISTENCY_WEIGHT: float = 0.2
 
 #: Training-loss weight of the voxels of M outside the truth's quality mask (``training.objectives.loss_weight``;
 #: 1 is the paper's loss over all of M). In ``lr`` those voxels hold an extension of the truth the
-#: condition does not determine, and at full weight they teach an upward level bias (README). The shipped
+#: condition does not determine, and at full weight they teach an upward level bias (docs/architecture.md). The shipped
 #: UNet and ``finetune`` use this; a training run saved before the option existed resumes with 1.
 MARGIN_WEIGHT: float = 0.1
 

@@ -159,7 +159,7 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
 
 
 def test_finetune_default_tunes_the_unet_and_keeps_the_base_flow(site_dir, tiny_model_dir, tmp_path):
-    """Default networks: the UNet alone (a fine-tuned flow over-fitted a few subjects, README); the flow
+    """Default networks: the UNet alone (a fine-tuned flow over-fitted a few subjects, docs/fine-tuning.md); the flow
     is the base's, bit for bit, and marked as copied."""
     out = tmp_path / "tuned"
     res = CliRunner().invoke(app, ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-#: Packages the GPU host may lack (REFERENCE.md section 4): the check must run without them.
+#: Packages a bare GPU host may lack: the check must run without them.
 ABSENT_THERE = ("nibabel", "nilearn", "scipy", "typer", "rich", "tritonclient", "safetensors", "matplotlib",
                 "onnxscript", "onnxslim", "skimage", "diffusers")
 

@@ -69,7 +69,7 @@ def choose_step(rows: Sequence[dict]) -> tuple[float, float]:
     """The learned (threshold, weight) whose worst mean PSNR gain over the rows' groups (each style and
     acquisition size; rows without a style group by size alone) is highest; the overall mean breaks ties.
     The worst case rather than the mean: a weight that gains most where the estimator is good loses most
-    where it is not (README, quality floor)."""
+    where it is not (docs/architecture.md, "Data consistency")."""
     groups: dict[tuple[float, float], dict[tuple, list[float]]] = {}
     for r in rows:
         if r["mask"] == "learned":

@@ -109,7 +109,7 @@ def finetune_cmd(
     minutes: float = typer.Option(finetune_defaults.MINUTES, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
     networks: str = typer.Option(",".join(finetune_defaults.NETWORKS), "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
                                                            "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
-                                                           "on a few subjects over-fitted them in our benchmark (README)."),
+                                                           "on a few subjects over-fitted them in our benchmark (docs/fine-tuning.md)."),
     lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
     lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
     fine_mask_share: float = typer.Option(finetune_defaults.FINE_MASK_SHARE, "--fine-mask-share", help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the networks; 0: keep the base's)."),

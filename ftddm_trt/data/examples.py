@@ -4,7 +4,7 @@ One training example is one metabolite map of one slice. A batch is built the wa
 random rotation, flip and translation of the 64x64 truth (applied jointly to the map, its quality mask,
 T1, FLAIR and the qc maps), an upscaling factor s drawn uniformly from the 13 acquisition sizes,
 the low resolution made by k-space truncation, and the mask M of one of the two protocols
-(``hr``: the 64x64 quality mask, ``lr``: the mask a user has, see docs/ARCHITECTURE.md).
+(``hr``: the 64x64 quality mask, ``lr``: the mask a user has, see docs/architecture.md).
 """
 
 from __future__ import annotations

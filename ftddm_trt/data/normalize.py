@@ -1,4 +1,4 @@
-"""Intensity normalization (ARCHITECTURE.md): per-map robust max for metabolites, [0, 1] for anatomy.
+"""Intensity normalization (docs/architecture.md): per-map robust max for metabolites, [0, 1] for anatomy.
 
 Each metabolite map of each slice is divided by ``scale`` = the 99th percentile of its zero-filled LR
 inside the mask M (the whole image when M is empty there), floored at ``SCALE_FLOOR``. LR, the network

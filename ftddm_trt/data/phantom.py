@@ -5,7 +5,7 @@ a random rigid + scaling + smooth elastic transform, with:
 
 * 7 metabolite maps (``constants.METABOLITES``, mM-like units) on the 64x64 MRSI grid
   (220 mm FOV), made of tissue fractions (GM, WM, CSF, solid tumour, necrosis, edema) times
-  per-subject concentrations drawn in the ranges of REFERENCE.md section 5, a per-subject gain, a
+  per-subject concentrations drawn in the ranges of ``_GM`` / ``_WM`` / ... below, a per-subject gain, a
   smooth receive (bias) field, mild texture and noise;
 * qc maps as FSL-MRS would write them: SNR (signal / noise; low for Gln and Gly) and FWHM in ppm
   (B0 hot spots over the frontal sinus and the temporal bones), plus lipid contamination along the
@@ -60,7 +60,7 @@ _ANAT_MM = FOV_MM / ANAT_SIZE
 _MNI_FOV_CENTRE = np.array([0.0, -17.0])  # in-plane centre of the MNI brain (mm)
 _CEREBRUM_Z = (-18.0, 66.0)  # MNI z range the slab stays inside (mm)
 
-# Concentration ranges (mM), REFERENCE.md section 5; order = METABOLITES.
+# Concentration ranges (mM) per tissue, in the range of published in-vivo brain values; order = METABOLITES.
 #                        tCr         tCho        NAA          Glu          Ins         Gln         Gly
 _GM = np.array([(7.0, 9.0), (1.0, 1.4), (8.0, 11.0), (8.5, 11.0), (4.5, 7.0), (2.5, 4.5), (0.5, 1.1)])
 _WM = np.array([(5.0, 6.5), (1.4, 2.0), (7.5, 10.0), (5.5, 7.5), (4.0, 6.0), (1.5, 3.0), (0.3, 0.8)])

@@ -1,8 +1,8 @@
 """Phantom styles: per-subject randomization of the generator, so a network learns MRSI, not one phantom.
 
 A :class:`PhantomStyle` holds the *distributions* that ``data.phantom.make_subject`` draws each subject's
-generator settings from. ``classic`` is the original generator (nothing extra is drawn, arrays are
-bit-identical to earlier releases). The other styles randomize, per subject:
+generator settings from. ``classic`` is the base generator (nothing extra is drawn, so its subjects
+depend on the seed alone, bit for bit). The other styles randomize, per subject:
 
 * anatomy: a crisp cortical ribbon (tissue fractions sharpened) and sulcal CSF carved along the zero
   level set of a smooth random field inside grey matter; slice thickness (through-plane partial volume,

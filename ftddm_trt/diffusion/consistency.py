@@ -24,7 +24,7 @@ re-imposes a share ``w`` of the acquisition through an estimate ``F`` of the fin
 
 ``w = 1`` and ``F = 1`` is :func:`data_consistency`; ``w = 0`` leaves ``x``. With the true fine mask
 ``B_n (F x_1) = B_n zf`` would hold for ``w = 1``; with an estimate, a small ``w`` corrects the level
-of the acquired band without imposing the estimate's misplaced holes (README, quality floor).
+of the acquired band without imposing the estimate's misplaced holes (docs/architecture.md, "Data consistency").
 
 Pure torch on the last two axes; ``s`` per image (any mix of acquisition sizes in one batch).
 """

@@ -1,4 +1,4 @@
-"""Training losses of FTDDM (REFERENCE.md section 1): the UNet's eps loss and the flow's NLL + guide loss."""
+"""Training losses of FTDDM (paper Sect. 2.2, 2.4): the UNet's eps loss and the flow's NLL + guide loss."""
 
 from __future__ import annotations
 

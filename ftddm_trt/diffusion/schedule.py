@@ -1,6 +1,6 @@
 """Discrete Gaussian diffusion schedules with 1-based timesteps.
 
-Conventions (docs/ARCHITECTURE.md, REFERENCE.md section 1):
+Conventions (docs/architecture.md; the paper's Sect. 2.2, Dong et al. 2024):
 
 - ``betas[t]`` for ``t = 1..T``; index 0 holds a padding ``beta_0 = 0`` so that every table is indexed
   by the timestep itself.
@@ -103,8 +103,8 @@ class DiscreteSchedule:
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Sample ``q(x_t | x0)``: ``x_t = sqrt(gamma_t) x0 + sqrt(1 - gamma_t) * M * eps`` (REFERENCE section 1,
-        the paper's eq. with the square root restored; noise only inside the mask M).
+        """Sample ``q(x_t | x0)``: ``x_t = sqrt(gamma_t) x0 + sqrt(1 - gamma_t) * M * eps`` (the
+        paper's Sect. 2.2, with the square root restored; noise only inside the mask M).
 
         ``t`` is a ``(B,)`` integer tensor in ``1..T``; ``mask=None`` means M = 1 everywhere.
         """
@@ -142,8 +142,8 @@ class DiscreteSchedule:
         return self._bcast(c0, x_t) * x0 + self._bcast(ct, x_t) * x_t
 
     def posterior_variance(self, t: Tensor | int) -> Tensor:
-        """"Fixed small" variance ``sigma_t^2 = (1 - gamma_{t-1}) / (1 - gamma_t) * beta_t`` (paper eq. 12,
-        REFERENCE section 1); float64 CPU tensor of shape ``(B,)``, 0 at ``t = 1``."""
+        """"Fixed small" variance ``sigma_t^2 = (1 - gamma_{t-1}) / (1 - gamma_t) * beta_t`` (paper eq. 12);
+        float64 CPU tensor of shape ``(B,)``, 0 at ``t = 1``."""
         idx = _as_index(t)
         self._check(idx)
         return self.posterior_variances[idx]
@@ -172,7 +172,7 @@ class DiscreteSchedule:
 
 class CosineSchedule(DiscreteSchedule):
     """The paper's forward process: cosine schedule (Nichol & Dhariwal 2021), ``T = 1000``, ``s = 0.008``,
-    betas clipped at ``max_beta = 0.999`` (REFERENCE section 1). Equal to diffusers'
+    betas clipped at ``max_beta = 0.999``. Equal to diffusers'
     ``DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")`` with ``t = k + 1``."""
 
     def __init__(self, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> None:

@@ -9,7 +9,7 @@ from node names:
 - by walking it forward from the per-item scalar inputs (``t``, ``s``; ``tau_f`` of the flow) up to
   the first ``Gemm`` / ``MatMul``: the sinusoidal embeddings. Their Sin/Cos arguments reach
   ``t * freq`` with ``t <= 1000``, where fp16's spacing (0.5 at 1000) errs by up to 0.4 rad;
-- by op type: normalization and softmax (REFERENCE.md section 3: InstanceNorm / attention overflow in
+- by op type: normalization and softmax (InstanceNorm statistics and attention logits overflow in
   fp16), reductions, and the ops of the flow's couplings whose error grows through the inverse
   (``Exp``, ``Log``, ``Div``, ``Pow``, ``Sqrt``, ``Reciprocal``).
 

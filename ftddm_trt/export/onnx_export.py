@@ -5,7 +5,7 @@ Graphs (dynamic batch ``B``; every other dimension fixed, and written into the g
 - ``unet.onnx`` / ``unet_full.onnx``: ``x_t (B,1,64,64), y (B,4,64,64), t (B,), s (B,) -> eps (B,1,64,64)``
 - ``flow.onnx`` (the flow's reverse pass): ``eps (B,1,64,64), y (B,4,64,64), tau_f (B,) -> x (B,1,64,64)``
 
-torch's dynamo exporter at opset 18 (REFERENCE.md section 4: opset 17 can write an invalid Split),
+torch's dynamo exporter at opset 18 (at opset 17 it can write an invalid Split),
 then onnxslim (constant folding, dead-node removal, shape inference). The export is written into a
 temporary folder and moved into place only when every network passed its parity check.
 """

@@ -5,7 +5,7 @@ Which binary (``find_tritonserver``):
 - ``tritonserver`` on PATH (NVIDIA's container): run as is, with its own backends
   (``/opt/tritonserver/backends``);
 - otherwise the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51, Python backend only). It
-  needs the environment of REFERENCE.md section 4, which this module sets up: a backend folder
+  needs an environment the wheel does not provide, which this module sets up: a backend folder
   ``backends/python/`` holding ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub
   for this interpreter's Python version; ``LD_LIBRARY_PATH`` with ``nvidia_pytriton.libs`` and the
   interpreter's ``LIBDIR`` (else the stub loads the system libpython and fails); the virtual

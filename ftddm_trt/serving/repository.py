@@ -19,7 +19,7 @@ Flavours, from the same function:
 
 - ``cpu``: every model is ``backend: "python"``; the network models run their ONNX file with ONNX
   Runtime (``serving/triton_templates/python/onnx_network.py``). For the nvidia-pytriton server, which has only
-  the Python backend (REFERENCE.md section 4).
+  the Python backend.
 - ``gpu``: the network models are ``platform: "tensorrt_plan"`` with the engines of an engine folder
   (``ftddm-trt build-engine``) when one is given, else ``platform: "onnxruntime_onnx"`` with the
   TensorRT execution accelerator (engine cache path and min/opt/max profile shapes set); for NVIDIA's
@@ -83,7 +83,7 @@ class RepoOptions:
     KIND_GPU for gpu); sampler_instances: concurrent sampling loops; intra_op_threads: ONNX Runtime
     threads per cpu network instance (0: its default); trt_precision / trt_workspace_bytes: the
     TensorRT accelerator of the gpu flavour without engines (FP32 by default: InstanceNorm and
-    attention drift in fp16, REFERENCE.md section 3; engines from build-engine keep those in fp32);
+    attention drift in fp16; engines from build-engine keep those in fp32);
     dynamic_batching: False leaves the batcher out of the network configs (each request runs alone).
     """
 

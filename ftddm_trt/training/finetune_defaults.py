@@ -13,7 +13,7 @@ from ftddm_trt import constants
 MINUTES: float = 10.0
 #: The truncated UNet alone by default: on held-out subjects of an unseen style (benchmarks/finetune_unseen.py)
 #: a fine-tuned UNet with the base flow gained over the base model, a fine-tuned flow lost (it over-fits
-#: the few site subjects in the 10-minute budget); README "Fine-tuning on the unseen style".
+#: the few site subjects in the 10-minute budget); docs/fine-tuning.md.
 NETWORKS: tuple[str, ...] = ("unet",)
 #: Adam learning rate (constant).
 LR: float = 1e-4

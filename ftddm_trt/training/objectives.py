@@ -1,4 +1,4 @@
-"""The training objectives: FTDDM's two (the paper, Section 2) and a regression yardstick.
+"""The training objectives: FTDDM's two (Dong et al. 2024, Sect. 2.2 and 2.4) and a regression yardstick.
 
 - Denoising UNet: ``|| M*eps - eps_theta(x_t, y, t, s) ||^2`` with ``t`` uniform in ``1..t_max``
   (``t_max = Ttrunc`` for FTDDM, ``T`` for the DDPM baselines).
@@ -14,8 +14,8 @@
 All losses average over M with a per-voxel weight (``loss_weight``): 1 on the voxels a map is scored on,
 ``margin_weight`` on the rest of M. In the ``lr`` protocol that rest (M's dilated margin and its low-SNR
 holes) holds the ``fill_outside`` extension of the truth, a target the condition does not determine; at
-full weight it teaches every network an upward level bias inside the mask (README, "What the `lr`
-output got wrong"). ``margin_weight = 1`` is the paper's loss over all of M.
+full weight it teaches every network an upward level bias inside the mask (docs/architecture.md,
+"The two mask protocols"). ``margin_weight = 1`` is the paper's loss over all of M.
 """
 
 from __future__ import annotations
