@@ -47,7 +47,7 @@ def upscale(subject: Path, out: Path, *extra: str):
 
 
 @pytest.mark.e2e
-def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tmp_path):
+def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tiny_model_dir, tmp_path):
     res = runner.invoke(app, ["phantom", str(tmp_path / "data"), "--subjects", "1", "--n", "16"])
     assert res.exit_code == 0, res.output
     subject = tmp_path / "data" / "sub-000"
@@ -57,7 +57,7 @@ def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tmp_path):
     assert n == 16
 
     out = tmp_path / "sr"
-    res = upscale(subject, out, "--onnx", str(tiny_onnx_export), "--metabolites", "NAA,tCr", "--batch-size", "16",
+    res = upscale(subject, out, "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), "--metabolites", "NAA,tCr", "--batch-size", "16",
                   "--seed", "3")
     assert res.exit_code == 0, res.output
     assert "NFE 3" in res.output and "mask from qc" in " ".join(res.output.split())

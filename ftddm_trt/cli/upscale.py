@@ -151,17 +151,40 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
         raise UpscaleError(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}") from err
-    try:  # before anything is written: the flow must be the one trained for this Ttrunc
+    try:  # before anything is written: the flow must be the one trained for this Ttrunc, of this model
         require_flow_ttrunc(backend, spec)
-    except Exception as err:  # TtruncMismatch, or the server cannot be asked
+        require_same_model(backend, opts, spec)
+    except Exception as err:  # TtruncMismatch, ModelMismatch, or the server cannot be asked
         backend.close()
         raise UpscaleError(str(err)) from err
     return backend
 
 
+def spec_networks(spec) -> list[str]:
+    """The networks ``spec`` runs."""
+    return ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+
+
+def require_same_model(backend: "Backend", opts: UpscaleOptions, spec) -> None:
+    """Refuse (ModelMismatch, naming the network and both hashes) a backend whose networks were not made
+    from ``--model`` (default: the shipped model): the fine-mask estimator and run.json come from that
+    folder, so another model's networks would mix two models. The checked hashes go to the backend
+    (Triton's server loop checks them again in the server)."""
+    from ftddm_trt.engine.model_check import check_same_model
+    from ftddm_trt.models.model_set import ModelSet
+
+    try:
+        models = ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")
+    except FileNotFoundError as err:
+        raise UpscaleError(str(err)) from err
+    expected = {n: h for n, h in models.hashes().items() if n in spec_networks(spec)}
+    check_same_model(expected, backend.describe().get("models", {}), spec_networks(spec), backend.origin(), str(models.root))
+    backend.expect_weights(expected)
+
+
 def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:
     """Hashes of the networks ``spec`` runs, as the backend reports them (ONNX sha256, else weights)."""
-    needed = ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+    needed = spec_networks(spec)
     hashes = backend_info.get("onnx") or backend_info.get("engines") or backend_info.get("models") or {}
     return {n: str(hashes.get(n, "")) for n in needed}
 
