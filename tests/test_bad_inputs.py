@@ -1,7 +1,7 @@
 """The project's own bad-input corpus (issue 12): every class a hostile user found, each ending in a
 named message, a non-zero exit and nothing written, or in a run whose fallback is recorded.
 
-Classes: degraded subjects (missing anatomy, several concentration kinds, all-zero / out-of-range maps,
+Classes: degraded subjects (missing or partial anatomy, all-zero / out-of-range maps,
 empty quality masks, anisotropic voxels), unusable output paths, extreme settings. Corrupt model files
 are in test_integrity.py, output-folder ownership and locking in test_atomic.py / test_output_cli.py,
 broken NIfTI files in test_upscale_cli.py. Add a case here with every new bug.
@@ -10,7 +10,6 @@ broken NIfTI files in test_upscale_cli.py. Add a case here with every new bug.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -53,8 +52,10 @@ def no_anatomy(s):
     (s / "flair.nii.gz").unlink()
 
 
-def two_kinds(s):
-    shutil.copytree(s / "concs" / "raw", s / "concs" / "molarity")
+def t1_covers_a_corner(s):
+    img = nib.load(str(s / "t1.nii.gz"))  # the same grid, cut to its first 40% along x and y
+    x, y = (int(0.4 * n) for n in img.shape[:2])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32)[:x, :y], img.affine), str(s / "t1.nii.gz"))
 
 
 def zero_map(s):
@@ -73,7 +74,7 @@ def qc_fails_everywhere(s):
 DEGRADED = [
     (no_t1, "no t1.nii.gz", ["--allow-missing-anatomy"], ("anatomy", "flair"), "missing-anatomy"),
     (no_anatomy, "no t1.nii.gz or flair.nii.gz", ["--allow-missing-anatomy"], ("anatomy", "none (zeros)"), "missing-anatomy"),
-    (two_kinds, "several kinds (raw, molarity): choose one with --kind", ["--kind", "molarity"], ("kind", "molarity"), None),
+    (t1_covers_a_corner, "t1 covers", ["--accept", "partial-anatomy"], None, "partial-anatomy"),
     (zero_map, "the maps of NAA are zero everywhere", ["--accept", "zero-maps"], None, "zero-maps"),
     (minus_a_million, "values below -1000 in NAA", ["--accept", "out-of-range"], None, "out-of-range"),
     (qc_fails_everywhere, "the quality mask of NAA is empty on every slice", ["--accept", "empty-mask"], None, "empty-mask"),
@@ -87,7 +88,7 @@ def test_degraded_input_is_refused_by_default(subject_copy, tiny_model_dir, tmp_
     res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir)])
     assert res.exit_code == 2, res.output
     assert flat(problem) in flat(res.output), res.output
-    assert "refused" in res.output or "--kind" in problem
+    assert "refused" in res.output
     assert "Traceback" not in res.output and not out.exists()
 
 
@@ -120,8 +121,9 @@ def test_anisotropic_voxels_are_noted(subject_copy, tiny_model_dir, tmp_path):
         aff = img.affine.copy()
         aff[:3, 0] *= 1.5
         _rewrite(p, affine=aff)
-    out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir)])
+    out = tmp_path / "sr"  # the stretched field of view reaches past the anatomy: accepted here
+    res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir),
+                              "--accept", "partial-anatomy"])
     assert res.exit_code == 0, res.output
     assert "anisotropic in-plane voxels" in " ".join(res.output.split())
     assert any("anisotropic in-plane voxels" in n for n in json.loads((out / "run.json").read_text())["notes"])

@@ -56,7 +56,7 @@ def test_auto_mode_applies_consistency_exactly_for_a_fine_mask(tmp_path):
     sub = make_subject(0, seed=0)
     coarse = read_subject(write_phantom_subject(tmp_path / "lr", sub, 16))
     fine = read_subject(write_phantom_subject(tmp_path / "hr", sub, 16, hr_masks=True))
-    assert (coarse.mask_source, coarse.fine_mask) == ("qc", False)
+    assert (coarse.mask_source, coarse.fine_mask) == ("signal", False)
     assert (fine.mask_source, fine.fine_mask) == ("masks", True)
     spec = SamplerSpec()
     assert consistency_for(spec, "auto", fine.fine_mask).data_consistency

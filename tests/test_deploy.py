@@ -54,6 +54,16 @@ def repo(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def sampler_repo(tmp_path_factory) -> Path:
+    """The gpu repository with ftddm_sampler, as model-fill-job.yaml generates it for the server image."""
+    root = tmp_path_factory.mktemp("deploy-sampler")
+    out = root / "v1"
+    res = runner.invoke(app, ["triton-repo", "--flavor", "gpu", "--onnx", str(_fake_export(root / "onnx")), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def repo_models(repo: Path) -> set[str]:
     return set(validate_repository(repo))
 
@@ -95,7 +105,8 @@ def test_compose(repo):
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
 
 
-def test_kubernetes(repo):
+def test_kubernetes(sampler_repo):
+    repo = sampler_repo
     (dep,) = load_all(K8S / "deployment.yaml")
     assert dep["kind"] == "Deployment" and dep["spec"]["replicas"] >= 2
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

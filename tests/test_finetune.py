@@ -142,13 +142,16 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
     steps = ft["training"]["unet"]["step"]
     assert steps >= 1
 
-    # re-running continues the same runs (more steps) and replaces the model folder only with --force
+    # re-running continues the same runs within one total budget (a larger --minutes gives more steps)
+    # and replaces the model folder only with --force
     res = CliRunner().invoke(app, args)
     assert res.exit_code != 0 and "not empty" in " ".join(res.output.split())  # rich wraps long paths
-    res = CliRunner().invoke(app, args + ["--force"])
+    longer = [*args[:6], "0.1", *args[7:]]
+    res = CliRunner().invoke(app, longer + ["--force"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["finetune"]["training"]["unet"]["step"] > steps
+    unet = manifest["finetune"]["training"]["unet"]
+    assert unet["step"] > steps and unet["seconds_total"] < 0.1 * 60 * 1.2 + 5  # not a fresh 6 s on top
 
     sr = tmp_path / "sr"
     res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(sr), "--model", str(out), "--backend", "torch",

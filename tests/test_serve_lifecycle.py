@@ -2,6 +2,7 @@
 cpu repository (ftddm_flow only: the cheapest to load).
 
 - `serve` killed with SIGKILL leaves no tritonserver, stub, /dev/shm region, temp folder or log;
+- `serve` and its guard both killed with SIGKILL leave no tritonserver or stub;
 - a second `serve` on busy ports refuses before starting and never says "ready";
 - `serve` writes no log into the current folder;
 - a client rides out a server restart (bounded retry time) and names the server when it gives up.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -101,6 +103,36 @@ def test_sigkilled_serve_leaves_nothing_and_busy_ports_are_refused(flow_repo, tm
             time.sleep(0.2)
         assert not [p for p in server_pids if _alive(p)], "tritonserver or its stubs outlived the wrapper"
         assert shm_regions(prefix) == [] and not workdir.exists() and not log.exists()
+        assert not any(port_in_use("127.0.0.1", p) for p in ports)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_server_dies_with_its_guard_when_both_are_sigkilled(flow_repo, tmp_path):
+    """The wrapper and the guard SIGKILLed at once (no handler runs in either): tritonserver and its stubs go too."""
+    ports = [free_port() for _ in range(3)]
+    proc = _serve(flow_repo, ports, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with TritonBackend(f"127.0.0.1:{ports[1]}", retries=0, require=("flow",)):
+                    break
+            except TritonUnavailable:
+                assert time.monotonic() < deadline, "server not ready"
+                time.sleep(0.3)
+        (guard,) = _children(proc.pid)
+        server_pids = [int(p) for p in subprocess.run(["pgrep", "-s", str(guard)], capture_output=True, text=True).stdout.split()]
+        assert len(server_pids) >= 3, "guard, tritonserver and a Python stub"
+        os.kill(guard, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and any(_alive(p) for p in server_pids):
+            time.sleep(0.2)
+        assert not [p for p in server_pids if _alive(p)], "tritonserver or its stubs outlived the guard"
         assert not any(port_in_use("127.0.0.1", p) for p in ports)
     finally:
         if proc.poll() is None:

@@ -143,6 +143,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
         assert_same_tensors(load_file(str(straight / "last" / name)), load_file(str(resumed / "last" / name)))
     assert_same_tensors(load_file(str(straight / "best.safetensors")), load_file(str(resumed / "best.safetensors")))
     a, b = (json.loads((d / "last" / "state.json").read_text()) for d in (straight, resumed))
+    assert a.pop("elapsed_s") > 0 and b.pop("elapsed_s") > 0  # wall-clock time spent: differs run to run
     assert a == b
     assert json.loads((straight / "last" / "optim.json").read_text()) == json.loads((resumed / "last" / "optim.json").read_text())
     assert not (resumed / "last.old").exists() and not (resumed / "last.tmp").exists()

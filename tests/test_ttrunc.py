@@ -174,9 +174,10 @@ def test_upscale_onnx_refuses_an_export_that_predates_the_record(export_t100, ph
     assert res.exit_code != 0 and "doesnotrecordtheTtrunc" in flat(res.output) and not out.exists()
 
 
-def test_upscale_onnx_accepts_the_matching_ttrunc(export_t100, phantom_subject_dir, tmp_path):
+def test_upscale_onnx_accepts_the_matching_ttrunc(export_t100, tiny_model_dir, phantom_subject_dir, tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--onnx", str(export_t100), "--ttrunc", "100",
+                              "--model", str(tiny_model_dir),
                               "--sampler", "ftddm-dpmpp", "--steps", "2", "--metabolites", "NAA"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "run.json").read_text())["sampler"]["ttrunc"] == 100

@@ -106,7 +106,7 @@ def finetune_cmd(
                                               "t1.nii.gz and flair.nii.gz on any grid."),
     out_model: Path = typer.Argument(..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."),
     base: Optional[Path] = typer.Option(None, "--from", help="Model folder to start from (default: the shipped model)."),
-    minutes: float = typer.Option(finetune_defaults.MINUTES, "--minutes", help="Training time budget, shared between the networks. Re-running continues."),
+    minutes: float = typer.Option(finetune_defaults.MINUTES, "--minutes", help="Training time budget, shared between the networks, over every run: re-running continues with what is left."),
     networks: str = typer.Option(",".join(finetune_defaults.NETWORKS), "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
                                                            "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
                                                            "on a few subjects over-fitted them in our benchmark (docs/fine-tuning.md)."),
@@ -115,7 +115,7 @@ def finetune_cmd(
     fine_mask_share: float = typer.Option(finetune_defaults.FINE_MASK_SHARE, "--fine-mask-share", help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the networks; 0: keep the base's)."),
     margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
     val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL); never inside DATA_DIR."),
     qc_convention: str = typer.Option(finetune_defaults.QC_CONVENTION, "--qc-convention", help="How your N x N qc maps are written, for the validation of the qc step: any (the mean over every convention), or one of ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, missing (docs: qc conventions)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
 ) -> None:

@@ -79,15 +79,22 @@ class UpscaleError(Exception):
 class LoadedSubject:
     """A subject read and checked for one run.
 
-    subject_dir: its folder; input: the maps as read (metabolites as asked); spec: the sampler it runs
-    (``data_consistency`` decided by its mask, ``pipeline.consistency_for``); accepted: degraded inputs
-    accepted, as sentences; notes: remarks needing no acceptance (reader's and checks')."""
+    subject_dir: its folder; input: the maps as read (metabolites as asked) of the first concentration
+    kind; others: the same subject's other kinds, each super-resolved alike into ``concs/<kind>``; spec:
+    the sampler it runs (``data_consistency`` decided by its mask, ``pipeline.consistency_for``);
+    accepted: degraded inputs accepted, as sentences; notes: remarks needing no acceptance (reader's and checks')."""
 
     subject_dir: Path
     input: "SubjectInput"
     spec: "SamplerSpec"
     accepted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    others: list["SubjectInput"] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list["SubjectInput"]:
+        """Every kind read, the first one first."""
+        return [self.input, *self.others]
 
 
 def accept_set(opts: UpscaleOptions) -> set[str]:
@@ -151,17 +158,43 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
         raise UpscaleError(f"cannot open backend {opts.backend!r}: {type(err).__name__}: {err}") from err
-    try:  # before anything is written: the flow must be the one trained for this Ttrunc
+    try:  # before anything is written: the flow must be the one trained for this Ttrunc, of this model
         require_flow_ttrunc(backend, spec)
-    except Exception as err:  # TtruncMismatch, or the server cannot be asked
+        require_same_model(backend, opts, spec)
+    except Exception as err:  # TtruncMismatch, ModelMismatch, or the server cannot be asked
         backend.close()
         raise UpscaleError(str(err)) from err
     return backend
 
 
+def spec_networks(spec) -> list[str]:
+    """The networks ``spec`` runs."""
+    return ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+
+
+def require_same_model(backend: "Backend", opts: UpscaleOptions, spec) -> None:
+    """Refuse (ModelMismatch, naming the network and both hashes) a backend whose networks were not made
+    from ``--model`` (default: the shipped model): the fine-mask estimator and run.json come from that
+    folder, so another model's networks would mix two models. The checked hashes go to the backend
+    (Triton's server loop checks them again in the server)."""
+    from ftddm_trt.engine.model_check import check_same_model
+    from ftddm_trt.models.model_set import ModelSet
+
+    try:
+        models = ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")
+    except FileNotFoundError as err:
+        raise UpscaleError(str(err)) from err
+    expected = {n: h for n, h in models.hashes().items() if n in spec_networks(spec)}
+    lacking = [n for n in spec_networks(spec) if n not in expected]
+    if lacking:
+        raise UpscaleError(f"the model {models.root} has no {', '.join(lacking)} network, which the {spec.name} sampler needs")
+    check_same_model(expected, backend.describe().get("models", {}), spec_networks(spec), backend.origin(), str(models.root))
+    backend.expect_weights(expected)
+
+
 def model_fingerprint(spec, backend_info: dict) -> dict[str, str]:
     """Hashes of the networks ``spec`` runs, as the backend reports them (ONNX sha256, else weights)."""
-    needed = ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
+    needed = spec_networks(spec)
     hashes = backend_info.get("onnx") or backend_info.get("engines") or backend_info.get("models") or {}
     return {n: str(hashes.get(n, "")) for n in needed}
 
@@ -212,37 +245,53 @@ def _json_normal(d: dict) -> dict:
 
 
 def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject:
-    """Read a subject folder for ``spec`` (from ``check_options``): the concentration kind ``opts`` names
-    (several kinds without --kind are refused), the metabolites it asks for, degraded inputs refused unless
-    accepted, data consistency set from the subject's mask. UpscaleError names what is wrong."""
-    from ftddm_trt.data.input_checks import ambiguous_kinds, check_subject
-    from ftddm_trt.data.nifti_io import InputError, read_subject
+    """Read a subject folder for ``spec`` (from ``check_options``): every concentration kind present, or
+    the one --kind names, the metabolites it asks for, degraded inputs refused unless accepted, data
+    consistency set from the subject's mask. UpscaleError names what is wrong."""
+    from ftddm_trt.data.input_checks import check_subject, kinds_to_read
+    from ftddm_trt.data.nifti_io import InputError
     from ftddm_trt.engine.pipeline import consistency_for
 
     if not subject_dir.is_dir():
         raise UpscaleError(f"{subject_dir}: subject folder does not exist")
     try:
-        ambiguous_kinds(subject_dir, opts.kind)
-        subject = read_subject(subject_dir, kind=opts.kind)
+        kinds = kinds_to_read(subject_dir, opts.kind)
+        subjects = [_read_kind(subject_dir, k, opts) for k in kinds]
+        subject = subjects[0]
         subject_spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
+        accepted, input_notes = check_subject(subject, accept_set(opts))
+        for other in subjects[1:]:
+            if other.metabolites != subject.metabolites:
+                raise InputError(subject_dir / "concs", f"concs/{other.kind} holds {', '.join(other.metabolites)} but "
+                                 f"concs/{subject.kind} holds {', '.join(subject.metabolites)}: restrict with --kind or --metabolites")
+            check_subject(other, accept_set(opts))
     except (InputError, ValueError) as err:
         raise UpscaleError(str(err)) from err
+    return LoadedSubject(subject_dir, subject, subject_spec, accepted, [*subject.notes, *input_notes], subjects[1:])
+
+
+def _read_kind(subject_dir: Path, kind: str, opts: UpscaleOptions) -> "SubjectInput":
+    """One concentration kind of a subject, checked against --scale and cut to --metabolites."""
+    from ftddm_trt.data.nifti_io import read_subject
+
+    subject = read_subject(subject_dir, kind=kind)
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
         raise UpscaleError(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
     if opts.metabolites:
         unknown = [m for m in opts.metabolites if m not in subject.metabolites]
         if unknown:
-            raise UpscaleError(f"{subject_dir}: no maps for {', '.join(unknown)} (present: {', '.join(subject.metabolites)})")
+            raise UpscaleError(f"{subject_dir}: no maps for {', '.join(unknown)} in concs/{kind} "
+                               f"(present: {', '.join(subject.metabolites)})")
         subject.select(opts.metabolites)
-    try:
-        accepted, input_notes = check_subject(subject, accept_set(opts))
-    except (InputError, ValueError) as err:
-        raise UpscaleError(str(err)) from err
-    return LoadedSubject(subject_dir, subject, subject_spec, accepted, [*subject.notes, *input_notes])
+        subject.missing = ()
+    return subject
 
 
 def report_loaded(loaded: LoadedSubject, prefix: str = "") -> None:
-    """Print what was accepted about a subject and the notes the checks made (stderr console)."""
+    """Print the metabolites not found, what was accepted about a subject and the notes the checks made (stderr console)."""
+    if loaded.input.missing:
+        console.print(f"[yellow]{prefix}missing[/] no map for {', '.join(loaded.input.missing)} in "
+                      f"{loaded.subject_dir / 'concs' / loaded.input.kind}: not written", highlight=False)
     for line in loaded.accepted:
         console.print(f"[yellow]{prefix}accepted[/] {line}", highlight=False)
     for line in loaded.notes[len(loaded.input.notes):]:
@@ -250,8 +299,8 @@ def report_loaded(loaded: LoadedSubject, prefix: str = "") -> None:
 
 
 def n_maps(loaded: LoadedSubject, opts: UpscaleOptions) -> int:
-    """Images one subject costs: slices x metabolites x samples."""
-    return int(loaded.input.lr.shape[0] * loaded.input.lr.shape[1] * opts.samples)
+    """Images one subject costs: kinds x slices x metabolites x samples."""
+    return int(len(loaded.inputs) * loaded.input.lr.shape[0] * loaded.input.lr.shape[1] * opts.samples)
 
 
 def correction_decisions(result, spec, qc_weight: float) -> list[str]:
@@ -300,18 +349,28 @@ def upscale_with_backend(
     from ftddm_trt.engine.upscale import upscale_subject
 
     subject_dir, subject, spec = loaded.subject_dir, loaded.input, loaded.spec
+    total = n_maps(loaded, opts)
+    per_kind = total // len(loaded.inputs)
     with atomic_dir(out_dir, force, upscale_inputs(subject_dir, opts), command=command) as tmp:  # locked: no concurrent writer
         net = fine_mask_net(opts.model)
         qc_weight = qc_step_weight(opts.qc_consistency, net)
-        result = upscale_subject(subject, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
-                                 samples=opts.samples, progress=progress, server_loop=opts.server_loop,
-                                 qc_weight=qc_weight, fine_mask_net=net)
+        results = {}
+        for i, one in enumerate(loaded.inputs):  # each kind alike: FSL-MRS scales every voxel by its own reference
+            def tick(done: int, _total: int, offset: int = i * per_kind) -> None:
+                if progress is not None:
+                    progress(offset + done, total)
+
+            res = upscale_subject(one, backend, spec, batch_size=opts.batch_size, seed=opts.seed,
+                                  samples=opts.samples, progress=tick, server_loop=opts.server_loop,
+                                  qc_weight=qc_weight, fine_mask_net=net)
+            zero = zero_output_channels(one)  # accepted zero maps / empty masks: output zero by definition
+            res.maps[:, zero] = 0.0
+            if res.sd is not None:
+                res.sd[:, zero] = 0.0
+            write_maps(tmp, res.maps, one.affine_sr, kind=one.kind, sd=res.sd, metabolites=one.metabolites, like=one.header)
+            results[one.kind] = res
+        result = results[subject.kind]
         backend_info = backend.describe()
-        zero = zero_output_channels(subject)  # accepted zero maps / empty masks: output zero by definition
-        result.maps[:, zero] = 0.0
-        if result.sd is not None:
-            result.sd[:, zero] = 0.0
-        write_maps(tmp, result.maps, subject.affine_sr, kind=subject.kind, sd=result.sd, metabolites=subject.metabolites)
         record = {
             "ftddm_trt_version": __version__,
             "input": str(subject_dir.resolve()),
@@ -319,7 +378,9 @@ def upscale_with_backend(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(),
             "n": subject.n, "scale": subject.scale, "slices": subject.n_slices,
-            "metabolites": list(subject.metabolites), "kind": subject.kind,
+            "metabolites": list(subject.metabolites), "kind": subject.kind, "kinds": list(results),
+            "missing_metabolites": list(subject.missing),
+            "inputs": {k: one.sources for k, one in zip(results, loaded.inputs)},
             "mask_source": subject.mask_source, "fine_mask": subject.fine_mask,
             "data_consistency": {"mode": opts.data_consistency, "applied": spec.data_consistency},
             "qc_consistency": {"weight": qc_weight, "applied": result.qc_consistency_applied,
@@ -328,10 +389,12 @@ def upscale_with_backend(
                                "fine_mask_sha256": fine_mask_sha256(opts.model) if net is not None else None,
                                "note": result.condition.qc_mask_note},
             "corrections": correction_decisions(result, spec, qc_weight),
-            "anatomy": result.condition.anatomy, "accepted": loaded.accepted, "notes": loaded.notes,
+            "anatomy": result.condition.anatomy, "anatomy_coverage": subject.anatomy_coverage,
+            "accepted": loaded.accepted, "notes": loaded.notes,
             "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
-            "seconds": result.seconds, "seconds_per_map": result.seconds_per_slice, "timings": result.timings,
+            "seconds": sum(r.seconds for r in results.values()), "seconds_per_map": result.seconds_per_slice,
+            "timings": result.timings,
             "fingerprint": settings_fingerprint(subject_dir, opts, base_spec, backend_info),
         }
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
@@ -430,11 +493,11 @@ def upscale_cmd(
     scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
     server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
     kind: Optional[str] = typer.Option(None, "--kind", help="Concentration kind to read (raw, internal, molarity, molality); "
-                                       "required when concs/ holds several."),
+                                       "default: every kind concs/ holds, each written to concs/<kind>."),
     allow_missing_anatomy: bool = typer.Option(False, "--allow-missing-anatomy", help="Run without t1 or flair: "
                                                "the missing condition channel is zeros (lower quality); recorded in run.json."),
     accept: Optional[str] = typer.Option(None, "--accept", help="Comma-separated degraded inputs to accept instead of "
-                                         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy."),
+                                         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy."),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
     data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
     qc_consistency: Optional[float] = typer.Option(None, "--qc-consistency", help=f"When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through an estimate of the fine quality mask: the model's learned fine-mask estimator (fine_mask.safetensors; default share: the one chosen with it, 1 in the shipped model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default {QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json."),

@@ -6,8 +6,9 @@ each degradation the user did not accept:
 - ``missing-anatomy``: ``t1.nii.gz`` or ``flair.nii.gz`` absent. Accepted (``--allow-missing-anatomy``),
   the fallback is the one ``engine.upscale.build_condition`` applies: the missing image's condition
   channel is all zeros (the network then has less anatomical guidance; expect lower quality).
-- ``several-kinds``: concs/ holds maps of more than one kind (raw, molarity, ...) and no ``--kind``
-  chose one (``ambiguous_kinds``, checked before reading).
+- ``partial-anatomy``: T1 or FLAIR covers less than ``ANATOMY_COVERAGE_MIN`` of the voxels with signal
+  (``SubjectInput.anatomy_coverage``, measured after resampling onto the 64x64 grid). Accepted: the
+  uncovered voxels' anatomy channel is zero there (lower quality there).
 - ``zero-maps``: a metabolite map that is zero everywhere. Accepted: its output is zero.
 - ``out-of-range``: values below ``MIN_VALUE`` (no concentration is that negative; a sign or unit
   error). Accepted: run as given (outputs are clipped at zero as always).
@@ -27,7 +28,9 @@ import numpy as np
 from ftddm_trt.data.nifti_io import CONC_KINDS, InputError, SubjectInput, _match_metabolites, _nifti_files
 
 #: Reasons a user can accept (``--accept``; ``missing-anatomy`` also as ``--allow-missing-anatomy``).
-ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "zero-maps", "out-of-range", "empty-mask")
+ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "partial-anatomy", "zero-maps", "out-of-range", "empty-mask")
+#: Least share of the voxels with signal that T1 and FLAIR must each cover (else ``partial-anatomy``).
+ANATOMY_COVERAGE_MIN: float = 0.9
 #: Most negative value taken as a concentration (file units); below it a map is out of range.
 MIN_VALUE: float = -1e3
 #: Relative difference of the two in-plane voxel sizes above which a note is made.
@@ -39,16 +42,14 @@ def kinds_present(subject_dir: Path) -> list[str]:
     return [k for k in CONC_KINDS if _match_metabolites(_nifti_files(Path(subject_dir) / "concs" / k))[0]]
 
 
-def ambiguous_kinds(subject_dir: Path, kind: str | None) -> None:
-    """InputError if ``kind`` is None and several kinds hold maps, or ``kind`` is not a known one."""
+def kinds_to_read(subject_dir: Path, kind: str | None) -> list[str]:
+    """The concentration kinds to super-resolve: ``kind`` alone when given (InputError if it is not one of
+    ``CONC_KINDS``), else every kind present (fsl_mrsi writes raw and internal by default)."""
     if kind is not None:
         if kind not in CONC_KINDS:
             raise InputError(Path(subject_dir) / "concs", f"--kind must be one of {', '.join(CONC_KINDS)}, got {kind!r}")
-        return
-    present = kinds_present(subject_dir)
-    if len(present) > 1:
-        raise InputError(Path(subject_dir) / "concs", f"holds maps of several kinds ({', '.join(present)}): "
-                         "choose one with --kind (refusing to guess which units you want)")
+        return [kind]
+    return kinds_present(subject_dir) or [CONC_KINDS[0]]
 
 
 def zero_output_channels(subject: SubjectInput) -> np.ndarray:
@@ -102,6 +103,11 @@ def check_subject(subject: SubjectInput, accept: set[str] | frozenset[str] = fro
         degrade("missing-anatomy", f"no {' or '.join(m + '.nii.gz' for m in missing)} in {root} (the model is "
                 "conditioned on T1 and FLAIR)", f"the {' and '.join(missing)} channel is zeros, quality may drop "
                 "below zero-filled", option="--allow-missing-anatomy")
+    partial = {n: c for n, c in subject.anatomy_coverage.items() if c < ANATOMY_COVERAGE_MIN}
+    if partial:
+        what = " and ".join(f"{n} covers {100 * c:.0f}%" for n, c in partial.items())
+        degrade("partial-anatomy", f"{what} of the MRSI voxels with signal (at least {100 * ANATOMY_COVERAGE_MIN:.0f}% "
+                "needed)", "the anatomy channels are zero where the images do not reach, quality drops there")
     vx = np.linalg.norm(np.asarray(subject.affine_lr)[:3, :2], axis=0)
     if abs(vx[0] - vx[1]) > ANISOTROPY_TOL * max(vx):
         notes.append(f"anisotropic in-plane voxels ({vx[0]:.3g} x {vx[1]:.3g} mm): the model was trained on square "

@@ -3,9 +3,10 @@
 Layout of one subject folder (every file a 3D NIfTI, arrays ``(X, Y, Z)`` on disk)::
 
     SUBJECT/
-      concs/<kind>/<metab>.nii.gz        kind in raw | internal | molarity | molality; N x N x Z, MRSI affine
-      qc/<metab>_snr.nii.gz              optional, N x N x Z (acquired grid)
-      qc/<metab>_fwhm.nii.gz             optional, N x N x Z, ppm
+      concs/<kind>/<metab>.nii.gz        kind in raw | internal | molarity | molality; N x N x Z, MRSI affine;
+                                         fsl_mrsi's names are read as ``data.fsl_names`` says (Cr+PCr, NAA+NAAG, ...)
+      qc/<metab>_snr.nii.gz              optional, N x N x Z (acquired grid); a combination's qc is derived
+      qc/<metab>_fwhm.nii.gz             from its parts' (``data.qc_combine``); FWHM in ppm
       masks/<metab>.nii.gz               optional explicit per-metabolite masks (any grid)
       mask.nii.gz                        optional explicit mask shared by all metabolites (any grid)
       t1.nii.gz, flair.nii.gz            optional, their own grid and affine
@@ -34,8 +35,10 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, METABOLITES
+from ftddm_trt.data.fsl_names import NAMING, MapFile, nifti_stem, resolve_maps
 from ftddm_trt.data.kspace import kspace_truncate
 from ftddm_trt.data.masks import SIGNAL_FRACTION, lr_qc_maps, lr_support_mask, support_mask_from_lr
+from ftddm_trt.data.qc_combine import combine_fwhm, combine_snr
 from ftddm_trt.data.qc_conventions import QcConvention, acquired_qc
 
 if TYPE_CHECKING:
@@ -59,16 +62,9 @@ __all__ = [
 #: FSL-MRS concentration folders, in the order ``read_subject`` tries them.
 CONC_KINDS: tuple[str, ...] = ("raw", "internal", "molarity", "molality")
 
-#: File stems accepted for each metabolite (case-insensitive); the canonical name wins over aliases.
+#: File stems accepted for each metabolite, in the order they are tried (``data.fsl_names``).
 METABOLITE_ALIASES: dict[str, tuple[str, ...]] = {
-    "tCr": ("tCr", "Cr+PCr", "PCr+Cr", "tCre"),
-    "tCho": ("tCho", "GPC+PCh", "PCh+GPC", "GPC+PC", "PC+GPC"),
-    "NAA": ("NAA",),
-    "Glu": ("Glu",),
-    "Ins": ("Ins", "mI", "myo-Inositol"),
-    "Gln": ("Gln",),
-    "Gly": ("Gly",),
-}
+    m: tuple(dict.fromkeys(stem for stem, _ in NAMING[m].candidates())) for m in METABOLITES}
 
 _AFFINE_TOL_MM = 1e-3
 
@@ -99,8 +95,14 @@ class SubjectInput:
             ``hr`` protocol), False when it comes from the acquired grid (the ``lr`` protocol).
         snr, fwhm: ``(Z, M, n, n)`` float32 qc maps if present (FWHM in ppm), else ``None``.
         t1, flair: ``(Z, 64, 64)`` float32 anatomy resampled onto the SR grid, or ``None`` if absent.
-        skipped: concentration files that were not recognised as one of the 7 metabolites.
+        skipped: concentration files that were not read (other spectra, parts of a combination read).
         notes: human-readable remarks (e.g. why the fallback mask was used).
+        missing: metabolites of ``constants.METABOLITES`` with no map in the folder.
+        sources: metabolite -> ``{"map": file, "snr": [files], "fwhm": [files]}`` (paths relative to ``path``):
+            which files fed each output.
+        header: the NIfTI header of the first map read; outputs keep its sform/qform codes, units and intent.
+        anatomy_coverage: ``{"t1": f, "flair": f}``, the share of the voxels with signal (mask M of any
+            metabolite) on the 64x64 grid that the image's field of view covers.
     """
 
     path: Path
@@ -120,6 +122,10 @@ class SubjectInput:
     skipped: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     fine_mask: bool = False
+    missing: tuple[str, ...] = ()
+    sources: dict[str, dict[str, object]] = field(default_factory=dict)
+    header: nib.Nifti1Header | None = None
+    anatomy_coverage: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_slices(self) -> int:
@@ -135,6 +141,7 @@ class SubjectInput:
         if self.snr is not None and self.fwhm is not None:
             self.snr, self.fwhm = self.snr[:, keep], self.fwhm[:, keep]
         self.metabolites = tuple(metabolites)
+        self.sources = {m: self.sources[m] for m in metabolites if m in self.sources}
 
 
 # --------------------------------------------------------------------------------------- affines
@@ -156,13 +163,23 @@ def lr_affine_for(sr_affine_: ArrayLike, n: int, size: int = HR_SIZE) -> NDArray
 # --------------------------------------------------------------------------------------- writing
 
 
-def _save(path: Path, data_xyz: NDArray, affine: ArrayLike) -> None:
-    """Write a NIfTI atomically (temporary file in the same folder, then ``os.replace``)."""
+def _save(path: Path, data_xyz: NDArray, affine: ArrayLike, like: nib.Nifti1Header | None = None) -> None:
+    """Write a NIfTI atomically (temporary file in the same folder, then ``os.replace``).
+
+    ``like``: an input's header whose sform/qform codes, units and intent the file keeps (viewers
+    overlay images by those codes); without it, both codes are 1 (scanner) and units mm."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data_xyz, np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    if like is None:
+        img.header.set_xyzt_units("mm")
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+    else:
+        img.set_qform(img.affine, code=int(like["qform_code"]))
+        img.set_sform(img.affine, code=int(like["sform_code"]))
+        img.header.set_xyzt_units(*like.get_xyzt_units())
+        name, params, intent_name = like.get_intent()
+        img.header.set_intent(name, params, intent_name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
     os.close(fd)
     try:
@@ -252,20 +269,24 @@ def write_maps(
     kind: str = "raw",
     sd: ArrayLike | None = None,
     metabolites: Sequence[str] = METABOLITES,
+    like: nib.Nifti1Header | None = None,
 ) -> Path:
     """Write ``(Z, M, X, Y)`` maps (e.g. super-resolved 64x64) as ``concs/<kind>/<metab>.nii.gz``.
 
     ``sd`` (same shape, per-voxel standard deviation of repeated samples) goes to
-    ``uncertainties/<metab>_sd.nii.gz``. Returns ``out_dir``.
+    ``uncertainties/<metab>_sd.nii.gz`` (``<kind>_<metab>_sd`` for a kind other than raw, so that the
+    kinds of one subject do not overwrite each other). ``like``: the input header whose sform/qform
+    codes, units and intent every file keeps (``SubjectInput.header``). Returns ``out_dir``.
     """
     out = Path(out_dir)
     maps = _per_metab("maps", maps, metabolites)
     for c, name in enumerate(metabolites):
-        _save(out / "concs" / kind / f"{name}.nii.gz", _vol_to_disk(maps[:, c]), affine)
+        _save(out / "concs" / kind / f"{name}.nii.gz", _vol_to_disk(maps[:, c]), affine, like)
     if sd is not None:
         sd = _per_metab("sd", sd, metabolites)
+        prefix = "" if kind == "raw" else f"{kind}_"
         for c, name in enumerate(metabolites):
-            _save(out / "uncertainties" / f"{name}_sd.nii.gz", _vol_to_disk(sd[:, c]), affine)
+            _save(out / "uncertainties" / f"{prefix}{name}_sd.nii.gz", _vol_to_disk(sd[:, c]), affine, like)
     return out
 
 
@@ -364,11 +385,7 @@ def _load(path: Path, what: str = "map") -> tuple[NDArray[np.float32], NDArray[n
 
 
 def _stem(p: Path) -> str:
-    name = p.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return nifti_stem(p)
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -378,25 +395,34 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 def _match_metabolites(files: list[Path], suffix: str = "") -> tuple[dict[str, Path], list[Path]]:
-    """Map canonical metabolite -> file (stem minus ``suffix``), canonical names preferred; rest skipped."""
-    by_stem = {}
-    for p in files:
-        stem = _stem(p)
-        if suffix:
-            if not stem.lower().endswith(suffix.lower()):
-                continue
-            stem = stem[: -len(suffix)]
-        by_stem.setdefault(stem.lower(), p)
-    found: dict[str, Path] = {}
-    used: set[str] = set()
-    for met, aliases in METABOLITE_ALIASES.items():
-        for alias in aliases:
-            if alias.lower() in by_stem:
-                found[met] = by_stem[alias.lower()]
-                used.add(alias.lower())
-                break
-    skipped = [p for s, p in by_stem.items() if s not in used]
-    return {m: found[m] for m in METABOLITES if m in found}, skipped
+    """Map canonical metabolite -> file (stem minus ``suffix``) by ``fsl_names.resolve_maps``; rest skipped."""
+    found, skipped, _notes = resolve_maps(files, suffix)
+    return {m: f.path for m, f in found.items()}, skipped
+
+
+def _qc_files(qc: list[Path], found: dict[str, MapFile], suffix: str) -> dict[str, list[Path]]:
+    """The qc files (``<stem><suffix>``) describing each metabolite: the map's own stem's, else every
+    component's (a combination: ``qc/Cr_snr`` and ``qc/PCr_snr`` for ``Cr+PCr``); metabolites lacking one are left out."""
+    by_stem = {_stem(p).lower(): p for p in qc}
+    out: dict[str, list[Path]] = {}
+    for m, f in found.items():
+        own = by_stem.get(f"{_stem(f.path)}{suffix}".lower())
+        parts = [by_stem.get(f"{c}{suffix}".lower()) for c in f.components]
+        if own is not None:
+            out[m] = [own]
+        elif all(p is not None for p in parts):
+            out[m] = [p for p in parts if p is not None]
+    return out
+
+
+def _inside_extent(src_shape: tuple[int, ...], src_affine: NDArray, dst_affine: NDArray,
+                   dst_shape_xyz: tuple[int, int, int]) -> NDArray[np.bool_]:
+    """``(X, Y, Z)`` bool: destination voxel centres inside the source image's field of view."""
+    v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
+    inside = np.ones(dst_shape_xyz, dtype=bool)
+    for a in range(3):
+        inside &= (v[a] >= -0.5) & (v[a] <= src_shape[a] - 0.5)
+    return inside
 
 
 def _check_lr_grid(path: Path, data: NDArray) -> int:
@@ -454,9 +480,7 @@ def _linear_onto(path: Path, vol: NDArray, src_affine: NDArray, dst_affine: NDAr
     with a Gaussian of ``0.4 r`` voxels (``r`` = destination step in source voxels) against aliasing.
     """
     v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
-    inside = np.ones(dst_shape_xyz, dtype=bool)
-    for a in range(3):
-        inside &= (v[a] >= -0.5) & (v[a] <= vol.shape[a] - 0.5)
+    inside = _inside_extent(vol.shape, src_affine, dst_affine, dst_shape_xyz)
     if inside.mean() < 0.01:
         raise InputError(path, f"image does not overlap the MRSI field of view ({100 * inside.mean():.1f}% of it covered)")
     jac = np.abs((np.linalg.inv(src_affine) @ dst_affine)[:3, :2]).max(axis=1)  # src voxels per in-plane SR step
@@ -496,14 +520,16 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     if not concs.is_dir():
         raise InputError(concs, "missing concs folder (expected concs/<kind>/<metab>.nii.gz, FSL-MRS layout)")
     kinds = (kind,) if kind is not None else CONC_KINDS
-    found: dict[str, Path] = {}
+    maps: dict[str, MapFile] = {}
     skipped: list[Path] = []
+    naming_notes: list[str] = []
     chosen = ""
     for k in kinds:
-        found, skipped = _match_metabolites(_nifti_files(concs / k))
-        if found:
+        maps, skipped, naming_notes = resolve_maps(_nifti_files(concs / k))
+        if maps:
             chosen = k
             break
+    found = {m: f.path for m, f in maps.items()}
     if not found:
         where = concs / kinds[0] if kind is not None else concs
         raise InputError(where, f"no metabolite maps found in {'/'.join(kinds)} (expected e.g. "
@@ -511,6 +537,7 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     names = tuple(found)
 
     ref_path = found[names[0]]
+    header = _header(ref_path)
     vols = []
     ref_shape: tuple = ()
     ref_aff = np.eye(4)
@@ -527,21 +554,28 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     lr = np.stack([v.transpose(2, 0, 1) for v in vols], axis=1).astype(np.float32)  # (Z, M, n, n)
     a_sr = sr_affine(ref_aff, n)
     sr_shape = (HR_SIZE, HR_SIZE, z)
-    notes: list[str] = []
+    missing = tuple(m for m in METABOLITES if m not in names)
+    notes: list[str] = list(naming_notes)
+    if missing:
+        notes.append(f"no map for {', '.join(missing)} in {concs / chosen} (looked for "
+                     f"{'; '.join(_looked_for(m) for m in missing)}): not written")
 
-    # qc maps on the acquired grid
+    # qc maps on the acquired grid; a combination's from its parts' (data.qc_combine)
     snr = fwhm = None
     qc_dir = root / "qc"
-    snr_files, _ = _match_metabolites(_nifti_files(qc_dir), "_snr")
-    fwhm_files, _ = _match_metabolites(_nifti_files(qc_dir), "_fwhm")
+    snr_files = _qc_files(_nifti_files(qc_dir), maps, "_snr")
+    fwhm_files = _qc_files(_nifti_files(qc_dir), maps, "_fwhm")
     if all(m in snr_files and m in fwhm_files for m in names):
         qc = []
-        for files in (snr_files, fwhm_files):
+        for files, combine in ((snr_files, combine_snr), (fwhm_files, combine_fwhm)):
             stack = []
             for m in names:
-                data, aff = _load(files[m], "qc map")
-                _same_grid(files[m], ref_path, data, aff, ref_shape, ref_aff)
-                stack.append(data.transpose(2, 0, 1))
+                parts = []
+                for f in files[m]:
+                    data, aff = _load(f, "qc map")
+                    _same_grid(f, ref_path, data, aff, ref_shape, ref_aff)
+                    parts.append(data.transpose(2, 0, 1))
+                stack.append(combine(parts))
             qc.append(np.stack(stack, axis=1).astype(np.float32))
         snr, fwhm = qc
     elif qc_dir.is_dir():
@@ -579,8 +613,10 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
         notes.append(f"mask M = the acquired maps' signal (above {SIGNAL_FRACTION:.0%} of each map's robust max), "
                      "dilated by one acquired voxel; qc maps do not enter M")
 
-    # anatomy
+    # anatomy, and how much of the voxels with signal its field of view covers
     anat: dict[str, NDArray[np.float32] | None] = {}
+    coverage: dict[str, float] = {}
+    signal = np.asarray(mask, dtype=bool).any(axis=1)  # (Z, 64, 64)
     for name in ("t1", "flair"):
         p = _find_file(root, name)
         if p is None:
@@ -588,13 +624,40 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
             continue
         data, aff = _load(p, "image")
         anat[name] = _linear_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1).copy()
+        inside = _inside_extent(data.shape, aff, a_sr, sr_shape).transpose(2, 0, 1)
+        coverage[name] = float(inside[signal].mean()) if signal.any() else float(inside.mean())
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+    sources: dict[str, dict[str, object]] = {
+        m: {"map": rel(found[m]), "components": list(maps[m].components),
+            "snr": [rel(f) for f in snr_files.get(m, [])] if snr is not None else [],
+            "fwhm": [rel(f) for f in fwhm_files.get(m, [])] if fwhm is not None else []}
+        for m in names}
 
     return SubjectInput(
         path=root, lr=lr, n=n, scale=HR_SIZE / n, affine_lr=ref_aff, affine_sr=a_sr, metabolites=names,
         kind=chosen, mask=np.ascontiguousarray(mask, dtype=bool), mask_source=source, snr=snr, fwhm=fwhm,
         t1=anat["t1"], flair=anat["flair"], skipped=tuple(p.name for p in skipped), notes=notes,
-        fine_mask=bool(grids) and all(grids),
+        fine_mask=bool(grids) and all(grids), missing=missing, sources=sources, header=header,
+        anatomy_coverage=coverage,
     )
+
+
+def _header(path: Path) -> nib.Nifti1Header | None:
+    """A copy of a NIfTI file's header (None for an image type without a NIfTI-1 header)."""
+    try:
+        h = nib.load(str(path)).header
+    except Exception as exc:
+        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    return nib.Nifti1Header.from_header(h) if isinstance(h, nib.Nifti1Header) else None
+
+
+def _looked_for(metabolite: str) -> str:
+    """The file names a metabolite is read from (``data.fsl_names``), for messages."""
+    from_names = [stem for stem, _ in NAMING[metabolite].candidates()]
+    return "/".join(dict.fromkeys(from_names)) + ".nii.gz"
 
 
 def read_map_folder(

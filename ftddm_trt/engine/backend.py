@@ -44,8 +44,13 @@ class Backend(ABC):
         """Where the networks come from, for messages (a folder, a server)."""
         return f"the {self.name} backend"
 
+    def expect_weights(self, hashes: dict[str, str]) -> None:
+        """The weights (network -> sha256) the caller checked this backend's networks against
+        (``engine.model_check``); a backend that samples elsewhere (Triton's server loop) passes them on."""
+
     def describe(self) -> dict[str, Any]:
-        """Facts for run.json: backend name, device, precision, model/engine hashes."""
+        """Facts for run.json: backend name, device, precision, model/engine hashes; ``models``: network ->
+        sha256 of the weights each network was made from."""
         return {"backend": self.name, "device": str(self.device)}
 
     def close(self) -> None:

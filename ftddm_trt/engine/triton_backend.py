@@ -36,6 +36,7 @@ import torch
 from ftddm_trt.diffusion import SampleResult
 from ftddm_trt.engine.backend import NETWORKS, Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
+from ftddm_trt.engine.model_check import WEIGHTS_PARAM
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch
 
 #: Triton model name of each network (the repository generator and the client share them).
@@ -75,14 +76,24 @@ class TritonInferenceError(RuntimeError):
     """The server answered with an error that retrying will not fix (bad input, model failure)."""
 
 
-def encode_sampler_settings(spec: SamplerSpec, seed: int) -> str:
+def encode_sampler_settings(spec: SamplerSpec, seed: int, weights: dict[str, str] | None = None) -> str:
     """The ``settings`` request parameter of ftddm_sampler: ``SamplerSpec.to_dict()`` plus the batch's seed, as
-    JSON (floats round-trip exactly). Every sampler setting travels, so the server runs what the client asked."""
-    return json.dumps({**spec.to_dict(), "seed": int(seed)}, sort_keys=True)
+    JSON (floats round-trip exactly). Every sampler setting travels, so the server runs what the client asked.
+    ``weights`` (network -> sha256 of the client's model folder) travels as ``weights_sha256``: the server
+    loop refuses a request made for other weights than its networks'."""
+    extra = {WEIGHTS_PARAM: dict(weights)} if weights else {}
+    return json.dumps({**spec.to_dict(), "seed": int(seed), **extra}, sort_keys=True)
 
 
 def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
-    """Inverse of ``encode_sampler_settings`` (through ``SamplerSpec.from_dict``); a ValueError names what is wrong."""
+    """Inverse of ``encode_sampler_settings`` without the weights (see ``decode_sampler_request``)."""
+    spec, seed, _weights = decode_sampler_request(text)
+    return spec, seed
+
+
+def decode_sampler_request(text: str) -> tuple[SamplerSpec, int, dict[str, str] | None]:
+    """Inverse of ``encode_sampler_settings`` (through ``SamplerSpec.from_dict``): spec, seed and the weights
+    the client checked (None when it sent none); a ValueError names what is wrong."""
     try:
         d = json.loads(text)
     except (TypeError, json.JSONDecodeError) as err:
@@ -92,7 +103,10 @@ def decode_sampler_settings(text: str) -> tuple[SamplerSpec, int]:
     seed = d.pop("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return SamplerSpec.from_dict(d), seed
+    weights = d.pop(WEIGHTS_PARAM, None)
+    if weights is not None and (not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values())):
+        raise ValueError(f"{WEIGHTS_PARAM} must map network names to sha256 strings, got {weights!r}")
+    return SamplerSpec.from_dict(d), seed, weights
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -200,6 +214,7 @@ class TritonBackend(Backend):
         self.retry_s = None if retry_s is None else float(retry_s)
         self.models = dict(TRITON_MODELS if models is None else models)
         self.sampler_model = sampler_model
+        self.expected_weights: dict[str, str] | None = None
         self.device = torch.device("cpu")
         self._lock = threading.Lock()
         self._ready: set[str] = set()
@@ -387,7 +402,7 @@ class TritonBackend(Backend):
         ``pipeline.sample_batch(backend, spec, y, s, torch.Generator().manual_seed(seed_for_batch))``."""
         arrays = {"y": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
                   "s": np.ascontiguousarray(s.detach().cpu().numpy(), dtype=np.float32).reshape(-1, 1)}
-        params = {"settings": encode_sampler_settings(spec, seed_for_batch)}
+        params = {"settings": encode_sampler_settings(spec, seed_for_batch, self.expected_weights)}
         b, _, h, w = arrays["y"].shape
         out = self._infer(self.sampler_model, arrays, {"x0": (b, 1, h, w), "nfe": (b, 1)}, self.timeout_s * max(1, spec.nfe), params)
         return SampleResult(x0=torch.from_numpy(np.array(out["x0"], dtype=np.float32)), nfe=int(np.asarray(out["nfe"]).reshape(-1)[0]))
@@ -397,6 +412,11 @@ class TritonBackend(Backend):
         """``pipeline.sample_images`` with each batch sampled by ftddm_sampler (one request per batch)."""
         return sample_images(self, spec, y, s, batch_size=batch_size, seed=seed, progress=progress,
                              batch_sampler=lambda yb, sb, bseed: self.sample_on_server(yb, sb, spec, bseed))
+
+    def expect_weights(self, hashes: dict[str, str]) -> None:
+        """The weights (network -> sha256) the caller checked the served networks against; server-loop
+        requests carry them, and ftddm_sampler refuses a request whose weights are not its networks'."""
+        self.expected_weights = dict(hashes)
 
     @property
     def flow_ttrunc(self) -> int | None:
@@ -419,15 +439,18 @@ class TritonBackend(Backend):
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {**super().describe(), "url": self.url, "protocol": self.protocol,
                                 "server_version": self.server_version, "shared_memory": self.shared_memory}
-        hashes = {}
+        hashes, weights = {}, {}
         for net in NETWORKS:
             model = self.models.get(net)
             try:
                 if model and self.client.is_model_ready(model):
-                    hashes[net] = self.model_parameters(model).get("onnx_sha256", "")
+                    params = self.model_parameters(model)
+                    hashes[net] = params.get("onnx_sha256", "")
+                    weights[net] = params.get(WEIGHTS_PARAM, "")
             except Exception:
                 continue
         info["onnx"] = hashes
+        info["models"] = weights
         return info
 
     def close(self) -> None:

@@ -76,7 +76,7 @@ class TritonPool(Backend):
                 log(f"Triton server {url} is not ready, left out: {err}")
         if not self._clients:
             raise TritonPoolExhausted(f"none of the Triton servers is ready: {'; '.join(self._down.values())}")
-        hashes = {url: cs[0].describe().get("onnx", {}) for url, cs in self._clients.items()}
+        hashes = {url: _served_hashes(cs[0].describe()) for url, cs in self._clients.items()}
         first_url, first = next(iter(hashes.items()))
         for url, h in hashes.items():
             common = set(h) & set(first)
@@ -130,6 +130,12 @@ class TritonPool(Backend):
                     raise
 
     # -- Backend -----------------------------------------------------------------------------------
+    def expect_weights(self, hashes: dict[str, str]) -> None:
+        with self._lock:
+            clients = [c for cs in self._clients.values() for c in cs]
+        for c in clients:
+            c.expect_weights(hashes)
+
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
         return self._call(lambda c: c.unet(x_t, y, t, s, full=full))
 
@@ -229,7 +235,7 @@ class TritonPool(Backend):
         first = self._clients[live[0]][0].describe() if live else {}
         return {"backend": self.name, "device": "cpu", "pool": True, "urls": self.urls, "live": live,
                 "dropped": dict(self._down), "server_version": first.get("server_version"),
-                "protocol": first.get("protocol"), "onnx": first.get("onnx", {})}
+                "protocol": first.get("protocol"), "onnx": first.get("onnx", {}), "models": first.get("models", {})}
 
     def close(self) -> None:
         with self._lock:
@@ -238,3 +244,8 @@ class TritonPool(Backend):
             self._retired = []
         for c in clients:
             c.close()
+
+
+def _served_hashes(info: dict[str, Any]) -> dict[str, str]:
+    """ONNX and weights sha256 of each network a server reports (``describe()``), keyed apart."""
+    return {**info.get("onnx", {}), **{f"{n} weights": h for n, h in info.get("models", {}).items()}}

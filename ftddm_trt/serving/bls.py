@@ -15,7 +15,8 @@ import torch
 
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import sample_batch
-from ftddm_trt.engine.triton_backend import TRITON_MODELS, decode_sampler_settings
+from ftddm_trt.engine.model_check import check_same_model
+from ftddm_trt.engine.triton_backend import TRITON_MODELS, decode_sampler_request
 
 #: ``infer(model_name, {input name: array}, [output names]) -> {output name: array}``
 InferFn = Callable[[str, Mapping[str, np.ndarray], list[str]], Mapping[str, np.ndarray]]
@@ -35,11 +36,16 @@ class BLSBackend(Backend):
 
     name = "triton-bls"
 
-    def __init__(self, infer: InferFn, models: Mapping[str, str] | None = None, flow_ttrunc: int | None = None) -> None:
+    def __init__(self, infer: InferFn, models: Mapping[str, str] | None = None, flow_ttrunc: int | None = None,
+                 weights: Mapping[str, str] | None = None) -> None:
         self.infer = infer
         self.models = dict(TRITON_MODELS if models is None else models)
         self.calls = 0
         self._flow_ttrunc = flow_ttrunc
+        self.weights = dict(weights or {})  # network -> sha256 of the weights (the sampler's weights_sha256)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "models": dict(self.weights)}
 
     @property
     def flow_ttrunc(self) -> int | None:
@@ -67,9 +73,14 @@ class BLSBackend(Backend):
 def run_sampler(backend: Backend, y: np.ndarray, s: np.ndarray, settings: str) -> tuple[np.ndarray, int]:
     """One ftddm_sampler request: y (B,4,64,64), s (B,) or (B,1), settings JSON -> (x0 (B,1,64,64), nfe).
 
+    A request carrying ``weights_sha256`` (the client's model folder) is refused (ModelMismatch) when a
+    network's weights differ from the repository's (``BLSBackend.weights``).
     The generator is ``torch.Generator().manual_seed(seed)`` with the request's seed, exactly as
     ``sample_images`` seeds batch i with ``pipeline.batch_seed(seed, i)`` (the client sends that number)."""
-    spec, seed = decode_sampler_settings(settings)
+    spec, seed, weights = decode_sampler_request(settings)
+    if weights is not None:  # the client checked its model folder against these: the networks must be them
+        check_same_model(weights, backend.describe().get("models", {}), weights, backend.origin(),
+                         "folder the client checked")
     gen = torch.Generator().manual_seed(seed)
     y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
     s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32).reshape(-1))

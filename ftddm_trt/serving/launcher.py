@@ -158,13 +158,25 @@ def server_command(
 #: SIGTERM / SIGINT / SIGHUP (and the parent-death signal) to the server, SIGKILLs it after the grace time,
 #: removes the server's /dev/shm regions, and, when the wrapper (FTDDM_GUARD_PARENT) is gone, also the
 #: workdir, the log and every process left in its session (the Python stubs). Exit code: the server's.
+#: The server itself gets SIGTERM when the guard dies (Linux parent-death signal), so killing the guard,
+#: even with SIGKILL and together with the wrapper, stops the server too.
 GUARD_SCRIPT = r"""
-import glob, os, shutil, signal, subprocess, sys, time
+import ctypes, glob, os, shutil, signal, subprocess, sys, time
 env = os.environ
 stop = []
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, lambda sig, _f: stop.append(sig))
-server = subprocess.Popen(sys.argv[1:])
+guard = os.getpid()
+try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    prctl = None
+def die_with_guard():
+    if prctl is not None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != guard:
+        os._exit(1)
+server = subprocess.Popen(sys.argv[1:], preexec_fn=die_with_guard)
 while server.poll() is None and not stop:
     time.sleep(0.1)
 if server.poll() is None:

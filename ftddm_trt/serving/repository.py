@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
+from ftddm_trt.engine.model_check import WEIGHTS_PARAM
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
 from ftddm_trt.integrity import IntegrityError, verify_file
@@ -243,12 +244,15 @@ def network_config(
 
 def sampler_config(networks: Mapping[str, str], options: RepoOptions = RepoOptions(),
                    image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64),
-                   flow_ttrunc: int | None = None) -> str:
+                   flow_ttrunc: int | None = None, weights: Mapping[str, str] | None = None) -> str:
     """config.pbtxt text of ftddm_sampler. ``networks``: network -> Triton model name it calls;
-    ``flow_ttrunc``: the Ttrunc the flow was trained for (the sampler refuses requests for another)."""
+    ``flow_ttrunc``: the Ttrunc the flow was trained for (the sampler refuses requests for another);
+    ``weights``: network -> sha256 of the weights it was made from (the sampler refuses requests made
+    for other weights)."""
     inputs, outputs = sampler_io(image, cond)
     params = {"models": json.dumps(dict(networks), sort_keys=True), "torch_threads": "1", "bls_timeout_us": "0",
-              FLOW_TTRUNC_PARAM: encode_ttrunc_param(flow_ttrunc)}
+              FLOW_TTRUNC_PARAM: encode_ttrunc_param(flow_ttrunc),
+              WEIGHTS_PARAM: json.dumps(dict(weights or {}), sort_keys=True)}
     return _template("sampler.pbtxt.in").substitute(
         model_name=SAMPLER_MODEL, bls_models=", ".join(networks.values()), max_batch_size=options.max_batch_size,
         inputs=",\n".join(t.pbtxt() for t in inputs), outputs=",\n".join(t.pbtxt() for t in outputs),
@@ -509,7 +513,7 @@ def build_repository(
             ins, outs = manifest_network_io(manifest, n)
             info = manifest["networks"][n]
             model_dir = tmp / TRITON_MODELS[n]
-            params = {"network": n, "onnx_sha256": info.get("onnx_sha256", "")}
+            params = {"network": n, "onnx_sha256": info.get("onnx_sha256", ""), WEIGHTS_PARAM: info.get("model_sha256", "")}
             if n == "flow":
                 params[FLOW_TTRUNC_PARAM] = encode_ttrunc_param(ttrunc)
             if flavor == "gpu-python":  # the model hashes its engine at load (tensorrt_network.py)
@@ -536,7 +540,9 @@ def build_repository(
             cond = next(t.dims for t in ins if t.name == "y")
             model_dir = tmp / SAMPLER_MODEL
             (model_dir / "1").mkdir(parents=True)
-            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc))
+            weights = {n: manifest["networks"][n].get("model_sha256", "") for n in networks}
+            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond,
+                                                                   ttrunc, weights))
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
         meta = {"flavor": flavor, FILES_KEY: files, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),

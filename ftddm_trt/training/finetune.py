@@ -9,7 +9,8 @@ Steps, all resumable:
    to N x N for every s, both mask protocols, ``lr`` weighted by ``lr_fraction``), with the last
    ``val_subjects`` subjects held out. Networks train side by side (one process and core each) when
    the machine has the cores, each for the whole budget, else one after another sharing it; the best
-   validation weights are kept. Runs live in ``work_dir`` and a re-run continues them.
+   validation weights are kept. Runs live in ``work_dir`` (never inside the data folder or the base
+   model) and a re-run continues them within the same total budget: each run records the time spent.
    Then, when the base has a fine-mask estimator (``models.fine_mask``), it is fine-tuned on the
    site's quality masks for ``FINE_MASK_SHARE`` of the budget (the networks get the rest), and its
    threshold and qc weight are chosen anew on the held-out subjects with the fine-tuned networks.
@@ -74,6 +75,11 @@ class FinetuneConfig:
             raise ValueError(f"--lr-fraction must be in [0, 1], got {self.lr_fraction}")
         if not 0.0 <= self.fine_mask_share < 1.0:
             raise ValueError(f"--fine-mask-share must be in [0, 1), got {self.fine_mask_share}")
+        for what, out in (("the training runs (--work)", self.runs_dir), ("the output model", self.out_model)):
+            for name, folder in (("data folder", self.data_dir), ("base model (--from)", self.base_model)):
+                if folder is not None and _overlap(out, folder):
+                    raise ValueError(f"{what} {out} and the {name} {folder} overlap: training inputs are never "
+                                     "written to; choose a folder outside it")
         if self.qc_convention != "any":
             get_convention(self.qc_convention)
 
@@ -87,6 +93,12 @@ class FinetuneConfig:
     @property
     def runs_dir(self) -> Path:
         return self.work_dir or self.out_model.with_name(self.out_model.name + ".runs")
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether folder ``a`` is ``b``, lies inside it, or holds it (resolved paths)."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or rb in ra.parents or ra in rb.parents
 
 
 def parse_networks(text: str) -> tuple[str, ...]:
@@ -183,11 +195,17 @@ def finetune_fine_mask(base_net, train_subjects: list, run_dir: Path, minutes: f
     best = run_dir / "best"
     previous = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     init = load_model(best) if best.with_suffix(".safetensors").is_file() else base_net
-    log(f"fine-tuning the fine-mask estimator for {minutes:.1f} min in {run_dir}")
+    spent = float(previous.get("seconds_total", previous.get("seconds", 0.0)))  # the budget spans every rerun
+    left = minutes - spent / 60.0
+    if left <= 0 and init is not base_net:
+        log(f"the fine-mask estimator's {minutes:.1f} min budget was spent by earlier runs in {run_dir}")
+        return previous
+    log(f"fine-tuning the fine-mask estimator for {left:.1f} of {minutes:.1f} min in {run_dir}")
     torch.set_num_threads(os.cpu_count() or 1)
-    net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), init.config, minutes=minutes, init=init,
+    net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), init.config, minutes=max(left, 0.0), init=init,
                                    lr=FINE_MASK_LR, seed=seed + int(previous.get("iterations", 0)))
     summary["iterations"] += int(previous.get("iterations", 0))
+    summary["seconds_total"] = spent + float(summary["seconds"])
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(net, net.config, best)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

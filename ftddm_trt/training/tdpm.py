@@ -21,7 +21,6 @@ in which case the discriminator is a few steps ahead (harmless for training, and
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from ftddm_trt.constants import T_DIFFUSION
 from ftddm_trt.data.examples import Batch, SlicePool, fixed_batches, random_batch
 from ftddm_trt.diffusion import CosineSchedule
+from ftddm_trt.integrity import strict_json
 from ftddm_trt.models.io import save_model
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -165,7 +165,7 @@ def train_tdpm(cfg: Any, run_dir: Path, max_minutes: float | None = None, device
                     _save_best(gen, mcfg, run_dir)
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
             if step % 20 == 0 or step == cfg.iterations:
-                log.write(json.dumps({"step": step, **parts, "val": last_val,
+                log.write(strict_json({"step": step, **parts, "val": last_val,
                                       "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
                 if progress:

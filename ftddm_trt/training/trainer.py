@@ -30,6 +30,7 @@ from ftddm_trt.constants import HR_SIZE, MARGIN_WEIGHT, T_DIFFUSION, T_TRUNC
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.data.phantom_styles import get_style
 from ftddm_trt.diffusion import CosineSchedule
+from ftddm_trt.integrity import strict_json
 from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
 from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
@@ -238,7 +239,10 @@ def train(
     ``cfg.extra["shards"]`` shards per global batch (default: one per process); only rank 0 writes.
     ``patience > 0`` stops the run once that many validations in a row have not improved on the best
     (early stopping; the count is kept in the checkpoint, so it survives a resume).
-    Returns a summary: step reached, last and best validation loss, seconds, iterations per second.
+    ``max_minutes`` is the run's budget over every resume: the checkpoint keeps the time spent
+    (``elapsed_s``) and a resumed run gets only what is left. ``log.jsonl`` is strict JSON (NaN is null).
+    Returns a summary: step reached, last and best validation loss, seconds (this run's and, as
+    ``seconds_total``, every run's), iterations per second.
     """
     if cfg.task == "tdpm":
         if init_from is not None:
@@ -303,12 +307,14 @@ def train(
     start_step = step
     last_val = float("nan")
     stopped_early = False
-    deadline = t0 + 60.0 * max_minutes if max_minutes else None
+    spent_before = float(state.get("elapsed_s", 0.0)) if ckpt is not None else 0.0  # the budget spans every rerun
+    deadline = t0 + max(0.0, 60.0 * max_minutes - spent_before) if max_minutes else None
 
     def checkpoint() -> None:
         if not ctx.is_main:
             return
-        state = {"step": step, "best_val": best, "stale_validations": stale, "config": asdict(cfg)}
+        state = {"step": step, "best_val": best, "stale_validations": stale, "config": asdict(cfg),
+                 "elapsed_s": spent_before + time.monotonic() - t0}
         save_checkpoint(run_dir / "last", model, mcfg, opt, state, ema_state=scored.state_dict() if ema is not None else None)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -321,13 +327,14 @@ def train(
                TimeRemainingColumn()]
 
     def done() -> float:
-        return min(time.monotonic() - t0, 60.0 * max_minutes) if timed else step
+        return min(spent_before + time.monotonic() - t0, 60.0 * max_minutes) if timed else step
 
     with Progress(*columns, disable=not progress or not ctx.is_main) as bar:
         task = bar.add_task("train", total=60.0 * max_minutes if timed else cfg.iterations, completed=done(), step=step,
                             loss=float("nan"), val=float("nan"), speed=0.0)
         model.train()
-        while step < cfg.iterations:
+        exhausted = deadline is not None and spent_before >= 60.0 * max_minutes  # earlier runs spent the budget
+        while step < cfg.iterations and not exhausted:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             opt.zero_grad(set_to_none=True)
@@ -350,7 +357,7 @@ def train(
                 else:
                     stale += 1
             if step % 20 == 0 or step == cfg.iterations:
-                log.write(json.dumps({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
+                log.write(strict_json({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
             bar.update(task, completed=done(), step=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
@@ -364,5 +371,5 @@ def train(
     log.close()
     seconds = time.monotonic() - t0
     return {"task": cfg.task, "step": step, "iterations": cfg.iterations, "val": last_val, "best_val": best,
-            "seconds": seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9), "stopped_early": stopped_early,
+            "seconds": seconds, "seconds_total": spent_before + seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9), "stopped_early": stopped_early,
             "stale_validations": stale}

@@ -27,7 +27,8 @@ class TritonPythonModel:
         torch.set_num_threads(max(1, int(params.get("torch_threads", "1") or 1)))
         self.timeout_us = int(params.get("bls_timeout_us", "0") or 0)
         ttrunc = decode_ttrunc_param(params, "ftddm_sampler's config")
-        self.backend = BLSBackend(self._infer, json.loads(params["models"]), flow_ttrunc=ttrunc)
+        weights = json.loads(params.get("weights_sha256") or "{}")  # a repository that records none refuses checked requests
+        self.backend = BLSBackend(self._infer, json.loads(params["models"]), flow_ttrunc=ttrunc, weights=weights)
 
     def _infer(self, model, inputs, outputs):
         kwargs = {"timeout": self.timeout_us} if self.timeout_us > 0 else {}
