@@ -45,7 +45,7 @@ def spy(fn, what):
     return wrapped
 
 trainer.save_checkpoint = spy(trainer.save_checkpoint, "checkpoint")
-trainer._save_best = spy(trainer._save_best, "best")
+trainer.save_best = spy(trainer.save_best, "best")
 from ftddm_trt.cli.main import app
 app(prog_name="ftddm-trt")
 """

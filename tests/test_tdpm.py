@@ -19,6 +19,7 @@ from ftddm_trt.engine.torch_backend import TorchBackend
 from ftddm_trt.models.io import load_model, save_model
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
+from ftddm_trt.training import run_config
 from ftddm_trt.training.tdpm import gan_step, validate_generator
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -33,10 +34,8 @@ def _dataset(n_subjects: int, seed: int = 0, styles=("classic",)):
 @pytest.fixture(autouse=True)
 def _fast_dataset(monkeypatch):
     """generate_dataset is deterministic: build the phantoms once for the module (the tdpm task reads
-    its subjects through ``trainer.training_subjects``, as every task does)."""
-    import ftddm_trt.training.trainer as trainer_mod
-
-    monkeypatch.setattr(trainer_mod, "generate_dataset",
+    its subjects through ``run_config.training_subjects``, as every task does)."""
+    monkeypatch.setattr(run_config, "generate_dataset",
                         lambda n, seed=0, styles=("classic",): _dataset(n, seed, tuple(styles)))
 
 

@@ -18,7 +18,7 @@ from ftddm_trt.cli.main import app
 from ftddm_trt.models.io import load_meta, load_model
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training import checkpoint as ckpt_mod
-from ftddm_trt.training import trainer
+from ftddm_trt.training import run_config, trainer
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ftddm_trt.training.package import package_model
 from ftddm_trt.training.trainer import TrainConfig, train
@@ -26,7 +26,7 @@ from ftddm_trt.training.trainer import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".npy", ".npz"}
-_real_generate = trainer.generate_dataset
+_real_generate = run_config.generate_dataset
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +41,7 @@ def _generate(n_subjects: int = 25, seed: int = 0, styles=("classic",)):
 
 @pytest.fixture(autouse=True)
 def _fast_dataset(monkeypatch):
-    monkeypatch.setattr(trainer, "generate_dataset", _generate)
+    monkeypatch.setattr(run_config, "generate_dataset", _generate)
 
 
 def tiny_cfg(task: str, iterations: int, **kw) -> TrainConfig:
@@ -71,7 +71,7 @@ def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "generate_dataset", _generate)
+        mp.setattr(run_config, "generate_dataset", _generate)
         for task in trainer.TASKS:
             summary = run(tiny_cfg(task, 2, val_every=2), root / task)
             out[task] = (root / task, summary)

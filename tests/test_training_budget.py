@@ -10,14 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.training import trainer
+from ftddm_trt.training import run_config
 from ftddm_trt.training.checkpoint import find_checkpoint
 from ftddm_trt.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-_REAL = trainer.generate_dataset
+_REAL = run_config.generate_dataset
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +27,7 @@ def _dataset(n_subjects: int, seed: int, styles: tuple[str, ...]):
 
 @pytest.fixture(autouse=True)
 def _fast_dataset(monkeypatch):
-    monkeypatch.setattr(trainer, "generate_dataset", lambda n, seed=0, styles=("classic",): _dataset(n, seed, tuple(styles)))
+    monkeypatch.setattr(run_config, "generate_dataset", lambda n, seed=0, styles=("classic",): _dataset(n, seed, tuple(styles)))
 
 
 def _cfg() -> TrainConfig:

@@ -35,9 +35,9 @@ from ftddm_trt.constants import T_DIFFUSION
 from ftddm_trt.data.examples import Batch, SlicePool, fixed_batches, random_batch
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.integrity import strict_json
-from ftddm_trt.models.io import save_model
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ftddm_trt.training.run_config import TrainConfig, lr_at, resumed_config, save_best, training_subjects
 
 
 def _adam(lr: float) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
@@ -105,15 +105,13 @@ def validate_generator(gen: TDPMGenerator, batches: list[Batch], schedule: Cosin
     return float(np.mean(vals))
 
 
-def train_tdpm(cfg: Any, run_dir: Path, max_minutes: float | None = None, device: str = "auto",
+def train_tdpm(cfg: TrainConfig, run_dir: Path, max_minutes: float | None = None, device: str = "auto",
                progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the TDPM generator for ``cfg`` (a ``training.trainer.TrainConfig`` with task
+    """Train (or resume) the TDPM generator for ``cfg`` (a ``TrainConfig`` with task
     ``tdpm``: preset, iterations, batch size, learning rates, Ttrunc, data split, ``gan_l1``).
 
     Returns the same summary as ``trainer.train``: step, last and best validation value, seconds, it/s.
     """
-    from ftddm_trt.training.trainer import _lr_at, _save_best, resumed_config, training_subjects
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -155,18 +153,18 @@ def train_tdpm(cfg: Any, run_dir: Path, max_minutes: float | None = None, device
             batch = random_batch(pool, cfg.batch_size, rng, cfg.lr_protocol_fraction).to(dev)
             for opt in (g_opt, d_opt):
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(cfg, step)
+                    group["lr"] = lr_at(cfg, step)
             parts = gan_step(gen, disc, g_opt, d_opt, batch, schedule, cfg.t_trunc, g, cfg.gan_l1, cfg.grad_clip)
             step += 1
             if step % cfg.val_every == 0 or step == cfg.iterations:
                 last_val = validate_generator(gen, val_batches, schedule, cfg.t_trunc, dev)
                 if last_val < best:
                     best = last_val
-                    _save_best(gen, mcfg, run_dir)
+                    save_best(gen, mcfg, run_dir)
             speed = (step - start_step) / max(time.monotonic() - t0, 1e-9)
             if step % 20 == 0 or step == cfg.iterations:
                 log.write(strict_json({"step": step, **parts, "val": last_val,
-                                      "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
+                                      "lr": lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
                 if progress:
                     print(f"tdpm {step}/{cfg.iterations} g {parts['g']:.4f} d {parts['d']:.4f} "

@@ -16,97 +16,37 @@ validation loss) and ``log.jsonl``. Every random draw of step k comes from gener
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ftddm_trt.constants import HR_SIZE, MARGIN_WEIGHT, T_DIFFUSION, T_TRUNC
-from ftddm_trt.data.phantom import fold_split, generate_dataset
-from ftddm_trt.data.phantom_styles import get_style
+from ftddm_trt.constants import HR_SIZE, T_DIFFUSION
+from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.integrity import strict_json
-from ftddm_trt.models import DenoisingUNet, FlowConfig, ConditionalFlow, UNetConfig
-from ftddm_trt.models.io import load_model, save_model
-from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
+from ftddm_trt.models import ConditionalFlow, DenoisingUNet, FlowConfig, UNetConfig
+from ftddm_trt.models.io import load_model
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, load_ema_state, save_checkpoint
 from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
 from ftddm_trt.training.objectives import flow_objective, regression_objective, unet_objective
+from ftddm_trt.training.run_config import (
+    TASKS,
+    TrainConfig,
+    config_changes,
+    lr_at,
+    resumed_config,
+    save_best,
+    training_subjects,
+)
+from ftddm_trt.training.tdpm import train_tdpm
 
-TASKS = ("unet", "unet_full", "flow", "tdpm", "regression")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved in every checkpoint)."""
-
-    task: str = "unet"
-    preset: str = "cpu"
-    iterations: int = 20_000
-    batch_size: int = 8
-    lr: float = 1e-4
-    lr_final: float = 1e-5  # exponential decay per iteration from lr to lr_final
-    t_trunc: int = T_TRUNC
-    n_subjects: int = 25
-    data_seed: int = 0
-    fold: int = 0
-    seed: int = 0
-    lr_protocol_fraction: float = 0.5
-    #: Loss weight of the voxels of M outside the truth's quality mask (``training.objectives``; 1: the paper's
-    #: loss over all of M). A run saved before this option existed resumes with 1 (``resumed_config``).
-    margin_weight: float = MARGIN_WEIGHT
-    val_every: int = 500
-    val_examples: int = 64
-    ckpt_every: int = 100
-    flow_lambda: float = 10.0
-    flow_alpha: float = 0.84
-    grad_clip: float = 1.0
-    #: Phantom styles (``data.phantom_styles``), assigned to subjects round-robin.
-    styles: tuple[str, ...] = ("classic",)
-    #: A site's own high-resolution subjects (``data.training_folder``) instead of phantoms.
-    data_dir: str | None = None
-    #: Subjects of ``data_dir`` held out for validation (at least one).
-    val_subjects: int = 2
-    gan_l1: float = 10.0  # tdpm: weight of the generator's centre L1 term
-    #: Decay of an exponential moving average of the weights (0: none). With it, validation scores and
-    #: ``best.*`` holds the averaged weights, as DDPM (0.9999) and improved-diffusion sample with them;
-    #: ``last/`` keeps the raw weights and the average (``ema.safetensors``) for resuming.
-    ema: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        self.styles = tuple(self.styles)
-        for name in self.styles:
-            get_style(name)
-        if not 0.0 <= self.margin_weight <= 1.0:
-            raise ValueError(f"--margin-weight must be in [0, 1], got {self.margin_weight}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
-        if self.ema and self.task == "tdpm":
-            raise ValueError("--ema is not supported for the tdpm task")
-
-    @property
-    def t_max(self) -> int:
-        return T_DIFFUSION if self.task == "unet_full" else self.t_trunc
-
-
-def training_subjects(cfg: TrainConfig) -> tuple[list, list]:
-    """(train, validation) subjects: a site's folder (``cfg.data_dir``) or the phantom fold of ``cfg``."""
-    if cfg.data_dir:
-        from ftddm_trt.data.training_folder import read_training_folder, split_subjects
-
-        return split_subjects(read_training_folder(cfg.data_dir), cfg.val_subjects)
-    subjects = generate_dataset(cfg.n_subjects, seed=cfg.data_seed, styles=cfg.styles)
-    train_ids, val_ids, _ = fold_split(cfg.n_subjects, fold=cfg.fold)
-    by_id = {subj.subject_id: subj for subj in subjects}
-    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+__all__ = ["TASKS", "TrainConfig", "build_model", "config_changes", "prior_steps", "resumed_config", "train",
+           "training_subjects", "validate", "weight_average"]
 
 
 def prior_steps(weights: Path) -> int:
@@ -137,11 +77,6 @@ def _optimizer(cfg: TrainConfig):
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     return factory
-
-
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    frac = min(step / max(cfg.iterations, 1), 1.0)
-    return cfg.lr * math.exp(frac * math.log(cfg.lr_final / cfg.lr))
 
 
 def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Tensor, dict[str, float]]:
@@ -181,45 +116,6 @@ def weight_average(model: torch.nn.Module, decay: float, state: dict[str, torch.
     return ema
 
 
-def _save_best(model, mcfg, run_dir: Path) -> None:
-    tmp = run_dir / "best-tmp"  # NAME.safetensors / NAME.json, moved over best.* below
-    save_model(model, mcfg, tmp)
-    for ext in (".safetensors", ".json"):
-        os.replace(tmp.with_suffix(ext), (run_dir / "best").with_suffix(ext))
-
-
-#: TrainConfig field -> the `ftddm-trt train` option that sets it (for messages).
-_OPTION_OF = {"t_trunc": "--ttrunc", "n_subjects": "--subjects", "data_seed": "--data-seed", "batch_size": "--batch-size",
-              "lr_final": "--lr-final", "val_every": "--val-every"}
-
-
-def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
-    """Options of ``requested`` that differ from the run's ``saved`` config ("--ttrunc 100 -> 50"), except
-    ``iterations`` (a resumed run may go further). Entries of ``extra`` (e.g. ``shards``) compare one by
-    one, and one the request leaves out keeps the run's value (a resume without --shards keeps its shards)."""
-    a, b = asdict(saved), asdict(requested)
-    extra_a, extra_b = a.pop("extra", {}), b.pop("extra", {})
-    a.update({f"extra.{k}": v for k, v in extra_a.items()})
-    b.update({f"extra.{k}": extra_b.get(k, v) for k, v in extra_a.items()})
-    b.update({f"extra.{k}": v for k, v in extra_b.items()})
-    return [f"{_OPTION_OF.get(k, '--' + k.removeprefix('extra.').replace('_', '-'))} {a.get(k)!r} -> {b[k]!r}"
-            for k in [*a, *(k for k in b if k not in a)] if k != "iterations" and a.get(k) != b.get(k)]
-
-
-def resumed_config(state: dict, cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """The config a run resumes with: the saved one (``state["config"]``) with the requested ``iterations``.
-    ValueError when the request names another task / preset or changes any other option."""
-    saved_fields = {"margin_weight": 1.0, **state["config"]}  # saved before the option: the paper's loss
-    saved = TrainConfig(**saved_fields)
-    if (saved.task, saved.preset) != (cfg.task, cfg.preset):
-        raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
-    changed = config_changes(saved, cfg)
-    if changed:
-        raise ValueError(f"{run_dir} was started with other options ({'; '.join(changed)}): resume with the "
-                         "same options, or train into a new run folder")
-    return TrainConfig(**{**saved_fields, "iterations": cfg.iterations})
-
-
 def train(
     cfg: TrainConfig,
     run_dir: Path,
@@ -251,8 +147,6 @@ def train(
             raise ValueError("--patience is not supported for the tdpm task")
         if dist_ctx is not None and dist_ctx.enabled:
             raise ValueError("the tdpm task trains in one process: run it without torchrun")
-        from ftddm_trt.training.tdpm import train_tdpm
-
         return train_tdpm(cfg, run_dir, max_minutes=max_minutes, device=device, progress=progress)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +230,7 @@ def train(
         exhausted = deadline is not None and spent_before >= 60.0 * max_minutes  # earlier runs spent the budget
         while step < cfg.iterations and not exhausted:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
+                group["lr"] = lr_at(cfg, step)
             opt.zero_grad(set_to_none=True)
             loss, parts = backward_step(ctx, step_model, lambda rng, n: random_batch(train_pool, n, rng, cfg.lr_protocol_fraction).to(dev),
                                         cfg.seed, step, cfg.batch_size, shards)
@@ -353,11 +247,11 @@ def train(
                 if last_val < best:
                     best, stale = last_val, 0
                     if ctx.is_main:
-                        _save_best(scored, mcfg, run_dir)
+                        save_best(scored, mcfg, run_dir)
                 else:
                     stale += 1
             if step % 20 == 0 or step == cfg.iterations:
-                log.write(strict_json({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": _lr_at(cfg, step), "it_s": speed}) + "\n")
+                log.write(strict_json({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": lr_at(cfg, step), "it_s": speed}) + "\n")
                 log.flush()
             bar.update(task, completed=done(), step=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
