@@ -28,7 +28,7 @@ from ftddm_trt.diffusion import CosineSchedule, SampleResult
 from ftddm_trt.engine.pipeline import (USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies,
                                       qc_step_weight, sample_batch, sample_images)
 from ftddm_trt.models.fine_mask import FineMaskNet
-from ftddm_trt.training.fine_mask import fine_mask_batch
+from ftddm_trt.data.fine_mask_examples import fine_mask_batch
 from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).

@@ -78,7 +78,7 @@ class SlicePool:
         return self.maps.shape[0]
 
 
-def _augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random rotation (+-15 deg), flip and translation (+-4 px) of a (C,64,64) stack.
 
     Channel 1 (the quality mask) is resampled nearest-neighbour, the others linearly.
@@ -154,7 +154,7 @@ def make_example(
     """One training example (prepare_example's), augmented when rng is given."""
     stack = pool_stack(pool, index)
     if rng is not None:
-        stack = _augment(stack, rng)
+        stack = augment(stack, rng)
     return prepare_example(stack, n, protocol)
 
 

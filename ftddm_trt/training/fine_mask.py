@@ -8,81 +8,41 @@ zero anyway).
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ftddm_trt.atomic import atomic_dir, check_output
+from ftddm_trt.bench.fine_mask import choose_step, score_steps
 from ftddm_trt.constants import LR_SIZES
-from ftddm_trt.data.examples import SlicePool, _augment, pool_stack, prepare_example
-from ftddm_trt.data.masks import fine_mask_features
-from ftddm_trt.data.qc_conventions import CONVENTIONS, QcConvention, acquired_qc, get_convention
+from ftddm_trt.data.evaluation import MIN_VOXELS
+from ftddm_trt.data.examples import SlicePool
+from ftddm_trt.data.fine_mask_examples import (
+    TRAINING_CONVENTIONS,
+    FineMaskExample,
+    dice,
+    fine_mask_batch,
+    fine_mask_example,
+)
+from ftddm_trt.engine.torch_backend import TorchBackend
 from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
+from ftddm_trt.models.io import model_sha256, save_model
+from ftddm_trt.models.model_set import FINE_MASK_FILE, ModelSet
 
-__all__ = ["FineMaskExample", "fine_mask_example", "fine_mask_batch", "masked_bce", "dice", "train_fine_mask",
-           "validation_maps", "tune_step", "step_summary", "add_fine_mask"]
-
-
-@dataclass(frozen=True)
-class FineMaskExample:
-    """features: (8, 64, 64); target: (64, 64) the truth's quality mask (0/1); support: (64, 64) M (0/1)."""
-
-    features: np.ndarray
-    target: np.ndarray
-    support: np.ndarray
-
-
-#: qc conventions the estimator trains over (``data.qc_conventions``; thresholds stay the paper's).
-TRAINING_CONVENTIONS: tuple[QcConvention, ...] = tuple(c for c in CONVENTIONS.values() if c.name != "strict-thresholds")
-
-
-def fine_mask_example(stack: np.ndarray, n: int, convention: QcConvention) -> FineMaskExample:
-    """The estimator's input and target for a (6, 64, 64) stack [map, quality mask, T1, FLAIR, SNR, FWHM]
-    acquired at ``n x n`` (the ``lr`` condition of ``data.examples.prepare_example``), its qc maps written
-    in ``convention``."""
-    ex = prepare_example(stack, n, "lr")
-    qc = acquired_qc(stack[4], stack[5], n, convention)
-    feats = fine_mask_features(ex.y[0], ex.mask, ex.y[2], ex.y[3], n, *(qc or (None, None)))
-    return FineMaskExample(features=feats, target=ex.truth_mask.astype(np.float32), support=ex.mask)
-
-
-def fine_mask_batch(pool: SlicePool, indices: np.ndarray, sizes: list[int], rng: np.random.Generator | None,
-                    convention: QcConvention | str = "ours") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (B,8,64,64), target (B,1,64,64), support (B,1,64,64)) of maps ``indices`` at ``sizes``;
-    with ``rng``, augmented and each map's qc convention drawn from ``TRAINING_CONVENTIONS``, else all
-    written in ``convention``."""
-    fixed = get_convention(convention) if isinstance(convention, str) else convention
-    exs = []
-    for i, n in zip(indices, sizes):
-        stack = pool_stack(pool, int(i))
-        if rng is not None:
-            stack = _augment(stack, rng)
-            conv = TRAINING_CONVENTIONS[int(rng.integers(len(TRAINING_CONVENTIONS)))]
-        else:
-            conv = fixed
-        exs.append(fine_mask_example(stack, int(n), conv))
-    return (torch.from_numpy(np.stack([e.features for e in exs])),
-            torch.from_numpy(np.stack([e.target for e in exs]))[:, None],
-            torch.from_numpy(np.stack([e.support for e in exs]).astype(np.float32))[:, None])
+__all__ = ["TRAINING_CONVENTIONS", "FineMaskExample", "fine_mask_example", "fine_mask_batch", "masked_bce", "dice",
+           "train_fine_mask", "validation_maps", "tune_step", "step_summary", "add_fine_mask"]
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy over the pixels of M (``support``); all (B, 1, H, W)."""
     per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (per * support).sum() / support.sum().clamp_min(1.0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice overlap of two stacks of boolean masks (..., H, W); 1 where both are empty."""
-    a = np.asarray(a, bool).reshape(-1, *np.shape(a)[-2:])
-    b = np.asarray(b, bool).reshape(-1, *np.shape(b)[-2:])
-    inter = (a & b).sum(axis=(1, 2))
-    total = a.sum(axis=(1, 2)) + b.sum(axis=(1, 2))
-    return float(np.mean(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)))
 
 
 def train_fine_mask(
@@ -131,8 +91,6 @@ def train_fine_mask(
 
 def validation_maps(pool: SlicePool, n_maps: int = 32, seed: int = 0) -> np.ndarray:
     """A fixed choice of up to ``n_maps`` maps of ``pool`` with enough quality-mask voxels to score."""
-    from ftddm_trt.data.evaluation import MIN_VOXELS
-
     ok = np.flatnonzero(pool.masks.reshape(len(pool), -1).sum(1) >= 4 * MIN_VOXELS)
     return np.sort(np.random.default_rng(seed).choice(ok, size=min(n_maps, ok.size), replace=False))
 
@@ -143,8 +101,6 @@ def tune_step(net: FineMaskNet, backend, pool: SlicePool, idx: np.ndarray, sizes
     ``backend``'s default sampler, ``lr`` protocol, each of ``sizes``, qc maps in every convention the
     estimator trains over; ``bench.fine_mask``): the best worst-case PSNR gain, or weight 0 (no step) when
     no learned setting beats none on average. Returns (config, score rows)."""
-    from ftddm_trt.bench.fine_mask import choose_step, score_steps
-
     conventions = [c.name for c in TRAINING_CONVENTIONS]
     rows = [r for n in sizes for r in score_steps(backend, net, pool, idx, n, batch_size=batch_size,
                                                   conventions=conventions)]
@@ -168,14 +124,6 @@ def add_fine_mask(model_dir: Path | None, out_dir: Path, train_subjects: list, v
     on ``val_subjects`` with the model's own networks; the manifest records how (``data``: where the
     subjects came from) and ``command``. ``out_dir`` is written atomically (``atomic.atomic_dir``).
     Returns the written manifest."""
-    import json
-    import shutil
-
-    from ftddm_trt.atomic import atomic_dir, check_output
-    from ftddm_trt.engine.torch_backend import TorchBackend
-    from ftddm_trt.models.io import model_sha256, save_model
-    from ftddm_trt.models.model_set import FINE_MASK_FILE, ModelSet
-
     models = ModelSet.open(model_dir)
     check_output(Path(out_dir), force, inputs=(models.root,))  # before the training, not after
     net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), FineMaskConfig.preset("cpu"), minutes=minutes,

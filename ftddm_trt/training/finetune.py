@@ -33,7 +33,7 @@ from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training import finetune_defaults as defaults
 from ftddm_trt.training.package import package_model
-from ftddm_trt.training.fine_mask import TRAINING_CONVENTIONS
+from ftddm_trt.data.fine_mask_examples import TRAINING_CONVENTIONS
 from ftddm_trt.training.trainer import TrainConfig, train
 
 __all__ = ["FinetuneConfig", "finetune", "parse_networks", "NETWORK_SHARE"]
