@@ -23,8 +23,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from ftddm_trt.bench.report import write_json  # noqa: E402
-from ftddm_trt.bench.robustness import (FAMILIES, ROBUSTNESS_SEED, SCALES_N, System, family_maps,  # noqa: E402
-                                        family_subjects, score_cell, summarize_cells)
+from ftddm_trt.bench.robustness import (  # noqa: E402
+    FAMILIES,
+    ROBUSTNESS_SEED,
+    SCALES_N,
+    System,
+    family_maps,
+    family_subjects,
+    score_cell,
+    summarize_cells,
+)
 from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
 from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402

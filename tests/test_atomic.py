@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ftddm_trt.atomic import (OWNER_FILE, STAGING_FILE, OutputError, OutputLock, atomic_dir, check_output,
-                              foreign_entries, lock_path)
+from ftddm_trt.atomic import (
+    OWNER_FILE,
+    STAGING_FILE,
+    OutputError,
+    OutputLock,
+    atomic_dir,
+    check_output,
+    foreign_entries,
+    lock_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_triton_repo import _fake_export
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
 from ftddm_trt.serving.repository import RepoOptions, build_repository, validate_repository
-from test_triton_repo import _fake_export
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"

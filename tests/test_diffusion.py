@@ -302,7 +302,10 @@ def test_lambda_clipped_start_matches_diffusers(sched, lambda_min):
         grid = lambda_clipped_timesteps(sched, steps, lambda_min)
         assert grid[:-1] == [int(k) + 1 for k in ref.timesteps] and grid[-1] == 0
     t0 = lambda_clipped_start(sched, lambda_min)
-    lam = lambda t: 0.5 * math.log(float(sched.gammas[t]) / (1 - float(sched.gammas[t])))
+
+    def lam(t: int) -> float:
+        return 0.5 * math.log(float(sched.gammas[t]) / (1 - float(sched.gammas[t])))
+
     assert lam(t0) >= lambda_min and (t0 == 1000 or lam(t0 + 1) < lambda_min)
     if lambda_min == -5.1:
         assert t0 == 996  # the cosine chain's last 4 steps, where sigma/alpha > 160, are skipped

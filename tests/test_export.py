@@ -27,8 +27,8 @@ from ftddm_trt.export.onnx_export import OPSET, ParityError, export_model_set
 from ftddm_trt.export.tensorrt_build import (
     BatchProfile,
     TensorRTUnavailable,
-    engine_cache_key,
     cuda_device_name,
+    engine_cache_key,
     engine_filename,
     require_tensorrt,
     volume_profile,

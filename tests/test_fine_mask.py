@@ -83,8 +83,10 @@ def test_masked_bce_and_dice_against_brute_force():
     per = -(target.numpy() * np.log(p) + (1 - target.numpy()) * np.log(1 - p))
     want = per[support.numpy() > 0].mean()
     assert float(masked_bce(logits, target, support)) == pytest.approx(want, rel=1e-9)
-    a = np.zeros((2, 4, 4), bool); b = np.zeros((2, 4, 4), bool)
-    a[0, :2] = True; b[0, 1:3] = True  # 8 and 8 pixels, 4 shared: 0.5; second pair both empty: 1
+    a = np.zeros((2, 4, 4), bool)
+    b = np.zeros((2, 4, 4), bool)
+    a[0, :2] = True  # 8 and 8 pixels, 4 shared: 0.5; second pair both empty: 1
+    b[0, 1:3] = True
     assert dice(a, b) == pytest.approx(0.75)
 
 

@@ -19,7 +19,13 @@ from ftddm_trt.data.masks import lr_support_mask
 from ftddm_trt.data.nifti_io import InputError, write_training_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
-from ftddm_trt.training.finetune import PASSES_CHOICES, QC_WEIGHT_CHOICES, recommend_sampler, sampler_choices, sampler_variant
+from ftddm_trt.training.finetune import (
+    PASSES_CHOICES,
+    QC_WEIGHT_CHOICES,
+    recommend_sampler,
+    sampler_choices,
+    sampler_variant,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -183,6 +183,7 @@ def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_p
     mod, exc = _load_model_code(monkeypatch)
     model_dir = repo / "ftddm_unet"
     from google.protobuf import json_format
+
     from ftddm_trt.serving.repository import parse_config
 
     cfg = json_format.MessageToDict(parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True)

@@ -10,7 +10,6 @@ import pytest
 from ftddm_trt.constants import METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
 from ftddm_trt.data.masks import lr_support_mask, support_mask_from_lr
-from ftddm_trt.data.qc_conventions import get_convention
 from ftddm_trt.data.nifti_io import (
     InputError,
     lr_affine_for,
@@ -21,6 +20,7 @@ from ftddm_trt.data.nifti_io import (
     write_subject,
 )
 from ftddm_trt.data.phantom import make_subject
+from ftddm_trt.data.qc_conventions import get_convention
 
 A_SR = np.array([[3.4, 0, 0, -108.8], [0, 3.4, 0, -108.8], [0, 0, 3.4, -5.0], [0, 0, 0, 1.0]])
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftddm_trt.diffusion import CosineSchedule, ancestral_sample, draw_ancestral_noise, initial_noise, randn_on, truncated_timesteps
+from ftddm_trt.diffusion import (
+    CosineSchedule,
+    ancestral_sample,
+    draw_ancestral_noise,
+    initial_noise,
+    randn_on,
+    truncated_timesteps,
+)
 from ftddm_trt.diffusion.consistency import data_consistency
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_batch, sample_images

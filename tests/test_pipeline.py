@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
-from dataclasses import replace
 import pytest
 import torch
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ftddm_trt.data.qc_conventions import (CONVENTIONS, HZ_PER_PPM_3T, HZ_PER_PPM_7T, acquired_qc, footprint_min,
-                                           get_convention, sample_index, site_quality_mask)
+from ftddm_trt.data.qc_conventions import (
+    CONVENTIONS,
+    HZ_PER_PPM_3T,
+    HZ_PER_PPM_7T,
+    acquired_qc,
+    footprint_min,
+    get_convention,
+    sample_index,
+    site_quality_mask,
+)
 
 
 def _maps(seed: int = 0):

@@ -19,10 +19,10 @@ from ftddm_trt.bench.quality import example_tensors
 from ftddm_trt.constants import USER_DEFAULT_TAU_F
 from ftddm_trt.data.evaluation import map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
+from ftddm_trt.data.fine_mask_examples import dice, fine_mask_batch
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, sample_images
 from ftddm_trt.models.fine_mask import FineMaskNet
-from ftddm_trt.data.fine_mask_examples import dice, fine_mask_batch
 
 THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
 WEIGHTS: tuple[float, ...] = (0.2, 0.5, 1.0)

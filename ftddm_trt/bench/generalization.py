@@ -19,17 +19,25 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 from ftddm_trt.constants import HR_SIZE, T_DIFFUSION
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.data.examples import SlicePool
-from ftddm_trt.data.phantom import make_subject
-from ftddm_trt.engine.backend import Backend
-from ftddm_trt.diffusion import CosineSchedule, SampleResult
-from ftddm_trt.engine.pipeline import (USER_DEFAULT_TAU_F, SamplerSpec, consistency_for, qc_consistency, qc_consistency_applies,
-                                      qc_step_weight, sample_batch, sample_images)
-from ftddm_trt.models.fine_mask import FineMaskNet
 from ftddm_trt.data.fine_mask_examples import fine_mask_batch
-from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
+from ftddm_trt.data.phantom import make_subject
+from ftddm_trt.diffusion import CosineSchedule, SampleResult
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import (
+    USER_DEFAULT_TAU_F,
+    SamplerSpec,
+    consistency_for,
+    qc_consistency,
+    qc_consistency_applies,
+    qc_step_weight,
+    sample_batch,
+    sample_images,
+)
+from ftddm_trt.models.fine_mask import FineMaskNet
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
 GENERALIZATION_SEED = 2026

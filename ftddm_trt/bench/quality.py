@@ -21,14 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.bench import paper_table
 from ftddm_trt.bench.report import portable
+from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.phantom import fold_split, generate_dataset
-from ftddm_trt.engine.backend import Backend
 from ftddm_trt.diffusion import DEFAULT_LAMBDA_MIN
+from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
 
 SCALES: tuple[int, ...] = (8, 16, 32)  # N for s = 8, 4, 2

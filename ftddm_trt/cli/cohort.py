@@ -108,7 +108,14 @@ def servers_of(backend, usage: dict[str, int] | None) -> str:
 
 def run_cohort(root: Path, out: Path, opts: UpscaleOptions, force: bool = False) -> list[SubjectRow]:
     """Super-resolve every subject of ``root`` into ``out`` (see the module docstring); returns the rows."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ftddm_trt.engine.triton_backend import TritonUnavailable
 
@@ -138,7 +145,6 @@ def run_cohort(root: Path, out: Path, opts: UpscaleOptions, force: bool = False)
             pass
     csv_path = out / CSV_NAME
     rows = [SubjectRow(s.name) for s in subjects]
-    failed_exit = False
     with backend:
         info = backend.describe()
         todo: list[tuple[int, Path]] = []

@@ -12,12 +12,12 @@ from typing import Optional
 
 import typer
 
-from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import OutputError, atomic_dir
+from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
-from ftddm_trt.integrity import strict_json
 from ftddm_trt.cli.upscale import UpscaleOptions, evaluate_folders, upscale_to_folder
 from ftddm_trt.constants import LR_SIZES
+from ftddm_trt.integrity import strict_json
 
 
 @app.command("demo")

@@ -22,11 +22,10 @@ def export_cmd(
 
     The export is refused (nothing written) if ONNX Runtime and PyTorch disagree beyond the tolerance.
     """
+    from ftddm_trt.atomic import OutputError
     from ftddm_trt.export.manifest import TtruncMismatch
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
-
-    from ftddm_trt.atomic import OutputError
 
     check_output_dir(out, force, (model,))
     try:

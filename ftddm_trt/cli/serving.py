@@ -16,8 +16,8 @@ from ftddm_trt.cli.common import check_output_dir, console, fail
 
 def _export_for(model: Path | None, out: Path, ttrunc: int | None = None) -> Path:
     """The ONNX export of ``model`` beside ``out`` (``OUT-onnx``), reused while its weights are unchanged."""
-    from ftddm_trt.export.manifest import read_manifest
     from ftddm_trt.atomic import OutputError
+    from ftddm_trt.export.manifest import read_manifest
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 

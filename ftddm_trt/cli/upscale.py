@@ -21,10 +21,10 @@ import numpy as np
 import typer
 
 from ftddm_trt import __version__
-from ftddm_trt.cli.app import app
 from ftddm_trt.atomic import OutputError, atomic_dir
+from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
-from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, QC_CONSISTENCY_WEIGHT, USER_DEFAULT_TAU_F
+from ftddm_trt.constants import HR_SIZE, METABOLITES, QC_CONSISTENCY_WEIGHT, T_TRUNC, USER_DEFAULT_TAU_F
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 from ftddm_trt.integrity import IntegrityError, check_temperature
 
@@ -426,7 +426,14 @@ def upscale_to_folder(subject_dir: Path, out_dir: Path, opts: UpscaleOptions, fo
     except UpscaleError as err:
         fail(str(err))
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     try:
         with backend, Progress(TextColumn("[bold]upscale"), BarColumn(), MofNCompleteColumn(), TextColumn("maps"),

@@ -35,8 +35,8 @@ import torch
 
 from ftddm_trt.diffusion import SampleResult
 from ftddm_trt.engine.backend import NETWORKS, Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
 from ftddm_trt.engine.model_check import WEIGHTS_PARAM
+from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch
 
 #: Triton model name of each network (the repository generator and the client share them).

@@ -25,8 +25,8 @@ import onnx
 import torch
 
 from ftddm_trt import __version__
-from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
 from ftddm_trt.atomic import atomic_dir
+from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, file_sha256, resolve_flow_ttrunc, write_manifest
 from ftddm_trt.models import FlowReverse
 from ftddm_trt.models.model_set import ModelSet

@@ -35,7 +35,14 @@ from typing import Any, Callable
 import numpy as np
 
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, file_sha256, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc, write_manifest
+from ftddm_trt.export.manifest import (
+    FLOW_TTRUNC_KEY,
+    file_sha256,
+    manifest_flow_ttrunc,
+    read_manifest,
+    resolve_flow_ttrunc,
+    write_manifest,
+)
 from ftddm_trt.integrity import verify_networks
 
 PRECISIONS = ("fp32", "fp16")

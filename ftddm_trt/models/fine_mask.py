@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftddm_trt.constants import FINE_MASK_FEATURES, FINE_MASK_FEATURES_VERSION  # not data.masks: models must load without scipy (GPU check host)
+from ftddm_trt.constants import (  # not data.masks: models must load without scipy (GPU check host)
+    FINE_MASK_FEATURES,
+    FINE_MASK_FEATURES_VERSION,
+)
 from ftddm_trt.models.config import _ConfigBase
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 try:
     from safetensors.torch import load_file, save_file
 except ImportError:  # a host without safetensors (e.g. the bare GPU check machine) can still read weights

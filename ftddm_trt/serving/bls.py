@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import sample_batch
 from ftddm_trt.engine.model_check import check_same_model
+from ftddm_trt.engine.pipeline import sample_batch
 from ftddm_trt.engine.triton_backend import TRITON_MODELS, decode_sampler_request
 
 #: ``infer(model_name, {input name: array}, [output names]) -> {output name: array}``

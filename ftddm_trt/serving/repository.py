@@ -43,10 +43,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ftddm_trt.engine.triton_backend import FLOW_TTRUNC_PARAM, SAMPLER_MODEL, TRITON_MODELS, decode_ttrunc_param, encode_ttrunc_param
-from ftddm_trt.engine.model_check import WEIGHTS_PARAM
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch, manifest_flow_ttrunc, read_manifest, resolve_flow_ttrunc
+from ftddm_trt.engine.model_check import WEIGHTS_PARAM
+from ftddm_trt.engine.triton_backend import (
+    FLOW_TTRUNC_PARAM,
+    SAMPLER_MODEL,
+    TRITON_MODELS,
+    decode_ttrunc_param,
+    encode_ttrunc_param,
+)
+from ftddm_trt.export.manifest import (
+    FLOW_TTRUNC_KEY,
+    TtruncMismatch,
+    manifest_flow_ttrunc,
+    read_manifest,
+    resolve_flow_ttrunc,
+)
 from ftddm_trt.integrity import IntegrityError, verify_file
 
 FLAVORS = ("cpu", "gpu", "gpu-python")

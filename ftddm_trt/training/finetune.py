@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 from ftddm_trt.constants import T_TRUNC
+from ftddm_trt.data.fine_mask_examples import TRAINING_CONVENTIONS
 from ftddm_trt.data.qc_conventions import get_convention
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.training import finetune_defaults as defaults
 from ftddm_trt.training.package import package_model
-from ftddm_trt.data.fine_mask_examples import TRAINING_CONVENTIONS
 from ftddm_trt.training.trainer import TrainConfig, train
 
 __all__ = ["FinetuneConfig", "finetune", "parse_networks", "NETWORK_SHARE"]

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ftddm_trt.diffusion import CosineSchedule, eps_loss, flow_guide_loss, sample_train_timesteps
 from ftddm_trt.data.examples import Batch
+from ftddm_trt.diffusion import CosineSchedule, eps_loss, flow_guide_loss, sample_train_timesteps
 
 
 def loss_weight(batch: Batch, margin_weight: float = 1.0) -> torch.Tensor:

@@ -8,7 +8,13 @@ from .ancestral import (
     truncated_timesteps,
 )
 from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps, randn_on
-from .dpm_solver import DEFAULT_LAMBDA_MIN, dpm_solver_pp_sample, dpm_solver_timesteps, lambda_clipped_start, lambda_clipped_timesteps
+from .dpm_solver import (
+    DEFAULT_LAMBDA_MIN,
+    dpm_solver_pp_sample,
+    dpm_solver_timesteps,
+    lambda_clipped_start,
+    lambda_clipped_timesteps,
+)
 
 __all__ = [
     "DEFAULT_LAMBDA_MIN",

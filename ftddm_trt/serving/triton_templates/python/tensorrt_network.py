@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
