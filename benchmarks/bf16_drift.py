@@ -40,18 +40,32 @@ def main() -> int:
     for a, b in zip(runs["fp32"]["runs"], runs["bf16"]["runs"]):
         if a["method"] == "zero-filled":
             continue
-        rows.append({"s": a["s"], "protocol": a["protocol"], "psnr_fp32": a["all"]["psnr"], "psnr_bf16": b["all"]["psnr"],
-                     "ssim_fp32": a["all"]["ssim"], "ssim_bf16": b["all"]["ssim"],
-                     "psnr_drift_db": b["all"]["psnr"] - a["all"]["psnr"], "ssim_drift": b["all"]["ssim"] - a["all"]["ssim"],
-                     "s_per_map_fp32": a["seconds_per_map"], "s_per_map_bf16": b["seconds_per_map"]})
+        rows.append(
+            {
+                "s": a["s"],
+                "protocol": a["protocol"],
+                "psnr_fp32": a["all"]["psnr"],
+                "psnr_bf16": b["all"]["psnr"],
+                "ssim_fp32": a["all"]["ssim"],
+                "ssim_bf16": b["all"]["ssim"],
+                "psnr_drift_db": b["all"]["psnr"] - a["all"]["psnr"],
+                "ssim_drift": b["all"]["ssim"] - a["all"]["ssim"],
+                "s_per_map_fp32": a["seconds_per_map"],
+                "s_per_map_bf16": b["seconds_per_map"],
+            }
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bf16_drift.json").write_text(json.dumps({"maps": args.maps, "model": models.hashes(), "rows": rows}, indent=1))
+    (args.out / "bf16_drift.json").write_text(
+        json.dumps({"maps": args.maps, "model": models.hashes(), "rows": rows}, indent=1)
+    )
     lines = [f"# bf16 autocast vs fp32 (PyTorch backend, CPU), FTDDM + DPM-Solver++ 20, {args.maps} test maps", "",
              "| s | protocol | PSNR fp32 | PSNR bf16 | drift (dB) | SSIM fp32 | SSIM bf16 | s/map fp32 | s/map bf16 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['s']:g} | {r['protocol']} | {r['psnr_fp32']:.2f} | {r['psnr_bf16']:.2f} | {r['psnr_drift_db']:+.3f} | "
-                     f"{r['ssim_fp32']:.4f} | {r['ssim_bf16']:.4f} | {r['s_per_map_fp32']:.3f} | {r['s_per_map_bf16']:.3f} |")
+        lines.append(
+            f"| {r['s']:g} | {r['protocol']} | {r['psnr_fp32']:.2f} | {r['psnr_bf16']:.2f} | {r['psnr_drift_db']:+.3f} "
+            f"| {r['ssim_fp32']:.4f} | {r['ssim_bf16']:.4f} | {r['s_per_map_fp32']:.3f} | {r['s_per_map_bf16']:.3f} |"
+        )
     (args.out / "bf16_drift.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -72,8 +72,9 @@ def markdown(r: dict) -> str:
         + (f" {r['note']}" if r.get("note") else ""),
         "",
         f"Workload: {r['subjects']} phantom subjects (N = 16, s = 4, metabolites {', '.join(r['metabolites'])}: "
-        f"{sum(x['maps'] or 0 for x in r['runs'][0]['rows'])} maps in all), `--sampler ftddm-dpmpp --steps {r['steps']}` "
-        f"(NFE {r['nfe']}), `--batch-size {r['batch_size']}`, {r['clients_per_server']} concurrent clients per server, "
+        f"{sum(x['maps'] or 0 for x in r['runs'][0]['rows'])} maps in all), `--sampler ftddm-dpmpp --steps "
+        f"{r['steps']}` (NFE {r['nfe']}), `--batch-size {r['batch_size']}`, {r['clients_per_server']} concurrent "
+        "clients per server, "
         f"ONNX Runtime with {r['ort_threads']} intra-op thread(s) per server model instance (the in-process row uses "
         f"ONNX Runtime's default, one thread per core). Model: {r['model']}. Dynamic batching waits up to "
         f"{r['queue_delay_us']} us to merge requests.",
@@ -82,8 +83,10 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in r["runs"]:
-        lines.append(f"| {row['backend']} | {row['servers']} | {row['dynamic_batching']} | {row['subjects_per_min']:.2f} | "
-                     f"{row['wall_s']:.1f} | {row['max_rel_diff']:.2e} |")
+        lines.append(
+            f"| {row['backend']} | {row['servers']} | {row['dynamic_batching']} | {row['subjects_per_min']:.2f} | "
+            f"{row['wall_s']:.1f} | {row['max_rel_diff']:.2e} |"
+        )
     g = r.get("gain", {})
     lines += ["", "Dynamic batching gain (subjects per minute, with / without): "
               + ", ".join(f"{k} server(s): {v:.2f}x" for k, v in g.items()) + "."]
@@ -129,22 +132,46 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "data"
         names = [write_phantom_subject(data, make_subject(i, seed=0), 16).name for i in range(args.subjects)]
         metabolites = [m.strip() for m in args.metabolites.split(",")]
-        base = dict(sampler="ftddm-dpmpp", steps=args.steps, metabolites=metabolites, batch_size=args.batch_size, seed=0)
-        result: dict = {"model": model_label, "subjects": args.subjects, "steps": args.steps, "nfe": args.steps + 1,
-                        "metabolites": metabolites, "batch_size": args.batch_size, "clients_per_server": args.clients_per_server,
-                        "ort_threads": args.threads, "queue_delay_us": args.queue_delay_us,
-                        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                        "note": args.note, "runs": []}
+        base = dict(
+            sampler="ftddm-dpmpp", steps=args.steps, metabolites=metabolites, batch_size=args.batch_size, seed=0
+        )
+        result: dict = {
+            "model": model_label,
+            "subjects": args.subjects,
+            "steps": args.steps,
+            "nfe": args.steps + 1,
+            "metabolites": metabolites,
+            "batch_size": args.batch_size,
+            "clients_per_server": args.clients_per_server,
+            "ort_threads": args.threads,
+            "queue_delay_us": args.queue_delay_us,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "note": args.note,
+            "runs": [],
+        }
         ref = work / "ref"
         print("in-process ONNX Runtime ...")
         r = timed_cohort(data, ref, UpscaleOptions(backend="onnxruntime", onnx=onnx_dir, **base))
-        result["runs"].append({"backend": "onnxruntime (in-process)", "servers": 0, "dynamic_batching": "-", "max_rel_diff": 0.0, **r})
+        result["runs"].append(
+            {"backend": "onnxruntime (in-process)", "servers": 0, "dynamic_batching": "-", "max_rel_diff": 0.0, **r}
+        )
         for dyn in (True, False):
             repo = work / f"repo-{'dyn' if dyn else 'nodyn'}"
-            build_repository(onnx_dir, repo, "cpu", options=RepoOptions(max_batch_size=64, max_queue_delay_us=args.queue_delay_us,
-                                                                          intra_op_threads=args.threads, dynamic_batching=dyn),
-                             log=lambda _m: None)
-            servers = [TritonServer(repo, startup_timeout_s=600, log_path=work / f"server{k}-{dyn}.log") for k in range(2)]
+            build_repository(
+                onnx_dir,
+                repo,
+                "cpu",
+                options=RepoOptions(
+                    max_batch_size=64,
+                    max_queue_delay_us=args.queue_delay_us,
+                    intra_op_threads=args.threads,
+                    dynamic_batching=dyn,
+                ),
+                log=lambda _m: None,
+            )
+            servers = [
+                TritonServer(repo, startup_timeout_s=600, log_path=work / f"server{k}-{dyn}.log") for k in range(2)
+            ]
             try:
                 for s in servers:
                     s.start()

@@ -40,7 +40,9 @@ def label(r: dict, chosen: tuple[float, float]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="model folder with fine_mask.* (default: the shipped model)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="model folder with fine_mask.* (default: the shipped model)"
+    )
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--subjects", type=int, default=4, help="subjects per style")
     ap.add_argument("--maps", type=int, default=48, help="maps per style")
@@ -50,7 +52,10 @@ def main() -> int:
     models = ModelSet.open(args.model)
     net = models.fine_mask_net()
     if net is None:
-        raise SystemExit(f"{models.root} has no fine-mask estimator ({FINE_MASK_FILE}.safetensors); add one with `ftddm-trt add-fine-mask`")
+        raise SystemExit(
+            f"{models.root} has no fine-mask estimator ({FINE_MASK_FILE}.safetensors); add one with `ftddm-trt "
+            "add-fine-mask`"
+        )
     chosen = (net.config.threshold, net.config.consistency_weight)
     t0 = time.time()
     rows: list[dict] = []
@@ -64,22 +69,37 @@ def main() -> int:
                 print(f"{style:8s} s={64 // n}: none {got[0]['psnr_gain']:+.2f}, F {got[1]['psnr_gain']:+.2f}, "
                       f"learned {mine['psnr_gain']:+.2f} dB (Dice F {got[1]['dice']:.3f}, learned {mine['dice']:.3f})")
     entry = models.manifest().get("networks", {}).get(FINE_MASK_FILE, {})
-    record = {"model": str(args.model or "shipped"), "fine_mask_sha256": models.fine_mask_sha256(),
-              "threshold": chosen[0], "weight": chosen[1], "training": entry.get("training"), "seed": GENERALIZATION_SEED,
-              "subjects": args.subjects, "maps": args.maps, "backend": args.backend, "rows": rows,
-              "seconds": round(time.time() - t0, 1)}
+    record = {
+        "model": str(args.model or "shipped"),
+        "fine_mask_sha256": models.fine_mask_sha256(),
+        "threshold": chosen[0],
+        "weight": chosen[1],
+        "training": entry.get("training"),
+        "seed": GENERALIZATION_SEED,
+        "subjects": args.subjects,
+        "maps": args.maps,
+        "backend": args.backend,
+        "rows": rows,
+        "seconds": round(time.time() - t0, 1),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "fine_mask.json", record)
     training = entry.get("training") or {}
-    lines = ["# A learned fine mask for the `lr` qc consistency step", "",
-             f"The model's fine-mask estimator (`models.fine_mask`, {count_parameters(net):,} parameters; trained by "
-             f"`ftddm-trt add-fine-mask` for {training.get('minutes', '?')} minutes, {training.get('iterations', '?')} "
-             f"iterations, on the training fold of the model's own phantoms; threshold {chosen[0]:g} and weight {chosen[1]:g} "
-             "chosen on its validation fold as the best worst-case gain over s). Scored on the generalization benchmark's "
-             f"subjects ({args.subjects} per style, seed {GENERALIZATION_SEED}, {args.maps} maps per style; `{HELD_OUT_STYLE}` "
-             f"was never trained on), the model's default sampler on backend {args.backend}, `lr` protocol, the same "
-             "outputs in every row of a style; PSNR (gain over zero-filled) / SSIM inside the truth's quality mask, and the "
-             "Dice overlap of the mask used with the truth's. Written by `python benchmarks/fine_mask.py`.", ""]
+    lines = [
+        "# A learned fine mask for the `lr` qc consistency step",
+        "",
+        f"The model's fine-mask estimator (`models.fine_mask`, {count_parameters(net):,} parameters; trained by "
+        f"`ftddm-trt add-fine-mask` for {training.get('minutes', '?')} minutes, {training.get('iterations', '?')} "
+        f"iterations, on the training fold of the model's own phantoms; threshold {chosen[0]:g} and weight "
+        f"{chosen[1]:g} chosen on its validation fold as the best worst-case gain over s). Scored on the "
+        "generalization benchmark's "
+        f"subjects ({args.subjects} per style, seed {GENERALIZATION_SEED}, {args.maps} maps per style; "
+        f"`{HELD_OUT_STYLE}` "
+        f"was never trained on), the model's default sampler on backend {args.backend}, `lr` protocol, the same "
+        "outputs in every row of a style; PSNR (gain over zero-filled) / SSIM inside the truth's quality mask, and the "
+        "Dice overlap of the mask used with the truth's. Written by `python benchmarks/fine_mask.py`.",
+        "",
+    ]
     for style in args.styles.split(","):
         mine = [r for r in rows if r["style"] == style]
         keys = list(dict.fromkeys(label(r, chosen) for r in mine))

@@ -46,7 +46,9 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
     ap.add_argument("--margin-weight", type=float, default=FinetuneConfig.margin_weight,
                     help="loss weight of M's voxels outside the truth's quality mask")
-    ap.add_argument("--networks", default=",".join(FinetuneConfig.networks), help="networks to fine-tune (comma-separated)")
+    ap.add_argument(
+        "--networks", default=",".join(FinetuneConfig.networks), help="networks to fine-tune (comma-separated)"
+    )
     ap.add_argument("--keep", type=Path, default=None, help="also keep the fine-tuned model folder here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -66,16 +68,27 @@ def main() -> int:
         ft = manifest["finetune"]
         pool, idx = style_maps(args.style, args.test_subjects, args.maps, seed=SEED, first_index=100)
         runs = []
-        rec = ft["validation_quality"].get("recommended") or {"passes": 1, "qc_consistency": None}  # None: upscale's default
+        rec = ft["validation_quality"].get("recommended") or {
+            "passes": 1,
+            "qc_consistency": None,
+        }  # None: upscale's default
         default = DEFAULT_VARIANTS[0]
         chosen = sampler_variant(default, rec["passes"], rec["qc_consistency"], label="validation-chosen")
         for label, folder in (("base", args.model or ModelSet.open().root), ("fine-tuned", tuned)):
             models = ModelSet.open(folder)
-            backend, mask_net = TorchBackend(models), models.fine_mask_net()  # the qc step as upscale --model FOLDER runs it
+            # the qc step as upscale --model FOLDER runs it
+            backend, mask_net = TorchBackend(models), models.fine_mask_net()
             for n in (8, 16, 32):
                 for protocol in ("lr", "hr"):
-                    rows = score_maps(backend, pool, idx, [default] + ([chosen] if label == "fine-tuned" else []), n, protocol,
-                                      fine_mask_net=mask_net)
+                    rows = score_maps(
+                        backend,
+                        pool,
+                        idx,
+                        [default] + ([chosen] if label == "fine-tuned" else []),
+                        n,
+                        protocol,
+                        fine_mask_net=mask_net,
+                    )
                     runs += [{"model": label if r["method"] != chosen.label else CHOSEN, **r}
                              for r in rows if label == "base" or r["method"] != "zero-filled"]
     result = {"style": args.style, "seed": SEED, "subjects": args.subjects, "minutes": args.minutes, "lr": args.lr,
@@ -88,24 +101,45 @@ def main() -> int:
     iterations = " and ".join(f"{name} ({summary.get('step', summary.get('iterations'))} iterations)"
                               for name, summary in ft["training"].items())
     qc_text = "default" if rec["qc_consistency"] is None else f"{rec['qc_consistency']:g}"
-    lines = [f"# Fine-tuning on an unseen phantom style (`{args.style}`)", "",
-             f"`ftddm-trt finetune` on {args.subjects} high-resolution `{args.style}` subjects ({args.subjects - 2} train, "
-             f"2 validation) for {args.minutes:g} minutes ({wall / 60:.1f} min wall, {os.cpu_count()} CPU cores), from the "
-             f"shipped model, fine-tuning {iterations} at lr {args.lr:g}. Scored on {idx.size} maps of {args.test_subjects} *other* `{args.style}` subjects "
-             "(never used for fine-tuning), default sampler (in `lr` with the qc step as `upscale` runs it: through each "
-             "model's fine-mask estimator when it has one), PSNR / SSIM inside the truth's quality mask; gain = over "
-             "zero-filled. The last row runs the fine-tuned model with the sampler settings that scored best on the 2 "
-             f"validation subjects (`--passes {rec['passes']} --qc-consistency {qc_text}`, reported by "
-             "`ftddm-trt finetune`). Written by `python benchmarks/finetune_unseen.py`.", ""]
+    lines = [
+        f"# Fine-tuning on an unseen phantom style (`{args.style}`)",
+        "",
+        f"`ftddm-trt finetune` on {args.subjects} high-resolution `{args.style}` subjects ({args.subjects - 2} train, "
+        f"2 validation) for {args.minutes:g} minutes ({wall / 60:.1f} min wall, {os.cpu_count()} CPU cores), from the "
+        f"shipped model, fine-tuning {iterations} at lr {args.lr:g}. Scored on {idx.size} maps of {args.test_subjects} "
+        f"*other* `{args.style}` subjects "
+        "(never used for fine-tuning), default sampler (in `lr` with the qc step as `upscale` runs it: through each "
+        "model's fine-mask estimator when it has one), PSNR / SSIM inside the truth's quality mask; gain = over "
+        "zero-filled. The last row runs the fine-tuned model with the sampler settings that scored best on the 2 "
+        f"validation subjects (`--passes {rec['passes']} --qc-consistency {qc_text}`, reported by "
+        "`ftddm-trt finetune`). Written by `python benchmarks/finetune_unseen.py`.",
+        "",
+    ]
     for protocol in ("lr", "hr"):
-        lines += [f"### Mask protocol `{protocol}`", "", "| model | " + " | ".join(f"s = {HR_SIZE / n:g}" for n in (8, 16, 32)) + " |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"### Mask protocol `{protocol}`",
+            "",
+            "| model | " + " | ".join(f"s = {HR_SIZE / n:g}" for n in (8, 16, 32)) + " |",
+            "|---|---|---|---|",
+        ]
         for label in ("zero-filled", "base", "fine-tuned", CHOSEN):
             cells = []
             for n in (8, 16, 32):
-                r = next(r for r in runs if r["n"] == n and r["protocol"] == protocol and
-                         (r["method"] == "zero-filled" if label == "zero-filled" else (r["model"] == label and r["method"] != "zero-filled")))
-                cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" + ("" if label == "zero-filled" else f" ({r['psnr_gain']:+.2f} dB)"))
+                r = next(
+                    r
+                    for r in runs
+                    if r["n"] == n
+                    and r["protocol"] == protocol
+                    and (
+                        r["method"] == "zero-filled"
+                        if label == "zero-filled"
+                        else (r["model"] == label and r["method"] != "zero-filled")
+                    )
+                )
+                cells.append(
+                    f"{r['psnr']:.2f} / {r['ssim']:.3f}"
+                    + ("" if label == "zero-filled" else f" ({r['psnr_gain']:+.2f} dB)")
+                )
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     (args.out / "finetune.md").write_text("\n".join(lines))

@@ -42,17 +42,23 @@ def main() -> int:
         results = run_generalization(backend, args.styles.split(","), n_subjects=args.subjects, n_maps=args.maps,
                                      fine_mask_net=mask_net)
     results["trained_on_styles"] = trained_on
-    preamble = (f"Model trained on phantom styles {', '.join(trained_on)}; held out: {', '.join(held_out) or 'none'}. "
-                f"{args.subjects} fresh subjects per style (dataset seed {results['seed']}, never used in training), "
-                f"{args.maps} maps per style, the same maps and seed for every method, backend {args.backend}, batch "
-                f"{results['batch_size']}. PSNR / SSIM inside the truth's quality mask; gain = method - zero-filled "
-                "(dB, mean over maps). `lr`: the mask a user has (N x N qc maps, dilated); `hr`: the paper's 64x64 mask. "
-                "Data consistency is on for `hr` and off for `lr`; in `lr` the outputs then get the qc consistency step as "
-                "`upscale` does by default: " + (f"through the model's learned fine-mask estimate (threshold {mask_net.config.threshold:g}), "
-                f"weight {mask_net.config.consistency_weight:g}; " if mask_net is not None else
-                f"weight {QC_CONSISTENCY_WEIGHT:g}, through the fine mask the N x N qc maps imply; ") +
-                "the last `lr` row is the default without that step (the same draws). "
-                "Written by `python benchmarks/generalization.py`.")
+    preamble = (
+        f"Model trained on phantom styles {', '.join(trained_on)}; held out: {', '.join(held_out) or 'none'}. "
+        f"{args.subjects} fresh subjects per style (dataset seed {results['seed']}, never used in training), "
+        f"{args.maps} maps per style, the same maps and seed for every method, backend {args.backend}, batch "
+        f"{results['batch_size']}. PSNR / SSIM inside the truth's quality mask; gain = method - zero-filled "
+        "(dB, mean over maps). `lr`: the mask a user has (N x N qc maps, dilated); `hr`: the paper's 64x64 mask. "
+        "Data consistency is on for `hr` and off for `lr`; in `lr` the outputs then get the qc consistency step as "
+        "`upscale` does by default: "
+        + (
+            f"through the model's learned fine-mask estimate (threshold {mask_net.config.threshold:g}), "
+            f"weight {mask_net.config.consistency_weight:g}; "
+            if mask_net is not None
+            else f"weight {QC_CONSISTENCY_WEIGHT:g}, through the fine mask the N x N qc maps imply; "
+        )
+        + "the last `lr` row is the default without that step (the same draws). "
+        "Written by `python benchmarks/generalization.py`."
+    )
     paths = write_results(results, args.out, held_out=held_out, preamble=preamble)
     print("wrote", ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths.values()))
     return 0

@@ -327,9 +327,13 @@ def tensorrt_rows() -> dict:
 
 # -- report ----------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check ({report['machine']['gpu']})", "",
-             f"torch {report['machine']['torch']}, CUDA {report['machine']['cuda']}, Python {report['machine']['python']}; "
-             f"total {report['seconds']:.0f} s. Written by `benchmarks/gpu_check.py`.", ""]
+    lines = [
+        f"# GPU check ({report['machine']['gpu']})",
+        "",
+        f"torch {report['machine']['torch']}, CUDA {report['machine']['cuda']}, Python {report['machine']['python']}; "
+        f"total {report['seconds']:.0f} s. Written by `benchmarks/gpu_check.py`.",
+        "",
+    ]
     sec = report["sections"]
 
     def status(name):
@@ -340,10 +344,16 @@ def markdown(report: dict) -> str:
 
     lines += ["## Samplers on CUDA vs CPU fp32 (same seed, 16 synthetic maps, s = 4)", ""]
     if status("samplers") is None:
-        lines += ["| sampler | NFE | CPU PSNR | fp32: max abs / drift dB | fp16: max abs / drift dB | bf16: max abs / drift dB |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| sampler | NFE | CPU PSNR | fp32: max abs / drift dB | fp16: max abs / drift dB | bf16: max abs / drift "
+            "dB |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sec["samplers"]["result"]:
-            cells = [f"{r[f'cuda_{p}']['max_abs_vs_cpu']:.2e} / {r[f'cuda_{p}']['drift_db']:+.3f}" for p in ("fp32", "fp16", "bf16")]
+            cells = [
+                f"{r[f'cuda_{p}']['max_abs_vs_cpu']:.2e} / {r[f'cuda_{p}']['drift_db']:+.3f}"
+                for p in ("fp32", "fp16", "bf16")
+            ]
             name = r["sampler"] + (f" {r['steps']}" if r["steps"] else "")
             lines.append(f"| {name} | {r['nfe']} | {r['cpu_fp32_psnr']:.2f} | " + " | ".join(cells) + " |")
     else:
@@ -351,15 +361,20 @@ def markdown(report: dict) -> str:
     lines += ["", "## CUDA graph of the truncated loop (FTDDM Ttrunc = 100)", ""]
     if status("cuda_graph") is None:
         g = sec["cuda_graph"]["result"]
-        lines.append(f"batch {g['batch']}: eager {g['eager_ms_per_loop']:.1f} ms, graph {g['graph_ms_per_loop']:.1f} ms per loop "
-                     f"({g['speedup']:.2f}x), max |graph - eager| = {g['max_abs_graph_vs_eager']:.2e}")
+        lines.append(
+            f"batch {g['batch']}: eager {g['eager_ms_per_loop']:.1f} ms, graph {g['graph_ms_per_loop']:.1f} ms per "
+            f"loop ({g['speedup']:.2f}x), max |graph - eager| = {g['max_abs_graph_vs_eager']:.2e}"
+        )
     else:
         lines.append(f"not measured: {status('cuda_graph')}")
     lines += ["", "## torch.compile (shipped UNet)", ""]
     if status("torch_compile") is None:
         c = sec["torch_compile"]["result"]
-        lines.append(f"batch {c['batch']}: compile {c['compile_s']:.1f} s; eager {c['eager_ms_per_nfe_per_image']:.4f} vs compiled "
-                     f"{c['compiled_ms_per_nfe_per_image']:.4f} ms per NFE per image ({c['speedup']:.2f}x); max |diff| {c['max_abs_vs_eager']:.2e}")
+        lines.append(
+            f"batch {c['batch']}: compile {c['compile_s']:.1f} s; eager {c['eager_ms_per_nfe_per_image']:.4f} vs "
+            f"compiled {c['compiled_ms_per_nfe_per_image']:.4f} ms per NFE per image ({c['speedup']:.2f}x); max |diff| "
+            f"{c['max_abs_vs_eager']:.2e}"
+        )
     else:
         lines.append(f"not measured: {status('torch_compile')}")
     lines += ["", "## ms per NFE per image", ""]
@@ -371,14 +386,21 @@ def markdown(report: dict) -> str:
             for mode in ("fp32", "tf32", "fp16"):
                 by_b = {r["batch"]: r["ms_per_nfe_per_image"] for r in rows if r["net"] == net and r["mode"] == mode}
                 if by_b:
-                    lines.append(f"| {net} | {mode} | " + " | ".join(f"{by_b[b]:.4f}" if b in by_b else "-" for b in batches) + " |")
+                    lines.append(
+                        f"| {net} | {mode} | "
+                        + " | ".join(f"{by_b[b]:.4f}" if b in by_b else "-" for b in batches)
+                        + " |"
+                    )
     else:
         lines.append(f"not measured: {status('per_nfe')}")
     lines += ["", "## Latency (s per map / s per slice of 7 maps)", ""]
     if status("latency") is None:
         lines += ["| precision | sampler | NFE | case | s / map | s / slice |", "|---|---|---|---|---|---|"]
         for r in sec["latency"]["result"]:
-            lines.append(f"| {r['precision']} | {r['sampler']} | {r['nfe']} | {r['case']} | {r['s_per_map']:.4f} | {r['s_per_slice']:.4f} |")
+            lines.append(
+                f"| {r['precision']} | {r['sampler']} | {r['nfe']} | {r['case']} | {r['s_per_map']:.4f} | "
+                f"{r['s_per_slice']:.4f} |"
+            )
     else:
         lines.append(f"not measured: {status('latency')}")
     lines += ["", "## Peak GPU memory (MiB) and time per section", "",
@@ -420,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     section("tensorrt", sec, budget, 0, tensorrt_rows)
     report["seconds"] = time.monotonic() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("gpu_check.json", json.dumps(report, indent=2, default=str)), ("gpu_check.md", markdown(report))):
+    for name, text in (
+        ("gpu_check.json", json.dumps(report, indent=2, default=str)),
+        ("gpu_check.md", markdown(report)),
+    ):
         tmp = args.out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, args.out / name)

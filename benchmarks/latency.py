@@ -35,15 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default=None,
                     help="comma-separated labels (default torch-fp32,torch-bf16,onnxruntime,triton-client,triton-server"
                          " + torch-cuda-fp16-graph,tensorrt-fp16 with CUDA)")
-    ap.add_argument("--best-batch", type=int, default=None, help="second batch size for every backend (default: from per_nfe.json)")
-    ap.add_argument("--per-nfe", type=Path, default=None, help="per_nfe.json to take best batches from (default OUT/per_nfe.json)")
+    ap.add_argument(
+        "--best-batch", type=int, default=None, help="second batch size for every backend (default: from per_nfe.json)"
+    )
+    ap.add_argument(
+        "--per-nfe", type=Path, default=None, help="per_nfe.json to take best batches from (default OUT/per_nfe.json)"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 3)")
     ap.add_argument("--ttrunc", type=int, default=None, help="Ttrunc of the ftddm sampler (default 100)")
     ap.add_argument("--steps", type=int, default=None, help="steps of ftddm-dpmpp (default 20)")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads, in-process and per Triton model (default: all cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads, in-process and per Triton model (default: all cores)",
+    )
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton rows")
     ap.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder of the model (GPU only)")
-    ap.add_argument("--cache", type=Path, default=None, help="export cache (default $FTDDM_TRT_CACHE or ~/.cache/ftddm-trt)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="export cache (default $FTDDM_TRT_CACHE or ~/.cache/ftddm-trt)"
+    )
     args = ap.parse_args(argv)
 
     cfg = LatencyConfig.quick() if args.quick else LatencyConfig()
@@ -65,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         changes["cache_dir"] = Path(tempfile.gettempdir()) / "ftddm-bench-cache"
     cfg = replace(cfg, **changes)
     if args.quick and args.out.resolve() == (ROOT / "benchmarks" / "results").resolve():
-        print("error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr)
+        print(
+            "error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr
+        )
         return 2
     result = portable(run_latency(cfg))  # no absolute paths of this machine in the results
     j = write_json(args.out / "latency.json", result)

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run in seconds: tiny presets, batches 1,2, 2 repeats; without --model and without a "
                          "shipped model, tiny random networks stand in")
-    ap.add_argument("--batches", type=_ints, default=None, help=f"comma-separated (default {','.join(map(str, DEFAULT_BATCHES))})")
+    ap.add_argument(
+        "--batches", type=_ints, default=None, help=f"comma-separated (default {','.join(map(str, DEFAULT_BATCHES))})"
+    )
     ap.add_argument("--backends", default=None,
                     help="comma-separated labels (default: torch-fp32,torch-bf16,onnxruntime, + GPU ones with CUDA)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 5)")
@@ -43,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper-preset", default=None, choices=["paper", "cpu", "tiny", "none"],
                     help="preset of the random-weight UNet (default paper; none skips it)")
     ap.add_argument("--no-overhead", action="store_true", help="skip the whole-volume pipeline overhead run")
-    ap.add_argument("--overhead-batch", type=int, default=None, help="batch of the overhead run (default: best per backend)")
+    ap.add_argument(
+        "--overhead-batch", type=int, default=None, help="batch of the overhead run (default: best per backend)"
+    )
     ap.add_argument("--overhead-maps", type=int, default=None, help="maps of the volume used (default 35; 0: all)")
     ap.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder of the model (GPU only)")
-    ap.add_argument("--cache", type=Path, default=None, help="export cache (default $FTDDM_TRT_CACHE or ~/.cache/ftddm-trt)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="export cache (default $FTDDM_TRT_CACHE or ~/.cache/ftddm-trt)"
+    )
     args = ap.parse_args(argv)
 
     cfg = PerNfeConfig.quick() if args.quick else PerNfeConfig()
@@ -70,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         changes["cache_dir"] = Path(tempfile.gettempdir()) / "ftddm-bench-cache"  # keep smoke exports out of ~/.cache
     cfg = replace(cfg, **changes)
     if args.quick and args.out.resolve() == (ROOT / "benchmarks" / "results").resolve():
-        print("error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr)
+        print(
+            "error: --quick results are not measurements; pass --out elsewhere (e.g. /tmp/bench-smoke)", file=sys.stderr
+        )
         return 2
     result = portable(run_per_nfe(cfg))  # no absolute paths of this machine in the results
     j = write_json(args.out / "per_nfe.json", result)

@@ -78,8 +78,12 @@ def markdown(results: dict) -> str:
              "chosen on. The fine-tuned and regression rows train for "
              f"{results['minutes']:g} min on {results['train_subjects']} other subjects of the cell's family "
              "(2-core CPU). Made by `python benchmarks/robustness.py`.", ""]
-    lines += ["## Summary (default, `lr` protocol)", "", "| family | cells | floor | median | floor s = 4 | median s = 4 | "
-              "min coverage |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Summary (default, `lr` protocol)",
+        "",
+        "| family | cells | floor | median | floor s = 4 | median s = 4 | min coverage |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for family, summ in results["summary"].items():
         d = summ.get("default", {})
         if d:
@@ -124,7 +128,9 @@ def main() -> int:
     ap.add_argument("--test-subjects", type=int, default=6)
     ap.add_argument("--maps", type=int, default=48)
     ap.add_argument("--train-subjects", type=int, default=10)
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget of the fine-tune and the regression UNet")
+    ap.add_argument(
+        "--minutes", type=float, default=10.0, help="training budget of the fine-tune and the regression UNet"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -159,8 +165,10 @@ def main() -> int:
                         f"{r['convention']} {r['psnr_gain']:+.2f}" for r in rows if r["method"] == "shipped: default"),
                         flush=True)
     results["seconds"] = time.perf_counter() - t_start
-    results["summary"] = {f: {"default": summarize_cells([r for r in results["rows"] if r["family"] == f], "shipped: default")}
-                          for f in families}
+    results["summary"] = {
+        f: {"default": summarize_cells([r for r in results["rows"] if r["family"] == f], "shipped: default")}
+        for f in families
+    }
     results["summary_all"] = {"all": summarize_cells(results["rows"], "shipped: default"),
                               "fine-tuned": summarize_cells(results["rows"], "fine-tuned: default"),
                               "regression": summarize_cells(results["rows"], "regression UNet (trained on the family)")}

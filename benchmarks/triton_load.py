@@ -139,23 +139,38 @@ def loop_timing(backend, server_backend: TritonBackend | None, spec: SamplerSpec
         t0 = time.perf_counter()
         out_s, _ = server_backend.sample_images_on_server(spec, y, s, batch_size=batch, seed=0)
         t_server = time.perf_counter() - t0
-        res.update({"server_loop_ms_per_nfe": 1e3 * t_server / nfe, "server_loop_max_abs_diff": float((out_s - ref).abs().max())})
+        res.update(
+            {
+                "server_loop_ms_per_nfe": 1e3 * t_server / nfe,
+                "server_loop_max_abs_diff": float((out_s - ref).abs().max()),
+            }
+        )
     return res
 
 
 def markdown(r: dict) -> str:
-    lines = ["# Triton load test (loopback, cpu repository)", "",
-             f"{r['machine']['cpus']} CPU cores, {r['machine']['platform']}; tritonserver {r['server']['version']} "
-             f"({'bundled in nvidia-pytriton' if r['server']['bundled'] else r['server']['binary']}); model `{r['model']}`; "
-             f"{r['duration_s']} s per level (at most {r['max_requests']} requests); ONNX Runtime with {r['ort_threads']} "
-             "intra-op threads in-process and in each server model.", "",
-             f"Server start until every model is ready: {r['server']['start_s']:.1f} s; stop: {r['server']['stop_s']:.1f} s.", "",
-             "## ftddm_unet under concurrent clients", "",
-             "| clients | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Triton load test (loopback, cpu repository)",
+        "",
+        f"{r['machine']['cpus']} CPU cores, {r['machine']['platform']}; tritonserver {r['server']['version']} "
+        f"({'bundled in nvidia-pytriton' if r['server']['bundled'] else r['server']['binary']}); model `{r['model']}`; "
+        f"{r['duration_s']} s per level (at most {r['max_requests']} requests); ONNX Runtime with {r['ort_threads']} "
+        "intra-op threads in-process and in each server model.",
+        "",
+        f"Server start until every model is ready: {r['server']['start_s']:.1f} s; "
+        f"stop: {r['server']['stop_s']:.1f} s.",
+        "",
+        "## ftddm_unet under concurrent clients",
+        "",
+        "| clients | batch | requests | req/s | images/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lv in r["levels"]:
-        lines.append(f"| {lv['concurrency']} | {lv['batch']} | {lv['requests']} | {lv['requests_per_s']:.1f} | "
-                     f"{lv['images_per_s']:.1f} | {lv.get('p50_ms', float('nan')):.2f} | {lv.get('p99_ms', float('nan')):.2f} | "
-                     f"{len(lv['errors'])} |")
+        lines.append(
+            f"| {lv['concurrency']} | {lv['batch']} | {lv['requests']} | {lv['requests_per_s']:.1f} | "
+            f"{lv['images_per_s']:.1f} | {lv.get('p50_ms', float('nan')):.2f} | {lv.get('p99_ms', float('nan')):.2f} | "
+            f"{len(lv['errors'])} |"
+        )
     o = r["overhead"]
     lines += ["", "## Round-trip overhead per NFE (one client, same ONNX file)", "",
               "| path | p50 ms per UNet call |", "|---|---|",
@@ -165,13 +180,21 @@ def markdown(r: dict) -> str:
               f"| Triton HTTP | {o['triton_http']['p50_ms']:.2f} |", "",
               f"Triton gRPC overhead per NFE: **{o['grpc_overhead_ms_per_nfe']:.2f} ms** (p50 difference).", ""]
     lp = r["loop"]
-    lines += ["## One sampling loop", "",
-              f"`{lp['sampler']['name']}`, {lp['nfe']} NFE, batch {lp['batch']}:", "",
-              "| path | ms per NFE | max abs diff vs in-process |", "|---|---|---|",
-              f"| in-process ONNX Runtime | {lp['inprocess_ms_per_nfe']:.2f} | 0 |",
-              f"| client loop over Triton | {lp['client_loop_ms_per_nfe']:.2f} | {lp['client_loop_max_abs_diff']:.2g} |"]
+    lines += [
+        "## One sampling loop",
+        "",
+        f"`{lp['sampler']['name']}`, {lp['nfe']} NFE, batch {lp['batch']}:",
+        "",
+        "| path | ms per NFE | max abs diff vs in-process |",
+        "|---|---|---|",
+        f"| in-process ONNX Runtime | {lp['inprocess_ms_per_nfe']:.2f} | 0 |",
+        f"| client loop over Triton | {lp['client_loop_ms_per_nfe']:.2f} | {lp['client_loop_max_abs_diff']:.2g} |",
+    ]
     if "server_loop_ms_per_nfe" in lp:
-        lines.append(f"| server loop (ftddm_sampler, BLS) | {lp['server_loop_ms_per_nfe']:.2f} | {lp['server_loop_max_abs_diff']:.2g} |")
+        lines.append(
+            f"| server loop (ftddm_sampler, BLS) | {lp['server_loop_ms_per_nfe']:.2f} | "
+            f"{lp['server_loop_max_abs_diff']:.2g} |"
+        )
     lines += ["", "Machine shared with other jobs: numbers are indicative. Regenerate with "
               "`python benchmarks/triton_load.py`.", ""]
     return "\n".join(lines)
@@ -215,16 +238,31 @@ def main(argv: list[str] | None = None) -> int:
         model_label = str(onnx_dir)
     repo = work / "repo"
     max_batch = max(16, args.batch * max(levels))
-    build_repository(onnx_dir, repo, "cpu", options=RepoOptions(max_batch_size=min(max_batch, 128), max_queue_delay_us=args.queue_delay_us,
-                                         intra_op_threads=args.threads),
-                     log=lambda _m: None)
+    build_repository(
+        onnx_dir,
+        repo,
+        "cpu",
+        options=RepoOptions(
+            max_batch_size=min(max_batch, 128), max_queue_delay_us=args.queue_delay_us, intra_op_threads=args.threads
+        ),
+        log=lambda _m: None,
+    )
     server = TritonServer(repo, startup_timeout_s=600)
     print("starting tritonserver ...")
     server.start()
     print(f"ready in {server.start_time_s:.1f} s (gRPC {server.grpc_url})")
-    result: dict = {"model": model_label, "duration_s": args.duration, "max_requests": args.max_requests, "ort_threads": args.threads,
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                    "server": {"binary": str(server.install.binary), "bundled": server.install.bundled, "start_s": server.start_time_s}}
+    result: dict = {
+        "model": model_label,
+        "duration_s": args.duration,
+        "max_requests": args.max_requests,
+        "ort_threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "server": {
+            "binary": str(server.install.binary),
+            "bundled": server.install.bundled,
+            "start_s": server.start_time_s,
+        },
+    }
     try:
         with TritonBackend(server.grpc_url) as tb:
             result["server"]["version"] = tb.server_version
@@ -235,17 +273,25 @@ def main(argv: list[str] | None = None) -> int:
             result["levels"] = [*result.get("levels", []), lv]
         feeds = unet_inputs(args.batch)
         ort = OnnxRuntimeBackend(onnx_dir, threads=args.threads)
-        clients = {"triton_grpc": TritonBackend(server.grpc_url), "triton_grpc_shm": TritonBackend(server.grpc_url, shared_memory=True),
-                   "triton_http": TritonBackend(server.http_url, protocol="http")}
+        clients = {
+            "triton_grpc": TritonBackend(server.grpc_url),
+            "triton_grpc_shm": TritonBackend(server.grpc_url, shared_memory=True),
+            "triton_http": TritonBackend(server.http_url, protocol="http"),
+        }
         try:
-            overhead = single_call_latencies({"inprocess": ort.unet, **{k: c.unet for k, c in clients.items()}}, feeds, args.repeats)
+            overhead = single_call_latencies(
+                {"inprocess": ort.unet, **{k: c.unet for k, c in clients.items()}}, feeds, args.repeats
+            )
         finally:
             for c in clients.values():
                 c.close()
         overhead["grpc_overhead_ms_per_nfe"] = overhead["triton_grpc"]["p50_ms"] - overhead["inprocess"]["p50_ms"]
         result["overhead"] = overhead
-        print(f"in-process p50 {overhead['inprocess']['p50_ms']:.2f} ms, Triton gRPC p50 {overhead['triton_grpc']['p50_ms']:.2f} ms "
-              f"-> {overhead['grpc_overhead_ms_per_nfe']:.2f} ms per NFE")
+        print(
+            f"in-process p50 {overhead['inprocess']['p50_ms']:.2f} ms, Triton gRPC p50 "
+            f"{overhead['triton_grpc']['p50_ms']:.2f} ms "
+            f"-> {overhead['grpc_overhead_ms_per_nfe']:.2f} ms per NFE"
+        )
         spec = SamplerSpec("ftddm-dpmpp", steps=args.loop_steps)
         with TritonBackend(server.grpc_url) as tb:
             result["loop"] = loop_timing({"ort": ort, "triton": tb}, tb, spec, batch=max(1, args.batch))

@@ -24,8 +24,13 @@ def main(out: Path) -> None:
     for row, name in enumerate(STYLES):
         subj = make_subject(1, 0, style=name)
         z = subj.n_slices // 2
-        panels = [(subj.t1[z], "T1", "gray"), (subj.flair[z], "FLAIR", "gray"), (subj.maps[z, 2], "NAA (mM)", "viridis"),
-                  (subj.maps[z, 1], "tCho (mM)", "viridis"), (subj.masks[z, 5], "Gln quality mask", "gray")]
+        panels = [
+            (subj.t1[z], "T1", "gray"),
+            (subj.flair[z], "FLAIR", "gray"),
+            (subj.maps[z, 2], "NAA (mM)", "viridis"),
+            (subj.maps[z, 1], "tCho (mM)", "viridis"),
+            (subj.masks[z, 5], "Gln quality mask", "gray"),
+        ]
         for col, (img, title, cmap) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(img.T, origin="lower", cmap=cmap)

@@ -101,7 +101,14 @@ LEGACY_LAYOUTS: dict[str, tuple[str, ...]] = {
     "sr/run.json": ("input", "sr"),  # demo
     "repository.json": ("repository.json", "ftddm_*"),  # triton-repo
     "phantoms.json": ("phantoms.json", "sub-*"),  # phantom
-    "manifest.json": ("manifest.json", "*.onnx", "*.plan", "timing.cache", "*.safetensors", "*.json"),  # export, engines, model
+    "manifest.json": (
+        "manifest.json",
+        "*.onnx",
+        "*.plan",
+        "timing.cache",
+        "*.safetensors",
+        "*.json",
+    ),  # export, engines, model
 }
 
 
@@ -165,7 +172,9 @@ def check_output(out: Path, force: bool = False, inputs: Iterable[Path | None] =
         raise OutputError(f"cannot write into {anc}: read-only or no permission (output folder {res})")
     if res.is_dir() and any(res.iterdir()):
         if not force:
-            raise OutputError(f"{res} is not empty; pass --force to replace its contents (only a folder written by ftddm-trt)")
+            raise OutputError(
+                f"{res} is not empty; pass --force to replace its contents (only a folder written by ftddm-trt)"
+            )
         foreign = foreign_entries(res)
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -242,7 +251,10 @@ def remove_dead_staging(out: Path) -> list[Path]:
     if not out.parent.is_dir():
         return removed
     for p in out.parent.iterdir():
-        if not (p.name.startswith(prefix) and (p.name.endswith(".partial") or p.name == prefix + "old")) or not p.is_dir():
+        if (
+            not (p.name.startswith(prefix) and (p.name.endswith(".partial") or p.name == prefix + "old"))
+            or not p.is_dir()
+        ):
             continue
         if p.name.endswith(".partial"):
             try:

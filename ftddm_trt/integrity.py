@@ -45,7 +45,9 @@ def verify_file(path: Path | str, expected_sha256: str | None, what: str = "file
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} is missing")
     if not expected_sha256:
-        raise IntegrityError(f"IntegrityError: no sha256 is recorded for {what} {path}; cannot verify it (re-export it)")
+        raise IntegrityError(
+            f"IntegrityError: no sha256 is recorded for {what} {path}; cannot verify it (re-export it)"
+        )
     actual = file_sha256(path)
     if actual != expected_sha256:
         raise IntegrityError(f"IntegrityError: {what} {path} is corrupt or was replaced: sha256 {actual[:16]}... "
@@ -80,7 +82,9 @@ def check_temperature(name: str, value: float) -> None:
     """ValueError unless ``value`` is a finite temperature in TAU_RANGE."""
     lo, hi = TAU_RANGE
     if not (np.isfinite(value) and lo <= value <= hi):
-        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] (a noise std factor: 0 deterministic, 1 as trained), got {value:g}")
+        raise ValueError(
+            f"{name} must be in [{lo:g}, {hi:g}] (a noise std factor: 0 deterministic, 1 as trained), got {value:g}"
+        )
 
 
 def _finite(obj: Any) -> Any:

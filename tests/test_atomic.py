@@ -130,9 +130,17 @@ def test_second_writer_is_refused_naming_the_first(tmp_path):
 def test_lock_across_processes(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from ftddm_trt.atomic import OutputLock; import sys, time; l = OutputLock({str(out)!r}).acquire(); "
-                               "print('held', flush=True); sys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            f"from ftddm_trt.atomic import OutputLock; import sys, time; l = OutputLock({str(out)!r}).acquire(); "
+            "print('held', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputError, match=rf"pid {holder.pid}"):

@@ -73,19 +73,35 @@ def qc_fails_everywhere(s):
 
 DEGRADED = [
     (no_t1, "no t1.nii.gz", ["--allow-missing-anatomy"], ("anatomy", "flair"), "missing-anatomy"),
-    (no_anatomy, "no t1.nii.gz or flair.nii.gz", ["--allow-missing-anatomy"], ("anatomy", "none (zeros)"), "missing-anatomy"),
+    (
+        no_anatomy,
+        "no t1.nii.gz or flair.nii.gz",
+        ["--allow-missing-anatomy"],
+        ("anatomy", "none (zeros)"),
+        "missing-anatomy",
+    ),
     (t1_covers_a_corner, "t1 covers", ["--accept", "partial-anatomy"], None, "partial-anatomy"),
     (zero_map, "the maps of NAA are zero everywhere", ["--accept", "zero-maps"], None, "zero-maps"),
     (minus_a_million, "values below -1000 in NAA", ["--accept", "out-of-range"], None, "out-of-range"),
-    (qc_fails_everywhere, "the quality mask of NAA is empty on every slice", ["--accept", "empty-mask"], None, "empty-mask"),
+    (
+        qc_fails_everywhere,
+        "the quality mask of NAA is empty on every slice",
+        ["--accept", "empty-mask"],
+        None,
+        "empty-mask",
+    ),
 ]
 
 
 @pytest.mark.parametrize("corrupt,problem,_opt,_rec,_acc", DEGRADED, ids=lambda v: getattr(v, "__name__", ""))
-def test_degraded_input_is_refused_by_default(subject_copy, tiny_model_dir, tmp_path, corrupt, problem, _opt, _rec, _acc):
+def test_degraded_input_is_refused_by_default(
+    subject_copy, tiny_model_dir, tmp_path, corrupt, problem, _opt, _rec, _acc
+):
     corrupt(subject_copy)
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir)])
+    res = runner.invoke(
+        app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir)]
+    )
     assert res.exit_code == 2, res.output
     assert flat(problem) in flat(res.output), res.output
     assert "refused" in res.output
@@ -94,8 +110,9 @@ def test_degraded_input_is_refused_by_default(subject_copy, tiny_model_dir, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("corrupt,_problem,option,record,accepted", DEGRADED, ids=lambda v: getattr(v, "__name__", ""))
-def test_degraded_input_accepted_explicitly_is_recorded(subject_copy, tiny_model_dir, tmp_path, corrupt, _problem, option,
-                                                        record, accepted):
+def test_degraded_input_accepted_explicitly_is_recorded(
+    subject_copy, tiny_model_dir, tmp_path, corrupt, _problem, option, record, accepted
+):
     corrupt(subject_copy)
     out = tmp_path / "sr"
     res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch",
@@ -122,8 +139,21 @@ def test_anisotropic_voxels_are_noted(subject_copy, tiny_model_dir, tmp_path):
         aff[:3, 0] *= 1.5
         _rewrite(p, affine=aff)
     out = tmp_path / "sr"  # the stretched field of view reaches past the anatomy: accepted here
-    res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir),
-                              "--accept", "partial-anatomy"])
+    res = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(subject_copy),
+            str(out),
+            *FAST,
+            "--backend",
+            "torch",
+            "--model",
+            str(tiny_model_dir),
+            "--accept",
+            "partial-anatomy",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "anisotropic in-plane voxels" in " ".join(res.output.split())
     assert any("anisotropic in-plane voxels" in n for n in json.loads((out / "run.json").read_text())["notes"])
@@ -134,7 +164,9 @@ def test_unknown_accept_value_and_kind(phantom_subject_dir, tmp_path):
     res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--accept", "everything"])
     assert res.exit_code == 2 and "unknown --accept value" in res.output
     res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--kind", "ppm"])
-    assert res.exit_code == 2 and "--kind must be one of" in flat(res.output).replace("--kindmustbeoneof", "--kind must be one of")
+    assert res.exit_code == 2 and "--kind must be one of" in flat(res.output).replace(
+        "--kindmustbeoneof", "--kind must be one of"
+    )
     assert not out.exists()
 
 

@@ -56,7 +56,16 @@ def test_cohort_options_are_upscales():
 
 def test_cohort_runs_skips_and_resumes(cohort_root, tiny_onnx_export, tiny_model_dir, tmp_path):
     out = tmp_path / "sr"
-    args = ["upscale-cohort", str(cohort_root), str(out), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST]
+    args = [
+        "upscale-cohort",
+        str(cohort_root),
+        str(out),
+        "--onnx",
+        str(tiny_onnx_export),
+        "--model",
+        str(tiny_model_dir),
+        *FAST,
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 1, res.output  # one subject is bad
     rows = read_csv(out / "cohort.csv")
@@ -69,7 +78,19 @@ def test_cohort_runs_skips_and_resumes(cohort_root, tiny_onnx_export, tiny_model
 
     # the same maps as `upscale` of that subject alone (one per-subject function)
     single = tmp_path / "single"
-    res1 = runner.invoke(app, ["upscale", str(cohort_root / "sub-002"), str(single), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST])
+    res1 = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(cohort_root / "sub-002"),
+            str(single),
+            "--onnx",
+            str(tiny_onnx_export),
+            "--model",
+            str(tiny_model_dir),
+            *FAST,
+        ],
+    )
     assert res1.exit_code == 0, res1.output
     a, _, ma = read_map_folder(out / "sub-002")
     b, _, mb = read_map_folder(single)
@@ -111,7 +132,10 @@ def test_cohort_all_good_exits_zero_and_bad_inputs(cohort_root, tiny_onnx_export
     good = tmp_path / "good"
     shutil.copytree(cohort_root / "sub-000", good / "sub-000")
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale-cohort", str(good), str(out), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST])
+    res = runner.invoke(
+        app,
+        ["upscale-cohort", str(good), str(out), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST],
+    )
     assert res.exit_code == 0, res.output
     assert read_csv(out / "cohort.csv")["sub-000"]["status"] == "done"
     # no subjects, overlapping folders, bad options: clear errors before any work

@@ -30,7 +30,20 @@ from ftddm_trt.serving.launcher import free_port
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
-FAST = ["--sampler", "ftddm-dpmpp", "--ttrunc", "20", "--steps", "2", "--metabolites", "NAA,tCr", "--batch-size", "8", "--seed", "11"]
+FAST = [
+    "--sampler",
+    "ftddm-dpmpp",
+    "--ttrunc",
+    "20",
+    "--steps",
+    "2",
+    "--metabolites",
+    "NAA,tCr",
+    "--batch-size",
+    "8",
+    "--seed",
+    "11",
+]
 
 
 class Serve:
@@ -39,8 +52,22 @@ class Serve:
     def __init__(self, repo: Path, log: Path) -> None:
         self.ports = [free_port() for _ in range(3)]
         self.url = f"127.0.0.1:{self.ports[1]}"
-        cmd = [sys.executable, "-m", "ftddm_trt.cli.main", "serve", "--repo", str(repo), "--http-port", str(self.ports[0]),
-               "--grpc-port", str(self.ports[1]), "--metrics-port", str(self.ports[2]), "--log", str(log)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ftddm_trt.cli.main",
+            "serve",
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(self.ports[0]),
+            "--grpc-port",
+            str(self.ports[1]),
+            "--metrics-port",
+            str(self.ports[2]),
+            "--log",
+            str(log),
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout_s: float = 300) -> None:
@@ -51,7 +78,9 @@ class Serve:
                     return
             except TritonUnavailable:
                 time.sleep(0.5)
-        raise AssertionError(f"serve on {self.url} not ready: {self.proc.stdout.read() if self.proc.poll() is not None else ''}")
+        raise AssertionError(
+            f"serve on {self.url} not ready: {self.proc.stdout.read() if self.proc.poll() is not None else ''}"
+        )
 
     def server_pid(self) -> int:
         """The tritonserver process itself (under `serve`'s guard), found by its name and gRPC port."""
@@ -102,7 +131,10 @@ def test_cohort_over_two_servers_survives_a_kill(cpu_repo, tiny_onnx_export, tin
     subjects = [f"sub-{i:03d}" for i in range(4)]
 
     ref = tmp_path / "ort"  # in-process ONNX Runtime, same seed and batch size
-    res = runner.invoke(app, ["upscale-cohort", str(data), str(ref), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST])
+    res = runner.invoke(
+        app,
+        ["upscale-cohort", str(data), str(ref), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST],
+    )
     assert res.exit_code == 0, res.output
 
     a, b = Serve(cpu_repo, tmp_path / "a.log"), Serve(cpu_repo, tmp_path / "b.log")
@@ -110,7 +142,20 @@ def test_cohort_over_two_servers_survives_a_kill(cpu_repo, tiny_onnx_export, tin
         a.wait_ready()
         b.wait_ready()
         out = tmp_path / "triton"
-        args = ["upscale-cohort", str(data), str(out), "--backend", "triton", "--url", a.url, "--url", b.url, "--model", str(tiny_model_dir), *FAST]
+        args = [
+            "upscale-cohort",
+            str(data),
+            str(out),
+            "--backend",
+            "triton",
+            "--url",
+            a.url,
+            "--url",
+            b.url,
+            "--model",
+            str(tiny_model_dir),
+            *FAST,
+        ]
         fired = threading.Event()
         kill_when(out / subjects[0], b, fired)
         res = runner.invoke(app, args)

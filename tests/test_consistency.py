@@ -61,7 +61,9 @@ def test_auto_mode_applies_consistency_exactly_for_a_fine_mask(tmp_path):
     spec = SamplerSpec()
     assert consistency_for(spec, "auto", fine.fine_mask).data_consistency
     assert not consistency_for(spec, "auto", coarse.fine_mask).data_consistency
-    assert consistency_for(spec, "on", False).data_consistency and not consistency_for(spec, "off", True).data_consistency
+    assert (
+        consistency_for(spec, "on", False).data_consistency and not consistency_for(spec, "off", True).data_consistency
+    )
     with pytest.raises(ValueError, match="data consistency must be one of"):
         consistency_for(spec, "sometimes", True)
 

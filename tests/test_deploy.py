@@ -59,7 +59,9 @@ def sampler_repo(tmp_path_factory) -> Path:
     """The gpu repository with ftddm_sampler, as model-fill-job.yaml generates it for the server image."""
     root = tmp_path_factory.mktemp("deploy-sampler")
     out = root / "v1"
-    res = runner.invoke(app, ["triton-repo", "--flavor", "gpu", "--onnx", str(_fake_export(root / "onnx")), "--out", str(out)])
+    res = runner.invoke(
+        app, ["triton-repo", "--flavor", "gpu", "--onnx", str(_fake_export(root / "onnx")), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -126,7 +128,9 @@ def test_kubernetes(sampler_repo):
     assert ann["prometheus.io/path"] == "/metrics"
     (vol,) = [v for v in tmpl["spec"]["volumes"] if v["name"] == "model-repository"]
     (pvc,) = load_all(K8S / "model-repository-pvc.yaml")
-    assert pvc["kind"] == "PersistentVolumeClaim" and vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert (
+        pvc["kind"] == "PersistentVolumeClaim" and vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    )
     assert "ReadOnlyMany" in pvc["spec"]["accessModes"]
 
     services = load_all(K8S / "service.yaml")
@@ -145,7 +149,9 @@ def test_dynamic_batching_toggle(tmp_path):
     onnx = _fake_export(tmp_path / "onnx")
     for on in (True, False):
         out = tmp_path / f"repo-{on}"
-        build_repository(onnx, out, "cpu", options=RepoOptions(dynamic_batching=on, max_queue_delay_us=500), log=lambda _m: None)
+        build_repository(
+            onnx, out, "cpu", options=RepoOptions(dynamic_batching=on, max_queue_delay_us=500), log=lambda _m: None
+        )
         configs = validate_repository(out)
         for name in ("ftddm_unet", "ftddm_unet_full", "ftddm_flow"):
             assert configs[name].HasField("dynamic_batching") is on

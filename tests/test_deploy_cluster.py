@@ -78,7 +78,10 @@ def test_claims_exist_and_gpu_pods_have_the_prerequisites():
 
 def _file_of(obj: dict) -> str:
     for f in K8S.glob("*.yaml"):
-        if any(d.get("metadata", {}).get("name") == obj["metadata"]["name"] and d["kind"] == obj["kind"] for d in docs(f.name)):
+        if any(
+            d.get("metadata", {}).get("name") == obj["metadata"]["name"] and d["kind"] == obj["kind"]
+            for d in docs(f.name)
+        ):
             return f.name
     raise AssertionError(obj["metadata"]["name"])
 
@@ -111,7 +114,9 @@ def test_jobs_fill_verify_build_and_run_against_the_servers():
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     lines = re.sub(r"\\\n", " ", path.read_text()).splitlines()
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines if ln.strip() and not ln.startswith("#")]
+    return [
+        (ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines if ln.strip() and not ln.startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("name", ["server.Dockerfile", "client.Dockerfile"])

@@ -321,7 +321,9 @@ def test_dpm_solver_lambda_clipped_matches_diffusers(sched, data, steps):
     perturb = torch.randn(1, 1, H, H, generator=torch.Generator().manual_seed(9)) * 0.3
     x_start = initial_noise(mask, torch.Generator().manual_seed(4))
     ours_seen: list = []
-    ours = dpm_solver_pp_sample(oracle(sched, x0, ours_seen, perturb), x_start, mask, sched, 1000, steps, lambda_min=-5.1)
+    ours = dpm_solver_pp_sample(
+        oracle(sched, x0, ours_seen, perturb), x_start, mask, sched, 1000, steps, lambda_min=-5.1
+    )
     assert ours.nfe == steps == len(ours_seen)
     assert ours_seen[0][1] == 996
     assert torch.count_nonzero(ours.x0[mask == 0]) == 0
@@ -331,7 +333,9 @@ def test_dpm_solver_lambda_clipped_matches_diffusers(sched, data, steps):
 
     for patch, tol in [(True, 2e-6), (False, 1e-4)]:
         ref_seen: list = []
-        ref, ref_ts = _diffusers_dpm_clipped(sched, oracle(sched, x0, ref_seen, perturb), x_start, mask, steps, -5.1, patch)
+        ref, ref_ts = _diffusers_dpm_clipped(
+            sched, oracle(sched, x0, ref_seen, perturb), x_start, mask, steps, -5.1, patch
+        )
         assert [t for _, t in ours_seen] == ref_ts == [t for _, t in ref_seen]
         errs = [rel(a, b) for (a, _), (b, _) in zip(ours_seen, ref_seen)] + [rel(ours.x0, ref)]
         assert max(errs) < tol, (patch, errs)
@@ -403,7 +407,9 @@ def test_sde_dpm_solver_keeps_the_forward_marginal(sched):
     x0 = torch.full((n, 1, 1, 1), x0v)
     grid = dpm_solver_timesteps(100, 5)
     seen: list = []
-    x_start = sched.q_sample(x0, torch.full((n,), 100), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    x_start = sched.q_sample(
+        x0, torch.full((n,), 100), torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    )
     dpm_solver_pp_sample(oracle(sched, x0, seen), x_start, None, sched, 100, 5, sde=True,
                          generator=torch.Generator().manual_seed(1))
     for (x, t), t_grid in zip(seen, grid):

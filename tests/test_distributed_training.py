@@ -5,8 +5,9 @@ two processes one each (DDP averages): the same examples and noise, so the weigh
 steps agree up to float summation order. Tolerance: 1e-5 absolute on every parameter (Adam moves a
 parameter by at most ~lr = 1e-4 per step; float rounding of the averaged gradient changes updates
 by orders of magnitude less; measured on this 2-core CPU: 0, bit for bit). The same run with one
-shard per batch (other examples) lands 7.7e-4 away, so the check can fail. Rank 0 alone writes checkpoints, best weights and the log,
-and a run stopped after 2 iterations and resumed to 4 under torchrun equals the uninterrupted one.
+shard per batch (other examples) lands 7.7e-4 away, so the check can fail. Rank 0 alone writes checkpoints,
+best weights and the log, and a run stopped after 2 iterations and resumed to 4 under torchrun equals the uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,24 @@ from ftddm_trt.training.trainer import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
-COMMON = ["--task", "unet", "--preset", "tiny", "--batch-size", "4", "--subjects", "5", "--val-every", "2", "--device", "cpu",
-          "--lr", "1e-4", "--lr-final", "1e-4"]
+COMMON = [
+    "--task",
+    "unet",
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--subjects",
+    "5",
+    "--val-every",
+    "2",
+    "--device",
+    "cpu",
+    "--lr",
+    "1e-4",
+    "--lr-final",
+    "1e-4",
+]
 
 SPY = """
 import os, sys
@@ -68,7 +85,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def torchrun(run_dir: Path, iterations: int, writes: Path, tmp: Path) -> subprocess.CompletedProcess:
     script = tmp / "spy_train.py"
     script.write_text(SPY)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FTDDM_WRITES": str(writes)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "FTDDM_WRITES": str(writes),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            "train", str(run_dir), *COMMON, "--iterations", str(iterations)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -115,7 +138,9 @@ def test_two_processes_match_one_and_resume(tmp_path):
 def test_shard_generators_and_checks():
     a = shard_generators(3, 7, 0, 1)
     assert a[0].integers(1 << 30) == __import__("numpy").random.default_rng([3, 7]).integers(1 << 30)
-    assert torch.equal(torch.randn(3, generator=a[1]), torch.randn(3, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7)))
+    assert torch.equal(
+        torch.randn(3, generator=a[1]), torch.randn(3, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7))
+    )
     s0, s1 = shard_generators(3, 7, 0, 2), shard_generators(3, 7, 1, 2)
     assert not torch.equal(torch.randn(3, generator=s0[1]), torch.randn(3, generator=s1[1]))
     with pytest.raises(ValueError, match="multiple of the process count"):
@@ -129,7 +154,10 @@ def test_shard_generators_and_checks():
 def test_accumulated_shards_equal_the_mean_gradient():
     """One process, 2 shards: the gradient is the mean of the two shards' gradients (checked by hand)."""
     lin = torch.nn.Linear(3, 1)
-    data = {0: torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), 1: torch.randn(2, 3, generator=torch.Generator().manual_seed(1))}
+    data = {
+        0: torch.randn(2, 3, generator=torch.Generator().manual_seed(0)),
+        1: torch.randn(2, 3, generator=torch.Generator().manual_seed(1)),
+    }
     drawn = []
 
     def draw(rng, n):
@@ -156,4 +184,6 @@ def test_accumulated_shards_equal_the_mean_gradient():
     torch.testing.assert_close(got, (want[0] + want[1]) / 2)
     assert drawn == [2, 2] and parts == {"n": 2.0}
     with torch.no_grad():
-        assert float(loss) == pytest.approx(float((lin(data[0]).pow(2).mean() + lin(data[1]).pow(2).mean()) / 2), rel=1e-6)
+        assert float(loss) == pytest.approx(
+            float((lin(data[0]).pow(2).mean() + lin(data[1]).pow(2).mean()) / 2), rel=1e-6
+        )

@@ -61,7 +61,13 @@ def test_manifest_and_graph_metadata(tiny_onnx_export, tiny_model_dir):
     assert manifest["opset"] == OPSET == 18
     assert manifest["model_hashes"] == ModelSet.open(tiny_model_dir).hashes()
     assert sorted(manifest["networks"]) == ["flow", "unet", "unet_full"]
-    assert sorted(p.name for p in tiny_onnx_export.iterdir()) == [".ftddm-trt.json", "flow.onnx", "manifest.json", "unet.onnx", "unet_full.onnx"]
+    assert sorted(p.name for p in tiny_onnx_export.iterdir()) == [
+        ".ftddm-trt.json",
+        "flow.onnx",
+        "manifest.json",
+        "unet.onnx",
+        "unet_full.onnx",
+    ]
     for name, (ins, outs) in EXPECTED_IO.items():
         info = manifest["networks"][name]
         path = tiny_onnx_export / info["onnx"]
@@ -288,7 +294,9 @@ def test_require_tensorrt_refuses_before_importing_tensorrt(tmp_path, monkeypatc
     monkeypatch.setattr(tensorrt_build, "cuda_device_name", lambda: "NVIDIA L4")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real_find_spec(n, *a))
-    with pytest.raises(TensorRTUnavailable, match=r"found GPU 'NVIDIA L4' but the Python package 'tensorrt' is not installed"):
+    with pytest.raises(
+        TensorRTUnavailable, match=r"found GPU 'NVIDIA L4' but the Python package 'tensorrt' is not installed"
+    ):
         require_tensorrt()
     assert "tensorrt" not in sys.modules
 
@@ -303,7 +311,9 @@ def test_build_engine_cli_refuses_clearly(tiny_onnx_export, tmp_path):
     assert "Traceback" not in res.output and not out.exists()
     res = runner.invoke(app, ["build-engine", "--onnx", str(tmp_path), "--out", str(out)])
     assert res.exit_code == 2 and "holds no manifest.json" in " ".join(res.output.split())
-    res = runner.invoke(app, ["build-engine", "--onnx", str(tiny_onnx_export), "--out", str(out), "--precision", "int8"])
+    res = runner.invoke(
+        app, ["build-engine", "--onnx", str(tiny_onnx_export), "--out", str(out), "--precision", "int8"]
+    )
     assert res.exit_code == 2 and "--precision must be one of" in res.output
     assert "tensorrt" not in sys.modules
 
@@ -316,7 +326,9 @@ def _have_gpu_and_tensorrt() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_gpu_and_tensorrt(), reason="TensorRT engine build needs an NVIDIA GPU and the tensorrt package")
+@pytest.mark.skipif(
+    not _have_gpu_and_tensorrt(), reason="TensorRT engine build needs an NVIDIA GPU and the tensorrt package"
+)
 @pytest.mark.parametrize("precision,atol", [("fp16", 3e-2), ("fp32", 1e-3)])
 def test_tensorrt_engines_match_onnxruntime(tiny_onnx_export, tmp_path, precision, atol):
     from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
@@ -332,7 +344,10 @@ def test_tensorrt_engines_match_onnxruntime(tiny_onnx_export, tmp_path, precisio
         assert (out / info["engine"]).is_file()
     # a second build reuses every engine from the cache
     logs.clear()
-    assert tensorrt_build.build_engines(tiny_onnx_export, out, batch_size=4, precision=precision, log=logs.append) == manifest
+    assert (
+        tensorrt_build.build_engines(tiny_onnx_export, out, batch_size=4, precision=precision, log=logs.append)
+        == manifest
+    )
     assert sum("cached engine" in m for m in logs) == 3
 
     g = torch.Generator().manual_seed(0)

@@ -173,8 +173,27 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
     for w in (None, "0"):
         out = tmp_path / f"sr{w}"
         extra = [] if w is None else ["--qc-consistency", w]
-        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--sampler", "ftddm-dpmpp", "--ttrunc", "20",
-                                  "--steps", "2", "--backend", "torch", "--model", str(model), "--metabolites", "NAA", *extra])
+        res = runner.invoke(
+            app,
+            [
+                "upscale",
+                str(phantom_subject_dir),
+                str(out),
+                "--sampler",
+                "ftddm-dpmpp",
+                "--ttrunc",
+                "20",
+                "--steps",
+                "2",
+                "--backend",
+                "torch",
+                "--model",
+                str(model),
+                "--metabolites",
+                "NAA",
+                *extra,
+            ],
+        )
         assert res.exit_code == 0, res.output
         record = json.loads((out / "run.json").read_text())["qc_consistency"]
         if w is None:
@@ -222,8 +241,26 @@ def test_a_replaced_estimator_is_refused(tiny_model_dir, phantom_subject_dir, tm
     save_model(other, other.config, tmp_path / "other")
     (model / "fine_mask.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes())
     out = tmp_path / "sr"
-    res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--sampler", "ftddm-dpmpp", "--ttrunc", "20",
-                                   "--steps", "2", "--backend", "torch", "--model", str(model), "--metabolites", "NAA"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "upscale",
+            str(phantom_subject_dir),
+            str(out),
+            "--sampler",
+            "ftddm-dpmpp",
+            "--ttrunc",
+            "20",
+            "--steps",
+            "2",
+            "--backend",
+            "torch",
+            "--model",
+            str(model),
+            "--metabolites",
+            "NAA",
+        ],
+    )
     assert res.exit_code != 0
     assert "fine-mask" in res.output and "sha256" in "".join(res.output.split())
     assert not out.exists()
@@ -241,8 +278,16 @@ def test_add_fine_mask_writes_a_model_that_upscale_uses(tiny_model_dir, tmp_path
 
     subjects = [make_subject(i, seed=9, style="patchy") for i in range(3)]
     out = tmp_path / "with_mask"
-    manifest = add_fine_mask(tiny_model_dir, out, subjects[:2], subjects[2:], minutes=0.05, command="ftddm-trt add-fine-mask x",
-                             data={"phantoms": "test"}, log=None)
+    manifest = add_fine_mask(
+        tiny_model_dir,
+        out,
+        subjects[:2],
+        subjects[2:],
+        minutes=0.05,
+        command="ftddm-trt add-fine-mask x",
+        data={"phantoms": "test"},
+        log=None,
+    )
     models = ModelSet.open(out)
     net = models.fine_mask_net()
     assert net is not None and net.config.threshold in THRESHOLDS and net.config.consistency_weight in (*WEIGHTS, 0.0)

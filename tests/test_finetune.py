@@ -160,8 +160,9 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
     assert unet["step"] > steps and unet["seconds_total"] < 0.1 * 60 * 1.2 + 5  # not a fresh 6 s on top
 
     sr = tmp_path / "sr"
-    res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(sr), "--model", str(out), "--backend", "torch",
-                                   "--steps", "2"])
+    res = CliRunner().invoke(
+        app, ["upscale", str(phantom_subject_dir), str(sr), "--model", str(out), "--backend", "torch", "--steps", "2"]
+    )
     assert res.exit_code == 0, res.output
     run = json.loads((sr / "run.json").read_text())
     assert any(v == manifest["networks"]["unet"]["sha256"] for v in json.dumps(run).split('"'))
@@ -171,11 +172,25 @@ def test_finetune_default_tunes_the_unet_and_keeps_the_base_flow(site_dir, tiny_
     """Default networks: the UNet alone (a fine-tuned flow over-fitted a few subjects, docs/fine-tuning.md); the flow
     is the base's, bit for bit, and marked as copied."""
     out = tmp_path / "tuned"
-    res = CliRunner().invoke(app, ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",
-                                   "--val-subjects", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            str(site_dir),
+            str(out),
+            "--from",
+            str(tiny_model_dir),
+            "--minutes",
+            "0.05",
+            "--val-subjects",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
-    base_sha = {n: hashlib.sha256((tiny_model_dir / f"{n}.safetensors").read_bytes()).hexdigest() for n in ("unet", "flow")}
+    base_sha = {
+        n: hashlib.sha256((tiny_model_dir / f"{n}.safetensors").read_bytes()).hexdigest() for n in ("unet", "flow")
+    }
     assert list(manifest["finetune"]["training"]) == ["unet"] and "--networks unet" in manifest["commands"][0]
     assert manifest["networks"]["flow"]["from_base"] and not manifest["networks"]["unet"].get("from_base")
     assert manifest["networks"]["flow"]["sha256"] == base_sha["flow"]
@@ -203,9 +218,27 @@ def test_finetune_under_torchrun_writes_one_model_from_rank_0(site_dir, tiny_mod
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "tuned"
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ftddm_trt.cli.main",
-           "finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05", "--val-subjects", "1",
-           "--networks", "unet,flow"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ftddm_trt.cli.main",
+        "finetune",
+        str(site_dir),
+        str(out),
+        "--from",
+        str(tiny_model_dir),
+        "--minutes",
+        "0.05",
+        "--val-subjects",
+        "1",
+        "--networks",
+        "unet,flow",
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -234,8 +267,12 @@ def test_cli_finetune_defaults_are_the_configs():
 def test_recommend_sampler_takes_the_best_mean_gain_over_s_8_and_4():
     def quality(gains8, gains4):
         keys = [(1, 0.2), (1, 0.0), (2, 0.2), (2, 0.0)]
-        return {f"s={k}": {"choices": [{"passes": p, "qc_consistency": w, "psnr_gain": g} for (p, w), g in zip(keys, gains)]}
-                for k, gains in ((8, gains8), (4, gains4))}
+        return {
+            f"s={k}": {
+                "choices": [{"passes": p, "qc_consistency": w, "psnr_gain": g} for (p, w), g in zip(keys, gains)]
+            }
+            for k, gains in ((8, gains8), (4, gains4))
+        }
 
     rec = recommend_sampler(quality([3.0, 3.1, 3.4, 3.2], [4.0, 4.2, 4.1, 4.6]))
     assert (rec["passes"], rec["qc_consistency"]) == (2, 0.0) and rec["psnr_gain"] == pytest.approx(3.9)
@@ -292,7 +329,11 @@ def test_finetune_tunes_the_base_fine_mask_estimator(site_dir, tiny_model_dir, t
     ft = manifest["finetune"]
     assert ft["training"]["fine_mask"]["iterations"] >= 1 and ft["fine_mask_share"] == 0.1
     assert not manifest["networks"]["fine_mask"].get("from_base")
-    assert manifest["networks"]["fine_mask"]["sha256"] == model_sha256(out / "fine_mask") != model_sha256(base / "fine_mask")
+    assert (
+        manifest["networks"]["fine_mask"]["sha256"]
+        == model_sha256(out / "fine_mask")
+        != model_sha256(base / "fine_mask")
+    )
     chosen = ft["validation_quality"]["fine_mask"]
     net = ModelSet.open(out).fine_mask_net()
     assert (net.config.threshold, net.config.consistency_weight) == (chosen["threshold"], chosen["weight"])

@@ -94,7 +94,9 @@ def test_qc_fine_masks_are_the_upscale_estimate(maps):
     assert got.shape == (len(idx), 1, 64, 64) and got.dtype == torch.float32
     st = pool_stack(pool, int(idx[1]))
     ex = prepare_example(st, 8, "lr")
-    feats = fine_mask_features(ex.y[0], ex.mask, ex.y[2], ex.y[3], 8, *acquired_qc(st[4], st[5], 8, get_convention("sample")))
+    feats = fine_mask_features(
+        ex.y[0], ex.mask, ex.y[2], ex.y[3], 8, *acquired_qc(st[4], st[5], 8, get_convention("sample"))
+    )
     assert torch.equal(got[1:2], net.mask(torch.from_numpy(feats[None])))
 
 
@@ -109,4 +111,6 @@ def test_variants_differing_in_passes_score_as_separate_runs(tiny_model_dir, map
     assert [r["spec"]["passes"] for r in together[1:]] == [3, 1, 2]
     for v, row in zip(variants, together[1:]):
         alone = score_maps(backend, pool, idx, [v], 16, protocol, batch_size=2)[1]
-        assert row["psnr"] == pytest.approx(alone["psnr"], abs=1e-5) and row["ssim"] == pytest.approx(alone["ssim"], abs=1e-6)
+        assert row["psnr"] == pytest.approx(alone["psnr"], abs=1e-5) and row["ssim"] == pytest.approx(
+            alone["ssim"], abs=1e-6
+        )

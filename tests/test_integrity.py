@@ -109,7 +109,16 @@ def test_corrupt_cached_unet_is_refused_and_nothing_written(tiny_model_dir, tiny
     monkeypatch.setenv("FTDDM_TRT_CACHE", str(tmp_path / "cache"))
     cached = _cache_with(tiny_model_dir, tiny_onnx_export, tmp_path / "cache")
     out = tmp_path / "sr"
-    args = ["upscale", str(phantom_subject_dir), str(out), *FAST, "--model", str(tiny_model_dir), "--metabolites", "NAA"]
+    args = [
+        "upscale",
+        str(phantom_subject_dir),
+        str(out),
+        *FAST,
+        "--model",
+        str(tiny_model_dir),
+        "--metabolites",
+        "NAA",
+    ]
     res = runner.invoke(app, args)  # the cache is used (no export): it runs
     assert res.exit_code == 0, res.output
     record = json.loads((out / "run.json").read_text())
@@ -169,7 +178,9 @@ def _load_model_code(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     from ftddm_trt.serving.repository import TRITON_REPO_SRC
 
-    spec = importlib.util.spec_from_file_location("ftddm_onnx_network_model", TRITON_REPO_SRC / "python" / "onnx_network.py")
+    spec = importlib.util.spec_from_file_location(
+        "ftddm_onnx_network_model", TRITON_REPO_SRC / "python" / "onnx_network.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod, TritonModelException
@@ -186,7 +197,9 @@ def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_p
 
     from ftddm_trt.serving.repository import parse_config
 
-    cfg = json_format.MessageToDict(parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True)
+    cfg = json_format.MessageToDict(
+        parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True
+    )
     args = {"model_config": json.dumps(cfg), "model_repository": str(model_dir), "model_version": "1"}
     model = mod.TritonPythonModel()
     model.initialize(args)  # intact: loads
@@ -257,7 +270,9 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
         verify_repository_files(repo)
     bad = CliRunner().invoke(app, ["verify-repo", "--repo", str(repo)])
     assert bad.exit_code != 0 and "ftddm_unet" in bad.output and "corrupt" in bad.output
-    assert verify_repository_files(repo, ["ftddm_flow", "ftddm_sampler"]).keys() == {"ftddm_flow"}  # only what is served
+    assert verify_repository_files(repo, ["ftddm_flow", "ftddm_sampler"]).keys() == {
+        "ftddm_flow"
+    }  # only what is served
     server = TritonServer(repo)
     with pytest.raises(TritonServerError, match="refusing to start .*ftddm_unet network file"):
         server.start()
@@ -306,7 +321,18 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
     assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
     assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
     assert _same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
-    assert _same_build(out, {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}}, "NVIDIA L4", "10.9", 16, "fp16", 100) is None
+    assert (
+        _same_build(
+            out,
+            {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}},
+            "NVIDIA L4",
+            "10.9",
+            16,
+            "fp16",
+            100,
+        )
+        is None
+    )
     (out / "unet.fp16.onnx").write_bytes(b"fp16 grapH")
     with pytest.raises(IntegrityError, match="unet network"):
         _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)

@@ -76,7 +76,9 @@ def test_unet_objective_is_the_weighted_mean_written_out(batches, margin_weight)
                           margin_weight=margin_weight)
     sq = ((pred - _drawn_eps(lr, 7)) ** 2).double()
     scored, margin = lr.scored.double(), (lr.mask - lr.scored).double()
-    by_hand = ((sq * scored).sum() + margin_weight * (sq * margin).sum()) / (scored.sum() + margin_weight * margin.sum())
+    by_hand = ((sq * scored).sum() + margin_weight * (sq * margin).sum()) / (
+        scored.sum() + margin_weight * margin.sum()
+    )
     assert float(loss) == pytest.approx(float(by_hand), rel=1e-5)
     if margin_weight == 1.0:  # the paper's loss over all of M
         assert float(loss) == pytest.approx(float(eps_loss(pred, _drawn_eps(lr, 7), lr.mask)), rel=1e-6)
@@ -87,8 +89,11 @@ def test_zero_margin_weight_ignores_the_margin_only(batches):
     pred = torch.zeros(lr.x0.shape)
 
     def loss(p):
-        return float(unet_objective(FixedPrediction(p), lr, CosineSchedule(1000), T_MAX, torch.Generator().manual_seed(3),
-                                    margin_weight=0.0))
+        return float(
+            unet_objective(
+                FixedPrediction(p), lr, CosineSchedule(1000), T_MAX, torch.Generator().manual_seed(3), margin_weight=0.0
+            )
+        )
 
     margin = lr.mask - lr.scored
     assert loss(pred + 5.0 * margin) == loss(pred)

@@ -35,7 +35,9 @@ def other_model(tmp_path_factory):
 
 
 def test_check_names_network_and_both_hashes():
-    check_same_model({"unet": "a", "flow": "b"}, {"unet": "a", "flow": "b", "unet_full": "z"}, ["unet", "flow"], "S", "M")
+    check_same_model(
+        {"unet": "a", "flow": "b"}, {"unet": "a", "flow": "b", "unet_full": "z"}, ["unet", "flow"], "S", "M"
+    )
     with pytest.raises(ModelMismatch) as err:
         check_same_model({"unet": "a", "flow": "b"}, {"unet": "x", "flow": "b"}, ["unet", "flow"], "the server", "M")
     msg = str(err.value)

@@ -31,7 +31,9 @@ def _strict_randn(*args, generator=None, device=None, **kwargs):
     if generator is not None:
         where = torch.device(device) if device is not None else torch.device("cpu")
         if where.type != generator.device.type:
-            raise RuntimeError(f"Expected a '{where.type}' device type for generator but found '{generator.device.type}'")
+            raise RuntimeError(
+                f"Expected a '{where.type}' device type for generator but found '{generator.device.type}'"
+            )
     return _real_randn(*args, generator=generator, device=device, **kwargs)
 
 
@@ -97,7 +99,9 @@ def test_ancestral_and_initial_noise_on_a_foreign_device(strict_randn):
     g = torch.Generator().manual_seed(0)
     x_start = initial_noise(mask, g)
     assert x_start.device.type == "meta"
-    res = ancestral_sample(lambda x, t: 0.1 * x, x_start, mask, CosineSchedule(1000), truncated_timesteps(6), generator=g)
+    res = ancestral_sample(
+        lambda x, t: 0.1 * x, x_start, mask, CosineSchedule(1000), truncated_timesteps(6), generator=g
+    )
     assert res.x0.device.type == "meta" and res.nfe == 6
     assert draw_ancestral_noise(4, x_start, g).device.type == "meta"
     g_ref = torch.Generator().manual_seed(0)

@@ -103,16 +103,28 @@ def test_evaluate_writes_nothing_into_its_inputs_and_strict_json(phantom_subject
     assert "Infinity" not in text and "NaN" not in text
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert data["overall"]["prediction"]["psnr"] is None and data["overall"]["prediction"]["nrmse"] == 0
-    res = runner.invoke(app, ["evaluate", str(truth_as_pred), str(phantom_subject_dir / "truth"), "--out", str(metrics)])
-    assert res.exit_code == 2 and "exists; pass --force" in flat(res.output).replace("exists;pass--force", "exists; pass --force")
+    res = runner.invoke(
+        app, ["evaluate", str(truth_as_pred), str(phantom_subject_dir / "truth"), "--out", str(metrics)]
+    )
+    assert res.exit_code == 2 and "exists; pass --force" in flat(res.output).replace(
+        "exists;pass--force", "exists; pass --force"
+    )
 
 
 def test_concurrent_writer_is_refused_before_computing(phantom_subject_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "sr"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from ftddm_trt.atomic import OutputLock; import sys; l = OutputLock({str(out)!r}).acquire(); "
-                               "print('held', flush=True); sys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            f"from ftddm_trt.atomic import OutputLock; import sys; l = OutputLock({str(out)!r}).acquire(); "
+            "print('held', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--backend", "torch",

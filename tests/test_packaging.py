@@ -32,8 +32,13 @@ def test_package_parses_as_python_3_10():
 @pytest.mark.slow
 def test_wheel_ships_the_triton_templates_and_finds_them_installed(tmp_path):
     wheels = tmp_path / "wheels"
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                          str(ROOT)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (wheel,) = wheels.glob("ftddm_trt-*.whl")
     with zipfile.ZipFile(wheel) as z:

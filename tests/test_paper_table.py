@@ -35,21 +35,47 @@ def results(tmp_path):
                 _run("DDPM T=1000", "DDPM", n, protocol, 1000, 6, 6, 2.0, base[:6] + 1, rng),
                 _run("DDPM respaced 100", "DDPM respaced", n, protocol, 100, 12, 12, 0.2, base, rng),
                 _run("DPM-Solver++ 20", "DPM-Solver++", n, protocol, 20, 12, 6, 0.05, base - 0.5, rng),
-                _run("TDPM Ttrunc=100", "TDPM", n, protocol, 101, 12, 6, 0.21, base + 0.5 + rng.normal(0, 0.1, 12), rng),
+                _run(
+                    "TDPM Ttrunc=100", "TDPM", n, protocol, 101, 12, 6, 0.21, base + 0.5 + rng.normal(0, 0.1, 12), rng
+                ),
                 _run("FTDDM Ttrunc=100", "FTDDM", n, protocol, 101, 12, 6, 0.2, base + 2 + rng.normal(0, 0.1, 12), rng),
                 _run("FTDDM Ttrunc=50", "FTDDM", n, protocol, 51, 12, 6, 0.1, base + 1.5, rng),
             ]
     runs[4]["per_map"]["psnr"][3] = None  # an invalid map (NaN in the record) is skipped, not counted
-    return {"test_subjects": ["sub-020", "sub-021"], "n_maps": 12, "ddpm_maps": 6, "batch_size": 6,
-            "backend": {"backend": "onnxruntime", "path": str(tmp_path / "onnx")}, "runs": runs,
-            "model": {"dir": str(PROJECT_ROOT / "ftddm_trt" / "assets" / "model"), "manifest": {"networks": {
-                "unet": {"step": 1000, "best_val": 0.2, "train_config": {"batch_size": 8, "t_trunc": 100}},
-                "unet_full": {"step": 1000, "best_val": 0.05, "train_config": {"batch_size": 8, "t_trunc": 100}}}}},
-            "tau_d_sweep": {"method": "FTDDM Ttrunc=100", "description": "synthetic", "columns": ["tau_d", "psnr", "ssim", "sharpness"],
-                            "rows": [{"tau_d": t, "psnr": 25 - 2 * t, "ssim": 0.9 - 0.1 * t, "sharpness": 0.6 + 0.4 * t}
-                                     for t in (0.0, 0.5, 0.9, 1.2)]},
-            "s_sweep": {"method": "FTDDM + DPM-Solver++ 20", "description": "synthetic", "columns": ["true_s", "given_s", "psnr", "ssim"],
-                        "rows": [{"true_s": 4.0, "given_s": g, "psnr": 25 - abs(math.log2(g / 4)), "ssim": 0.9} for g in (2.0, 4.0, 8.0)]}}
+    return {
+        "test_subjects": ["sub-020", "sub-021"],
+        "n_maps": 12,
+        "ddpm_maps": 6,
+        "batch_size": 6,
+        "backend": {"backend": "onnxruntime", "path": str(tmp_path / "onnx")},
+        "runs": runs,
+        "model": {
+            "dir": str(PROJECT_ROOT / "ftddm_trt" / "assets" / "model"),
+            "manifest": {
+                "networks": {
+                    "unet": {"step": 1000, "best_val": 0.2, "train_config": {"batch_size": 8, "t_trunc": 100}},
+                    "unet_full": {"step": 1000, "best_val": 0.05, "train_config": {"batch_size": 8, "t_trunc": 100}},
+                }
+            },
+        },
+        "tau_d_sweep": {
+            "method": "FTDDM Ttrunc=100",
+            "description": "synthetic",
+            "columns": ["tau_d", "psnr", "ssim", "sharpness"],
+            "rows": [
+                {"tau_d": t, "psnr": 25 - 2 * t, "ssim": 0.9 - 0.1 * t, "sharpness": 0.6 + 0.4 * t}
+                for t in (0.0, 0.5, 0.9, 1.2)
+            ],
+        },
+        "s_sweep": {
+            "method": "FTDDM + DPM-Solver++ 20",
+            "description": "synthetic",
+            "columns": ["true_s", "given_s", "psnr", "ssim"],
+            "rows": [
+                {"true_s": 4.0, "given_s": g, "psnr": 25 - abs(math.log2(g / 4)), "ssim": 0.9} for g in (2.0, 4.0, 8.0)
+            ],
+        },
+    }
 
 
 def test_mean_std_and_wilcoxon_against_numpy_and_scipy():
@@ -73,11 +99,19 @@ def test_speedups_only_at_equal_batch(results):
 
 
 def test_table_rows_pair_the_ddpm_subset(results):
-    rows = {r["method"]: r for r in paper_table.table_rows(results, 16, "hr", {"unet": 2_000_000, "flow": 400_000,
-                                                                               "unet_full": 2_000_000, "tdpm": 300_000})}
-    ref = next(r for r in results["runs"] if r["method"] == "FTDDM Ttrunc=100" and r["n"] == 16 and r["protocol"] == "hr")
+    rows = {
+        r["method"]: r
+        for r in paper_table.table_rows(
+            results, 16, "hr", {"unet": 2_000_000, "flow": 400_000, "unet_full": 2_000_000, "tdpm": 300_000}
+        )
+    }
+    ref = next(
+        r for r in results["runs"] if r["method"] == "FTDDM Ttrunc=100" and r["n"] == 16 and r["protocol"] == "hr"
+    )
     ddpm = next(r for r in results["runs"] if r["method"] == "DDPM T=1000" and r["n"] == 16 and r["protocol"] == "hr")
-    assert rows["DDPM T=1000"]["p_psnr"] == pytest.approx(stats.wilcoxon(ref["per_map"]["psnr"][:6], ddpm["per_map"]["psnr"]).pvalue)
+    assert rows["DDPM T=1000"]["p_psnr"] == pytest.approx(
+        stats.wilcoxon(ref["per_map"]["psnr"][:6], ddpm["per_map"]["psnr"]).pvalue
+    )
     assert rows["DDPM T=1000"]["psnr"][2] == 6 and rows["DPM-Solver++ 20"]["psnr"][2] == 12
     assert "p_psnr" not in rows["FTDDM Ttrunc=100"]
     assert rows["TDPM Ttrunc=100"]["params"] == 2_300_000 and rows["FTDDM Ttrunc=50"]["params"] == 2_400_000
@@ -105,7 +139,10 @@ def test_write_results_table_figures_and_no_absolute_paths(results, tmp_path):
 def test_portable_paths(tmp_path):
     assert portable_path(str(PROJECT_ROOT / "benchmarks" / "results")) == "benchmarks/results"
     assert portable_path(str(tmp_path / "a")) == "<abs>/a"
-    assert portable_path("relative/path") == "relative/path" and portable_path("a note / with spaces") == "a note / with spaces"
+    assert (
+        portable_path("relative/path") == "relative/path"
+        and portable_path("a note / with spaces") == "a note / with spaces"
+    )
     assert portable({"x": [str(PROJECT_ROOT / "a.json")], "n": 3}) == {"x": ["a.json"], "n": 3}
     p = write_json(tmp_path / "r.json", {"model": str(tmp_path / "m"), "v": float("nan")})
     assert json.loads(p.read_text()) == {"model": "<abs>/m", "v": None}

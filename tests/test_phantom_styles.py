@@ -53,7 +53,9 @@ def test_holes_shrink_the_quality_masks(by_style):
 
 
 def test_lesion_counts_include_none_and_several():
-    counts = [SubjectDraw.draw(get_style("patchy"), style_rng(0, i, get_style("patchy"))).tumour_count for i in range(40)]
+    counts = [
+        SubjectDraw.draw(get_style("patchy"), style_rng(0, i, get_style("patchy"))).tumour_count for i in range(40)
+    ]
     assert min(counts) == 0 and max(counts) == 3
 
 

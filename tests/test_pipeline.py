@@ -185,7 +185,9 @@ def test_invalid_batch_size_raises():
     ],
     ids=lambda v: getattr(v, "name", ""),
 )
-def test_same_seed_same_output_on_torch_and_onnxruntime(torch_backend, ort_backend, real_condition, spec, atol, batch_size):
+def test_same_seed_same_output_on_torch_and_onnxruntime(
+    torch_backend, ort_backend, real_condition, spec, atol, batch_size
+):
     y, s = real_condition
     y, s = y[:4], s[:4]
     x_torch, nfe_t = sample_images(torch_backend, spec, y, s, batch_size=batch_size, seed=11)
@@ -217,8 +219,11 @@ def test_single_network_calls_agree(torch_backend, ort_backend, real_condition):
 # --------------------------------------------------------------------------------------- batching
 
 
-@pytest.mark.parametrize("spec", [SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0), SamplerSpec("flow", tau_f=0.0)],
-                         ids=lambda sp: sp.name)
+@pytest.mark.parametrize(
+    "spec",
+    [SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0), SamplerSpec("flow", tau_f=0.0)],
+    ids=lambda sp: sp.name,
+)
 def test_batch_size_changes_neither_shape_nor_order(torch_backend, real_condition, spec):
     """tau_f = 0 and a deterministic solver: every image's result is independent of its batch."""
     y, s = real_condition
@@ -394,8 +399,13 @@ def test_passes_restart_the_solver_from_each_output(torch_backend, real_conditio
             start = root_gamma * outputs[-1] * mask
     first, x_last = outputs[0], outputs[-1]
     torch.testing.assert_close(out.x0, data_consistency(x_last, y[:, 0:1], s) * mask, atol=1e-5, rtol=1e-5)
-    one = sample_batch(torch_backend, SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0, data_consistency=False), y, s,
-                       torch.Generator().manual_seed(0))
+    one = sample_batch(
+        torch_backend,
+        SamplerSpec("ftddm-dpmpp", ttrunc=20, steps=3, tau_f=0.0, data_consistency=False),
+        y,
+        s,
+        torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(one.x0, first, atol=1e-5, rtol=1e-5)
     assert float((out.x0 - data_consistency(first, y[:, 0:1], s) * mask).abs().max()) > 1e-4  # the passes did something
 
@@ -416,5 +426,7 @@ def test_on_pass_reports_what_each_smaller_passes_returns(torch_backend, real_co
         torch.testing.assert_close(reported[k - 1], alone.x0, atol=1e-6, rtol=1e-6)
     assert float((reported[0] - reported[1]).abs().max()) > 1e-4
     once: list[torch.Tensor] = []
-    flow = sample_batch(torch_backend, SamplerSpec("flow", ttrunc=20), y, s, torch.Generator().manual_seed(5), on_pass=once.append)
+    flow = sample_batch(
+        torch_backend, SamplerSpec("flow", ttrunc=20), y, s, torch.Generator().manual_seed(5), on_pass=once.append
+    )
     assert len(once) == 1 and torch.equal(once[0], flow.x0)

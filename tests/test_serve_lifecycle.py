@@ -85,7 +85,9 @@ def test_sigkilled_serve_leaves_nothing_and_busy_ports_are_refused(flow_repo, tm
                 time.sleep(0.3)
         (guard,) = _children(proc.pid)
         env = _environ(guard)
-        server_pids = [int(p) for p in subprocess.run(["pgrep", "-s", str(guard)], capture_output=True, text=True).stdout.split()]
+        server_pids = [
+            int(p) for p in subprocess.run(["pgrep", "-s", str(guard)], capture_output=True, text=True).stdout.split()
+        ]
         assert guard in server_pids and len(server_pids) >= 3, "guard, tritonserver and a Python stub"
         workdir, log, prefix = Path(env["FTDDM_GUARD_WORKDIR"]), Path(env["FTDDM_GUARD_LOG"]), env["FTDDM_GUARD_SHM"]
         assert workdir.is_dir() and log.is_file() and shm_regions(prefix), "the running server's resources"
@@ -124,7 +126,9 @@ def test_server_dies_with_its_guard_when_both_are_sigkilled(flow_repo, tmp_path)
                 assert time.monotonic() < deadline, "server not ready"
                 time.sleep(0.3)
         (guard,) = _children(proc.pid)
-        server_pids = [int(p) for p in subprocess.run(["pgrep", "-s", str(guard)], capture_output=True, text=True).stdout.split()]
+        server_pids = [
+            int(p) for p in subprocess.run(["pgrep", "-s", str(guard)], capture_output=True, text=True).stdout.split()
+        ]
         assert len(server_pids) >= 3, "guard, tritonserver and a Python stub"
         os.kill(guard, signal.SIGKILL)
         proc.kill()

@@ -19,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_phantom(out: Path, subjects: int = 60) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ftddm_trt.cli.main", "phantom", str(out), "--subjects", str(subjects),
-                             "--n", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, cwd=out.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftddm_trt.cli.main", "phantom", str(out), "--subjects", str(subjects), "--n", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        cwd=out.parent,
+    )
 
 
 def wait_for_staging(out: Path, proc: subprocess.Popen, timeout: float = 180) -> Path:
@@ -74,5 +79,7 @@ def test_resume_with_changed_options_is_refused(tmp_path):
                       batch_size=2, ckpt_every=1)
     train(cfg, tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"started with other options \(--ttrunc 100 -> 50; --seed 0 -> 3\)"):
-        train(TrainConfig(**{**cfg.__dict__, "t_trunc": 50, "seed": 3, "iterations": 2}), tmp_path / "run", progress=False)
+        train(
+            TrainConfig(**{**cfg.__dict__, "t_trunc": 50, "seed": 3, "iterations": 2}), tmp_path / "run", progress=False
+        )
     train(TrainConfig(**{**cfg.__dict__, "iterations": 2}), tmp_path / "run", progress=False)  # more iterations: fine

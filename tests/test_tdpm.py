@@ -51,7 +51,9 @@ def test_generator_shapes_latent_and_io(tmp_path):
     x = gen.reverse(eps, y, torch.ones(3))
     assert x.shape == (3, 1, 64, 64) and disc(x, y).shape == (3, 1, 8, 8)
     # tau_f scales the latent: at tau_f = 0 the draw does not depend on eps
-    torch.testing.assert_close(gen.reverse(eps, y, torch.zeros(3)), gen.reverse(torch.randn(3, 1, 64, 64), y, torch.zeros(3)))
+    torch.testing.assert_close(
+        gen.reverse(eps, y, torch.zeros(3)), gen.reverse(torch.randn(3, 1, 64, 64), y, torch.zeros(3))
+    )
     assert not torch.allclose(gen.reverse(eps, y, torch.ones(3)), gen.reverse(-eps, y, torch.ones(3)))
     save_model(gen, cfg, tmp_path / "g")
     back = load_model(tmp_path / "g")
@@ -135,7 +137,9 @@ def test_tdpm_sampler_and_onnx_export(tiny_model_dir, tmp_path):
     assert nfe == 6 and x.shape == (3, 1, 64, 64) and torch.isfinite(x).all()
     assert torch.count_nonzero(x[y[:, 1:2] == 0]) == 0
     # the same chain started from the flow differs: the start point really comes from the generator
-    x_flow, _ = sample_images(TorchBackend(ModelSet.open(model)), SamplerSpec("ftddm", ttrunc=5), y, s, batch_size=2, seed=0)
+    x_flow, _ = sample_images(
+        TorchBackend(ModelSet.open(model)), SamplerSpec("ftddm", ttrunc=5), y, s, batch_size=2, seed=0
+    )
     assert not torch.allclose(x, x_flow)
 
     from ftddm_trt.export.onnx_export import export_network, parity_check

@@ -107,7 +107,10 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
     names = {p.relative_to(run_dir).as_posix() for p in files_under(run_dir)}
     ckpts = ("last", "last_disc") if task == "tdpm" else ("last",)  # the GAN's discriminator has its own
     assert names == {"best.safetensors", "best.json", "log.jsonl"} | {
-        f"{c}/{f}" for c in ckpts for f in ("model.safetensors", "model.json", "optim.safetensors", "optim.json", "state.json")}
+        f"{c}/{f}"
+        for c in ckpts
+        for f in ("model.safetensors", "model.json", "optim.safetensors", "optim.json", "state.json")
+    }
     assert not [p for p in files_under(run_dir) if p.suffix in PICKLE_SUFFIXES]
 
 
@@ -145,7 +148,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     a, b = (json.loads((d / "last" / "state.json").read_text()) for d in (straight, resumed))
     assert a.pop("elapsed_s") > 0 and b.pop("elapsed_s") > 0  # wall-clock time spent: differs run to run
     assert a == b
-    assert json.loads((straight / "last" / "optim.json").read_text()) == json.loads((resumed / "last" / "optim.json").read_text())
+    assert json.loads((straight / "last" / "optim.json").read_text()) == json.loads(
+        (resumed / "last" / "optim.json").read_text()
+    )
     assert not (resumed / "last.old").exists() and not (resumed / "last.tmp").exists()
 
 
@@ -200,7 +205,9 @@ def _tiny_checkpoint_parts():
     torch.manual_seed(0)
     model, mcfg = trainer.build_model(tiny_cfg("unet", 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64), torch.ones(1), torch.full((1,), 4.0)).square().mean().backward()
+    model(
+        torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64), torch.ones(1), torch.full((1,), 4.0)
+    ).square().mean().backward()
     opt.step()
     return model, mcfg, opt
 
@@ -259,7 +266,9 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm") for e in ("safetensors", "json")] + ["manifest.json", ".ftddm-trt.json"])
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm") for e in ("safetensors", "json")]
+        + ["manifest.json", ".ftddm-trt.json"]
+    )
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["weights"] == "best" and manifest["commands"] == ["ftddm-trt train ..."]
     for name in trainer.TASKS:
@@ -284,7 +293,12 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     with pytest.raises(OSError, match="not empty"):  # atomic.OutputError
         package_model(runs, out)
     manifest2 = package_model({"unet": runs["unet"]}, out, which="last", force=True)
-    assert sorted(p.name for p in out.iterdir()) == [".ftddm-trt.json", "manifest.json", "unet.json", "unet.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".ftddm-trt.json",
+        "manifest.json",
+        "unet.json",
+        "unet.safetensors",
+    ]
     assert manifest2["networks"]["unet"]["sha256"] == _sha256(runs["unet"] / "last" / "model.safetensors")
 
     # a run that never validated has no best weights: a clear error, nothing written

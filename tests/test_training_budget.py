@@ -27,7 +27,9 @@ def _dataset(n_subjects: int, seed: int, styles: tuple[str, ...]):
 
 @pytest.fixture(autouse=True)
 def _fast_dataset(monkeypatch):
-    monkeypatch.setattr(run_config, "generate_dataset", lambda n, seed=0, styles=("classic",): _dataset(n, seed, tuple(styles)))
+    monkeypatch.setattr(
+        run_config, "generate_dataset", lambda n, seed=0, styles=("classic",): _dataset(n, seed, tuple(styles))
+    )
 
 
 def _cfg() -> TrainConfig:

@@ -28,7 +28,11 @@ from ftddm_trt.serving.repository import build_repository
 
 pytestmark = pytest.mark.e2e
 ATOL = 1e-4
-SPECS = [SamplerSpec("ftddm", ttrunc=8), SamplerSpec("ftddm-dpmpp", ttrunc=60, steps=4), SamplerSpec("ddpm-respaced", steps=5)]
+SPECS = [
+    SamplerSpec("ftddm", ttrunc=8),
+    SamplerSpec("ftddm-dpmpp", ttrunc=60, steps=4),
+    SamplerSpec("ddpm-respaced", steps=5),
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +122,13 @@ def test_server_errors_are_clear(server, inputs):
     y, s = inputs
     with TritonBackend(server.grpc_url) as tb:
         with pytest.raises(TritonInferenceError, match="ftddm_sampler"):
-            tb._infer(SAMPLER_MODEL, {"y": y[:1].numpy(), "s": s[:1, None].numpy()}, {"x0": (1, 1, 64, 64), "nfe": (1, 1)},
-                      10.0, {"settings": '{"name": "euler"}'})
+            tb._infer(
+                SAMPLER_MODEL,
+                {"y": y[:1].numpy(), "s": s[:1, None].numpy()},
+                {"x0": (1, 1, 64, 64), "nfe": (1, 1)},
+                10.0,
+                {"settings": '{"name": "euler"}'},
+            )
         with pytest.raises(TritonInferenceError, match="ftddm_unet"):
             tb._infer("ftddm_unet", {"x_t": y[:1, :1].numpy()}, {"eps": (1, 1, 64, 64)}, 10.0)
 
@@ -174,7 +183,9 @@ def test_failed_model_load_is_reported(cpu_repo, tmp_path):
     (broken / "ftddm_flow" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     _record_file_hash(broken, "ftddm_flow")  # past the launcher's hash check: the server itself must fail the load
     srv = TritonServer(broken, models=["ftddm_flow"], startup_timeout_s=240, log_path=tmp_path / "server.log")
-    with pytest.raises(TritonServerError, match=r"(?s)exited with code 1 before it was ready.*failed to load 'ftddm_flow'"):
+    with pytest.raises(
+        TritonServerError, match=r"(?s)exited with code 1 before it was ready.*failed to load 'ftddm_flow'"
+    ):
         srv.start()
     assert not srv.is_running() and srv._session_members() == [] and shm_regions(srv.shm_prefix) == []
     gpu = tmp_path / "gpu"
@@ -266,8 +277,23 @@ def test_triton_refuses_another_ttrunc_in_both_loops(tiny_onnx_export, inputs, p
     try:
         out = tmp_path / "out"
         for loop in ([], ["--server-loop"]):
-            res = CliRunner().invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--backend", "triton", "--url",
-                                           srv.grpc_url, "--sampler", "ftddm", "--ttrunc", "50", *loop])
+            res = CliRunner().invoke(
+                app,
+                [
+                    "upscale",
+                    str(phantom_subject_dir),
+                    str(out),
+                    "--backend",
+                    "triton",
+                    "--url",
+                    srv.grpc_url,
+                    "--sampler",
+                    "ftddm",
+                    "--ttrunc",
+                    "50",
+                    *loop,
+                ],
+            )
             assert res.exit_code != 0
             assert "trainedforTtrunc=100,notTtrunc=50" in "".join(res.output.split())
             assert not out.exists()

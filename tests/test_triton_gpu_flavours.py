@@ -87,11 +87,15 @@ def test_engines_are_verified_at_generation_and_at_load(tmp_path, monkeypatch):
     fake.TritonModelException = TritonModelException
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # importing it would fail: the check must come first
-    spec = importlib.util.spec_from_file_location("ftddm_tensorrt_network_model", TRITON_REPO_SRC / "python" / "tensorrt_network.py")
+    spec = importlib.util.spec_from_file_location(
+        "ftddm_tensorrt_network_model", TRITON_REPO_SRC / "python" / "tensorrt_network.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model_dir = out / "ftddm_unet"
-    cfg = json_format.MessageToDict(parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True)
+    cfg = json_format.MessageToDict(
+        parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True
+    )
     args = {"model_config": json.dumps(cfg), "model_repository": str(model_dir), "model_version": "1"}
     with pytest.raises(ImportError):  # intact: the hash passes, then TensorRT is needed
         mod.TritonPythonModel().initialize(args)
@@ -117,7 +121,9 @@ def test_gpu_python_configs_are_checked():
 def test_onnxruntime_tensorrt_accelerator_has_cache_path_and_profiles(tmp_path):
     export = _fake_export(tmp_path / "onnx")
     out = tmp_path / "repo"
-    build_repository(export, out, "gpu", options=RepoOptions(max_batch_size=32, preferred_batch_sizes=(8, 16)), log=_quiet)
+    build_repository(
+        export, out, "gpu", options=RepoOptions(max_batch_size=32, preferred_batch_sizes=(8, 16)), log=_quiet
+    )
     configs = validate_repository(out)
     acc = configs["ftddm_unet"].optimization.execution_accelerators.gpu_execution_accelerator[0]
     p = dict(acc.parameters)
@@ -139,10 +145,24 @@ def test_cli_gpu_python_needs_engines(tmp_path):
     from ftddm_trt.cli.main import app
 
     export = _fake_export(tmp_path / "onnx")
-    res = CliRunner().invoke(app, ["triton-repo", "--flavor", "gpu-python", "--onnx", str(export), "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        app, ["triton-repo", "--flavor", "gpu-python", "--onnx", str(export), "--out", str(tmp_path / "r")]
+    )
     assert res.exit_code == 2 and "--engines" in res.output and not (tmp_path / "r").exists()
-    res = CliRunner().invoke(app, ["triton-repo", "--flavor", "gpu-python", "--onnx", str(export), "--out", str(tmp_path / "r"),
-                                   "--engines", str(_fake_engines(tmp_path / "e"))])
+    res = CliRunner().invoke(
+        app,
+        [
+            "triton-repo",
+            "--flavor",
+            "gpu-python",
+            "--onnx",
+            str(export),
+            "--out",
+            str(tmp_path / "r"),
+            "--engines",
+            str(_fake_engines(tmp_path / "e")),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r" / "repository.json").read_text())["flavor"] == "gpu-python"
 
@@ -153,9 +173,13 @@ def test_batching_helpers():
     feeds = [{k: as_graph_rank(v, 1 if k == "t" else 4) for k, v in f.items()} for f in (a, b)]
     assert feeds[0]["t"].shape == (2,)
     merged, offsets = merge(feeds)
-    assert merged["x"].shape == (5, 1, 4, 4) and merged["t"].tolist() == [1, 2, 3, 4, 5] and offsets.tolist() == [0, 2, 5]
+    assert (
+        merged["x"].shape == (5, 1, 4, 4) and merged["t"].tolist() == [1, 2, 3, 4, 5] and offsets.tolist() == [0, 2, 5]
+    )
     parts = split({"eps": merged["x"] * 2}, offsets)
-    assert [p["eps"].shape[0] for p in parts] == [2, 3] and (parts[0]["eps"] == 2).all() and (parts[1]["eps"] == 0).all()
+    assert (
+        [p["eps"].shape[0] for p in parts] == [2, 3] and (parts[0]["eps"] == 2).all() and (parts[1]["eps"] == 0).all()
+    )
     with pytest.raises(ValueError, match="batch size"):
         merge([{"x": np.ones((2, 1)), "t": np.ones(3)}])
     with pytest.raises(ValueError, match="different tensors"):

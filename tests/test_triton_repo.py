@@ -67,8 +67,18 @@ def _fake_engines(folder: Path, profile_max: int = 64, sha=SHA) -> Path:
         (folder / f"{n}-abc.plan").write_bytes(b"placeholder plan")
         nets[n] = {"engine": f"{n}-abc.plan", "onnx_sha256": sha[n],
                    "engine_sha256": hashlib.sha256(b"placeholder plan").hexdigest()}
-    (folder / "manifest.json").write_text(json.dumps({"gpu": "X", "tensorrt_version": "10", "precision": "fp16", "flow_ttrunc": 100,
-                                                      "profile": {"min": 1, "opt": 16, "max": profile_max}, "networks": nets}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "gpu": "X",
+                "tensorrt_version": "10",
+                "precision": "fp16",
+                "flow_ttrunc": 100,
+                "profile": {"min": 1, "opt": 16, "max": profile_max},
+                "networks": nets,
+            }
+        )
+    )
     return folder
 
 
@@ -108,7 +118,9 @@ def test_cpu_repository_is_valid(export_dir, tmp_path):
 
 def test_gpu_repository_onnxruntime_tensorrt_accelerator(export_dir, tmp_path):
     out = tmp_path / "repo"
-    build_repository(export_dir, out, "gpu", options=RepoOptions(preferred_batch_sizes=(8, 16), instances=2), log=_quiet)
+    build_repository(
+        export_dir, out, "gpu", options=RepoOptions(preferred_batch_sizes=(8, 16), instances=2), log=_quiet
+    )
     configs = validate_repository(out)
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -132,7 +144,9 @@ def test_gpu_repository_with_engines(export_dir, tmp_path):
         assert configs[n].platform == "tensorrt_plan"
         assert (out / n / "1" / "model.plan").read_bytes() == b"placeholder plan"
     with pytest.raises(ConfigError, match="profile max 16"):
-        build_repository(export_dir, tmp_path / "r2", "gpu", engines_dir=_fake_engines(tmp_path / "e2", profile_max=16), log=_quiet)
+        build_repository(
+            export_dir, tmp_path / "r2", "gpu", engines_dir=_fake_engines(tmp_path / "e2", profile_max=16), log=_quiet
+        )
     stale = _fake_engines(tmp_path / "e3", sha={**SHA, "flow": "f" * 64})
     with pytest.raises(ConfigError, match="flow engine .* another ONNX file"):
         build_repository(export_dir, tmp_path / "r3", "gpu", engines_dir=stale, log=_quiet)
@@ -187,8 +201,13 @@ def cpu_texts(export_dir, tmp_path):
         ("ftddm_unet", "max_batch_size: 32", "max_batch_size: 0", "cpu", "max_batch_size must be >= 1"),
         ("ftddm_unet", "dims: [ 4, 64, 64 ]", "dims: [ 4, 32, 32 ]", "cpu", r"input y has dims \[4, 32, 32\]"),
         ("ftddm_unet", "    reshape: { shape: [ ] }\n", "", "cpu", r"reshape: \{ shape: \[ \] \}"),
-        ("ftddm_unet", "max_queue_delay_microseconds: 200", "preferred_batch_size: [ 64 ]\n  max_queue_delay_microseconds: 200",
-         "cpu", r"preferred_batch_size \[64\] outside 1..max_batch_size=32"),
+        (
+            "ftddm_unet",
+            "max_queue_delay_microseconds: 200",
+            "preferred_batch_size: [ 64 ]\n  max_queue_delay_microseconds: 200",
+            "cpu",
+            r"preferred_batch_size \[64\] outside 1..max_batch_size=32",
+        ),
         ("ftddm_unet", 'backend: "python"', 'platform: "onnxruntime_onnx"', "cpu", 'must be backend "python"'),
         ("ftddm_unet", 'backend: "python"', 'backend: "python"', "gpu", "gpu-flavour network must be platform"),
         ("ftddm_unet", "TYPE_FP32", "TYPE_FP16", "cpu", "data_type TYPE_FP16"),
@@ -196,7 +215,13 @@ def cpu_texts(export_dir, tmp_path):
         ("ftddm_unet", "count: 1", "count: 0", "cpu", "count must be >= 1"),
         ("ftddm_unet", 'name: "ftddm_unet"', 'name: "resnet50"', "cpu", "unknown model 'resnet50'"),
         ("ftddm_flow", 'name: "tau_f"', 'name: "tau"', "cpu", r"inputs .* do not match"),
-        ("ftddm_sampler", "instance_group", "dynamic_batching { }\ninstance_group", "cpu", "must not use dynamic batching"),
+        (
+            "ftddm_sampler",
+            "instance_group",
+            "dynamic_batching { }\ninstance_group",
+            "cpu",
+            "must not use dynamic batching",
+        ),
         ("ftddm_sampler", 'name: "nfe"', 'name: "steps"', "cpu", r"outputs .* do not match"),
         ("ftddm_unet", "dims: [ 1, 64, 64 ]", "dims: [ 1, 64, 64 ", "cpu", "does not parse as a Triton ModelConfig"),
         ("ftddm_unet", "max_batch_size: 32", "max_batch_size: 32\nmax_batch_sise: 4", "cpu", "does not parse"),
@@ -286,7 +311,12 @@ class _ToyBackend(Backend):
     name = "toy"
 
     def unet(self, x_t, y, t, s, full=False):
-        return 0.3 * x_t + 0.1 * y[:, :1] * (t / 1000.0).view(-1, 1, 1, 1) + 0.01 * s.view(-1, 1, 1, 1) + (0.05 if full else 0.0)
+        return (
+            0.3 * x_t
+            + 0.1 * y[:, :1] * (t / 1000.0).view(-1, 1, 1, 1)
+            + 0.01 * s.view(-1, 1, 1, 1)
+            + (0.05 if full else 0.0)
+        )
 
     def flow_reverse(self, eps, y, tau_f):
         return y[:, :1] + tau_f.view(-1, 1, 1, 1) * 0.2 * eps
@@ -310,10 +340,18 @@ def _toy_infer(calls):
     return infer
 
 
-@pytest.mark.parametrize("spec", [SamplerSpec("ftddm", ttrunc=6), SamplerSpec("ftddm-dpmpp", ttrunc=40, steps=3),
-                                  SamplerSpec("ddpm-respaced", steps=4), SamplerSpec("flow", tau_f=0.5),
-                                  SamplerSpec("dpmpp", steps=3, clip_x0=None), SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.5)),
-                                  SamplerSpec("dpmpp", steps=3, lambda_min=None)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SamplerSpec("ftddm", ttrunc=6),
+        SamplerSpec("ftddm-dpmpp", ttrunc=40, steps=3),
+        SamplerSpec("ddpm-respaced", steps=4),
+        SamplerSpec("flow", tau_f=0.5),
+        SamplerSpec("dpmpp", steps=3, clip_x0=None),
+        SamplerSpec("dpmpp", steps=3, clip_x0=(0.0, 0.5)),
+        SamplerSpec("dpmpp", steps=3, lambda_min=None),
+    ],
+)
 def test_bls_sampler_equals_in_process_loop(spec):
     g = torch.Generator().manual_seed(0)
     y = torch.randn(5, 4, 64, 64, generator=g)
@@ -324,7 +362,12 @@ def test_bls_sampler_equals_in_process_loop(spec):
     bls = BLSBackend(_toy_infer(calls))
     outs = []
     for i, start in enumerate(range(0, 5, 3)):
-        x0, n = run_sampler(bls, y[start:start + 3].numpy(), s[start:start + 3, None].numpy(), encode_sampler_settings(spec, batch_seed(11, i)))
+        x0, n = run_sampler(
+            bls,
+            y[start : start + 3].numpy(),
+            s[start : start + 3, None].numpy(),
+            encode_sampler_settings(spec, batch_seed(11, i)),
+        )
         assert x0.shape == (min(3, 5 - start), 1, 64, 64) and x0.dtype == np.float32 and n == nfe
         outs.append(torch.from_numpy(x0))
     torch.testing.assert_close(torch.cat(outs), ref, rtol=0, atol=0)
@@ -359,7 +402,12 @@ def test_server_loop_receives_clip_and_lambda():
 def test_run_sampler_rejects_bad_shapes():
     bls = BLSBackend(_toy_infer([]))
     with pytest.raises(ValueError, match=r"expected y \(B,4,H,W\)"):
-        run_sampler(bls, np.zeros((2, 3, 64, 64), np.float32), np.ones(2, np.float32), encode_sampler_settings(SamplerSpec("flow"), 0))
+        run_sampler(
+            bls,
+            np.zeros((2, 3, 64, 64), np.float32),
+            np.ones(2, np.float32),
+            encode_sampler_settings(SamplerSpec("flow"), 0),
+        )
 
 
 # -- launcher set-up (no server started) -----------------------------------------------------------
@@ -408,15 +456,31 @@ def test_cli_triton_repo(export_dir, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "repo"
-    res = runner.invoke(app, ["triton-repo", "--flavor", "gpu", "--onnx", str(export_dir), "--out", str(out), "--max-batch-size", "16"])
+    res = runner.invoke(
+        app, ["triton-repo", "--flavor", "gpu", "--onnx", str(export_dir), "--out", str(out), "--max-batch-size", "16"]
+    )
     assert res.exit_code == 0, res.output
     assert validate_repository(out)["ftddm_unet"].max_batch_size == 16
     res = runner.invoke(app, ["triton-repo", "--flavor", "gpu", "--onnx", str(export_dir), "--out", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
-    res = runner.invoke(app, ["triton-repo", "--flavor", "cpu", "--onnx", str(export_dir), "--out", str(tmp_path / "r2"),
-                              "--engines", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        [
+            "triton-repo",
+            "--flavor",
+            "cpu",
+            "--onnx",
+            str(export_dir),
+            "--out",
+            str(tmp_path / "r2"),
+            "--engines",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 2 and "--flavor gpu" in res.output
-    res = runner.invoke(app, ["triton-repo", "--flavor", "xpu", "--onnx", str(export_dir), "--out", str(tmp_path / "r3")])
+    res = runner.invoke(
+        app, ["triton-repo", "--flavor", "xpu", "--onnx", str(export_dir), "--out", str(tmp_path / "r3")]
+    )
     assert res.exit_code == 2 and "--flavor must be one of" in res.output
     res = runner.invoke(app, ["serve", "--repo", str(tmp_path / "absent")])
     assert res.exit_code == 2 and "does not exist" in res.output

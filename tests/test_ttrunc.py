@@ -176,9 +176,26 @@ def test_upscale_onnx_refuses_an_export_that_predates_the_record(export_t100, ph
 
 def test_upscale_onnx_accepts_the_matching_ttrunc(export_t100, tiny_model_dir, phantom_subject_dir, tmp_path):
     out = tmp_path / "out"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--onnx", str(export_t100), "--ttrunc", "100",
-                              "--model", str(tiny_model_dir),
-                              "--sampler", "ftddm-dpmpp", "--steps", "2", "--metabolites", "NAA"])
+    res = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(phantom_subject_dir),
+            str(out),
+            "--onnx",
+            str(export_t100),
+            "--ttrunc",
+            "100",
+            "--model",
+            str(tiny_model_dir),
+            "--sampler",
+            "ftddm-dpmpp",
+            "--steps",
+            "2",
+            "--metabolites",
+            "NAA",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "run.json").read_text())["sampler"]["ttrunc"] == 100
 
@@ -192,7 +209,9 @@ def test_export_cli_refuses_a_ttrunc_the_model_has_no_flow_for(tiny_model_dir, t
 
 
 def test_build_engine_refuses_another_ttrunc_before_looking_for_a_gpu(export_t100, tmp_path):
-    res = runner.invoke(app, ["build-engine", "--onnx", str(export_t100), "--out", str(tmp_path / "eng"), "--ttrunc", "50"])
+    res = runner.invoke(
+        app, ["build-engine", "--onnx", str(export_t100), "--out", str(tmp_path / "eng"), "--ttrunc", "50"]
+    )
     assert res.exit_code not in (0, 3), res.output  # 3 is "no GPU": the Ttrunc is checked first
     assert "Ttrunc=100,notTtrunc=50" in flat(res.output) and not (tmp_path / "eng").exists()
 
@@ -227,7 +246,9 @@ def test_repository_records_the_ttrunc_in_flow_and_sampler_configs(export_t100, 
 
 
 def test_triton_repo_cli_refuses_another_ttrunc(export_t100, tmp_path):
-    res = runner.invoke(app, ["triton-repo", "--onnx", str(export_t100), "--out", str(tmp_path / "r"), "--ttrunc", "50"])
+    res = runner.invoke(
+        app, ["triton-repo", "--onnx", str(export_t100), "--out", str(tmp_path / "r"), "--ttrunc", "50"]
+    )
     assert res.exit_code != 0 and "Ttrunc=100,notTtrunc=50" in flat(res.output) and not (tmp_path / "r").exists()
 
 

@@ -30,9 +30,15 @@ def flat(text: str) -> str:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()} | {
-            p.relative_to(root).as_posix() + "/": (0, 0, "") for p in root.rglob("*") if p.is_dir()}
+    return {
+        p.relative_to(root).as_posix(): (
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    } | {p.relative_to(root).as_posix() + "/": (0, 0, "") for p in root.rglob("*") if p.is_dir()}
 
 
 def torch_args(model_dir: Path) -> list[str]:
@@ -57,8 +63,20 @@ def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tiny_model_dir, tmp_pa
     assert n == 16
 
     out = tmp_path / "sr"
-    res = upscale(subject, out, "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), "--metabolites", "NAA,tCr", "--batch-size", "16",
-                  "--seed", "3")
+    res = upscale(
+        subject,
+        out,
+        "--onnx",
+        str(tiny_onnx_export),
+        "--model",
+        str(tiny_model_dir),
+        "--metabolites",
+        "NAA,tCr",
+        "--batch-size",
+        "16",
+        "--seed",
+        "3",
+    )
     assert res.exit_code == 0, res.output
     assert "NFE 3" in res.output and "mask from qc" in " ".join(res.output.split())
 
@@ -111,7 +129,9 @@ def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tiny_model_dir, tmp_pa
 def test_samples_write_uncertainties(tiny_model_dir, subject_copy, tmp_path):
     before = snapshot(subject_copy)
     out = tmp_path / "sr2"
-    res = upscale(subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--samples", "2", "--tau-f", "0.9")
+    res = upscale(
+        subject_copy, out, *torch_args(tiny_model_dir), "--metabolites", "Gly", "--samples", "2", "--tau-f", "0.9"
+    )
     assert res.exit_code == 0, res.output
     sd_img = nib.load(str(out / "uncertainties" / "Gly_sd.nii.gz"))
     mean_img = nib.load(str(out / "concs" / "raw" / "Gly.nii.gz"))

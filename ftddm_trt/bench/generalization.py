@@ -47,8 +47,8 @@ GENERALIZATION_SEED = 2026
 class Variant:
     """One way of sampling: a label, the sampler, the number of posterior samples averaged, and the
     ``lr``-protocol qc consistency weight (``engine.pipeline.qc_consistency``; as ``upscale``, it acts
-    only where data consistency is off; None: upscale's default, ``engine.pipeline.qc_step_weight``). ``lr_only``: not run in the ``hr`` protocol (where it would
-    repeat another row)."""
+    only where data consistency is off; None: upscale's default, ``engine.pipeline.qc_step_weight``).
+    ``lr_only``: not run in the ``hr`` protocol (where it would repeat another row)."""
 
     label: str
     spec: SamplerSpec
@@ -128,7 +128,9 @@ def score_maps(
             if qc_consistency_applies(spec, fine, weight):
                 xt, applied = qc_consistency(xt, y, s, fine, weight)
                 applied_share.append(float(applied.float().mean()))
-            per_convention.append(map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region))
+            per_convention.append(
+                map_metrics(np.clip(xt[:, 0].numpy() * scale[:, None, None], 0.0, None), truth, region)
+            )
         m = {k: np.mean([pc[k] for pc in per_convention], axis=0) for k in per_convention[0]}
         use_qc = bool(applied_share)
         rows.append({**base, "method": v.label, "samples": v.samples, "spec": spec.to_dict(),
@@ -185,8 +187,10 @@ def run_generalization(
         pool, idx = style_maps(style, n_subjects, n_maps)
         for n in scales:
             for protocol in protocols:
-                rows = [{"style": style, **r} for r in score_maps(backend, pool, idx, variants, n, protocol, batch_size, seed,
-                                                                         fine_mask_net)]
+                rows = [
+                    {"style": style, **r}
+                    for r in score_maps(backend, pool, idx, variants, n, protocol, batch_size, seed, fine_mask_net)
+                ]
                 results["runs"] += rows
                 for r in rows[1:]:
                     log(f"{style:8s} s={HR_SIZE / n:g} {protocol} {r['method']:36s} PSNR {r['psnr']:.2f} "
@@ -210,7 +214,14 @@ def markdown(results: dict, held_out: Sequence[str] = ()) -> str:
             for method in dict.fromkeys(r["method"] for r in runs if r["style"] == style and r["protocol"] == protocol):
                 cells = [tag, method]
                 for n in ns:
-                    r = next((r for r in runs if (r["style"], r["n"], r["protocol"], r["method"]) == (style, n, protocol, method)), None)
+                    r = next(
+                        (
+                            r
+                            for r in runs
+                            if (r["style"], r["n"], r["protocol"], r["method"]) == (style, n, protocol, method)
+                        ),
+                        None,
+                    )
                     if r is None:
                         cells.append("-")
                     elif method == "zero-filled":
@@ -258,7 +269,11 @@ def write_results(results: dict, out_dir: Path, held_out: Sequence[str] = (), st
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     paths["json"].write_text(json.dumps({**results, "held_out": list(held_out)}, indent=1))
-    text = (f"# Generalization across phantom styles\n\n{preamble}\n\n" if preamble else "# Generalization across phantom styles\n\n")
+    text = (
+        f"# Generalization across phantom styles\n\n{preamble}\n\n"
+        if preamble
+        else "# Generalization across phantom styles\n\n"
+    )
     paths["md"].write_text(text + markdown(results, held_out) + f"\n![PSNR gain]({paths['png'].name})\n")
     plot(results, paths["png"])
     return paths

@@ -126,7 +126,9 @@ def peak_matmul_gflops(
     )
 
 
-def cuda_peak_gflops(dtype: torch.dtype = torch.float32, size: int = 8192, repeats: int = 10, warmup: int = 3) -> float | None:
+def cuda_peak_gflops(
+    dtype: torch.dtype = torch.float32, size: int = 8192, repeats: int = 10, warmup: int = 3
+) -> float | None:
     """Measured GEMM GFLOP/s on CUDA device 0 in ``dtype`` (fp32 without TF32), or None without CUDA."""
     if not torch.cuda.is_available():
         return None

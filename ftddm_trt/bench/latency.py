@@ -103,8 +103,11 @@ def best_batches(labels: Sequence[str], per_nfe_json: Path | None, fixed: int | 
         rows = data.get("rows", [])
         out = {}
         for k in labels:
-            out[k] = (best_batch(rows, PER_NFE_SOURCE.get(k, k), "shipped") or best_batch(rows, "onnxruntime", "shipped")
-                      or FALLBACK_BEST_BATCH)
+            out[k] = (
+                best_batch(rows, PER_NFE_SOURCE.get(k, k), "shipped")
+                or best_batch(rows, "onnxruntime", "shipped")
+                or FALLBACK_BEST_BATCH
+            )
         measured_on = data.get("models", {}).get("shipped", {}).get("hashes")
         warn = "" if model_hashes is None or measured_on == model_hashes else "; WARNING: measured on other weights"
         return out, f"per_nfe ({per_nfe_json}{warn})"
@@ -114,8 +117,12 @@ def best_batches(labels: Sequence[str], per_nfe_json: Path | None, fixed: int | 
 class _Runner:
     """One backend's way of sampling a batch; keeps the last output for the agreement check."""
 
-    def __init__(self, label: str, fn: Callable[[SamplerSpec, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, int]],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        label: str,
+        fn: Callable[[SamplerSpec, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, int]],
+        device: torch.device,
+    ) -> None:
         self.label = label
         self.fn = fn
         self.device = device
@@ -175,8 +182,14 @@ def start_triton(onnx_dir: Path, work: Path, max_batch: int, threads: int, start
         return TritonSession(reason=f"Triton client/launcher not importable: {err}")
     repo = work / "triton-repo"
     try:
-        build_repository(onnx_dir, repo, "cpu", options=RepoOptions(max_batch_size=min(max(max_batch, 1), 128),
-                                                                    intra_op_threads=threads), force=True, log=lambda _m: None)
+        build_repository(
+            onnx_dir,
+            repo,
+            "cpu",
+            options=RepoOptions(max_batch_size=min(max(max_batch, 1), 128), intra_op_threads=threads),
+            force=True,
+            log=lambda _m: None,
+        )
         server = TritonServer(repo, startup_timeout_s=startup_s)
     except Exception as err:
         return TritonSession(reason=f"{type(err).__name__}: {err}")
@@ -190,9 +203,16 @@ def start_triton(onnx_dir: Path, work: Path, max_batch: int, threads: int, start
     except Exception as err:
         server.stop()
         return TritonSession(reason=f"client could not connect: {type(err).__name__}: {err}")
-    info = {"binary": str(server.install.binary), "bundled": server.install.bundled, "version": client.server_version,
-            "start_s": server.start_time_s, "grpc_url": server.grpc_url, "repository": "cpu flavour (Python backend + ONNX Runtime)",
-            "max_batch_size": min(max(max_batch, 1), 128), "intra_op_threads": threads}
+    info = {
+        "binary": str(server.install.binary),
+        "bundled": server.install.bundled,
+        "version": client.server_version,
+        "start_s": server.start_time_s,
+        "grpc_url": server.grpc_url,
+        "repository": "cpu flavour (Python backend + ONNX Runtime)",
+        "max_batch_size": min(max(max_batch, 1), 128),
+        "intra_op_threads": threads,
+    }
     log(f"  ready in {server.start_time_s:.1f} s (Triton {client.server_version})")
     return TritonSession(server=server, client=client, info=info)
 
@@ -222,9 +242,16 @@ def run_latency(cfg: LatencyConfig, work_dir: Path | None = None, log: Callable[
         raise ValueError(f"the phantom volume has {vol.y.shape[0]} maps, fewer than the batch {need}")
     log(f"model {model_label}; backends {', '.join(labels)}; batches {batches} ({best_source}); "
         f"{cfg.repeats} repeats; volume {vol.subject} ({vol.y.shape[0]} maps)")
-    result: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                              "machine": machine, "model": {"path": model_label, "hashes": models.hashes(), "onnx_dir": str(onnx_dir)},
-                              "best_batch": best, "best_batch_source": best_source, "rows": [], "skipped": {}, "triton": None}
+    result: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": machine,
+        "model": {"path": model_label, "hashes": models.hashes(), "onnx_dir": str(onnx_dir)},
+        "best_batch": best,
+        "best_batch_source": best_source,
+        "rows": [],
+        "skipped": {},
+        "triton": None,
+    }
     result["config"]["samplers"] = [sp.to_dict() for sp in cfg.samplers]
     local = [k for k in labels if k not in TRITON_LABELS]
     backends, skipped = open_backends(local, models, onnx_dir, threads, cfg.engine_dir, max(best.values()), log)
@@ -281,15 +308,41 @@ def measure_cells(runners: dict[str, _Runner], cfg: LatencyConfig, batches: dict
             ref = runners["onnxruntime"].last if "onnxruntime" in timings else None
             for label, tm in timings.items():
                 out = runners[label].last
-                diff = float((out.float().cpu() - ref).abs().max()) if ref is not None and out is not None and out.shape == ref.shape else None
-                rows.append({"sampler": spec.name, "spec": spec.to_dict(), "nfe": spec.nfe, "backend": label, "batch": b,
-                             **tm.to_dict(1.0, "s"), "ms_per_map": 1e3 * tm.median / b,
-                             "ms_per_map_per_nfe": 1e3 * tm.median / b / spec.nfe, "batch_latency_ms": 1e3 * tm.median,
-                             "max_abs_diff_vs_onnxruntime": diff})
-                log(f"  {spec.name:>12} ({spec.nfe:>3} NFE) {label:>22} b={b:<3} {1e3 * tm.median / b:10.1f} ms/map  "
-                    f"(batch {1e3 * tm.median:.0f} ms, x{tm.repeats})" + (f"  |diff vs ORT| {diff:.1e}" if diff is not None else ""))
+                diff = (
+                    float((out.float().cpu() - ref).abs().max())
+                    if ref is not None and out is not None and out.shape == ref.shape
+                    else None
+                )
+                rows.append(
+                    {
+                        "sampler": spec.name,
+                        "spec": spec.to_dict(),
+                        "nfe": spec.nfe,
+                        "backend": label,
+                        "batch": b,
+                        **tm.to_dict(1.0, "s"),
+                        "ms_per_map": 1e3 * tm.median / b,
+                        "ms_per_map_per_nfe": 1e3 * tm.median / b / spec.nfe,
+                        "batch_latency_ms": 1e3 * tm.median,
+                        "max_abs_diff_vs_onnxruntime": diff,
+                    }
+                )
+                log(
+                    f"  {spec.name:>12} ({spec.nfe:>3} NFE) {label:>22} b={b:<3} {1e3 * tm.median / b:10.1f} ms/map  "
+                    f"(batch {1e3 * tm.median:.0f} ms, x{tm.repeats})"
+                    + (f"  |diff vs ORT| {diff:.1e}" if diff is not None else "")
+                )
             for label, err in errors.items():
-                rows.append({"sampler": spec.name, "spec": spec.to_dict(), "nfe": spec.nfe, "backend": label, "batch": b, "error": err})
+                rows.append(
+                    {
+                        "sampler": spec.name,
+                        "spec": spec.to_dict(),
+                        "nfe": spec.nfe,
+                        "backend": label,
+                        "batch": b,
+                        "error": err,
+                    }
+                )
                 log(f"  {spec.name:>12} {label:>22} b={b:<3} failed: {err}")
     return rows
 
@@ -302,20 +355,34 @@ def latency_markdown(r: dict[str, Any], chart: str | None = "latency.png") -> st
     lines += ["## Machine", "", *machine_lines(r["machine"], r.get("load_average_after")), ""]
     tri = r.get("triton")
     if tri:
-        lines += [f"Triton {tri['version']} ({'nvidia-pytriton bundled binary' if tri['bundled'] else tri['binary']}), "
-                  f"{tri['repository']}, max batch {tri['max_batch_size']}, ONNX Runtime {tri['intra_op_threads']} threads "
-                  f"per model; started by the benchmark on loopback in {tri['start_s']:.1f} s.", ""]
-    lines += [f"Model `{r['model']['path']}`. Best batch per backend ({r['best_batch_source']}): "
-              + ", ".join(f"{k} {v}" for k, v in r["best_batch"].items()) + ".", "",
-              "Each cell samples one batch of maps of a phantom volume (seed 0) `repeats` times; ms / map = median wall "
-              "time / batch (batch 1: the latency of one map; best batch: the amortised cost in whole-volume batching). "
-              "Last column: max |x0 - x0(ONNX Runtime)| for the same seed and batch (float32 round-off, amplified by "
-              "the sampler's steps).", "", NOISE_NOTE, ""]
+        lines += [
+            f"Triton {tri['version']} ({'nvidia-pytriton bundled binary' if tri['bundled'] else tri['binary']}), "
+            f"{tri['repository']}, max batch {tri['max_batch_size']}, ONNX Runtime {tri['intra_op_threads']} threads "
+            f"per model; started by the benchmark on loopback in {tri['start_s']:.1f} s.",
+            "",
+        ]
+    lines += [
+        f"Model `{r['model']['path']}`. Best batch per backend ({r['best_batch_source']}): "
+        + ", ".join(f"{k} {v}" for k, v in r["best_batch"].items())
+        + ".",
+        "",
+        "Each cell samples one batch of maps of a phantom volume (seed 0) `repeats` times; ms / map = median wall "
+        "time / batch (batch 1: the latency of one map; best batch: the amortised cost in whole-volume batching). "
+        "Last column: max |x0 - x0(ONNX Runtime)| for the same seed and batch (float32 round-off, amplified by "
+        "the sampler's steps).",
+        "",
+        NOISE_NOTE,
+        "",
+    ]
     for sampler in dict.fromkeys(x["sampler"] for x in r["rows"]):
         rows = [x for x in r["rows"] if x["sampler"] == sampler]
         spec = rows[0]["spec"]
-        lines += [f"## `{sampler}` ({spec['nfe']} NFE" + (f", Ttrunc {spec['ttrunc']}" if sampler == "ftddm" else f", {spec['steps']} steps")
-                  + ")", ""]
+        lines += [
+            f"## `{sampler}` ({spec['nfe']} NFE"
+            + (f", Ttrunc {spec['ttrunc']}" if sampler == "ftddm" else f", {spec['steps']} steps")
+            + ")",
+            "",
+        ]
         table = []
         for x in rows:
             if "error" in x:
@@ -323,7 +390,10 @@ def latency_markdown(r: dict[str, Any], chart: str | None = "latency.png") -> st
             else:
                 table.append([x["backend"], x["batch"], x["ms_per_map"], x["batch_latency_ms"], x["ms_per_map_per_nfe"],
                               x["repeats"], x["max_abs_diff_vs_onnxruntime"]])
-        lines += md_table(["backend", "batch", "ms / map (median)", "ms / batch", "ms / map / NFE", "repeats", "max diff vs ORT"], table)
+        lines += md_table(
+            ["backend", "batch", "ms / map (median)", "ms / batch", "ms / map / NFE", "repeats", "max diff vs ORT"],
+            table,
+        )
         lines += [""]
     if r["skipped"]:
         lines += ["## Not run", ""] + [f"- `{k}`: {v}" for k, v in r["skipped"].items()] + [""]
@@ -351,7 +421,11 @@ def latency_chart(r: dict[str, Any], path: Path | str) -> Path:
             xs, hs, lo, hi, tags = [], [], [], [], []
             for i, label in enumerate(labels):
                 cells = sorted((x for x in rows if x["backend"] == label), key=lambda x: x["batch"])
-                cell = cells[0] if kind == "batch 1" else (cells[-1] if len(cells) > 1 and cells[-1]["batch"] > 1 else None)
+                cell = (
+                    cells[0]
+                    if kind == "batch 1"
+                    else (cells[-1] if len(cells) > 1 and cells[-1]["batch"] > 1 else None)
+                )
                 if cell is None or (kind == "batch 1" and cell["batch"] != 1):
                     continue
                 b = cell["batch"]

@@ -17,7 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-METRICS: tuple[tuple[str, str, str], ...] = (("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("nrmse", "NRMSE", "{:.3f}"))
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("psnr", "PSNR", "{:.2f}"),
+    ("ssim", "SSIM", "{:.3f}"),
+    ("nrmse", "NRMSE", "{:.3f}"),
+)
 REFERENCE_METHOD = "FTDDM Ttrunc=100"
 DDPM_METHOD = "DDPM T=1000"
 HR_SIZE = 64
@@ -184,10 +188,16 @@ def budget_lines(manifest: dict) -> list[str]:
         seen = steps * int(cfg.get("batch_size", 0))
         earlier = (f" ({steps - int(info['step'])} of them in the runs it started from)"
                    if steps > int(info["step"]) else "")
-        out.append(f"- `{name}` (t in 1..{t_max}): {steps} iterations{earlier} x batch {cfg.get('batch_size')} = {seen} "
-                   f"images, **{seen / t_max:.0f} per timestep**; best validation loss {info.get('best_val', float('nan')):.4g}"
-                   + (f"; its last {info['stale_validations']} validations did not improve on the best"
-                      if info.get("stale_validations") else ""))
+        out.append(
+            f"- `{name}` (t in 1..{t_max}): {steps} iterations{earlier} x batch {cfg.get('batch_size')} = {seen} "
+            f"images, **{seen / t_max:.0f} per timestep**; best validation loss "
+            f"{info.get('best_val', float('nan')):.4g}"
+            + (
+                f"; its last {info['stale_validations']} validations did not improve on the best"
+                if info.get("stale_validations")
+                else ""
+            )
+        )
     if out:
         out = ["Training budgets of the UNets (the DDPM / DPM-Solver++ baselines run `unet_full`, FTDDM and TDPM "
                "run `unet`):", "", *out, ""]
@@ -214,7 +224,9 @@ def plot_quality_vs_nfe(results: dict, path: Path, n: int = 16) -> Path:
         for row_i, metric in enumerate(("psnr", "ssim")):
             ax = axes[row_i, col]
             for fam in dict.fromkeys(r.get("family", r["method"]) for r in rows):
-                pts = sorted((r["nfe"], mean_std(r["per_map"][metric])[0]) for r in rows if r.get("family", r["method"]) == fam)
+                pts = sorted(
+                    (r["nfe"], mean_std(r["per_map"][metric])[0]) for r in rows if r.get("family", r["method"]) == fam
+                )
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=fam)
             if zf is not None:
                 ax.axhline(mean_std(zf["per_map"][metric])[0], color="gray", ls="--", label="zero-filled")
@@ -310,5 +322,16 @@ def sharpness(pred: np.ndarray, truth: np.ndarray, region: np.ndarray) -> float:
     return grad_energy(pred) / ref if ref and math.isfinite(ref) else math.nan
 
 
-__all__ = ["budget_lines", "markdown", "mean_std", "params_of", "plot_conditioning_on_s", "plot_quality_vs_nfe", "plot_tau_d",
-           "sharpness", "speedups", "table_rows", "wilcoxon_p"]
+__all__ = [
+    "budget_lines",
+    "markdown",
+    "mean_std",
+    "params_of",
+    "plot_conditioning_on_s",
+    "plot_quality_vs_nfe",
+    "plot_tau_d",
+    "sharpness",
+    "speedups",
+    "table_rows",
+    "wilcoxon_p",
+]

@@ -148,7 +148,9 @@ def measure_unet(
                 cuda_sync(be.device)
                 probe = time.perf_counter() - t0
             except Exception as err:  # e.g. out of memory: the row says why
-                rows.append({"model": model_label, "backend": label, "batch": b, "error": f"{type(err).__name__}: {err}"})
+                rows.append(
+                    {"model": model_label, "backend": label, "batch": b, "error": f"{type(err).__name__}: {err}"}
+                )
                 log(f"  {label:>22} b={b:<3} failed: {err}")
                 continue
             fns[label] = call
@@ -166,14 +168,21 @@ def measure_unet(
             if label == "torch-bf16" and peaks.cpu_bf16:
                 row["fraction_of_bf16_peak"] = achieved / peaks.cpu_bf16
             rows.append(row)
-            log(f"  {label:>22} b={b:<3} {med * 1e3:9.2f} ms/call  {med * 1e3 / b:8.2f} ms/NFE/img  "
-                f"{achieved:7.1f} GFLOP/s  ({100 * achieved / peak if peak else float('nan'):.0f}% of {peak_name})  x{tm.repeats}")
+            log(
+                f"  {label:>22} b={b:<3} {med * 1e3:9.2f} ms/call  {med * 1e3 / b:8.2f} ms/NFE/img  "
+                f"{achieved:7.1f} GFLOP/s  ({100 * achieved / peak if peak else float('nan'):.0f}% of {peak_name})  "
+                f"x{tm.repeats}"
+            )
     return rows
 
 
 def best_batch(rows: Sequence[dict[str, Any]], backend: str, model: str | None = None) -> int | None:
     """The batch size with the lowest ms per NFE per image for ``backend`` (optionally one model)."""
-    ok = [r for r in rows if r.get("backend") == backend and "ms_per_nfe_per_image" in r and (model is None or r["model"] == model)]
+    ok = [
+        r
+        for r in rows
+        if r.get("backend") == backend and "ms_per_nfe_per_image" in r and (model is None or r["model"] == model)
+    ]
     return min(ok, key=lambda r: r["ms_per_nfe_per_image"])["batch"] if ok else None
 
 
@@ -216,16 +225,24 @@ def run_per_nfe(cfg: PerNfeConfig, work_dir: Path | None = None, log: Callable[[
         f"threads {threads}; backends {', '.join(labels)}")
 
     log(f"matmul peak ({cfg.peak_size}^3, {cfg.peak_repeats} repeats) ...")
-    peak = hardware.peak_matmul_gflops(threads=threads, size=cfg.peak_size, repeats=cfg.peak_repeats, bf16="torch-bf16" in labels)
+    peak = hardware.peak_matmul_gflops(
+        threads=threads, size=cfg.peak_size, repeats=cfg.peak_repeats, bf16="torch-bf16" in labels
+    )
     peaks = Peaks(cpu_fp32=peak.best_gflops, cpu_bf16=peak.torch_bf16_gflops,
                   cuda_fp32=hardware.cuda_peak_gflops(torch.float32) if torch.cuda.is_available() else None,
                   cuda_fp16=hardware.cuda_peak_gflops(torch.float16) if torch.cuda.is_available() else None)
     log(f"  torch {peak.torch_gflops:.1f}, numpy {peak.numpy_gflops:.1f} GFLOP/s fp32"
         + (f", torch bf16 {peak.torch_bf16_gflops:.1f}" if peak.torch_bf16_gflops else ""))
 
-    result: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                              "machine": machine, "peak": {**peak.to_dict(), **{f"peak_{k}": v for k, v in asdict(peaks).items()}},
-                              "models": {}, "rows": [], "skipped": {}, "overhead": {}}
+    result: dict[str, Any] = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": machine,
+        "peak": {**peak.to_dict(), **{f"peak_{k}": v for k, v in asdict(peaks).items()}},
+        "models": {},
+        "rows": [],
+        "skipped": {},
+        "overhead": {},
+    }
 
     models, model_label, missing = _open_model(cfg, work, log)
     if missing:
@@ -236,8 +253,13 @@ def run_per_nfe(cfg: PerNfeConfig, work_dir: Path | None = None, log: Callable[[
         log(f"model {model_label}: exporting to ONNX (cached) ...")
         onnx_dir = cached_onnx_export(models, cfg.cache_dir, log)
         flops = unet_flops_per_image(models)
-        result["models"]["shipped"] = {"path": model_label, "hashes": models.hashes(), "onnx_dir": str(onnx_dir),
-                                       "unet_gflop_per_image": flops / 1e9, "unet_config": models.config("unet").get("config")}
+        result["models"]["shipped"] = {
+            "path": model_label,
+            "hashes": models.hashes(),
+            "onnx_dir": str(onnx_dir),
+            "unet_gflop_per_image": flops / 1e9,
+            "unet_config": models.config("unet").get("config"),
+        }
         backends, skipped = open_backends(labels, models, onnx_dir, threads, cfg.engine_dir, max(cfg.batches), log)
         result["skipped"].update({f"shipped/{k}": v for k, v in skipped.items()})
         try:
@@ -254,8 +276,13 @@ def run_per_nfe(cfg: PerNfeConfig, work_dir: Path | None = None, log: Callable[[
         log(f"{cfg.paper_preset}-size UNet, random weights:")
         paper = paper_unet(cfg.cache_dir, cfg.paper_preset, log=log)
         flops = unet_flops_per_image(paper.models)
-        result["models"]["paper"] = {"preset": paper.preset, "parameters": paper.parameters, "onnx_dir": str(paper.onnx_dir),
-                                     "unet_gflop_per_image": flops / 1e9, "ort_vs_torch": paper.check}
+        result["models"]["paper"] = {
+            "preset": paper.preset,
+            "parameters": paper.parameters,
+            "onnx_dir": str(paper.onnx_dir),
+            "unet_gflop_per_image": flops / 1e9,
+            "ort_vs_torch": paper.check,
+        }
         log(f"  {paper.parameters / 1e6:.1f} M parameters, {flops / 1e9:.2f} GFLOP per image per forward; "
             f"max |ORT - torch| on one batch {paper.check['max_abs_error']:.2e}")
         backends, skipped = open_backends(labels, paper.models, paper.onnx_dir, threads, None, max(cfg.batches), log)
@@ -274,8 +301,17 @@ def _overheads(cfg: PerNfeConfig, backends: dict[str, Backend], rows: list[dict[
     spec = SamplerSpec(cfg.overhead_sampler, ttrunc=cfg.overhead_ttrunc)
     log(f"pipeline overhead: {spec.name} ({spec.nfe} NFE) over {vol.y.shape[0]} maps of {vol.subject} "
         f"({vol.slices} slices x {vol.metabolites} metabolites, N={vol.n}):")
-    out: dict[str, Any] = {"volume": {"subject": vol.subject, "slices": vol.slices, "metabolites": vol.metabolites,
-                                      "n": vol.n, "maps": int(vol.y.shape[0])}, "target": OVERHEAD_TARGET, "backends": {}}
+    out: dict[str, Any] = {
+        "volume": {
+            "subject": vol.subject,
+            "slices": vol.slices,
+            "metabolites": vol.metabolites,
+            "n": vol.n,
+            "maps": int(vol.y.shape[0]),
+        },
+        "target": OVERHEAD_TARGET,
+        "backends": {},
+    }
     for label, be in backends.items():
         b = cfg.overhead_batch or best_batch(rows, label, "shipped") or 16
         try:
@@ -297,13 +333,24 @@ def per_nfe_markdown(r: dict[str, Any]) -> str:
     lines = ["# Milliseconds per NFE per image", ""]
     if cfg.get("quick_run"):
         lines += ["**SMOKE RUN (--quick): tiny settings, not a measurement.**", ""]
-    lines += ["## Machine", "", *machine_lines(r["machine"], r.get("load_average_after")), "",
-              f"Measured matmul peak ({pk['size']}x{pk['size']} fp32, median of {pk['repeats']}, {pk['threads']} threads): "
-              f"torch **{fmt(pk['torch_gflops'])}** GFLOP/s, numpy **{fmt(pk['numpy_gflops'])}** GFLOP/s"
-              + (f", torch bf16 {fmt(pk['torch_bf16_gflops'])} GFLOP/s" if pk.get("torch_bf16_gflops") else "")
-              + (f"; CUDA fp32 {fmt(pk['peak_cuda_fp32'])}, fp16 {fmt(pk['peak_cuda_fp16'])} GFLOP/s" if pk.get("peak_cuda_fp32") else "")
-              + ". CPU rows are compared with the higher fp32 figure.", "",
-              NOISE_NOTE, ""]
+    lines += [
+        "## Machine",
+        "",
+        *machine_lines(r["machine"], r.get("load_average_after")),
+        "",
+        f"Measured matmul peak ({pk['size']}x{pk['size']} fp32, median of {pk['repeats']}, {pk['threads']} threads): "
+        f"torch **{fmt(pk['torch_gflops'])}** GFLOP/s, numpy **{fmt(pk['numpy_gflops'])}** GFLOP/s"
+        + (f", torch bf16 {fmt(pk['torch_bf16_gflops'])} GFLOP/s" if pk.get("torch_bf16_gflops") else "")
+        + (
+            f"; CUDA fp32 {fmt(pk['peak_cuda_fp32'])}, fp16 {fmt(pk['peak_cuda_fp16'])} GFLOP/s"
+            if pk.get("peak_cuda_fp32")
+            else ""
+        )
+        + ". CPU rows are compared with the higher fp32 figure.",
+        "",
+        NOISE_NOTE,
+        "",
+    ]
     paper_title = ("Paper-size UNet (random weights)" if cfg.get("paper_preset") == "paper"
                    else f"UNet of preset `{cfg.get('paper_preset')}` (random weights, in place of the paper size)")
     for key, title in (("shipped", "Shipped model UNet"), ("paper", paper_title)):
@@ -313,9 +360,13 @@ def per_nfe_markdown(r: dict[str, Any]) -> str:
                 lines += [f"## {title}", "", f"Skipped: {r['skipped'][key]}", ""]
             continue
         head = f"## {title}"
-        desc = (f"`{portable_path(info['path'])}`" if key == "shipped" else
-                f"preset `{info['preset']}`, {fmt(info['parameters'] / 1e6)} M parameters; max |ORT - torch| on one batch "
-                f"{info['ort_vs_torch']['max_abs_error']:.1e} (output max {info['ort_vs_torch']['ref_max_abs']:.2g})")
+        desc = (
+            f"`{portable_path(info['path'])}`"
+            if key == "shipped"
+            else f"preset `{info['preset']}`, {fmt(info['parameters'] / 1e6)} M parameters; max |ORT - torch| on one "
+                 "batch "
+            f"{info['ort_vs_torch']['max_abs_error']:.1e} (output max {info['ort_vs_torch']['ref_max_abs']:.2g})"
+        )
         lines += [head, "", f"{desc}; **{fmt(info['unet_gflop_per_image'])} GFLOP per image per forward** "
                   "(2 x MACs of conv/matmul, FlopCounterMode).", ""]
         rows = [x for x in r["rows"] if x["model"] == key]
@@ -326,26 +377,52 @@ def per_nfe_markdown(r: dict[str, Any]) -> str:
                 continue
             frac = x.get("fraction_of_peak")
             extra = f" ({100 * x['fraction_of_bf16_peak']:.0f}% of bf16)" if x.get("fraction_of_bf16_peak") else ""
-            table.append([x["backend"], x["batch"], x["median_ms"], x["ms_per_nfe_per_image"], x["images_per_s"],
-                          x["achieved_gflops"], (f"{100 * frac:.1f}%" if frac is not None else "-") + extra, x["repeats"]])
+            table.append(
+                [
+                    x["backend"],
+                    x["batch"],
+                    x["median_ms"],
+                    x["ms_per_nfe_per_image"],
+                    x["images_per_s"],
+                    x["achieved_gflops"],
+                    (f"{100 * frac:.1f}%" if frac is not None else "-") + extra,
+                    x["repeats"],
+                ]
+            )
         lines += md_table(["backend", "batch", "ms / call (median)", "ms / NFE / image", "images / s", "GFLOP/s",
                            "of peak", "repeats"], table)
         skipped = {k.split("/", 1)[1]: v for k, v in r["skipped"].items() if k.startswith(f"{key}/")}
         if skipped:
             lines += ["", "Not run: " + "; ".join(f"`{k}`: {v}" for k, v in skipped.items())]
         best = {b: best_batch(rows, b) for b in dict.fromkeys(x["backend"] for x in rows)}
-        lines += ["", "Best batch (lowest ms / NFE / image): " + ", ".join(f"{k} {v}" for k, v in best.items() if v), ""]
+        lines += [
+            "",
+            "Best batch (lowest ms / NFE / image): " + ", ".join(f"{k} {v}" for k, v in best.items() if v),
+            "",
+        ]
     ov = r.get("overhead") or {}
     if ov.get("backends"):
         vol = ov["volume"]
-        first = next(v for v in ov["backends"].values() if "sampler" in v) if any("sampler" in v for v in ov["backends"].values()) else None
-        lines += ["## Pipeline overhead over network time", "",
-                  f"`sample_images` over all {vol['maps']} maps of phantom {vol['subject']} ({vol['slices']} slices x "
-                  f"{vol['metabolites']} metabolites, N = {vol['n']})"
-                  + (f", sampler `{first['sampler']['name']}` (Ttrunc {first['sampler']['ttrunc']}, {first['nfe']} NFE)" if first else "")
-                  + ", one run per backend through `TimedBackend`. Network time is the time inside the backend's `unet` and "
-                  "`flow_reverse` (including its tensor conversions); overhead = (wall - network) / wall, target < "
-                  f"{100 * ov['target']:.0f}%.", ""]
+        first = (
+            next(v for v in ov["backends"].values() if "sampler" in v)
+            if any("sampler" in v for v in ov["backends"].values())
+            else None
+        )
+        lines += [
+            "## Pipeline overhead over network time",
+            "",
+            f"`sample_images` over all {vol['maps']} maps of phantom {vol['subject']} ({vol['slices']} slices x "
+            f"{vol['metabolites']} metabolites, N = {vol['n']})"
+            + (
+                f", sampler `{first['sampler']['name']}` (Ttrunc {first['sampler']['ttrunc']}, {first['nfe']} NFE)"
+                if first
+                else ""
+            )
+            + ", one run per backend through `TimedBackend`. Network time is the time inside the backend's `unet` and "
+            "`flow_reverse` (including its tensor conversions); overhead = (wall - network) / wall, target < "
+            f"{100 * ov['target']:.0f}%.",
+            "",
+        ]
         table = []
         for label, x in ov["backends"].items():
             if "error" in x:

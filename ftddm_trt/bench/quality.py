@@ -62,12 +62,19 @@ def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (1
     rows += [Method(f"DDPM respaced {k}", spec("ddpm-respaced", steps=k), "DDPM respaced") for k in (100, 50, 20)]
     rows += [Method(f"DPM-Solver++ {k}", spec("dpmpp", steps=k), "DPM-Solver++") for k in (100, 20, 10)]
     # the SDE form (diffusers' sde-dpmsolver++), with the DDPM rows' tau_d on its fresh noise
-    rows += [Method(f"SDE-DPM-Solver++ {k}", spec("dpmpp", steps=k, sde=True), "SDE-DPM-Solver++") for k in (100, 20, 10)]
+    rows += [
+        Method(f"SDE-DPM-Solver++ {k}", spec("dpmpp", steps=k, sde=True), "SDE-DPM-Solver++") for k in (100, 20, 10)
+    ]
     if solver_variants:
         other_clip = None if clip_x0 is not None else (0.0, 3.0)
         other_lambda = None if lambda_min is not None else DEFAULT_LAMBDA_MIN
-        rows.append(Method(f"DPM-Solver++ 100, clip_x0={_fmt_opt(other_clip)}", spec("dpmpp", steps=100, clip_x0=other_clip),
-                           "DPM-Solver++ variant"))
+        rows.append(
+            Method(
+                f"DPM-Solver++ 100, clip_x0={_fmt_opt(other_clip)}",
+                spec("dpmpp", steps=100, clip_x0=other_clip),
+                "DPM-Solver++ variant",
+            )
+        )
         rows.append(Method(f"DPM-Solver++ 100, lambda_min={_fmt_opt(other_lambda)}",
                            spec("dpmpp", steps=100, lambda_min=other_lambda), "DPM-Solver++ variant"))
     if tdpm:
@@ -188,9 +195,13 @@ def run_quality(
             rows.append({"tau_d": float(tau), "psnr": summ["psnr"], "ssim": summ["ssim"],
                          "sharpness": paper_table.sharpness(pred, truth, region)})
             log(f"tau_d {tau:g}: PSNR {summ['psnr']:.2f} sharpness {rows[-1]['sharpness']:.3f}")
-        results["tau_d_sweep"] = {"method": "FTDDM Ttrunc=100", "description": f"FTDDM Ttrunc=100 at s = {HR_SIZE / sweep_n:g}, "
-                                  f"protocol hr, {k} maps, data consistency on; sharpness = mean gradient magnitude / the truth's",
-                                  "columns": ["tau_d", "psnr", "ssim", "sharpness"], "rows": rows}
+        results["tau_d_sweep"] = {
+            "method": "FTDDM Ttrunc=100",
+            "description": f"FTDDM Ttrunc=100 at s = {HR_SIZE / sweep_n:g}, "
+            f"protocol hr, {k} maps, data consistency on; sharpness = mean gradient magnitude / the truth's",
+            "columns": ["tau_d", "psnr", "ssim", "sharpness"],
+            "rows": rows,
+        }
     if s_sweep:
         rows = []
         for given in s_sweep:
@@ -198,11 +209,17 @@ def run_quality(
             spec = SamplerSpec("ftddm-dpmpp", ttrunc=100, steps=20, data_consistency=False)
             pred, _, _ = sample(spec, y, torch.full_like(s, float(given)), k, scale)
             summ = summarize(map_metrics(pred, truth, region))
-            rows.append({"true_s": HR_SIZE / sweep_n, "given_s": float(given), "psnr": summ["psnr"], "ssim": summ["ssim"]})
+            rows.append(
+                {"true_s": HR_SIZE / sweep_n, "given_s": float(given), "psnr": summ["psnr"], "ssim": summ["ssim"]}
+            )
             log(f"s given {given:g} (true {HR_SIZE / sweep_n:g}): PSNR {summ['psnr']:.2f}")
-        results["s_sweep"] = {"method": "FTDDM + DPM-Solver++ 20", "description": f"FTDDM + DPM-Solver++ 20 on the s = "
-                              f"{HR_SIZE / sweep_n:g} inputs (protocol hr, {k} maps, no data consistency), the networks told s = given_s",
-                              "columns": ["true_s", "given_s", "psnr", "ssim"], "rows": rows}
+        results["s_sweep"] = {
+            "method": "FTDDM + DPM-Solver++ 20",
+            "description": f"FTDDM + DPM-Solver++ 20 on the s = "
+            f"{HR_SIZE / sweep_n:g} inputs (protocol hr, {k} maps, no data consistency), the networks told s = given_s",
+            "columns": ["true_s", "given_s", "psnr", "ssim"],
+            "rows": rows,
+        }
     return results
 
 

@@ -94,7 +94,8 @@ def machine_lines(machine: dict[str, Any], load_after: Sequence[float] | None = 
     gpu = machine.get("gpu")
     lines = [
         f"- CPU: {machine.get('cpu_model')} ({machine.get('available_cores')} cores available, "
-        f"{machine.get('logical_cpus')} logical); threads used: {machine.get('threads_used', machine.get('torch_threads'))}",
+        f"{machine.get('logical_cpus')} logical); threads used: "
+        f"{machine.get('threads_used', machine.get('torch_threads'))}",
         f"- GPU: {gpu['name'] + ' (' + str(gpu['memory_gib']) + ' GiB)' if gpu else 'none'}",
         f"- torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}, numpy {machine.get('numpy')}, "
         f"tensorrt {machine.get('tensorrt') or 'absent'}, tritonclient {machine.get('tritonclient') or 'absent'}, "

@@ -112,7 +112,9 @@ def score_cell(
     reg = None
     if regression is not None:
         with torch.no_grad():
-            reg = torch.cat([regression(y[i : i + batch_size], s[i : i + batch_size]) for i in range(0, len(y), batch_size)])
+            reg = torch.cat(
+                [regression(y[i : i + batch_size], s[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+            )
     rows = []
     for convention in conventions:
         cbase = {**base, "convention": convention}

@@ -161,8 +161,13 @@ class TimedBackend(Backend):
         return sum(r.calls for r in self.times.values())
 
     def summary(self) -> dict[str, Any]:
-        return {"network_s": self.seconds, "calls": self.calls,
-                "per_network": {k: {"seconds": v.seconds, "calls": v.calls, "images": v.images} for k, v in self.times.items()}}
+        return {
+            "network_s": self.seconds,
+            "calls": self.calls,
+            "per_network": {
+                k: {"seconds": v.seconds, "calls": v.calls, "images": v.images} for k, v in self.times.items()
+            },
+        }
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()

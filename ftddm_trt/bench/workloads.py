@@ -163,12 +163,26 @@ def paper_unet(
             path = tmp / "onnx" / "unet.onnx"
             export_network("unet", net, path)
             hashes = models.hashes()
-            write_manifest(tmp / "onnx", {
-                "opset": OPSET, "max_batch": MAX_BATCH, "torch_version": torch.__version__,
-                "model_dir": str(model_dir), "model_hashes": hashes, "random_weights": {"preset": preset, "seed": seed},
-                "networks": {"unet": {"onnx": path.name, "onnx_sha256": file_sha256(path), "model_sha256": hashes["unet"],
-                                      "config": models.config("unet"), **graph_io(onnx.load(str(path)))}},
-            })
+            write_manifest(
+                tmp / "onnx",
+                {
+                    "opset": OPSET,
+                    "max_batch": MAX_BATCH,
+                    "torch_version": torch.__version__,
+                    "model_dir": str(model_dir),
+                    "model_hashes": hashes,
+                    "random_weights": {"preset": preset, "seed": seed},
+                    "networks": {
+                        "unet": {
+                            "onnx": path.name,
+                            "onnx_sha256": file_sha256(path),
+                            "model_sha256": hashes["unet"],
+                            "config": models.config("unet"),
+                            **graph_io(onnx.load(str(path))),
+                        }
+                    },
+                },
+            )
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)

@@ -17,18 +17,38 @@ from ftddm_trt.cli.upscale import CLIP_X0_DEFAULT, LAMBDA_MIN_DEFAULT
 
 @app.command("bench")
 def bench_cmd(
-    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for quality.json, quality.md and the figures (quality_vs_nfe.png, quality_vs_s.png, quality_tau_d.png)."),
+    out: Path = typer.Option(
+        Path("benchmarks/results"),
+        help="Folder for quality.json, quality.md and the figures (quality_vs_nfe.png, quality_vs_s.png, "
+             "quality_tau_d.png).",
+    ),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
     backend: str = typer.Option("onnxruntime", help="Backend every method runs on (one backend, one run)."),
-    maps: int = typer.Option(32, help="Test-split maps per (s, protocol), the same for every method (32: one batch; the whole bench takes about 45 minutes on 2 CPU cores)."),
-    ddpm_maps: int = typer.Option(0, help="Maps DDPM T=1000 runs on: the first of --maps (0: all of them; it costs about as much as every other row together). A subset is stated in the table, which compares every method on it."),
+    maps: int = typer.Option(
+        32,
+        help="Test-split maps per (s, protocol), the same for every method (32: one batch; the whole bench takes about "
+             "45 minutes on 2 CPU cores).",
+    ),
+    ddpm_maps: int = typer.Option(
+        0,
+        help="Maps DDPM T=1000 runs on: the first of --maps (0: all of them; it costs about as much as every other row "
+             "together). A subset is stated in the table, which compares every method on it.",
+    ),
     batch_size: int = typer.Option(32, help="Maps per network call."),
     no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000."),
     stem: str = typer.Option("quality", help="File name stem of the results."),
-    clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none."),
-    lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none."),
-    tau_d_sweep: str = typer.Option("0,0.5,0.9,1.0,1.2", "--tau-d-sweep", help="Fig. 7: tau_d values for FTDDM Ttrunc=100 at s = 4 (empty: skip)."),
-    s_sweep: str = typer.Option("2,4,8", "--s-sweep", help="Fig. 6: s told to the networks on the s = 4 inputs (empty: skip)."),
+    clip_x0: str = typer.Option(
+        CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none."
+    ),
+    lambda_min: str = typer.Option(
+        LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none."
+    ),
+    tau_d_sweep: str = typer.Option(
+        "0,0.5,0.9,1.0,1.2", "--tau-d-sweep", help="Fig. 7: tau_d values for FTDDM Ttrunc=100 at s = 4 (empty: skip)."
+    ),
+    s_sweep: str = typer.Option(
+        "2,4,8", "--s-sweep", help="Fig. 6: s told to the networks on the s = 4 inputs (empty: skip)."
+    ),
     seed: int = typer.Option(0, help="Seed of the map choice and of the samplers."),
 ) -> None:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
@@ -42,26 +62,45 @@ def bench_cmd(
         main_ttrunc = models.flow_ttrunc() or 100
         ttruncs = [t for t in (100, 50, 20) if t in (models.flow_ttruncs() or [main_ttrunc])]
         b = open_backend(backend, model=model, log=console.print)
-        flow_backends = {t: open_backend(backend, model=model, ttrunc=t, log=console.print) for t in ttruncs if t != main_ttrunc}
+        flow_backends = {
+            t: open_backend(backend, model=model, ttrunc=t, log=console.print) for t in ttruncs if t != main_ttrunc
+        }
         has_tdpm = (models.root / "tdpm.safetensors").is_file()
         if has_tdpm:
-            flow_backends["tdpm"] = open_backend(backend, model=model, ttrunc=main_ttrunc, start="tdpm", log=console.print)
+            flow_backends["tdpm"] = open_backend(
+                backend, model=model, ttrunc=main_ttrunc, start="tdpm", log=console.print
+            )
     except Exception as err:
         fail(f"cannot open backend {backend!r}: {err}")
     params = {name: count_parameters(net) for name, net in models.load_torch().items()}
     if has_tdpm:
         params["tdpm"] = count_parameters(ModelSet.open(model, start="tdpm").load_torch()["flow"])
     else:
-        console.print("[yellow]no TDPM row:[/] the model folder has no tdpm.* (train it with `ftddm-trt train --task tdpm`)")
+        console.print(
+            "[yellow]no TDPM row:[/] the model folder has no tdpm.* (train it with `ftddm-trt train --task tdpm`)"
+        )
     try:
-        sweeps = {name: tuple(float(v) for v in text.split(",") if v.strip()) for name, text in (("tau_d", tau_d_sweep), ("s", s_sweep))}
+        sweeps = {
+            name: tuple(float(v) for v in text.split(",") if v.strip())
+            for name, text in (("tau_d", tau_d_sweep), ("s", s_sweep))
+        }
     except ValueError:
         fail("--tau-d-sweep and --s-sweep take comma-separated numbers")
     try:
         methods = paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs), clip_x0=parse_clip_x0(clip_x0),
                                 lambda_min=parse_lambda_min(lambda_min), tdpm=has_tdpm)
-        results = run_quality(b, methods, n_maps=maps, ddpm_maps=ddpm_maps or None, batch_size=batch_size, seed=seed,
-                              log=console.print, flow_backends=flow_backends, tau_d_sweep=sweeps["tau_d"], s_sweep=sweeps["s"])
+        results = run_quality(
+            b,
+            methods,
+            n_maps=maps,
+            ddpm_maps=ddpm_maps or None,
+            batch_size=batch_size,
+            seed=seed,
+            log=console.print,
+            flow_backends=flow_backends,
+            tau_d_sweep=sweeps["tau_d"],
+            s_sweep=sweeps["s"],
+        )
     finally:
         for x in (b, *flow_backends.values()):
             x.close()

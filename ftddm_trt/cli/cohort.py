@@ -155,13 +155,21 @@ def run_cohort(root: Path, out: Path, opts: UpscaleOptions, force: bool = False)
             if dest.exists():
                 rec = finished_record(dest)
                 if rec is not None and rec.get("fingerprint") == want and accepted_covered(rec, opts):
-                    row.status, row.nfe, row.message = "skipped", rec.get("nfe"), "finished before with the same settings"
+                    row.status, row.nfe, row.message = (
+                        "skipped",
+                        rec.get("nfe"),
+                        "finished before with the same settings",
+                    )
                     row.maps = len(rec.get("metabolites", [])) * int(rec.get("slices", 0)) * int(rec.get("samples", 1))
-                    row.servers = (rec.get("backend") or {}).get("url") or ";".join((rec.get("backend") or {}).get("urls", []))
+                    row.servers = (rec.get("backend") or {}).get("url") or ";".join(
+                        (rec.get("backend") or {}).get("urls", [])
+                    )
                     continue
                 if not force:
                     row.status = "failed"
-                    row.message = f"{dest} holds results of other settings (or no run.json); pass --force to replace them"
+                    row.message = (
+                        f"{dest} holds results of other settings (or no run.json); pass --force to replace them"
+                    )
                     continue
             try:
                 row.maps = n_maps(load_subject(subject_dir, opts, spec), opts)
@@ -193,9 +201,16 @@ def run_cohort(root: Path, out: Path, opts: UpscaleOptions, force: bool = False)
                 try:
                     loaded = load_subject(subject_dir, opts, spec)
                     report_loaded(loaded, prefix=f"{subject_dir.name}: ")
-                    rec = upscale_with_backend(loaded, out / subject_dir.name, opts, spec, backend, force=force,
-                                               progress=lambda done, _t, base=maps_before: bar.update(task, completed=base + done),
-                                               command="upscale-cohort")
+                    rec = upscale_with_backend(
+                        loaded,
+                        out / subject_dir.name,
+                        opts,
+                        spec,
+                        backend,
+                        force=force,
+                        progress=lambda done, _t, base=maps_before: bar.update(task, completed=base + done),
+                        command="upscale-cohort",
+                    )
                     row.status, row.nfe, row.message = "done", rec["nfe"], ""
                 except TritonUnavailable as err:  # no server left: stop, keep what is finished
                     row.status, row.message, stop = "failed", f"servers gone: {err}", True
@@ -252,13 +267,31 @@ def _cohort_signature() -> tuple[inspect.Signature, dict[str, Any]]:
         if p.name in ("subject_dir", "out_dir", "force"):
             continue
         if p.name == "url":
-            p = p.replace(annotation=Optional[list[str]], default=typer.Option(
-                None, "--url", help="Triton server HOST:GRPC_PORT for --backend triton; repeat it to spread batches over several servers."))
+            p = p.replace(
+                annotation=Optional[list[str]],
+                default=typer.Option(
+                    None,
+                    "--url",
+                    help="Triton server HOST:GRPC_PORT for --backend triton; repeat it to spread batches over several "
+                         "servers.",
+                ),
+            )
         else:
             p = p.replace(annotation=hints[p.name])
         params.append(p)
-    params.append(P("clients_per_server", P.POSITIONAL_OR_KEYWORD, annotation=int, default=typer.Option(
-        1, "--clients-per-server", min=1, help="With --backend triton: concurrent requests per server (met by Triton's dynamic batcher).")))
+    params.append(
+        P(
+            "clients_per_server",
+            P.POSITIONAL_OR_KEYWORD,
+            annotation=int,
+            default=typer.Option(
+                1,
+                "--clients-per-server",
+                min=1,
+                help="With --backend triton: concurrent requests per server (met by Triton's dynamic batcher).",
+            ),
+        )
+    )
     params.append(P("force", P.POSITIONAL_OR_KEYWORD, annotation=bool, default=typer.Option(
         False, "--force", help="Replace subject outputs finished with other settings (they are refused otherwise).")))
     sig = inspect.Signature(params, return_annotation=None)

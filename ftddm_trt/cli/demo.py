@@ -22,14 +22,20 @@ from ftddm_trt.integrity import strict_json
 
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("demo_out"), help="Folder for the phantom subject, the super-resolved maps and the report."),
-    n: int = typer.Option(16, help=f"Acquired in-plane size N of the phantom scan (s = 64/N), one of {list(LR_SIZES)}."),
+    out: Path = typer.Option(
+        Path("demo_out"), help="Folder for the phantom subject, the super-resolved maps and the report."
+    ),
+    n: int = typer.Option(
+        16, help=f"Acquired in-plane size N of the phantom scan (s = 64/N), one of {list(LR_SIZES)}."
+    ),
     sampler: str = typer.Option("ftddm-dpmpp", help="Sampler (see `upscale --help`)."),
     steps: Optional[int] = typer.Option(None, help="Solver steps (default 20)."),
     backend: str = typer.Option("onnxruntime", help="Backend (see `upscale --help`)."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
     seed: int = typer.Option(0, help="Phantom and sampling seed."),
-    hr_masks: bool = typer.Option(False, "--hr-masks", help="Give the 64x64 quality masks as input (the paper's protocol)."),
+    hr_masks: bool = typer.Option(
+        False, "--hr-masks", help="Give the 64x64 quality masks as input (the paper's protocol)."
+    ),
     force: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Make a phantom subject, super-resolve it, evaluate it against its truth, print a table."""
@@ -42,7 +48,10 @@ def demo_cmd(
     _, _, test_ids = fold_split()
     subject_id = test_ids[seed % len(test_ids)]
     subject = make_subject(subject_index(subject_id), seed=0)
-    console.print(f"phantom subject {subject.subject_id} (test split): {subject.n_slices} slices, acquired {n}x{n}, s = {64 / n:.2f}")
+    console.print(
+        f"phantom subject {subject.subject_id} (test split): {subject.n_slices} slices, acquired {n}x{n}, s = "
+        f"{64 / n:.2f}"
+    )
     opts = UpscaleOptions(backend=backend, sampler=sampler, steps=steps, seed=seed, model=model)
     try:
         with atomic_dir(out, force, (model,), command="demo") as tmp:  # the whole demo folder appears at once
@@ -66,7 +75,16 @@ def demo_cmd(
         zf = overall["zero-filled"]
         table.add_row("zero-filled", "0", "-", f"{zf['psnr']:.2f}", f"{zf['ssim']:.3f}", f"{zf['nrmse']:.3f}", "-")
     pr = overall["prediction"]
-    table.add_row(record["sampler"]["name"], str(record["nfe"]), f"{record['seconds_per_map']:.3f}", f"{pr['psnr']:.2f}",
-                  f"{pr['ssim']:.3f}", f"{pr['nrmse']:.3f}", f"{pr['coverage']:.3f}")
+    table.add_row(
+        record["sampler"]["name"],
+        str(record["nfe"]),
+        f"{record['seconds_per_map']:.3f}",
+        f"{pr['psnr']:.2f}",
+        f"{pr['ssim']:.3f}",
+        f"{pr['nrmse']:.3f}",
+        f"{pr['coverage']:.3f}",
+    )
     console.print(table)
-    console.print(f"report picture: {out / 'sr' / 'report.png'}; maps: {out / 'sr' / 'concs'}; metrics: {out / 'metrics.json'}")
+    console.print(
+        f"report picture: {out / 'sr' / 'report.png'}; maps: {out / 'sr' / 'concs'}; metrics: {out / 'metrics.json'}"
+    )

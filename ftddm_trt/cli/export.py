@@ -15,7 +15,11 @@ from ftddm_trt.cli.common import check_output_dir, console, fail
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for unet.onnx, unet_full.onnx, flow.onnx and manifest.json."),
     model: Path = typer.Option(None, "--model", help="Model folder (safetensors + JSON); default: the shipped model."),
-    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Export the flow trained for this Ttrunc (default: the model's main flow); recorded in the manifest."),
+    ttrunc: Optional[int] = typer.Option(
+        None,
+        "--ttrunc",
+        help="Export the flow trained for this Ttrunc (default: the model's main flow); recorded in the manifest.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
 ) -> None:
     """Export the networks to ONNX (opset 18, dynamic batch), check parity with PyTorch, write a manifest.
@@ -33,7 +37,9 @@ def export_cmd(
         manifest = export_model_set(models, out, force=force, log=console.print, flow_ttrunc=ttrunc)
     except (FileNotFoundError, ParityError, OutputError, TtruncMismatch) as err:
         fail(str(err))
-    console.print(f"[green]exported[/] {', '.join(manifest['networks'])} to {out} (flow Ttrunc = {manifest['flow_ttrunc']})")
+    console.print(
+        f"[green]exported[/] {', '.join(manifest['networks'])} to {out} (flow Ttrunc = {manifest['flow_ttrunc']})"
+    )
 
 
 @app.command("build-engine")
@@ -42,7 +48,9 @@ def build_engine_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the TensorRT engines, timing cache and manifest."),
     batch_size: int = typer.Option(16, help="Optimal batch of the optimization profile (whole-volume batching)."),
     precision: str = typer.Option("fp16", help="fp16 (norms/softmax kept in fp32) or fp32."),
-    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Ttrunc the export's flow must have been trained for (checked, recorded)."),
+    ttrunc: Optional[int] = typer.Option(
+        None, "--ttrunc", help="Ttrunc the export's flow must have been trained for (checked, recorded)."
+    ),
 ) -> None:
     """Build TensorRT engines into a new folder (NVIDIA GPU + TensorRT only; refuses clearly elsewhere).
 
@@ -58,7 +66,9 @@ def build_engine_cmd(
         fail(f"{onnx} holds no manifest.json: not an export written by `ftddm-trt export`")
     check_output_dir(out, False, (onnx,))
     try:
-        manifest = build_engines(onnx, out, batch_size=batch_size, precision=precision, log=console.print, flow_ttrunc=ttrunc)
+        manifest = build_engines(
+            onnx, out, batch_size=batch_size, precision=precision, log=console.print, flow_ttrunc=ttrunc
+        )
     except TtruncMismatch as err:
         fail(str(err))
     except TensorRTUnavailable as err:

@@ -31,16 +31,45 @@ def phantom(
     subjects: int = typer.Option(25, "--subjects", min=1, help="Number of subjects."),
     seed: int = typer.Option(0, "--seed", help="Dataset seed (same seed, same phantoms)."),
     scale: Optional[float] = typer.Option(
-        None, "--scale", help="Upscaling factor s in [2, 8]; the acquired size is N = round(64 / s) made even. Default 4."
+        None,
+        "--scale",
+        help="Upscaling factor s in [2, 8]; the acquired size is N = round(64 / s) made even. Default 4.",
     ),
-    n: Optional[int] = typer.Option(None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."),
-    hr_masks: bool = typer.Option(False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR written by ftddm-trt (all of it: no stale subjects remain)."),
-    style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
-    training: bool = typer.Option(False, "--training", help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, instead of N x N inputs with truth."),
-    first: int = typer.Option(0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."),
-    family: str = typer.Option("tissue", "--family", help="Metabolite generator: tissue (tissue fractions, the --style options) or fields (random fields and textures, never used in training the shipped model)."),
-    qc_convention: str = typer.Option("ours", "--qc-convention", help="How the N x N qc maps are written: ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, strict-thresholds, missing (docs: qc conventions)."),
+    n: Optional[int] = typer.Option(
+        None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."
+    ),
+    hr_masks: bool = typer.Option(
+        False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a non-empty OUT_DIR written by ftddm-trt (all of it: no stale subjects remain)."
+    ),
+    style: list[str] = typer.Option(
+        ["classic"],
+        "--style",
+        help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy.",
+    ),
+    training: bool = typer.Option(
+        False,
+        "--training",
+        help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, "
+             "instead of N x N inputs with truth.",
+    ),
+    first: int = typer.Option(
+        0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."
+    ),
+    family: str = typer.Option(
+        "tissue",
+        "--family",
+        help="Metabolite generator: tissue (tissue fractions, the --style options) or fields (random fields and "
+             "textures, never used in training the shipped model).",
+    ),
+    qc_convention: str = typer.Option(
+        "ours",
+        "--qc-convention",
+        help="How the N x N qc maps are written: ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, "
+             "strict-thresholds, missing (docs: qc conventions).",
+    ),
 ) -> None:
     """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
     from ftddm_trt.data.field_phantom import make_field_subject

@@ -45,21 +45,48 @@ def _export_for(model: Path | None, out: Path, ttrunc: int | None = None) -> Pat
 @app.command("triton-repo")
 def triton_repo_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the model repository (generated; never commit it)."),
-    flavor: str = typer.Option("cpu", "--flavor", help="cpu: Python-backend models running ONNX Runtime (this machine, "
-                               "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container); "
-                               "gpu-python: Python-backend models running the --engines with TensorRT (a server with only the Python backend)."),
-    onnx: Path = typer.Option(None, "--onnx", help="Export folder from `ftddm-trt export`; default: export --model into OUT-onnx beside OUT."),
-    model: Path = typer.Option(None, "--model", help="Model folder to export when --onnx is not given; default: the shipped model."),
-    engines: Path = typer.Option(None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."),
+    flavor: str = typer.Option(
+        "cpu",
+        "--flavor",
+        help="cpu: Python-backend models running ONNX Runtime (this machine, "
+        "nvidia-pytriton's server); gpu: tensorrt_plan / onnxruntime_onnx models (NVIDIA's container); "
+        "gpu-python: Python-backend models running the --engines with TensorRT (a server with only the Python "
+        "backend).",
+    ),
+    onnx: Path = typer.Option(
+        None, "--onnx", help="Export folder from `ftddm-trt export`; default: export --model into OUT-onnx beside OUT."
+    ),
+    model: Path = typer.Option(
+        None, "--model", help="Model folder to export when --onnx is not given; default: the shipped model."
+    ),
+    engines: Path = typer.Option(
+        None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."
+    ),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Largest batch each model accepts."),
-    queue_delay_us: int = typer.Option(200, "--queue-delay-us", help="Dynamic batching: max queue delay in microseconds."),
-    dynamic_batching: bool = typer.Option(True, "--dynamic-batching/--no-dynamic-batching",
-                                          help="Let Triton merge concurrent requests to a network into one batch."),
+    queue_delay_us: int = typer.Option(
+        200, "--queue-delay-us", help="Dynamic batching: max queue delay in microseconds."
+    ),
+    dynamic_batching: bool = typer.Option(
+        True,
+        "--dynamic-batching/--no-dynamic-batching",
+        help="Let Triton merge concurrent requests to a network into one batch.",
+    ),
     instances: int = typer.Option(1, "--instances", help="Instances per network model."),
-    sampler_instances: int = typer.Option(2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops)."),
-    sampler: bool = typer.Option(True, "--sampler/--no-sampler", help="Include ftddm_sampler (server-side loop; needs torch and "
-                                 "ftddm_trt in the server's Python). --no-sampler for NVIDIA's stock container (deploy/)."),
-    ttrunc: Optional[int] = typer.Option(None, "--ttrunc", help="Ttrunc of the flow (picks the model's flow for it; checked against --onnx / --engines; recorded for clients and ftddm_sampler)."),
+    sampler_instances: int = typer.Option(
+        2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops)."
+    ),
+    sampler: bool = typer.Option(
+        True,
+        "--sampler/--no-sampler",
+        help="Include ftddm_sampler (server-side loop; needs torch and "
+        "ftddm_trt in the server's Python). --no-sampler for NVIDIA's stock container (deploy/).",
+    ),
+    ttrunc: Optional[int] = typer.Option(
+        None,
+        "--ttrunc",
+        help="Ttrunc of the flow (picks the model's flow for it; checked against --onnx / --engines; recorded for "
+             "clients and ftddm_sampler).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
 ) -> None:
     """Generate a Triton model repository: ftddm_unet, ftddm_unet_full, ftddm_flow and ftddm_sampler.
@@ -87,10 +114,14 @@ def triton_repo_cmd(
         options = RepoOptions(max_batch_size=max_batch_size, max_queue_delay_us=queue_delay_us, instances=instances,
                               sampler_instances=sampler_instances, dynamic_batching=dynamic_batching, sampler=sampler)
         onnx_dir = onnx if onnx is not None else _export_for(model, out, ttrunc)
-        meta = build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print, flow_ttrunc=ttrunc)
+        meta = build_repository(
+            onnx_dir, out, flavor, engines, options, force=force, log=console.print, flow_ttrunc=ttrunc
+        )
     except (ConfigError, FileNotFoundError, ValueError, OutputError) as err:
         fail(str(err))
-    console.print(f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out} (flow Ttrunc = {meta['flow_ttrunc']})")
+    console.print(
+        f"[green]{flavor} repository[/] with {', '.join(meta['models'])} in {out} (flow Ttrunc = {meta['flow_ttrunc']})"
+    )
     if flavor == "cpu":
         console.print(f"serve it with: ftddm-trt serve --repo {out}")
 
@@ -122,10 +153,18 @@ def serve_cmd(
     grpc_port: int = typer.Option(8001, "--grpc-port"),
     metrics_port: int = typer.Option(8002, "--metrics-port"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    log: Path = typer.Option(None, "--log", help="Server log file (appended); default: a file in the temp folder, "
-                             "removed after a clean stop and kept (its path printed) after a failure. Never the current folder."),
-    startup_timeout: float = typer.Option(300.0, "--startup-timeout", help="Seconds to wait for every model to be ready."),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check the repository's configs before starting."),
+    log: Path = typer.Option(
+        None,
+        "--log",
+        help="Server log file (appended); default: a file in the temp folder, "
+        "removed after a clean stop and kept (its path printed) after a failure. Never the current folder.",
+    ),
+    startup_timeout: float = typer.Option(
+        300.0, "--startup-timeout", help="Seconds to wait for every model to be ready."
+    ),
+    validate: bool = typer.Option(
+        True, "--validate/--no-validate", help="Check the repository's configs before starting."
+    ),
 ) -> None:
     """Run tritonserver on a repository in the foreground until Ctrl-C or SIGTERM.
 

@@ -13,16 +13,27 @@ from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.training import finetune_defaults
 
-_MARGIN_HELP = ("Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR "
-                "holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an "
-                "upward level bias. A run started before this option resumes with --margin-weight 1.")
+_MARGIN_HELP = (
+    "Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR "
+    "holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an "
+    "upward level bias. A run started before this option resumes with --margin-weight 1."
+)
 
 
 @app.command("train")
 def train_cmd(
-    run_dir: Path = typer.Argument(..., help="Run folder: checkpoints (last/), best weights (best.*), log.jsonl. Re-running resumes."),
-    task: str = typer.Option("unet", help="unet (t in 1..Ttrunc), unet_full (t in 1..T, DDPM baselines), flow, tdpm (TDPM baseline's GAN generator of x_Ttrunc), or regression (the same UNet predicting the map in one evaluation: the conditional-mean yardstick)."),
-    preset: str = typer.Option("cpu", help="Network size: cpu (trains on a laptop CPU), paper (30 M + 20 M), tiny (tests)."),
+    run_dir: Path = typer.Argument(
+        ..., help="Run folder: checkpoints (last/), best weights (best.*), log.jsonl. Re-running resumes."
+    ),
+    task: str = typer.Option(
+        "unet",
+        help="unet (t in 1..Ttrunc), unet_full (t in 1..T, DDPM baselines), flow, tdpm (TDPM baseline's GAN generator "
+             "of x_Ttrunc), or regression (the same UNet predicting the map in one evaluation: the conditional-mean "
+             "yardstick).",
+    ),
+    preset: str = typer.Option(
+        "cpu", help="Network size: cpu (trains on a laptop CPU), paper (30 M + 20 M), tiny (tests)."
+    ),
     iterations: int = typer.Option(20_000, help="Total iterations of the run (a resumed run continues to this)."),
     batch_size: int = typer.Option(8, help="Maps per iteration."),
     lr: float = typer.Option(1e-4, help="Initial Adam learning rate (decays exponentially to --lr-final)."),
@@ -34,16 +45,50 @@ def train_cmd(
     val_every: int = typer.Option(500, help="Validate (and keep the best weights) every N iterations."),
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes (0: no limit); re-run to resume."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    patience: int = typer.Option(0, help="Stop once this many validations in a row did not improve the best (0: never; not for tdpm)."),
-    gan_l1: float = typer.Option(10.0, "--gan-l1", help="tdpm: weight of the generator's L1 term (its z = 0 output vs the centre of q(x_Ttrunc | x0))."),
-    init_from: Path = typer.Option(None, "--init-from", help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow for another Ttrunc."),
-    style: list[str] = typer.Option(["classic"], "--style", help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy."),
-    lr_fraction: float = typer.Option(0.5, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
+    patience: int = typer.Option(
+        0, help="Stop once this many validations in a row did not improve the best (0: never; not for tdpm)."
+    ),
+    gan_l1: float = typer.Option(
+        10.0,
+        "--gan-l1",
+        help="tdpm: weight of the generator's L1 term (its z = 0 output vs the centre of q(x_Ttrunc | x0)).",
+    ),
+    init_from: Path = typer.Option(
+        None,
+        "--init-from",
+        help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow "
+             "for another Ttrunc.",
+    ),
+    style: list[str] = typer.Option(
+        ["classic"],
+        "--style",
+        help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy.",
+    ),
+    lr_fraction: float = typer.Option(
+        0.5,
+        "--lr-fraction",
+        help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has).",
+    ),
     margin_weight: float = typer.Option(constants.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
-    data: Path = typer.Option(None, "--data", help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of phantoms."),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of "
+             "phantoms.",
+    ),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
-    ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and best.* use it, as DDPM samples with averaged weights."),
-    shards: int = typer.Option(0, "--shards", help="Shards per global batch (0: one per process). The same shards give the same run on any number of processes dividing them."),
+    ema: float = typer.Option(
+        0.0,
+        "--ema",
+        help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and "
+             "best.* use it, as DDPM samples with averaged weights.",
+    ),
+    shards: int = typer.Option(
+        0,
+        "--shards",
+        help="Shards per global batch (0: one per process). The same shards give the same run on any number of "
+             "processes dividing them.",
+    ),
 ) -> None:
     """Train (or resume) one network. Interrupt at any moment; the same command resumes.
 
@@ -57,11 +102,27 @@ def train_cmd(
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     ctx = init_from_env(device)
     try:
-        cfg = TrainConfig(task=task, preset=preset, iterations=iterations, batch_size=batch_size, lr=lr, lr_final=lr_final,
-                          t_trunc=ttrunc, n_subjects=subjects, data_seed=data_seed, seed=seed, val_every=val_every, gan_l1=gan_l1,
-                          styles=tuple(style), lr_protocol_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects,
-                          data_dir=str(data.resolve()) if data is not None else None, ema=ema,
-                          extra={"shards": shards} if shards else {})
+        cfg = TrainConfig(
+            task=task,
+            preset=preset,
+            iterations=iterations,
+            batch_size=batch_size,
+            lr=lr,
+            lr_final=lr_final,
+            t_trunc=ttrunc,
+            n_subjects=subjects,
+            data_seed=data_seed,
+            seed=seed,
+            val_every=val_every,
+            gan_l1=gan_l1,
+            styles=tuple(style),
+            lr_protocol_fraction=lr_fraction,
+            margin_weight=margin_weight,
+            val_subjects=val_subjects,
+            data_dir=str(data.resolve()) if data is not None else None,
+            ema=ema,
+            extra={"shards": shards} if shards else {},
+        )
         summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx,
                         patience=patience)
     except (ValueError, FileNotFoundError) as err:
@@ -78,22 +139,37 @@ def package_model_cmd(
     unet: Path = typer.Option(None, help="Run folder of the truncated-range UNet."),
     unet_full: Path = typer.Option(None, "--unet-full", help="Run folder of the full-chain UNet (DDPM baselines)."),
     flow: Path = typer.Option(None, help="Run folder of the flow."),
-    tdpm: Path = typer.Option(None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*."),
-    extra_flow: list[Path] = typer.Option([], "--extra-flow", help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*."),
+    tdpm: Path = typer.Option(
+        None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*."
+    ),
+    extra_flow: list[Path] = typer.Option(
+        [],
+        "--extra-flow",
+        help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*.",
+    ),
     which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
-    command: list[str] = typer.Option([], "--command", help="Training command lines to record in the manifest (repeatable)."),
-    base: Path = typer.Option(None, "--base", help="Model folder whose networks not given as runs are copied as they are (marked from_base in the manifest)."),
+    command: list[str] = typer.Option(
+        [], "--command", help="Training command lines to record in the manifest (repeatable)."
+    ),
+    base: Path = typer.Option(
+        None,
+        "--base",
+        help="Model folder whose networks not given as runs are copied as they are (marked from_base in the manifest).",
+    ),
     force: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Assemble a model folder from training runs (what `--model` and the shipped model are)."""
     from ftddm_trt.training.package import package_model
 
-    runs = {k: v for k, v in (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm)) if v is not None}
+    runs = {
+        k: v for k, v in (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm)) if v is not None
+    }
     if not runs:
         fail("give at least one of --unet, --unet-full, --flow, --tdpm")
     try:
-        manifest = package_model(runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow),
-                                 base=base)
+        manifest = package_model(
+            runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow), base=base
+        )
     except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
         fail(str(err))
     console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")
@@ -101,22 +177,61 @@ def package_model_cmd(
 
 @app.command("finetune")
 def finetune_cmd(
-    data_dir: Path = typer.Argument(..., help="A site's own 64 x 64 subjects: DATA_DIR/sub-*/concs/<kind>/<metab>.nii.gz, "
-                                              "masks/<metab>.nii.gz or qc/<metab>_snr|_fwhm.nii.gz at 64 x 64, "
-                                              "t1.nii.gz and flair.nii.gz on any grid."),
-    out_model: Path = typer.Argument(..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."),
-    base: Optional[Path] = typer.Option(None, "--from", help="Model folder to start from (default: the shipped model)."),
-    minutes: float = typer.Option(finetune_defaults.MINUTES, "--minutes", help="Training time budget, shared between the networks, over every run: re-running continues with what is left."),
-    networks: str = typer.Option(",".join(finetune_defaults.NETWORKS), "--networks", help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
-                                                           "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
-                                                           "on a few subjects over-fitted them in our benchmark (docs/fine-tuning.md)."),
+    data_dir: Path = typer.Argument(
+        ...,
+        help="A site's own 64 x 64 subjects: DATA_DIR/sub-*/concs/<kind>/<metab>.nii.gz, "
+        "masks/<metab>.nii.gz or qc/<metab>_snr|_fwhm.nii.gz at 64 x 64, "
+        "t1.nii.gz and flair.nii.gz on any grid.",
+    ),
+    out_model: Path = typer.Argument(
+        ..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."
+    ),
+    base: Optional[Path] = typer.Option(
+        None, "--from", help="Model folder to start from (default: the shipped model)."
+    ),
+    minutes: float = typer.Option(
+        finetune_defaults.MINUTES,
+        "--minutes",
+        help="Training time budget, shared between the networks, over every run: re-running continues with what is "
+             "left.",
+    ),
+    networks: str = typer.Option(
+        ",".join(finetune_defaults.NETWORKS),
+        "--networks",
+        help="Comma-separated networks to fine-tune: unet (default), flow, unet_full "
+        "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
+        "on a few subjects over-fitted them in our benchmark (docs/fine-tuning.md).",
+    ),
     lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
-    lr_fraction: float = typer.Option(finetune_defaults.LR_FRACTION, "--lr-fraction", help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."),
-    fine_mask_share: float = typer.Option(finetune_defaults.FINE_MASK_SHARE, "--fine-mask-share", help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the networks; 0: keep the base's)."),
+    lr_fraction: float = typer.Option(
+        finetune_defaults.LR_FRACTION,
+        "--lr-fraction",
+        help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has).",
+    ),
+    fine_mask_share: float = typer.Option(
+        finetune_defaults.FINE_MASK_SHARE,
+        "--fine-mask-share",
+        help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the "
+             "networks; 0: keep the base's).",
+    ),
     margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
-    val_subjects: int = typer.Option(finetune_defaults.VAL_SUBJECTS, "--val-subjects", help="Subjects held out for validation (the last ones by name)."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL); never inside DATA_DIR."),
-    qc_convention: str = typer.Option(finetune_defaults.QC_CONVENTION, "--qc-convention", help="How your N x N qc maps are written, for the validation of the qc step: any (the mean over every convention), or one of ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, missing (docs: qc conventions)."),
+    val_subjects: int = typer.Option(
+        finetune_defaults.VAL_SUBJECTS,
+        "--val-subjects",
+        help="Subjects held out for validation (the last ones by name).",
+    ),
+    work: Optional[Path] = typer.Option(
+        None,
+        "--work",
+        help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL); never inside DATA_DIR.",
+    ),
+    qc_convention: str = typer.Option(
+        finetune_defaults.QC_CONVENTION,
+        "--qc-convention",
+        help="How your N x N qc maps are written, for the validation of the qc step: any (the mean over every "
+             "convention), or one of ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, missing (docs: qc "
+             "conventions).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
 ) -> None:
     """Fine-tune the model on your own high-resolution data; write a complete model folder.
@@ -137,10 +252,20 @@ def finetune_cmd(
 
     check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
     try:
-        cfg = FinetuneConfig(data_dir=data_dir, out_model=out_model, base_model=base, minutes=minutes,
-                             networks=parse_networks(networks), lr=lr, fine_mask_share=fine_mask_share,
-                             lr_fraction=lr_fraction, margin_weight=margin_weight, val_subjects=val_subjects, work_dir=work,
-                             qc_convention=qc_convention)
+        cfg = FinetuneConfig(
+            data_dir=data_dir,
+            out_model=out_model,
+            base_model=base,
+            minutes=minutes,
+            networks=parse_networks(networks),
+            lr=lr,
+            fine_mask_share=fine_mask_share,
+            lr_fraction=lr_fraction,
+            margin_weight=margin_weight,
+            val_subjects=val_subjects,
+            work_dir=work,
+            qc_convention=qc_convention,
+        )
         command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
                    ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
                    "--fine-mask-share", f"{fine_mask_share:g}",
@@ -163,30 +288,49 @@ def finetune_cmd(
     for key in ("s=8", "s=4"):
         if key in quality:
             q = quality[key]
-            console.print(f"validation ({quality['maps']} maps, lr protocol, qc {cfg.qc_convention}) {key}: zero-filled {q['zero-filled']['psnr']:.2f} dB, "
-                          f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
-                          f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})")
+            console.print(
+                f"validation ({quality['maps']} maps, lr protocol, qc {cfg.qc_convention}) {key}: zero-filled "
+                f"{q['zero-filled']['psnr']:.2f} dB, "
+                f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
+                f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})"
+            )
     if quality.get("fine_mask"):
         fm = quality["fine_mask"]
         console.print(f"fine-mask estimator fine-tuned: threshold {fm['threshold']:g}, qc weight {fm['weight']:g} "
                       "(chosen on the validation subjects; upscale --model uses them)")
     rec = quality.get("recommended")
     if rec:
-        console.print(f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
-                      f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale")
+        console.print(
+            f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
+            f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale"
+        )
     console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")
 
 
 @app.command("add-fine-mask")
 def add_fine_mask_cmd(
-    out_model: Path = typer.Argument(..., help="Model folder to write: the --from model's files plus fine_mask.safetensors / .json."),
-    base: Optional[Path] = typer.Option(None, "--from", help="Model folder to add the estimator to (default: the shipped model)."),
+    out_model: Path = typer.Argument(
+        ..., help="Model folder to write: the --from model's files plus fine_mask.safetensors / .json."
+    ),
+    base: Optional[Path] = typer.Option(
+        None, "--from", help="Model folder to add the estimator to (default: the shipped model)."
+    ),
     minutes: float = typer.Option(20.0, "--minutes", help="Training time of the estimator."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Train on a site's own subjects (finetune's DATA_DIR layout) instead of phantoms."),
-    subjects: int = typer.Option(45, "--subjects", help="Phantom subjects (train and validation folds; the shipped model's training used 45)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Train on a site's own subjects (finetune's DATA_DIR layout) instead of phantoms."
+    ),
+    subjects: int = typer.Option(
+        45, "--subjects", help="Phantom subjects (train and validation folds; the shipped model's training used 45)."
+    ),
     data_seed: int = typer.Option(0, "--data-seed", help="Phantom dataset seed (the shipped model's training used 0)."),
-    style: list[str] = typer.Option(["classic", "smooth", "patchy"], "--style", help="Phantom styles, round-robin (repeat the option)."),
-    val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out to choose threshold and weight (the last ones by name)."),
+    style: list[str] = typer.Option(
+        ["classic", "smooth", "patchy"], "--style", help="Phantom styles, round-robin (repeat the option)."
+    ),
+    val_subjects: int = typer.Option(
+        2,
+        "--val-subjects",
+        help="With --data: subjects held out to choose threshold and weight (the last ones by name).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
 ) -> None:
     """Train the fine-mask estimator of a model and write the model with it.
@@ -211,19 +355,32 @@ def add_fine_mask_cmd(
         else:
             from ftddm_trt.training.trainer import TrainConfig, training_subjects
 
-            train_subj, val_subj = training_subjects(TrainConfig(n_subjects=subjects, data_seed=data_seed, styles=tuple(style)))
+            train_subj, val_subj = training_subjects(
+                TrainConfig(n_subjects=subjects, data_seed=data_seed, styles=tuple(style))
+            )
             record = {"phantoms": {"subjects": subjects, "data_seed": data_seed, "styles": list(style)}}
         record["subjects"] = {"train": len(train_subj), "validation": len(val_subj)}
         command = ["ftddm-trt", "add-fine-mask", str(out_model), "--minutes", f"{minutes:g}"]
         command += ["--from", str(base)] if base else []
         command += ["--data", str(data), "--val-subjects", str(val_subjects)] if data else \
             ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in style for a in ("--style", s)]]
-        manifest = add_fine_mask(base, out_model, train_subj, val_subj, minutes,
-                                 shlex.join(command + (["--force"] if force else [])), record, force=force, log=console.print)
+        manifest = add_fine_mask(
+            base,
+            out_model,
+            train_subj,
+            val_subj,
+            minutes,
+            shlex.join(command + (["--force"] if force else [])),
+            record,
+            force=force,
+            log=console.print,
+        )
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:
         fail(str(err))
     fm = manifest["networks"]["fine_mask"]
-    console.print(f"[green]wrote[/] {out_model}: fine-mask estimator ({fm['training']['iterations']} iterations), threshold "
-                  f"{fm['threshold']:g}, qc weight {fm['consistency_weight']:g}")
+    console.print(
+        f"[green]wrote[/] {out_model}: fine-mask estimator ({fm['training']['iterations']} iterations), threshold "
+        f"{fm['threshold']:g}, qc weight {fm['consistency_weight']:g}"
+    )

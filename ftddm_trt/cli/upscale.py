@@ -127,15 +127,18 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
     if opts.samples < 1:
         raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
     if opts.samples > 1 and spec.deterministic:
-        raise UpscaleError(f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical "
-                           "output: give --tau-f > 0 (0.9 is the paper's temperature) to draw different samples")
+        raise UpscaleError(
+            f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical "
+            "output: give --tau-f > 0 (0.9 is the paper's temperature) to draw different samples"
+        )
     if opts.server_loop and opts.backend != "triton":
         raise UpscaleError("--server-loop needs --backend triton (the loop runs inside Triton's ftddm_sampler model)")
     if opts.backend in ("torch", "onnxruntime") and opts.onnx is None:
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")  # a flow (or TDPM generator) for this Ttrunc must exist
+            # a flow (or TDPM generator) for this Ttrunc must exist
+            ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")
         except FileNotFoundError as err:
             raise UpscaleError(str(err)) from err
     return spec
@@ -187,8 +190,12 @@ def require_same_model(backend: "Backend", opts: UpscaleOptions, spec) -> None:
     expected = {n: h for n, h in models.hashes().items() if n in spec_networks(spec)}
     lacking = [n for n in spec_networks(spec) if n not in expected]
     if lacking:
-        raise UpscaleError(f"the model {models.root} has no {', '.join(lacking)} network, which the {spec.name} sampler needs")
-    check_same_model(expected, backend.describe().get("models", {}), spec_networks(spec), backend.origin(), str(models.root))
+        raise UpscaleError(
+            f"the model {models.root} has no {', '.join(lacking)} network, which the {spec.name} sampler needs"
+        )
+    check_same_model(
+        expected, backend.describe().get("models", {}), spec_networks(spec), backend.origin(), str(models.root)
+    )
     backend.expect_weights(expected)
 
 
@@ -227,11 +234,23 @@ def settings_fingerprint(subject_dir: Path, opts: UpscaleOptions, spec, backend_
     mode, concentration kind, seed, batching, samples, metabolites and the model hashes. The backend
     itself is left out: every backend gives the same maps for the same seed and batch size (to float
     rounding). Degraded inputs accepted are checked apart (``accepted_covered``)."""
-    return _json_normal({"input": str(subject_dir.resolve()), "sampler": spec.to_dict(), "samples": opts.samples, "seed": opts.seed,
-            "batch_size": opts.batch_size, "metabolites": list(opts.metabolites) if opts.metabolites else None,
-            "scale": opts.scale, "server_loop": opts.server_loop, "data_consistency": opts.data_consistency,
-            "qc_consistency": opts.qc_consistency, "fine_mask": fine_mask_sha256(opts.model), "kind": opts.kind,
-            "models": model_fingerprint(spec, backend_info)})
+    return _json_normal(
+        {
+            "input": str(subject_dir.resolve()),
+            "sampler": spec.to_dict(),
+            "samples": opts.samples,
+            "seed": opts.seed,
+            "batch_size": opts.batch_size,
+            "metabolites": list(opts.metabolites) if opts.metabolites else None,
+            "scale": opts.scale,
+            "server_loop": opts.server_loop,
+            "data_consistency": opts.data_consistency,
+            "qc_consistency": opts.qc_consistency,
+            "fine_mask": fine_mask_sha256(opts.model),
+            "kind": opts.kind,
+            "models": model_fingerprint(spec, backend_info),
+        }
+    )
 
 
 def accepted_covered(record: dict, opts: UpscaleOptions) -> bool:
@@ -262,8 +281,12 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
         accepted, input_notes = check_subject(subject, accept_set(opts))
         for other in subjects[1:]:
             if other.metabolites != subject.metabolites:
-                raise InputError(subject_dir / "concs", f"concs/{other.kind} holds {', '.join(other.metabolites)} but "
-                                 f"concs/{subject.kind} holds {', '.join(subject.metabolites)}: restrict with --kind or --metabolites")
+                raise InputError(
+                    subject_dir / "concs",
+                    f"concs/{other.kind} holds {', '.join(other.metabolites)} but "
+                    f"concs/{subject.kind} holds {', '.join(subject.metabolites)}: restrict with --kind or "
+                    "--metabolites",
+                )
             check_subject(other, accept_set(opts))
     except (InputError, ValueError) as err:
         raise UpscaleError(str(err)) from err
@@ -276,7 +299,9 @@ def _read_kind(subject_dir: Path, kind: str, opts: UpscaleOptions) -> "SubjectIn
 
     subject = read_subject(subject_dir, kind=kind)
     if opts.scale is not None and abs(opts.scale - subject.scale) > 1e-3:
-        raise UpscaleError(f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}")
+        raise UpscaleError(
+            f"--scale {opts.scale} does not match the data: {subject.n}x{subject.n} maps give s = {subject.scale:.3f}"
+        )
     if opts.metabolites:
         unknown = [m for m in opts.metabolites if m not in subject.metabolites]
         if unknown:
@@ -288,7 +313,8 @@ def _read_kind(subject_dir: Path, kind: str, opts: UpscaleOptions) -> "SubjectIn
 
 
 def report_loaded(loaded: LoadedSubject, prefix: str = "") -> None:
-    """Print the metabolites not found, what was accepted about a subject and the notes the checks made (stderr console)."""
+    """Print the metabolites not found, what was accepted about a subject and the notes the checks made
+    (stderr console)."""
     if loaded.input.missing:
         console.print(f"[yellow]{prefix}missing[/] no map for {', '.join(loaded.input.missing)} in "
                       f"{loaded.subject_dir / 'concs' / loaded.input.kind}: not written", highlight=False)
@@ -351,7 +377,9 @@ def upscale_with_backend(
     subject_dir, subject, spec = loaded.subject_dir, loaded.input, loaded.spec
     total = n_maps(loaded, opts)
     per_kind = total // len(loaded.inputs)
-    with atomic_dir(out_dir, force, upscale_inputs(subject_dir, opts), command=command) as tmp:  # locked: no concurrent writer
+    with atomic_dir(
+        out_dir, force, upscale_inputs(subject_dir, opts), command=command
+    ) as tmp:  # locked: no concurrent writer
         net = fine_mask_net(opts.model)
         qc_weight = qc_step_weight(opts.qc_consistency, net)
         results = {}
@@ -367,7 +395,9 @@ def upscale_with_backend(
             res.maps[:, zero] = 0.0
             if res.sd is not None:
                 res.sd[:, zero] = 0.0
-            write_maps(tmp, res.maps, one.affine_sr, kind=one.kind, sd=res.sd, metabolites=one.metabolites, like=one.header)
+            write_maps(
+                tmp, res.maps, one.affine_sr, kind=one.kind, sd=res.sd, metabolites=one.metabolites, like=one.header
+            )
             results[one.kind] = res
         result = results[subject.kind]
         backend_info = backend.describe()
@@ -473,41 +503,114 @@ def options_from_params(params: dict) -> UpscaleOptions:
 
 @app.command("upscale")
 def upscale_cmd(
-    subject_dir: Path = typer.Argument(..., help="Subject folder in the FSL-MRS layout (concs/<kind>/<metab>.nii.gz, qc/, t1, flair)."),
+    subject_dir: Path = typer.Argument(
+        ..., help="Subject folder in the FSL-MRS layout (concs/<kind>/<metab>.nii.gz, qc/, t1, flair)."
+    ),
     out_dir: Path = typer.Argument(..., help="Output folder (64x64xZ maps in the same layout, run.json, report.png)."),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url)."),
-    sampler: str = typer.Option("ftddm-dpmpp", help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model)."),
+    backend: str = typer.Option(
+        "onnxruntime",
+        help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url).",
+    ),
+    sampler: str = typer.Option(
+        "ftddm-dpmpp",
+        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model).",
+    ),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
-    steps: Optional[int] = typer.Option(None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."),
-    passes: int = typer.Option(1, help="ftddm-dpmpp: solver passes; each one after the first restarts the solver at Ttrunc from "
-                               "the previous output (passes x steps UNet calls). Helps a model fine-tuned on the data's kind "
-                               "(`ftddm-trt finetune` reports the count that scored best on its validation subjects)."),
-    tau_d: float = typer.Option(0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."),
-    tau_f: float = typer.Option(USER_DEFAULT_TAU_F, "--tau-f", help="Temperature of the flow's latent, in [0, 2]: 0 (default) draws its mode, the deterministic highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty)."),
-    clip_x0: str = typer.Option(CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp."),
-    lambda_min: str = typer.Option(LAMBDA_MIN_DEFAULT, "--lambda-min", help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T."),
-    sde: bool = typer.Option(False, "--sde", help="dpmpp / ftddm-dpmpp: the SDE form of DPM-Solver++ (diffusers' sde-dpmsolver++), fresh noise at each step scaled by --tau-d; the default ODE form is deterministic."),
-    samples: int = typer.Option(1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."),
-    metabolites: Optional[str] = typer.Option(None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."),
+    steps: Optional[int] = typer.Option(
+        None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."
+    ),
+    passes: int = typer.Option(
+        1,
+        help="ftddm-dpmpp: solver passes; each one after the first restarts the solver at Ttrunc from "
+        "the previous output (passes x steps UNet calls). Helps a model fine-tuned on the data's kind "
+        "(`ftddm-trt finetune` reports the count that scored best on its validation subjects).",
+    ),
+    tau_d: float = typer.Option(
+        0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."
+    ),
+    tau_f: float = typer.Option(
+        USER_DEFAULT_TAU_F,
+        "--tau-f",
+        help="Temperature of the flow's latent, in [0, 2]: 0 (default) draws its mode, the deterministic "
+             "highest-fidelity estimate; 0.9 is the paper's sampling temperature (needed for --samples K uncertainty).",
+    ),
+    clip_x0: str = typer.Option(
+        CLIP_X0_DEFAULT,
+        "--clip-x0",
+        help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp.",
+    ),
+    lambda_min: str = typer.Option(
+        LAMBDA_MIN_DEFAULT,
+        "--lambda-min",
+        help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T.",
+    ),
+    sde: bool = typer.Option(
+        False,
+        "--sde",
+        help="dpmpp / ftddm-dpmpp: the SDE form of DPM-Solver++ (diffusers' sde-dpmsolver++), fresh noise at each step "
+             "scaled by --tau-d; the default ODE form is deterministic.",
+    ),
+    samples: int = typer.Option(
+        1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."
+    ),
+    metabolites: Optional[str] = typer.Option(
+        None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."
+    ),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
-    onnx: Optional[Path] = typer.Option(None, help="ONNX export folder for --backend onnxruntime (default: export of --model, cached)."),
+    onnx: Optional[Path] = typer.Option(
+        None, help="ONNX export folder for --backend onnxruntime (default: export of --model, cached)."
+    ),
     engines: Optional[Path] = typer.Option(None, help="TensorRT engine folder for --backend tensorrt."),
     batch_size: int = typer.Option(16, help="Maps per network call (whole-volume batching)."),
     url: Optional[str] = typer.Option(None, help="Triton server HOST:GRPC_PORT for --backend triton."),
-    retry_s: float = typer.Option(30.0, "--retry-s", help="With --backend triton: keep retrying an unreachable or "
-                                  "restarting server for this many seconds before failing (naming it)."),
-    scale: Optional[float] = typer.Option(None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."),
-    server_loop: bool = typer.Option(False, "--server-loop", help="With --backend triton: run the whole sampling loop inside the server (one request per batch)."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="Concentration kind to read (raw, internal, molarity, molality); "
-                                       "default: every kind concs/ holds, each written to concs/<kind>."),
-    allow_missing_anatomy: bool = typer.Option(False, "--allow-missing-anatomy", help="Run without t1 or flair: "
-                                               "the missing condition channel is zeros (lower quality); recorded in run.json."),
-    accept: Optional[str] = typer.Option(None, "--accept", help="Comma-separated degraded inputs to accept instead of "
-                                         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy."),
+    retry_s: float = typer.Option(
+        30.0,
+        "--retry-s",
+        help="With --backend triton: keep retrying an unreachable or "
+        "restarting server for this many seconds before failing (naming it).",
+    ),
+    scale: Optional[float] = typer.Option(
+        None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."
+    ),
+    server_loop: bool = typer.Option(
+        False,
+        "--server-loop",
+        help="With --backend triton: run the whole sampling loop inside the server (one request per batch).",
+    ),
+    kind: Optional[str] = typer.Option(
+        None,
+        "--kind",
+        help="Concentration kind to read (raw, internal, molarity, molality); "
+        "default: every kind concs/ holds, each written to concs/<kind>.",
+    ),
+    allow_missing_anatomy: bool = typer.Option(
+        False,
+        "--allow-missing-anatomy",
+        help="Run without t1 or flair: the missing condition channel is zeros (lower quality); recorded in run.json.",
+    ),
+    accept: Optional[str] = typer.Option(
+        None,
+        "--accept",
+        help="Comma-separated degraded inputs to accept instead of "
+        "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy.",
+    ),
     force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
-    data_consistency: str = typer.Option("auto", "--data-consistency", help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality mask, the paper's protocol), on or off."),
-    qc_consistency: Optional[float] = typer.Option(None, "--qc-consistency", help=f"When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) of the acquired k-space band through an estimate of the fine quality mask: the model's learned fine-mask estimator (fine_mask.safetensors; default share: the one chosen with it, 1 in the shipped model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default {QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json."),
+    data_consistency: str = typer.Option(
+        "auto",
+        "--data-consistency",
+        help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality "
+             "mask, the paper's protocol), on or off.",
+    ),
+    qc_consistency: Optional[float] = typer.Option(
+        None,
+        "--qc-consistency",
+        help="When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) "
+             "of the acquired k-space band through an estimate of the fine quality mask: the model's learned "
+             "fine-mask estimator (fine_mask.safetensors; default share: the one chosen with it, 1 in the shipped "
+             "model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default "
+             f"{QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json.",
+    ),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
 
@@ -515,8 +618,11 @@ def upscale_cmd(
     maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
     opts = options_from_params(locals())
     record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
-    console.print(f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
-                  f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from {record['mask_source']}")
+    console.print(
+        f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
+        f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from "
+        f"{record['mask_source']}"
+    )
 
 
 def evaluate_folders(pred_dir: Path, truth_dir: Path, input_dir: Path | None = None) -> dict:
@@ -580,10 +686,17 @@ def write_json_file(path: Path, obj: dict, force: bool, inputs: tuple[Path | Non
 @app.command("evaluate")
 def evaluate_cmd(
     pred_dir: Path = typer.Argument(..., help="Output folder of `ftddm-trt upscale`."),
-    truth_dir: Path = typer.Argument(..., help="Truth folder (concs/raw/<metab>.nii.gz at 64x64, masks/<metab>.nii.gz), e.g. SUBJECT/truth."),
-    input_dir: Optional[Path] = typer.Option(None, "--input", help="The LR subject folder, for the zero-filled baseline (default: from run.json)."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics as JSON to this file (outside the folders read); "
-                                       "default: JSON on stdout. Non-finite values (PSNR of a perfect match) are null."),
+    truth_dir: Path = typer.Argument(
+        ..., help="Truth folder (concs/raw/<metab>.nii.gz at 64x64, masks/<metab>.nii.gz), e.g. SUBJECT/truth."
+    ),
+    input_dir: Optional[Path] = typer.Option(
+        None, "--input", help="The LR subject folder, for the zero-filled baseline (default: from run.json)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        help="Write the metrics as JSON to this file (outside the folders read); "
+        "default: JSON on stdout. Non-finite values (PSNR of a perfect match) are null.",
+    ),
     force: bool = typer.Option(False, help="Replace an existing --out file."),
 ) -> None:
     """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline.

@@ -82,5 +82,7 @@ def markdown_table(result: dict) -> str:
         for m in methods:
             r = block[m]
             cells += [f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['nrmse']:.3f}"]
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {block['prediction'].get('coverage', float('nan')):.3f} |")
+        rows.append(
+            f"| {label} | " + " | ".join(cells) + f" | {block['prediction'].get('coverage', float('nan')):.3f} |"
+        )
     return "\n".join(rows)

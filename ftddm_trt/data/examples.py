@@ -141,7 +141,9 @@ def prepare_example(stack: np.ndarray, n: int, protocol: str) -> Example:
 
 def pool_stack(pool: SlicePool, index: int) -> np.ndarray:
     """The (6,64,64) stack of example ``index``: map, mask, T1, FLAIR, SNR, FWHM."""
-    return np.stack([pool.maps[index], pool.masks[index], pool.t1[index], pool.flair[index], pool.snr[index], pool.fwhm[index]])
+    return np.stack(
+        [pool.maps[index], pool.masks[index], pool.t1[index], pool.flair[index], pool.snr[index], pool.fwhm[index]]
+    )
 
 
 def make_example(
@@ -168,7 +170,9 @@ def _collate(examples: list[Example], sizes: list[int]) -> Batch:
                  scored=mask * stacked([e.truth_mask for e in examples])[:, None])
 
 
-def random_batch(pool: SlicePool, batch_size: int, rng: np.random.Generator, lr_protocol_fraction: float = 0.5) -> Batch:
+def random_batch(
+    pool: SlicePool, batch_size: int, rng: np.random.Generator, lr_protocol_fraction: float = 0.5
+) -> Batch:
     """A training batch: random examples, augmentation, s uniform over LR_SIZES, mixed mask protocols."""
     idx = rng.integers(0, len(pool), size=batch_size)
     sizes = [int(rng.choice(LR_SIZES)) for _ in range(batch_size)]

@@ -47,7 +47,9 @@ def kinds_to_read(subject_dir: Path, kind: str | None) -> list[str]:
     ``CONC_KINDS``), else every kind present (fsl_mrsi writes raw and internal by default)."""
     if kind is not None:
         if kind not in CONC_KINDS:
-            raise InputError(Path(subject_dir) / "concs", f"--kind must be one of {', '.join(CONC_KINDS)}, got {kind!r}")
+            raise InputError(
+                Path(subject_dir) / "concs", f"--kind must be one of {', '.join(CONC_KINDS)}, got {kind!r}"
+            )
         return [kind]
     return kinds_present(subject_dir) or [CONC_KINDS[0]]
 
@@ -64,7 +66,9 @@ def _names(subject: SubjectInput, idx: np.ndarray) -> str:
     return ", ".join(subject.metabolites[i] for i in idx)
 
 
-def check_subject(subject: SubjectInput, accept: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+def check_subject(
+    subject: SubjectInput, accept: set[str] | frozenset[str] = frozenset()
+) -> tuple[list[str], list[str]]:
     """Refuse (InputError naming the reason and the option that accepts it) or accept each degradation.
 
     Returns ``(accepted, notes)``: what was accepted, as sentences, and remarks needing no acceptance.
@@ -78,7 +82,9 @@ def check_subject(subject: SubjectInput, accept: set[str] | frozenset[str] = fro
 
     def degrade(reason: str, problem: str, fallback: str, option: str | None = None) -> None:
         if reason not in accept:
-            raise InputError(root, f"{problem}; refused (pass {option or '--accept ' + reason} to run anyway: {fallback})")
+            raise InputError(
+                root, f"{problem}; refused (pass {option or '--accept ' + reason} to run anyway: {fallback})"
+            )
         accepted.append(f"{reason}: {problem}; {fallback}")
 
     lr = subject.lr

@@ -306,9 +306,18 @@ def write_training_subject(out_dir: str | os.PathLike[str], subject: "PhantomSub
     anatomy grid; all under ``out_dir/<subject_id>/``. Returns the subject folder.
     """
     sub_dir = Path(out_dir) / subject.subject_id
-    write_subject(sub_dir, subject.maps, subject.mrsi_affine_hr, snr=subject.snr, fwhm=subject.fwhm, masks=subject.masks,
-                  t1=subject.t1_hires, t1_affine=subject.anat_affine,
-                  flair=subject.flair_hires, flair_affine=subject.anat_affine)
+    write_subject(
+        sub_dir,
+        subject.maps,
+        subject.mrsi_affine_hr,
+        snr=subject.snr,
+        fwhm=subject.fwhm,
+        masks=subject.masks,
+        t1=subject.t1_hires,
+        t1_affine=subject.anat_affine,
+        flair=subject.flair_hires,
+        flair_affine=subject.anat_affine,
+    )
     _write_json(sub_dir / "phantom.json", {"subject_id": subject.subject_id, "n": HR_SIZE, "layout": "training",
                                            "has_tumour": subject.has_tumour, "slices": subject.n_slices})
     return sub_dir
@@ -402,7 +411,8 @@ def _match_metabolites(files: list[Path], suffix: str = "") -> tuple[dict[str, P
 
 def _qc_files(qc: list[Path], found: dict[str, MapFile], suffix: str) -> dict[str, list[Path]]:
     """The qc files (``<stem><suffix>``) describing each metabolite: the map's own stem's, else every
-    component's (a combination: ``qc/Cr_snr`` and ``qc/PCr_snr`` for ``Cr+PCr``); metabolites lacking one are left out."""
+    component's (a combination: ``qc/Cr_snr`` and ``qc/PCr_snr`` for ``Cr+PCr``); metabolites lacking one are
+    left out."""
     by_stem = {_stem(p).lower(): p for p in qc}
     out: dict[str, list[Path]] = {}
     for m, f in found.items():
@@ -482,7 +492,9 @@ def _linear_onto(path: Path, vol: NDArray, src_affine: NDArray, dst_affine: NDAr
     v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
     inside = _inside_extent(vol.shape, src_affine, dst_affine, dst_shape_xyz)
     if inside.mean() < 0.01:
-        raise InputError(path, f"image does not overlap the MRSI field of view ({100 * inside.mean():.1f}% of it covered)")
+        raise InputError(
+            path, f"image does not overlap the MRSI field of view ({100 * inside.mean():.1f}% of it covered)"
+        )
     jac = np.abs((np.linalg.inv(src_affine) @ dst_affine)[:3, :2]).max(axis=1)  # src voxels per in-plane SR step
     sigma = np.where(jac > 2.5, 0.4 * jac, 0.0)
     src = ndimage.gaussian_filter(vol, sigma, mode="nearest") if np.any(sigma > 0) else vol

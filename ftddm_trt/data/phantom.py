@@ -354,7 +354,9 @@ def make_subject(
             [inv_mni[a, 0] * q[0] + inv_mni[a, 1] * q[1] + inv_mni[a, 2] * q[2] + inv_mni[a, 3] for a in range(3)]
         )
         for k, v in enumerate((gm_t, wm_t, csf_t)):
-            tissue[k] += ndimage.map_coordinates(v, vox, order=1, mode="constant", cval=0.0, prefilter=False) / len(offsets)
+            tissue[k] += ndimage.map_coordinates(v, vox, order=1, mode="constant", cval=0.0, prefilter=False) / len(
+                offsets
+            )
         if dz == offsets[len(offsets) // 2]:
             q64 = np.stack([_block_mean(c) for c in q])  # MNI coordinates of the 64x64 voxels, (3, Z, 64, 64)
     gm, wm, csf = tissue[0], tissue[1], tissue[2]
@@ -397,7 +399,9 @@ def make_subject(
         t1_w, fl_w = t1_w * draw.anat_contrast[0], fl_w * draw.anat_contrast[1]
         bias_amp, noise_sd_a = draw.anat_bias, draw.anat_noise
     bias_a = np.exp(bias_amp * _smooth_fields(rng, 1, xa, xa, zw, (150.0, 300.0))[0])
-    t1_h = (gm * t1_w[0] + wm * t1_w[1] + csf * t1_w[2]) * (1.0 - t1_w[3] * edema) + solid * t1_w[4] + necrosis * t1_w[5]
+    t1_h = (
+        (gm * t1_w[0] + wm * t1_w[1] + csf * t1_w[2]) * (1.0 - t1_w[3] * edema) + solid * t1_w[4] + necrosis * t1_w[5]
+    )
     flair_h = (gm * fl_w[0] + wm * fl_w[1] + csf * fl_w[2]) * (1.0 - edema) + (gm + wm) * edema * fl_w[3]
     flair_h = flair_h + csf * edema * 0.06 + solid * fl_w[4] + necrosis * fl_w[5]
     inside = brain_frac > 0.02
@@ -470,7 +474,9 @@ def make_subject(
     fwhm_m = np.clip(fwhm_m, 0.02, None)
 
     noise_sd = _MAP_NOISE * gain / (_SNR_PER_MM * snr_scale)  # raw units, uniform in space
-    maps = gain * coil[:, None] * conc + noise_sd[None, :, None, None] * rng.standard_normal(size=conc.shape, dtype=np.float32)
+    maps = gain * coil[:, None] * conc + noise_sd[None, :, None, None] * rng.standard_normal(
+        size=conc.shape, dtype=np.float32
+    )
     masks = brain[:, None] & quality_mask_from_qc(snr, fwhm_m, SNR_MIN, FWHM_MAX_PPM) & ~lipid[:, None]
     maps = np.where(masks, np.clip(maps, 0.0, None), 0.0)
 
@@ -493,7 +499,9 @@ def make_subject(
     )
 
 
-def generate_dataset(n_subjects: int = 25, seed: int = 0, styles: str | tuple[str, ...] = "classic") -> list[PhantomSubject]:
+def generate_dataset(
+    n_subjects: int = 25, seed: int = 0, styles: str | tuple[str, ...] = "classic"
+) -> list[PhantomSubject]:
     """Subjects ``0 .. n_subjects - 1`` of the dataset drawn with ``seed``.
 
     ``styles``: one style name, or several assigned round-robin (subject ``i`` gets ``styles[i % len]``).

@@ -34,8 +34,19 @@ from numpy.typing import ArrayLike, NDArray
 from ftddm_trt.constants import FWHM_MAX_PPM, SNR_MIN
 from ftddm_trt.data.masks import lr_qc_maps, quality_mask_from_qc
 
-__all__ = ["with_site_thresholds", "QcConvention", "CONVENTIONS", "BENCHMARK_CONVENTIONS", "get_convention", "acquired_qc",
-           "sample_index", "footprint_min", "site_quality_mask", "HZ_PER_PPM_3T", "HZ_PER_PPM_7T"]
+__all__ = [
+    "with_site_thresholds",
+    "QcConvention",
+    "CONVENTIONS",
+    "BENCHMARK_CONVENTIONS",
+    "get_convention",
+    "acquired_qc",
+    "sample_index",
+    "footprint_min",
+    "site_quality_mask",
+    "HZ_PER_PPM_3T",
+    "HZ_PER_PPM_7T",
+]
 
 HZ_PER_PPM_3T: float = 127.7
 HZ_PER_PPM_7T: float = 297.2
@@ -68,17 +79,22 @@ class QcConvention:
 
 
 #: Every convention the robustness benchmark and ``finetune``'s pair generator draw from.
-CONVENTIONS: dict[str, QcConvention] = {c.name: c for c in (
-    QcConvention("ours"),
-    QcConvention("mean-k0", snr_exponent=0.0),
-    QcConvention("mean-k2", snr_exponent=2.0),
-    QcConvention("sample", snr_rule="sample", snr_exponent=0.0, fwhm_rule="sample"),
-    QcConvention("min", snr_rule="min", snr_exponent=0.0),
-    QcConvention("hz-3t", fwhm_hz_per_ppm=HZ_PER_PPM_3T),
-    QcConvention("sample-hz-7t", snr_rule="sample", snr_exponent=1.0, fwhm_rule="sample", fwhm_hz_per_ppm=HZ_PER_PPM_7T),
-    QcConvention("strict-thresholds", snr_exponent=0.0, snr_min=4.0, fwhm_max=0.1),
-    QcConvention("missing", missing=True),
-)}
+CONVENTIONS: dict[str, QcConvention] = {
+    c.name: c
+    for c in (
+        QcConvention("ours"),
+        QcConvention("mean-k0", snr_exponent=0.0),
+        QcConvention("mean-k2", snr_exponent=2.0),
+        QcConvention("sample", snr_rule="sample", snr_exponent=0.0, fwhm_rule="sample"),
+        QcConvention("min", snr_rule="min", snr_exponent=0.0),
+        QcConvention("hz-3t", fwhm_hz_per_ppm=HZ_PER_PPM_3T),
+        QcConvention(
+            "sample-hz-7t", snr_rule="sample", snr_exponent=1.0, fwhm_rule="sample", fwhm_hz_per_ppm=HZ_PER_PPM_7T
+        ),
+        QcConvention("strict-thresholds", snr_exponent=0.0, snr_min=4.0, fwhm_max=0.1),
+        QcConvention("missing", missing=True),
+    )
+}
 
 #: The benchmark's axis (``benchmarks/robustness.py``): every convention above.
 BENCHMARK_CONVENTIONS: tuple[str, ...] = tuple(CONVENTIONS)

@@ -107,8 +107,11 @@ def read_training_subject(path: str | os.PathLike[str]) -> TrainingSubject:
         fwhm = np.full(masks_b.shape, 0.05, np.float32)
         qc_source = "masks"
     else:
-        raise InputError(root, f"no quality information: give masks/<metab>.nii.gz or qc/<metab>_snr.nii.gz and "
-                               f"qc/<metab>_fwhm.nii.gz for every metabolite ({', '.join(names)}), at {HR_SIZE} x {HR_SIZE}")
+        raise InputError(
+            root,
+            f"no quality information: give masks/<metab>.nii.gz or qc/<metab>_snr.nii.gz and "
+            f"qc/<metab>_fwhm.nii.gz for every metabolite ({', '.join(names)}), at {HR_SIZE} x {HR_SIZE}",
+        )
     for c, m in enumerate(names):
         if not masks_b[:, c].any():
             where = root / ("qc" if qc_source == "qc" else "masks")
@@ -143,7 +146,9 @@ def read_training_folder(root: str | os.PathLike[str], min_subjects: int = MIN_S
     """Every ``sub-*`` subject of ``root``, checked (an ``InputError`` names the first problem)."""
     folders = subject_folders(root)
     if len(folders) < min_subjects:
-        raise InputError(Path(root), f"{len(folders)} subject folder(s) (sub-*): training needs at least {min_subjects}")
+        raise InputError(
+            Path(root), f"{len(folders)} subject folder(s) (sub-*): training needs at least {min_subjects}"
+        )
     subjects = [read_training_subject(p) for p in folders]
     first = subjects[0]
     for subj in subjects[1:]:

@@ -26,7 +26,9 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def unet(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, s: torch.Tensor, full: bool = False) -> torch.Tensor:
+    def unet(
+        self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, s: torch.Tensor, full: bool = False
+    ) -> torch.Tensor:
         """Predicted noise for a batch."""
 
     @abstractmethod

@@ -265,7 +265,9 @@ def require_flow_ttrunc(backend: Backend, spec: SamplerSpec) -> None:
         check_flow_ttrunc(backend.flow_ttrunc, spec.ttrunc, backend.origin())
 
 
-def make_eps_fn(backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_eps_fn(
+    backend: Backend, y: torch.Tensor, s: torch.Tensor, full: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Bind the condition into the ``eps_fn(x_t, t)`` callable the samplers take."""
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -316,9 +318,19 @@ def sample_batch(
         res = SampleResult(x0=x_start / math.sqrt(float(schedule.gammas[spec.ttrunc])), nfe=0)
     elif spec.name in ("ftddm-dpmpp", "dpmpp"):
         def solve(start: torch.Tensor) -> SampleResult:
-            return dpm_solver_pp_sample(eps_fn, start, mask, schedule, t_start=t_start, steps=spec.n_steps, clip=spec.clip_x0,
-                                        lambda_min=spec.lambda_min if spec.name == "dpmpp" else None,
-                                        sde=spec.sde, tau=spec.tau_d, generator=generator)
+            return dpm_solver_pp_sample(
+                eps_fn,
+                start,
+                mask,
+                schedule,
+                t_start=t_start,
+                steps=spec.n_steps,
+                clip=spec.clip_x0,
+                lambda_min=spec.lambda_min if spec.name == "dpmpp" else None,
+                sde=spec.sde,
+                tau=spec.tau_d,
+                generator=generator,
+            )
 
         res = solve(x_start)
         for _ in range(spec.passes - 1):  # restart at Ttrunc from the output's centre sqrt(gamma) * x0
@@ -329,8 +341,14 @@ def sample_batch(
             x0, _ = keep_if_closer(res.x0, again.x0, y[:, 0:1], s)
             res = SampleResult(x0=x0, nfe=res.nfe + again.nfe)
     else:
-        timesteps = respaced_timesteps(T_DIFFUSION, spec.n_steps) if spec.name == "ddpm-respaced" else truncated_timesteps(t_start)
-        res = ancestral_sample(eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0)
+        timesteps = (
+            respaced_timesteps(T_DIFFUSION, spec.n_steps)
+            if spec.name == "ddpm-respaced"
+            else truncated_timesteps(t_start)
+        )
+        res = ancestral_sample(
+            eps_fn, x_start, mask, schedule, timesteps, tau_d=spec.tau_d, generator=generator, clip=spec.clip_x0
+        )
     x0 = finish(res.x0)
     if on_pass is not None:
         on_pass(x0)

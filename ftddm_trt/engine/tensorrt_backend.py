@@ -30,13 +30,17 @@ class TensorRTBackend(Backend):
         self.root = Path(engine_dir)
         self.manifest = read_manifest(self.root)
         if self.manifest.get("gpu") != gpu or self.manifest.get("tensorrt_version") != trt.__version__:
-            raise RuntimeError(f"engines in {self.root} were built for {self.manifest.get('gpu')} / TensorRT "
-                               f"{self.manifest.get('tensorrt_version')}, this is {gpu} / {trt.__version__}: rebuild them")
+            raise RuntimeError(
+                f"engines in {self.root} were built for {self.manifest.get('gpu')} / TensorRT "
+                f"{self.manifest.get('tensorrt_version')}, this is {gpu} / {trt.__version__}: rebuild them"
+            )
         self.device = torch.device("cuda")
         self.engine_sha256 = verify_networks(self.root, self.manifest, list(self.manifest["networks"]),
                                              key="engine_sha256", file_key="engine")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {n: EngineRunner(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()}
+        self.engines = {
+            n: EngineRunner(runtime, self.root / info["engine"]) for n, info in self.manifest["networks"].items()
+        }
 
     @property
     def flow_ttrunc(self) -> int | None:

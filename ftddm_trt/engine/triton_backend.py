@@ -243,7 +243,9 @@ class TritonBackend(Backend):
     def _new_client(self):
         if self.protocol == "grpc":
             return self._tc.InferenceServerClient(self.url)
-        return self._tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+        return self._tc.InferenceServerClient(
+            self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+        )
 
     def _transient(self, err: BaseException) -> bool:
         """``_is_transient``, or a model this client saw ready now unknown / not ready (a restart)."""
@@ -310,8 +312,10 @@ class TritonBackend(Backend):
         except Exception as err:
             raise TritonUnavailable(f"Triton server at {self.url}: cannot check model {model}: {err}") from err
         if not ready:
-            raise TritonUnavailable(f"Triton server at {self.url} does not serve model {model!r} (not loaded or not "
-                                    "ready); build the repository with `ftddm-trt triton-repo` and check the server log")
+            raise TritonUnavailable(
+                f"Triton server at {self.url} does not serve model {model!r} (not loaded or not "
+                "ready); build the repository with `ftddm-trt triton-repo` and check the server log"
+            )
         self._ready.add(model)
 
     # -- requests ----------------------------------------------------------------------------------
@@ -323,11 +327,16 @@ class TritonBackend(Backend):
         self._require_model(model)
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
         with self._lock:
-            return self._retrying(f"request to {model}", lambda: self._infer_once(model, arrays, outputs, timeout_s, parameters))
+            return self._retrying(
+                f"request to {model}", lambda: self._infer_once(model, arrays, outputs, timeout_s, parameters)
+            )
 
     def _infer_once(self, model, arrays, outputs, timeout_s, parameters):
         tc = self._tc
-        ins = [tc.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT32") for name, arr in arrays.items()]
+        ins = [
+            tc.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT32")
+            for name, arr in arrays.items()
+        ]
         if self.shared_memory:
             return self._infer_shm(model, arrays, ins, outputs, timeout_s, parameters)
         for inp, arr in zip(ins, arrays.values()):
@@ -346,7 +355,9 @@ class TritonBackend(Backend):
                 raise
             status = getattr(err, "status", None)
             if callable(status) and status() == "StatusCode.DEADLINE_EXCEEDED":
-                raise TritonUnavailable(f"Triton server at {self.url}: request to {model} timed out after {timeout_s:g} s") from err
+                raise TritonUnavailable(
+                    f"Triton server at {self.url}: request to {model} timed out after {timeout_s:g} s"
+                ) from err
             raise TritonInferenceError(f"Triton server at {self.url}: request to {model} failed: {err}") from err
 
     def _infer_shm(self, model, arrays, ins, outputs, timeout_s, parameters):
@@ -376,7 +387,9 @@ class TritonBackend(Backend):
             out = result.get_output(n)
             shape = list(out.shape) if hasattr(out, "shape") else list(out["shape"])
             dtype = out.datatype if hasattr(out, "datatype") else out["datatype"]
-            got[n] = np.array(shm.get_contents_as_numpy(region_out.handle, tc_dtype(dtype), shape, offset=offsets[n]), copy=True)
+            got[n] = np.array(
+                shm.get_contents_as_numpy(region_out.handle, tc_dtype(dtype), shape, offset=offsets[n]), copy=True
+            )
         return got
 
     # -- Backend -----------------------------------------------------------------------------------
@@ -397,18 +410,31 @@ class TritonBackend(Backend):
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         return self._network("flow", {"eps": eps, "y": y, "tau_f": tau_f})
 
-    def sample_on_server(self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int) -> SampleResult:
+    def sample_on_server(
+        self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int
+    ) -> SampleResult:
         """One batch through ftddm_sampler (the whole loop in the server): the same result as
         ``pipeline.sample_batch(backend, spec, y, s, torch.Generator().manual_seed(seed_for_batch))``."""
         arrays = {"y": np.ascontiguousarray(y.detach().cpu().numpy(), dtype=np.float32),
                   "s": np.ascontiguousarray(s.detach().cpu().numpy(), dtype=np.float32).reshape(-1, 1)}
         params = {"settings": encode_sampler_settings(spec, seed_for_batch, self.expected_weights)}
         b, _, h, w = arrays["y"].shape
-        out = self._infer(self.sampler_model, arrays, {"x0": (b, 1, h, w), "nfe": (b, 1)}, self.timeout_s * max(1, spec.nfe), params)
-        return SampleResult(x0=torch.from_numpy(np.array(out["x0"], dtype=np.float32)), nfe=int(np.asarray(out["nfe"]).reshape(-1)[0]))
+        out = self._infer(
+            self.sampler_model, arrays, {"x0": (b, 1, h, w), "nfe": (b, 1)}, self.timeout_s * max(1, spec.nfe), params
+        )
+        return SampleResult(
+            x0=torch.from_numpy(np.array(out["x0"], dtype=np.float32)), nfe=int(np.asarray(out["nfe"]).reshape(-1)[0])
+        )
 
-    def sample_images_on_server(self, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int = 8,
-                                seed: int = 0, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+    def sample_images_on_server(
+        self,
+        spec: SamplerSpec,
+        y: torch.Tensor,
+        s: torch.Tensor,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """``pipeline.sample_images`` with each batch sampled by ftddm_sampler (one request per batch)."""
         return sample_images(self, spec, y, s, batch_size=batch_size, seed=seed, progress=progress,
                              batch_sampler=lambda yb, sb, bseed: self.sample_on_server(yb, sb, spec, bseed))

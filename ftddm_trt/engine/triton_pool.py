@@ -142,7 +142,9 @@ class TritonPool(Backend):
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         return self._call(lambda c: c.flow_reverse(eps, y, tau_f))
 
-    def sample_on_server(self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int) -> SampleResult:
+    def sample_on_server(
+        self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int
+    ) -> SampleResult:
         """One batch through a server's ftddm_sampler (see ``TritonBackend.sample_on_server``)."""
         return self._call(lambda c: c.sample_on_server(y, s, spec, seed_for_batch))
 

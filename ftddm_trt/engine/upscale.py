@@ -73,9 +73,17 @@ def build_condition(subject: SubjectInput, fine_mask_net: FineMaskNet | None = N
         feats = fine_mask_features(zf_norm, mask, t1, flair, subject.n, subject.snr, subject.fwhm)
         qc_fine = fine_mask_net.mask(torch.from_numpy(feats.reshape(z * c, -1, HR_SIZE, HR_SIZE)))
         source = "learned"
-    return Condition(y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)), s=torch.from_numpy(s),
-                     scale=np.asarray(scale, np.float32), zero_filled=zero_filled, mask=mask,
-                     anatomy="+".join(have) if have else "none (zeros)", qc_fine_mask=qc_fine, qc_mask_source=source, qc_mask_note=note)
+    return Condition(
+        y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)),
+        s=torch.from_numpy(s),
+        scale=np.asarray(scale, np.float32),
+        zero_filled=zero_filled,
+        mask=mask,
+        anatomy="+".join(have) if have else "none (zeros)",
+        qc_fine_mask=qc_fine,
+        qc_mask_source=source,
+        qc_mask_note=note,
+    )
 
 
 @dataclass
@@ -111,12 +119,12 @@ def upscale_subject(
     """Run ``spec`` over every image of the volume, ``samples`` times (K > 1: mean and per-voxel SD).
 
     ``progress(done, total)`` counts images over all samples. Negative concentrations are clipped
-    to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError. ``server_loop`` runs each batch's whole sampling loop
-    on the server (a backend with ``sample_on_server``, i.e. Triton's ftddm_sampler). ``qc_weight`` > 0:
-    when M came from qc maps and the spec's data consistency is off, each output goes through
-    ``pipeline.qc_consistency`` with that weight through ``fine_mask_net``'s estimate of the fine mask, kept per map
-    only where it agrees better with the acquired band (``UpscaleResult.qc_consistency_applied`` says whether
-    it ran, ``qc_consistency_kept`` / ``_tried`` on how many maps it was kept).
+    to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError.
+    ``server_loop`` runs each batch's whole sampling loop on the server (a backend with ``sample_on_server``, i.e.
+    Triton's ftddm_sampler). ``qc_weight`` > 0: when M came from qc maps and the spec's data consistency is off, each
+    output goes through ``pipeline.qc_consistency`` with that weight through ``fine_mask_net``'s estimate of the fine
+    mask, kept per map only where it agrees better with the acquired band (``UpscaleResult.qc_consistency_applied`` says
+    whether it ran, ``qc_consistency_kept`` / ``_tried`` on how many maps it was kept).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")

@@ -72,8 +72,10 @@ def manifest_flow_ttrunc(manifest: dict[str, Any], where: str) -> int | None:
     refused (ValueError) rather than guessed."""
     if FLOW_TTRUNC_KEY not in manifest:
         if "flow" in manifest.get("networks", {}):
-            raise TtruncMismatch(f"{where} does not record the Ttrunc its flow was trained for (written by an older "
-                                 "ftddm-trt): re-export it with `ftddm-trt export` (and rebuild what was built from it)")
+            raise TtruncMismatch(
+                f"{where} does not record the Ttrunc its flow was trained for (written by an older "
+                "ftddm-trt): re-export it with `ftddm-trt export` (and rebuild what was built from it)"
+            )
         return None
     value = manifest[FLOW_TTRUNC_KEY]
     return None if value is None else int(value)

@@ -49,7 +49,10 @@ class TensorSpec:
 
 IMG = (1, HR_SIZE, HR_SIZE)
 COND = (4, HR_SIZE, HR_SIZE)
-UNET_IO = ([TensorSpec("x_t", IMG), TensorSpec("y", COND), TensorSpec("t", ()), TensorSpec("s", ())], [TensorSpec("eps", IMG)])
+UNET_IO = (
+    [TensorSpec("x_t", IMG), TensorSpec("y", COND), TensorSpec("t", ()), TensorSpec("s", ())],
+    [TensorSpec("eps", IMG)],
+)
 FLOW_IO = ([TensorSpec("eps", IMG), TensorSpec("y", COND), TensorSpec("tau_f", ())], [TensorSpec("x", IMG)])
 NETWORK_IO = {"unet": UNET_IO, "unet_full": UNET_IO, "flow": FLOW_IO}
 
@@ -213,7 +216,9 @@ def real_parity_inputs(name: str, n_batches: int = 2, batch: int = 4) -> list[di
     out = []
     for b in fixed_batches(pool, n_batches * batch, batch, seed=3):
         if name == "flow":
-            out.append({"eps": torch.randn(b.x0.shape, generator=gen), "y": b.y, "tau_f": torch.full((b.y.shape[0],), 0.9)})
+            out.append(
+                {"eps": torch.randn(b.x0.shape, generator=gen), "y": b.y, "tau_f": torch.full((b.y.shape[0],), 0.9)}
+            )
         else:
             t_max = T_DIFFUSION if name == "unet_full" else T_TRUNC
             t = torch.randint(1, t_max + 1, (b.y.shape[0],), generator=gen).float()

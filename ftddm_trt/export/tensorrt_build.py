@@ -395,9 +395,18 @@ def _build_into(onnx_dir: Path, out_dir: Path, onnx_manifest: dict[str, Any], gp
         parsed_sha = file_sha256(parsed)
         key = engine_cache_key(parsed_sha, trt.__version__, gpu, precision, profile, options)
         path = out_dir / engine_filename(name, key)
-        record = {"engine": path.name, "cache_key": key, "parsed_onnx": parsed.name, "parsed_onnx_sha256": parsed_sha,
-                  "fp16": network_is_fp16(name, precision), **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")}}
-        log(f"{name}: building {'fp16' if record['fp16'] else 'fp32'} engine (batch {profile.min}/{profile.opt}/{profile.max}) ...")
+        record = {
+            "engine": path.name,
+            "cache_key": key,
+            "parsed_onnx": parsed.name,
+            "parsed_onnx_sha256": parsed_sha,
+            "fp16": network_is_fp16(name, precision),
+            **{k: info[k] for k in ("inputs", "outputs", "onnx_sha256")},
+        }
+        log(
+            f"{name}: building {'fp16' if record['fp16'] else 'fp32'} engine (batch "
+            f"{profile.min}/{profile.opt}/{profile.max}) ..."
+        )
         tmp = path.with_name(f".{path.name}.unverified")
         build_engine(parsed, tmp, profile, out_dir / "timing.cache", workspace_gib, log)
         try:
@@ -407,7 +416,10 @@ def _build_into(onnx_dir: Path, out_dir: Path, onnx_manifest: dict[str, Any], gp
             raise
         os.replace(tmp, path)
         record["engine_sha256"] = file_sha256(path)
-        log(f"  {name}: max |engine - ORT fp32| = {record['check']['max_abs_error']:.2e} (limit {record['check']['limit']:.2e})")
+        log(
+            f"  {name}: max |engine - ORT fp32| = {record['check']['max_abs_error']:.2e} (limit "
+            f"{record['check']['limit']:.2e})"
+        )
         engines[name] = record
     manifest = {FLOW_TTRUNC_KEY: ttrunc, "tensorrt_version": trt.__version__, "gpu": gpu, "precision": precision,
                 "policy": precision_policy(precision), "build_options": options, "profile": asdict(profile),

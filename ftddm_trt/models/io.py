@@ -1,8 +1,8 @@
 """Weights on disk: ``NAME.safetensors`` + ``NAME.json``; never pickles.
 
-``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc" | "fine_mask", "config": {...}, "n_params": int, "sha256": str}`` where
-``sha256`` is the digest of ``NAME.safetensors``. ``path`` arguments may be given with or without the
-``.safetensors`` / ``.json`` suffix.
+``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc" | "fine_mask", "config": {...},
+"n_params": int, "sha256": str}`` where ``sha256`` is the digest of ``NAME.safetensors``. ``path`` arguments may be
+given with or without the ``.safetensors`` / ``.json`` suffix.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from ftddm_trt.models.flow import ConditionalFlow
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
 from ftddm_trt.models.unet import DenoisingUNet, count_parameters
 
-_KINDS: dict[str, tuple[type[nn.Module], type[UNetConfig] | type[FlowConfig] | type[TDPMConfig] | type[FineMaskConfig]]] = {
+_KINDS: dict[
+    str, tuple[type[nn.Module], type[UNetConfig] | type[FlowConfig] | type[TDPMConfig] | type[FineMaskConfig]]
+] = {
     "unet": (DenoisingUNet, UNetConfig),
     "flow": (ConditionalFlow, FlowConfig),
     "tdpm": (TDPMGenerator, TDPMConfig),
@@ -76,7 +78,9 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
     return _sha256_file(weights_path(path))
 
 
-def save_model(module: nn.Module, config: UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig, path: str | os.PathLike[str]) -> dict[str, Any]:
+def save_model(
+    module: nn.Module, config: UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig, path: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Write ``path.safetensors`` and ``path.json``; returns the JSON metadata."""
     kind = model_kind(module)
     if not isinstance(config, _KINDS[kind][1]):

@@ -61,17 +61,23 @@ class ModelSet:
             raise FileNotFoundError(f"model folder {path} does not exist")
         found = [n for n in NETWORK_FILES if (path / f"{n}.safetensors").is_file()]
         if not found:
-            raise FileNotFoundError(f"model folder {path} holds none of {', '.join(n + '.safetensors' for n in NETWORK_FILES)}")
+            raise FileNotFoundError(
+                f"model folder {path} holds none of {', '.join(n + '.safetensors' for n in NETWORK_FILES)}"
+            )
         if start not in START_NETWORKS:
             raise ValueError(f"start must be one of {', '.join(START_NETWORKS)}, got {start!r}")
         if start == "tdpm":
             if not (path / "tdpm.safetensors").is_file():
-                raise FileNotFoundError(f"{path} has no TDPM generator (tdpm.safetensors); train one with "
-                                        "`ftddm-trt train --task tdpm` and add it with `ftddm-trt package-model --tdpm`")
+                raise FileNotFoundError(
+                    f"{path} has no TDPM generator (tdpm.safetensors); train one with "
+                    "`ftddm-trt train --task tdpm` and add it with `ftddm-trt package-model --tdpm`"
+                )
             models = cls(path, flow_file="tdpm")
             trained = models.flow_ttrunc()
             if ttrunc is not None and trained is not None and trained != ttrunc:
-                raise FileNotFoundError(f"{path}: the TDPM generator draws x_Ttrunc at Ttrunc = {trained}, not {ttrunc}")
+                raise FileNotFoundError(
+                    f"{path}: the TDPM generator draws x_Ttrunc at Ttrunc = {trained}, not {ttrunc}"
+                )
             return models
         models = cls(path)
         main = models.flow_ttrunc()

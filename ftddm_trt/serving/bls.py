@@ -64,7 +64,9 @@ class BLSBackend(Backend):
         return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
-        return self._call("unet_full" if full else "unet", {"x_t": _f32(x_t), "y": _f32(y), "t": _col(t), "s": _col(s)}, "eps")
+        return self._call(
+            "unet_full" if full else "unet", {"x_t": _f32(x_t), "y": _f32(y), "t": _col(t), "s": _col(s)}, "eps"
+        )
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         return self._call("flow", {"eps": _f32(eps), "y": _f32(y), "tau_f": _col(tau_f)}, "x")

@@ -79,17 +79,25 @@ def find_tritonserver(binary: str | Path | None = None, prefer_bundled: bool = F
         if not path.is_file():
             raise TritonServerError(f"tritonserver binary {path} does not exist")
         if bundled_bin is None or path != bundled_bin.resolve():
-            return TritonInstall(binary=path, bundled=False, backends=SYSTEM_BACKENDS if SYSTEM_BACKENDS.is_dir() else None)
+            return TritonInstall(
+                binary=path, bundled=False, backends=SYSTEM_BACKENDS if SYSTEM_BACKENDS.is_dir() else None
+            )
     if bundled_bin is None or not bundled_bin.is_file():
-        raise TritonServerError("no tritonserver found: none on PATH and the nvidia-pytriton package (which bundles "
-                                "one) is not installed; pip install nvidia-pytriton==0.7.0 or use NVIDIA's Triton container")
+        raise TritonServerError(
+            "no tritonserver found: none on PATH and the nvidia-pytriton package (which bundles "
+            "one) is not installed; pip install nvidia-pytriton==0.7.0 or use NVIDIA's Triton container"
+        )
     tsroot = bundled_bin.parent.parent
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = tsroot / "python_backend_stubs" / ver / "triton_python_backend_stub"
     if not stub.is_file():
         raise TritonServerError(f"nvidia-pytriton ships no Python backend stub for Python {ver} ({stub} is missing)")
     libdir = sysconfig.get_config_var("LIBDIR")
-    lib_dirs = tuple(p for p in (root.parent / "nvidia_pytriton.libs", Path(libdir) if libdir else None) if p is not None and p.is_dir())
+    lib_dirs = tuple(
+        p
+        for p in (root.parent / "nvidia_pytriton.libs", Path(libdir) if libdir else None)
+        if p is not None and p.is_dir()
+    )
     return TritonInstall(binary=bundled_bin, bundled=True, backends=tsroot / "backends", lib_dirs=lib_dirs, stub=stub)
 
 
@@ -307,7 +315,9 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
-            raise TritonServerError(f"http, grpc and metrics ports must differ, got {self.http_port}/{self.grpc_port}/{self.metrics_port}")
+            raise TritonServerError(
+                f"http, grpc and metrics ports must differ, got {self.http_port}/{self.grpc_port}/{self.metrics_port}"
+            )
         self.models = list(models) if models is not None else repository_models(self.repository)
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -341,7 +351,9 @@ class TritonServer:
         return self.process.pid if self.process is not None else None
 
     def command(self) -> list[str]:
-        backend_dir = (self.workdir or Path("<workdir>")) / "backends" if self.install.bundled else self.install.backends
+        backend_dir = (
+            (self.workdir or Path("<workdir>")) / "backends" if self.install.bundled else self.install.backends
+        )
         return server_command(self.install, self.repository, backend_dir, self.http_port, self.grpc_port,
                               self.metrics_port, self.shm_prefix, self.host, self.log_verbose, self.extra_args)
 
@@ -431,7 +443,9 @@ class TritonServer:
                                             f"(log {self.log_path}):\n{self.log_tail()}")
                 try:
                     if client is None:
-                        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
+                        client = httpclient.InferenceServerClient(
+                            self.http_url, connection_timeout=2.0, network_timeout=2.0
+                        )
                     if client.is_server_ready():
                         pending = [m for m in pending if not client.is_model_ready(m)]
                         if not pending:

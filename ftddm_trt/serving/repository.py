@@ -28,9 +28,9 @@ Flavours, from the same function:
   engine folder (required) with TensorRT from Python (``serving/triton_templates/python/tensorrt_network.py``): a
   server with only the Python backend (nvidia-pytriton's tritonserver) can load it.
 
-Config text comes from the templates in ``serving/triton_templates/templates`` (shipped inside the package); every generated config is parsed
-with Triton's own schema (``model_config_pb2.ModelConfig``) and checked by ``validate_config`` before
-the repository is moved into place (atomic, like the export).
+Config text comes from the templates in ``serving/triton_templates/templates`` (shipped inside the package);
+every generated config is parsed with Triton's own schema (``model_config_pb2.ModelConfig``) and checked by
+``validate_config`` before the repository is moved into place (atomic, like the export).
 """
 
 from __future__ import annotations
@@ -140,7 +140,9 @@ class TensorIO:
         """From an export manifest entry ``{"name", "shape": ["batch", ...], "dtype"}``."""
         shape = list(spec["shape"])[1:]
         if any(not isinstance(d, int) or d < 1 for d in shape):
-            raise ConfigError(f"tensor {spec['name']}: only the batch dimension may be dynamic, got shape {spec['shape']}")
+            raise ConfigError(
+                f"tensor {spec['name']}: only the batch dimension may be dynamic, got shape {spec['shape']}"
+            )
         dtype = _DTYPES.get(str(spec.get("dtype", "float32")))
         if dtype is None:
             raise ConfigError(f"tensor {spec['name']}: unsupported dtype {spec.get('dtype')}")
@@ -171,7 +173,9 @@ def manifest_network_io(manifest: Mapping[str, Any], network: str) -> tuple[list
         raise ConfigError(f"the export manifest has no inputs/outputs for network {network!r} ({err})") from err
 
 
-def sampler_io(image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64)) -> tuple[list[TensorIO], list[TensorIO]]:
+def sampler_io(
+    image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64)
+) -> tuple[list[TensorIO], list[TensorIO]]:
     return ([TensorIO("y", cond), TensorIO("s", (1,), scalar=True)],
             [TensorIO("x0", image), TensorIO("nfe", (1,), "TYPE_INT32")])
 
@@ -192,13 +196,17 @@ def profile_shapes(inputs: list[TensorIO], options: RepoOptions) -> dict[str, st
 def _template(name: str) -> string.Template:
     path = TRITON_REPO_SRC / "templates" / name
     if not path.is_file():
-        raise FileNotFoundError(f"config template {path} is missing (set FTDDM_TRITON_REPO_SRC to the triton_templates/ "
-                                "folder of an ftddm-trt source checkout)")
+        raise FileNotFoundError(
+            f"config template {path} is missing (set FTDDM_TRITON_REPO_SRC to the triton_templates/ "
+            "folder of an ftddm-trt source checkout)"
+        )
     return string.Template(path.read_text())
 
 
 def _params(params: Mapping[str, str]) -> str:
-    return ",\n".join(f'  {{\n    key: "{k}"\n    value: {{ string_value: {json.dumps(str(v))} }}\n  }}' for k, v in params.items())
+    return ",\n".join(
+        f'  {{\n    key: "{k}"\n    value: {{ string_value: {json.dumps(str(v))} }}\n  }}' for k, v in params.items()
+    )
 
 
 def network_config(
@@ -235,10 +243,14 @@ def network_config(
                 f'      parameters {{ key: "precision_mode" value: "{options.trt_precision}" }}\n'
                 f'      parameters {{ key: "max_workspace_size_bytes" value: "{options.trt_workspace_bytes}" }}\n'
                 '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-                f'      parameters {{ key: "trt_engine_cache_path" value: "{options.trt_cache_path}/{TRITON_MODELS[network]}" }}\n'
-                + "".join(f'      parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n'
-                          for k, v in profile_shapes(inputs, options).items())
-                + "    } ]\n  }\n}\n")
+                f'      parameters {{ key: "trt_engine_cache_path" '
+                f'value: "{options.trt_cache_path}/{TRITON_MODELS[network]}" }}\n'
+                + "".join(
+                    f'      parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n'
+                    for k, v in profile_shapes(inputs, options).items()
+                )
+                + "    } ]\n  }\n}\n"
+            )
     batching = ""
     if options.dynamic_batching:
         preferred = ""
@@ -335,14 +347,20 @@ def validate_config(
     if not cfg.name:
         raise ConfigError(f"{where}: the model has no name")
     if expected_name is not None and cfg.name != expected_name:
-        raise ConfigError(f"{where}: the model is named {cfg.name!r} but its folder is {expected_name!r} (Triton requires them equal)")
+        raise ConfigError(
+            f"{where}: the model is named {cfg.name!r} but its folder is {expected_name!r} (Triton requires them equal)"
+        )
     known = (*TRITON_MODELS.values(), SAMPLER_MODEL)
     if cfg.name not in known:
         raise ConfigError(f"{where}: unknown model {cfg.name!r}; an ftddm-trt repository holds {', '.join(known)}")
     if cfg.max_batch_size < 1:
-        raise ConfigError(f"{where}: max_batch_size must be >= 1 (requests carry a batch dimension), got {cfg.max_batch_size}")
+        raise ConfigError(
+            f"{where}: max_batch_size must be >= 1 (requests carry a batch dimension), got {cfg.max_batch_size}"
+        )
     if cfg.platform and cfg.backend:
-        raise ConfigError(f"{where}: set platform or backend, not both (platform {cfg.platform!r}, backend {cfg.backend!r})")
+        raise ConfigError(
+            f"{where}: set platform or backend, not both (platform {cfg.platform!r}, backend {cfg.backend!r})"
+        )
     is_sampler = cfg.name == SAMPLER_MODEL
     runtime = cfg.platform or cfg.backend
     if not runtime:
@@ -350,13 +368,20 @@ def validate_config(
     if is_sampler or flavor == "cpu":
         if cfg.backend != "python":
             what = "the sampler" if is_sampler else "a cpu-flavour model"
-            raise ConfigError(f"{where}: {what} must be backend \"python\" (the CPU server has only the Python backend), got {runtime!r}")
+            raise ConfigError(
+                f'{where}: {what} must be backend "python" (the CPU server has only the Python backend), got '
+                f'{runtime!r}'
+            )
     elif flavor == "gpu":
         if cfg.platform not in GPU_PLATFORMS:
-            raise ConfigError(f"{where}: a gpu-flavour network must be platform {' or '.join(GPU_PLATFORMS)}, got {runtime!r}")
+            raise ConfigError(
+                f"{where}: a gpu-flavour network must be platform {' or '.join(GPU_PLATFORMS)}, got {runtime!r}"
+            )
     elif flavor == "gpu-python":
         if cfg.backend != "python":
-            raise ConfigError(f"{where}: a gpu-python network must be backend \"python\" (TensorRT from Python), got {runtime!r}")
+            raise ConfigError(
+                f'{where}: a gpu-python network must be backend "python" (TensorRT from Python), got {runtime!r}'
+            )
     elif cfg.backend != "python" and cfg.platform not in GPU_PLATFORMS:
         raise ConfigError(f"{where}: platform/backend {runtime!r} is not one ftddm-trt generates")
     if is_sampler:
@@ -370,14 +395,23 @@ def validate_config(
             db = cfg.dynamic_batching
             bad = [b for b in db.preferred_batch_size if not 1 <= b <= cfg.max_batch_size]
             if bad:
-                raise ConfigError(f"{where}: dynamic_batching preferred_batch_size {bad} outside 1..max_batch_size={cfg.max_batch_size}")
+                raise ConfigError(
+                    f"{where}: dynamic_batching preferred_batch_size {bad} outside "
+                    f"1..max_batch_size={cfg.max_batch_size}"
+                )
     _check_tensors(where, "input", cfg.input, ins)
     _check_tensors(where, "output", cfg.output, outs)
     for g in cfg.instance_group:
         if g.count < 1:
             raise ConfigError(f"{where}: instance_group count must be >= 1, got {g.count}")
         kind = pb.ModelInstanceGroup.Kind.Name(g.kind)
-        allowed = ("KIND_CPU",) if (is_sampler or flavor == "cpu") else ("KIND_GPU", "KIND_AUTO") if flavor in ("gpu", "gpu-python") else ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
+        allowed = (
+            ("KIND_CPU",)
+            if (is_sampler or flavor == "cpu")
+            else ("KIND_GPU", "KIND_AUTO")
+            if flavor in ("gpu", "gpu-python")
+            else ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
+        )
         if kind not in allowed:
             raise ConfigError(f"{where}: instance_group kind {kind} not allowed here (use {' or '.join(allowed)})")
     return cfg
@@ -387,7 +421,9 @@ def _model_file(cfg) -> str:
     return {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}.get(cfg.platform, "model.py")
 
 
-def validate_repository(repo: Path | str, flavor: str | None = None, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def validate_repository(
+    repo: Path | str, flavor: str | None = None, manifest: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Validate every model of a generated repository (configs, version folder files, sampler
     dependencies). ``flavor``/``manifest`` default to what ``repository.json`` records.
     Returns ``{model name: ModelConfig}``."""
@@ -418,7 +454,9 @@ def validate_repository(repo: Path | str, flavor: str | None = None, manifest: M
         called = json.loads(params["models"].string_value) if "models" in params else {}
         absent = [m for m in called.values() if m not in configs]
         if not called or absent:
-            raise ConfigError(f"{repo}: {SAMPLER_MODEL} calls models that the repository lacks: {absent or '(none listed)'}")
+            raise ConfigError(
+                f"{repo}: {SAMPLER_MODEL} calls models that the repository lacks: {absent or '(none listed)'}"
+            )
     return configs
 
 
@@ -460,7 +498,9 @@ def _check_ttrunc_params(repo: Path, configs: Mapping[str, Any], meta: Mapping[s
     if FLOW_TTRUNC_KEY in meta:
         found[REPOSITORY_JSON] = meta[FLOW_TTRUNC_KEY]
     if len(set(found.values())) > 1:
-        raise ConfigError(f"{repo}: the flow's Ttrunc differs between {', '.join(f'{k} ({v})' for k, v in found.items())}")
+        raise ConfigError(
+            f"{repo}: the flow's Ttrunc differs between {', '.join(f'{k} ({v})' for k, v in found.items())}"
+        )
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -494,7 +534,9 @@ def build_repository(
     if engines_dir is not None and flavor == "cpu":
         raise ConfigError("TensorRT engines only go into a gpu-flavour repository (--flavor gpu or gpu-python)")
     if engines_dir is None and flavor == "gpu-python":
-        raise ConfigError("the gpu-python flavour runs TensorRT engines: give --engines (from `ftddm-trt build-engine`)")
+        raise ConfigError(
+            "the gpu-python flavour runs TensorRT engines: give --engines (from `ftddm-trt build-engine`)"
+        )
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     manifest = read_manifest(onnx_dir)
     networks = [n for n in TRITON_MODELS if n in manifest.get("networks", {})]
@@ -514,18 +556,30 @@ def build_repository(
             if info is None:
                 raise ConfigError(f"the engine folder {engines_dir} has no engine for {n}")
             if info.get("onnx_sha256") != manifest["networks"][n].get("onnx_sha256"):
-                raise ConfigError(f"the {n} engine in {engines_dir} was built from another ONNX file than {onnx_dir}: rebuild it")
+                raise ConfigError(
+                    f"the {n} engine in {engines_dir} was built from another ONNX file than {onnx_dir}: rebuild it"
+                )
     max_export = int(manifest.get("max_batch", options.max_batch_size))
     if options.max_batch_size > max_export:
-        raise ConfigError(f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}")
+        raise ConfigError(
+            f"max_batch_size {options.max_batch_size} exceeds the export's dynamic batch max {max_export}"
+        )
     with atomic_dir(Path(out_dir), force=force, inputs=(onnx_dir, engines_dir), command="triton-repo") as tmp:
         files: dict[str, dict[str, str]] = {}
-        platform = None if flavor in ("cpu", "gpu-python") else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
+        platform = (
+            None
+            if flavor in ("cpu", "gpu-python")
+            else ("tensorrt_plan" if engines is not None else "onnxruntime_onnx")
+        )
         for n in networks:
             ins, outs = manifest_network_io(manifest, n)
             info = manifest["networks"][n]
             model_dir = tmp / TRITON_MODELS[n]
-            params = {"network": n, "onnx_sha256": info.get("onnx_sha256", ""), WEIGHTS_PARAM: info.get("model_sha256", "")}
+            params = {
+                "network": n,
+                "onnx_sha256": info.get("onnx_sha256", ""),
+                WEIGHTS_PARAM: info.get("model_sha256", ""),
+            }
             if n == "flow":
                 params[FLOW_TTRUNC_PARAM] = encode_ttrunc_param(ttrunc)
             if flavor == "gpu-python":  # the model hashes its engine at load (tensorrt_network.py)
@@ -540,12 +594,16 @@ def build_repository(
                 placed, expected = "1/model.onnx", info.get("onnx_sha256")
                 _place(onnx_dir / info["onnx"], model_dir / placed)
             # the placed file must be the one its manifest hashed (IntegrityError otherwise); recorded for the launcher
-            files[TRITON_MODELS[n]] = {"file": placed, "sha256": verify_file(model_dir / placed, expected, what=f"{n} network")}
+            files[TRITON_MODELS[n]] = {
+                "file": placed,
+                "sha256": verify_file(model_dir / placed, expected, what=f"{n} network"),
+            }
             if flavor == "cpu":
                 shutil.copy2(TRITON_REPO_SRC / "python" / "onnx_network.py", model_dir / "1" / "model.py")
             elif flavor == "gpu-python":
                 shutil.copy2(TRITON_REPO_SRC / "python" / "tensorrt_network.py", model_dir / "1" / "model.py")
-            log(f"{TRITON_MODELS[n]}: {platform or ('python + tensorrt' if flavor == 'gpu-python' else 'python + onnxruntime')}")
+            runtime = "python + tensorrt" if flavor == "gpu-python" else "python + onnxruntime"
+            log(f"{TRITON_MODELS[n]}: {platform or runtime}")
         if options.sampler:
             ins, outs = manifest_network_io(manifest, networks[0])
             img = next(t.dims for t in outs)
@@ -553,14 +611,21 @@ def build_repository(
             model_dir = tmp / SAMPLER_MODEL
             (model_dir / "1").mkdir(parents=True)
             weights = {n: manifest["networks"][n].get("model_sha256", "") for n in networks}
-            (model_dir / "config.pbtxt").write_text(sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond,
-                                                                   ttrunc, weights))
+            (model_dir / "config.pbtxt").write_text(
+                sampler_config({n: TRITON_MODELS[n] for n in networks}, options, img, cond, ttrunc, weights)
+            )
             shutil.copy2(TRITON_REPO_SRC / "python" / "sampler.py", model_dir / "1" / "model.py")
             log(f"{SAMPLER_MODEL}: python (BLS to {', '.join(TRITON_MODELS[n] for n in networks)})")
-        meta = {"flavor": flavor, FILES_KEY: files, FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None, "options": asdict(options), "onnx_dir": str(onnx_dir.resolve()),
-                "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
-                "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
-                "export_manifest": manifest}
+        meta = {
+            "flavor": flavor,
+            FILES_KEY: files,
+            FLOW_TTRUNC_KEY: ttrunc if "flow" in networks else None,
+            "options": asdict(options),
+            "onnx_dir": str(onnx_dir.resolve()),
+            "engines_dir": str(Path(engines_dir).resolve()) if engines_dir is not None else None,
+            "models": [TRITON_MODELS[n] for n in networks] + ([SAMPLER_MODEL] if options.sampler else []),
+            "export_manifest": manifest,
+        }
         (tmp / REPOSITORY_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
         validate_repository(tmp, flavor, manifest)
     return meta

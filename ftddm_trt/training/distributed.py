@@ -117,7 +117,9 @@ class ObjectiveModule(nn.Module):
     """``forward(batch, generator) = objective(net, batch, generator)``: the whole loss inside one
     forward, so that DDP sees every parameter use (the flow's loss calls ``nll`` and ``reverse``)."""
 
-    def __init__(self, net: nn.Module, objective: Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, dict]]) -> None:
+    def __init__(
+        self, net: nn.Module, objective: Callable[[nn.Module, Any, torch.Generator], tuple[torch.Tensor, dict]]
+    ) -> None:
         super().__init__()
         self.net = net
         self.objective = objective

@@ -105,7 +105,9 @@ def tune_step(net: FineMaskNet, backend, pool: SlicePool, idx: np.ndarray, sizes
     rows = [r for n in sizes for r in score_steps(backend, net, pool, idx, n, batch_size=batch_size,
                                                   conventions=conventions)]
     thr, w = choose_step(rows)
-    best = np.mean([r["psnr_gain"] for r in rows if r["mask"] == "learned" and (r["threshold"], r["weight"]) == (thr, w)])
+    best = np.mean(
+        [r["psnr_gain"] for r in rows if r["mask"] == "learned" and (r["threshold"], r["weight"]) == (thr, w)]
+    )
     none = np.mean([r["psnr_gain"] for r in rows if r["mask"] == "none"])
     return net.config.replace(threshold=thr, consistency_weight=w if best > none else 0.0), rows
 
@@ -126,8 +128,9 @@ def add_fine_mask(model_dir: Path | None, out_dir: Path, train_subjects: list, v
     Returns the written manifest."""
     models = ModelSet.open(model_dir)
     check_output(Path(out_dir), force, inputs=(models.root,))  # before the training, not after
-    net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), FineMaskConfig.preset("cpu"), minutes=minutes,
-                                   seed=seed, log=log)
+    net, summary = train_fine_mask(
+        SlicePool.from_subjects(train_subjects), FineMaskConfig.preset("cpu"), minutes=minutes, seed=seed, log=log
+    )
     val_pool = SlicePool.from_subjects(val_subjects)
     net.config, rows = tune_step(net, TorchBackend(models), val_pool, validation_maps(val_pool))
     if log is not None:
@@ -140,9 +143,12 @@ def add_fine_mask(model_dir: Path | None, out_dir: Path, train_subjects: list, v
         save_model(net, net.config, tmp / FINE_MASK_FILE)
         manifest = models.manifest()
         manifest.setdefault("networks", {})[FINE_MASK_FILE] = {
-            "sha256": model_sha256(tmp / FINE_MASK_FILE), "training": {**summary, "minutes": minutes, "seed": seed, **data},
-            "threshold": net.config.threshold, "consistency_weight": net.config.consistency_weight,
-            "validation": step_summary(rows)}
+            "sha256": model_sha256(tmp / FINE_MASK_FILE),
+            "training": {**summary, "minutes": minutes, "seed": seed, **data},
+            "threshold": net.config.threshold,
+            "consistency_weight": net.config.consistency_weight,
+            "validation": step_summary(rows),
+        }
         manifest["commands"] = [*manifest.get("commands", []), command]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -68,7 +68,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         unknown = [n for n in self.networks if n not in NETWORK_SHARE]
         if unknown or not self.networks:
-            raise ValueError(f"--networks must be a non-empty subset of {', '.join(NETWORK_SHARE)}, got {','.join(self.networks)}")
+            raise ValueError(
+                f"--networks must be a non-empty subset of {', '.join(NETWORK_SHARE)}, got {','.join(self.networks)}"
+            )
         if self.minutes <= 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
         if not 0.0 <= self.lr_fraction <= 1.0:
@@ -147,11 +149,22 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
     for name in cfg.networks:  # step 2
         # networks train side by side, one core each, when there are cores for it; else one after another
         share = NETWORK_SHARE[name] / (NETWORK_SHARE[name] if workers == len(cfg.networks) else total_share)
-        tcfg = TrainConfig(task=_TASK_OF[name], preset=preset_of(models, name), iterations=1_000_000,
-                           batch_size=cfg.batch_size, lr=cfg.lr, lr_final=cfg.lr, t_trunc=ttrunc, seed=cfg.seed,
-                           lr_protocol_fraction=cfg.lr_fraction, margin_weight=cfg.margin_weight, val_every=cfg.val_every,
-                           data_dir=str(Path(cfg.data_dir).resolve()), val_subjects=cfg.val_subjects,
-                           extra={"data_sha256": data_hash})
+        tcfg = TrainConfig(
+            task=_TASK_OF[name],
+            preset=preset_of(models, name),
+            iterations=1_000_000,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            lr_final=cfg.lr,
+            t_trunc=ttrunc,
+            seed=cfg.seed,
+            lr_protocol_fraction=cfg.lr_fraction,
+            margin_weight=cfg.margin_weight,
+            val_every=cfg.val_every,
+            data_dir=str(Path(cfg.data_dir).resolve()),
+            val_subjects=cfg.val_subjects,
+            extra={"data_sha256": data_hash},
+        )
         jobs[name] = (tcfg, cfg.runs_dir / name, net_minutes * share, models.root / models._stem(name))
     runs = {name: job[1] for name, job in jobs.items()}
     if dist_ctx is not None and dist_ctx.enabled:  # torchrun: the processes share each network in turn
@@ -168,15 +181,31 @@ def finetune(cfg: FinetuneConfig, command: str, force: bool = False, progress: b
         summaries = _train_all(jobs, workers, progress)
     if mask_minutes > 0:
         runs["fine_mask"] = cfg.runs_dir / "fine_mask"
-        summaries["fine_mask"] = finetune_fine_mask(base_mask_net, train_subj, runs["fine_mask"], mask_minutes, cfg.seed, log)
+        summaries["fine_mask"] = finetune_fine_mask(
+            base_mask_net, train_subj, runs["fine_mask"], mask_minutes, cfg.seed, log
+        )
 
     validation = validation_quality(models.root, runs, val_subj, cfg)  # step 3
-    extra = {"finetune": {"data_dir": str(Path(cfg.data_dir).resolve()), "data_sha256": data_hash,
-                          "subjects": {"train": [s.subject_id for s in train_subj], "validation": [s.subject_id for s in val_subj]},
-                          "base_model": {"dir": str(models.root), "hashes": models.hashes()},
-                          "networks": list(cfg.networks), "minutes": cfg.minutes, "lr": cfg.lr,
-                          "lr_fraction": cfg.lr_fraction, "fine_mask_share": cfg.fine_mask_share, "qc_convention": cfg.qc_convention, "margin_weight": cfg.margin_weight, "training": summaries, "validation_quality": validation}}
-    return package_model(runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra)
+    extra = {
+        "finetune": {
+            "data_dir": str(Path(cfg.data_dir).resolve()),
+            "data_sha256": data_hash,
+            "subjects": {"train": [s.subject_id for s in train_subj], "validation": [s.subject_id for s in val_subj]},
+            "base_model": {"dir": str(models.root), "hashes": models.hashes()},
+            "networks": list(cfg.networks),
+            "minutes": cfg.minutes,
+            "lr": cfg.lr,
+            "lr_fraction": cfg.lr_fraction,
+            "fine_mask_share": cfg.fine_mask_share,
+            "qc_convention": cfg.qc_convention,
+            "margin_weight": cfg.margin_weight,
+            "training": summaries,
+            "validation_quality": validation,
+        }
+    }
+    return package_model(
+        runs, cfg.out_model, which="best", commands=[command], force=force, base=models.root, extra=extra
+    )
 
 
 def finetune_fine_mask(base_net, train_subjects: list, run_dir: Path, minutes: float, seed: int,
@@ -202,8 +231,14 @@ def finetune_fine_mask(base_net, train_subjects: list, run_dir: Path, minutes: f
         return previous
     log(f"fine-tuning the fine-mask estimator for {left:.1f} of {minutes:.1f} min in {run_dir}")
     torch.set_num_threads(os.cpu_count() or 1)
-    net, summary = train_fine_mask(SlicePool.from_subjects(train_subjects), init.config, minutes=max(left, 0.0), init=init,
-                                   lr=FINE_MASK_LR, seed=seed + int(previous.get("iterations", 0)))
+    net, summary = train_fine_mask(
+        SlicePool.from_subjects(train_subjects),
+        init.config,
+        minutes=max(left, 0.0),
+        init=init,
+        lr=FINE_MASK_LR,
+        seed=seed + int(previous.get("iterations", 0)),
+    )
     summary["iterations"] += int(previous.get("iterations", 0))
     summary["seconds_total"] = spent + float(summary["seconds"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +272,12 @@ def _train_all(jobs: dict[str, tuple], workers: int, progress: bool) -> dict[str
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    columns = [TextColumn("[bold]{task.description:9s}"), BarColumn(), TextColumn("step {task.fields[step]}  val {task.fields[val]}"),
-               TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.description:9s}"),
+        BarColumn(),
+        TextColumn("step {task.fields[step]}  val {task.fields[val]}"),
+        TimeElapsedColumn(),
+    ]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool, \
             Progress(*columns, disable=not progress) as bar:
         futures, tasks, starts = {}, {}, {}
@@ -256,8 +295,12 @@ def _train_all(jobs: dict[str, tuple], workers: int, progress: bool) -> dict[str
                     lines = log_path.read_text().splitlines()
                     last = json.loads(lines[-1]) if lines else {}
                 done = min(time.monotonic() - starts[name], minutes * 60.0) if name in starts else 0.0
-                bar.update(tasks[name], completed=minutes * 60.0 if futures[name].done() else done,
-                           step=last.get("step", 0), val=f"{last['val']:.4f}" if isinstance(last.get("val"), float) else "-")
+                bar.update(
+                    tasks[name],
+                    completed=minutes * 60.0 if futures[name].done() else done,
+                    step=last.get("step", 0),
+                    val=f"{last['val']:.4f}" if isinstance(last.get("val"), float) else "-",
+                )
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -304,8 +347,11 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
                 # the fine-tuned estimator's threshold and weight, chosen with the fine-tuned networks
                 mask_net.config, rows = tune_step(mask_net, backend, pool, idx, batch_size=cfg.batch_size * 4)
                 save_model(mask_net, mask_net.config, runs["fine_mask"] / "best")  # packaged with them
-                out["fine_mask"] = {"threshold": mask_net.config.threshold, "weight": mask_net.config.consistency_weight,
-                                    "scores": step_summary(rows)}
+                out["fine_mask"] = {
+                    "threshold": mask_net.config.threshold,
+                    "weight": mask_net.config.consistency_weight,
+                    "scores": step_summary(rows),
+                }
             choices = sampler_choices(variant[0]) if label == "finetuned" else variant
             for n in (8, 16):
                 zf, row, *others = score_maps(backend, pool, idx, choices, n, "lr", batch_size=cfg.batch_size * 4,
@@ -313,8 +359,14 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
                 out.setdefault(f"s={64 // n}", {})["zero-filled"] = {"psnr": zf["psnr"], "ssim": zf["ssim"]}
                 out[f"s={64 // n}"][label] = {"psnr": row["psnr"], "ssim": row["ssim"], "psnr_gain": row["psnr_gain"]}
                 if label == "finetuned":
-                    out[f"s={64 // n}"]["choices"] = [{"passes": r["spec"]["passes"], "qc_consistency": r["qc_consistency"],
-                                                       "psnr_gain": r["psnr_gain"]} for r in (row, *others)]
+                    out[f"s={64 // n}"]["choices"] = [
+                        {
+                            "passes": r["spec"]["passes"],
+                            "qc_consistency": r["qc_consistency"],
+                            "psnr_gain": r["psnr_gain"],
+                        }
+                        for r in (row, *others)
+                    ]
     out["recommended"] = recommend_sampler(out)
     return out
 
@@ -340,7 +392,9 @@ def sampler_variant(default, passes: int, qc_weight: float | None, label: str | 
 def sampler_choices(default):
     """The default variant first, then every other (passes, qc weight) of the grid above."""
     grid = [(p, w) for p in PASSES_CHOICES for w in QC_WEIGHT_CHOICES]
-    return [default] + [sampler_variant(default, p, w) for p, w in grid if (p, w) != (default.spec.passes, default.qc_weight)]
+    return [default] + [
+        sampler_variant(default, p, w) for p, w in grid if (p, w) != (default.spec.passes, default.qc_weight)
+    ]
 
 
 def recommend_sampler(quality: dict) -> dict:

@@ -14,14 +14,23 @@ RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow", "tdpm": "
 
 
 def _run_summary(run_dir: Path) -> dict:
-    state = json.loads((run_dir / "last" / "state.json").read_text()) if (run_dir / "last" / "state.json").is_file() else {}
+    state = (
+        json.loads((run_dir / "last" / "state.json").read_text()) if (run_dir / "last" / "state.json").is_file() else {}
+    )
     log_lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
     last_log = json.loads(log_lines[-1]) if log_lines else {}
     cfg = state.get("config") or {}
     step = state.get("step")
     init_steps = int((cfg.get("extra") or {}).get("init_steps", 0))
-    return {"run_dir": str(run_dir), "step": step, "best_val": state.get("best_val"), "train_config": state.get("config"),
-            "last_log": last_log, "stale_validations": state.get("stale_validations"), "cumulative_steps": None if step is None else int(step) + init_steps}
+    return {
+        "run_dir": str(run_dir),
+        "step": step,
+        "best_val": state.get("best_val"),
+        "train_config": state.get("config"),
+        "last_log": last_log,
+        "stale_validations": state.get("stale_validations"),
+        "cumulative_steps": None if step is None else int(step) + init_steps,
+    }
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
@@ -48,12 +57,18 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
             if not src.with_suffix(".safetensors").is_file():
-                raise FileNotFoundError(f"{src.with_suffix('.safetensors')} does not exist (has {run_dir} validated yet?)")
+                raise FileNotFoundError(
+                    f"{src.with_suffix('.safetensors')} does not exist (has {run_dir} validated yet?)"
+                )
             for ext in (".safetensors", ".json"):
                 shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
             manifest["networks"][name] = {"sha256": model_sha256(tmp / name), **_run_summary(run_dir)}
         if base is not None:
-            base_manifest = json.loads((Path(base) / "manifest.json").read_text()) if (Path(base) / "manifest.json").is_file() else {}
+            base_manifest = (
+                json.loads((Path(base) / "manifest.json").read_text())
+                if (Path(base) / "manifest.json").is_file()
+                else {}
+            )
             base_nets = base_manifest.get("networks", {})
             # how the copied networks were made: the base's own history, then its commands
             manifest["base_commands"] = [*base_manifest.get("base_commands", []), *base_manifest.get("commands", [])]
@@ -63,7 +78,11 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
                     continue
                 for ext in (".safetensors", ".json"):
                     shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
-                manifest["networks"][name] = {**base_nets.get(name, {}), "sha256": model_sha256(tmp / name), "from_base": True}
+                manifest["networks"][name] = {
+                    **base_nets.get(name, {}),
+                    "sha256": model_sha256(tmp / name),
+                    "from_base": True,
+                }
         manifest.update(extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

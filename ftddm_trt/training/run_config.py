@@ -105,8 +105,14 @@ def save_best(model: torch.nn.Module, mcfg: Any, run_dir: Path) -> None:
 
 
 #: TrainConfig field -> the `ftddm-trt train` option that sets it (for messages).
-_OPTION_OF = {"t_trunc": "--ttrunc", "n_subjects": "--subjects", "data_seed": "--data-seed", "batch_size": "--batch-size",
-              "lr_final": "--lr-final", "val_every": "--val-every"}
+_OPTION_OF = {
+    "t_trunc": "--ttrunc",
+    "n_subjects": "--subjects",
+    "data_seed": "--data-seed",
+    "batch_size": "--batch-size",
+    "lr_final": "--lr-final",
+    "val_every": "--val-every",
+}
 
 
 def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:

@@ -80,7 +80,12 @@ def gan_step(gen: TDPMGenerator, disc: TDPMDiscriminator, g_opt: torch.optim.Opt
     disc.requires_grad_(True)
     torch.nn.utils.clip_grad_norm_(gen.parameters(), grad_clip)
     g_opt.step()
-    return {"g": float(g_loss.detach()), "d": float(d_loss.detach()), "adv": float(adv.detach()), "l1": float(l1.detach())}
+    return {
+        "g": float(g_loss.detach()),
+        "d": float(d_loss.detach()),
+        "adv": float(adv.detach()),
+        "l1": float(l1.detach()),
+    }
 
 
 @torch.no_grad()
@@ -114,7 +119,9 @@ def train_tdpm(cfg: TrainConfig, run_dir: Path, max_minutes: float | None = None
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     schedule = CosineSchedule(T_DIFFUSION)
     ckpt, dckpt = find_checkpoint(run_dir / "last"), find_checkpoint(run_dir / "last_disc")
     if ckpt is not None and dckpt is not None:

@@ -150,7 +150,9 @@ def train(
         return train_tdpm(cfg, run_dir, max_minutes=max_minutes, device=device, progress=progress)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     ctx = dist_ctx or DistContext(device=dev)
     dev = ctx.device
     schedule = CosineSchedule(T_DIFFUSION)
@@ -209,7 +211,9 @@ def train(
             return
         state = {"step": step, "best_val": best, "stale_validations": stale, "config": asdict(cfg),
                  "elapsed_s": spent_before + time.monotonic() - t0}
-        save_checkpoint(run_dir / "last", model, mcfg, opt, state, ema_state=scored.state_dict() if ema is not None else None)
+        save_checkpoint(
+            run_dir / "last", model, mcfg, opt, state, ema_state=scored.state_dict() if ema is not None else None
+        )
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -232,8 +236,15 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             opt.zero_grad(set_to_none=True)
-            loss, parts = backward_step(ctx, step_model, lambda rng, n: random_batch(train_pool, n, rng, cfg.lr_protocol_fraction).to(dev),
-                                        cfg.seed, step, cfg.batch_size, shards)
+            loss, parts = backward_step(
+                ctx,
+                step_model,
+                lambda rng, n: random_batch(train_pool, n, rng, cfg.lr_protocol_fraction).to(dev),
+                cfg.seed,
+                step,
+                cfg.batch_size,
+                shards,
+            )
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             if ema is not None:
@@ -251,7 +262,19 @@ def train(
                 else:
                     stale += 1
             if step % 20 == 0 or step == cfg.iterations:
-                log.write(strict_json({"step": step, "loss": float(loss.detach()), **parts, "val": last_val, "lr": lr_at(cfg, step), "it_s": speed}) + "\n")
+                log.write(
+                    strict_json(
+                        {
+                            "step": step,
+                            "loss": float(loss.detach()),
+                            **parts,
+                            "val": last_val,
+                            "lr": lr_at(cfg, step),
+                            "it_s": speed,
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
             bar.update(task, completed=done(), step=step, loss=float(loss.detach()), val=last_val, speed=speed)
             if step % cfg.ckpt_every == 0 or step == cfg.iterations:
@@ -264,6 +287,15 @@ def train(
         checkpoint()
     log.close()
     seconds = time.monotonic() - t0
-    return {"task": cfg.task, "step": step, "iterations": cfg.iterations, "val": last_val, "best_val": best,
-            "seconds": seconds, "seconds_total": spent_before + seconds, "it_per_s": (step - start_step) / max(seconds, 1e-9), "stopped_early": stopped_early,
-            "stale_validations": stale}
+    return {
+        "task": cfg.task,
+        "step": step,
+        "iterations": cfg.iterations,
+        "val": last_val,
+        "best_val": best,
+        "seconds": seconds,
+        "seconds_total": spent_before + seconds,
+        "it_per_s": (step - start_step) / max(seconds, 1e-9),
+        "stopped_early": stopped_early,
+        "stale_validations": stale,
+    }

@@ -1,7 +1,8 @@
 """Triton Python-backend model: one FTDDM network (UNet or flow) run with ONNX Runtime on the CPU.
 
 Copied as ``<model>/1/model.py`` into a ``cpu`` repository by ``ftddm_trt.serving.repository`` (source:
-``ftddm_trt/serving/triton_templates/python/onnx_network.py``). It needs only numpy and onnxruntime in the server's Python.
+``ftddm_trt/serving/triton_templates/python/onnx_network.py``). It needs only numpy and onnxruntime in the
+server's Python.
 
 Requests merged by Triton's dynamic batcher are concatenated along the batch axis, run as one ONNX
 Runtime call, and split back. Tensor names come from the model's config.pbtxt, which the generator
@@ -43,7 +44,9 @@ class TritonPythonModel:
         if actual != expected:
             raise pb_utils.TritonModelException(
                 f"{self.model_name}: IntegrityError: {path} has sha256 {actual[:16]}... but the export manifest "
-                f"records {expected[:16] or '(none)'}...; the file is corrupt or was replaced: regenerate the repository")
+                f"records {expected[:16] or '(none)'}...; the file is corrupt or was replaced: regenerate the "
+                "repository"
+            )
         self.onnx_sha256 = actual
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -86,13 +89,18 @@ class TritonPythonModel:
             ok.append(i)
         if ok:
             try:
-                merged = {n: np.concatenate([f[n] for f in feeds]) if len(feeds) > 1 else feeds[0][n] for n in self.inputs}
+                merged = {
+                    n: np.concatenate([f[n] for f in feeds]) if len(feeds) > 1 else feeds[0][n] for n in self.inputs
+                }
                 outs = self.session.run(self.outputs, merged)
                 offsets = np.cumsum([0, *sizes])
                 for k, i in enumerate(ok):
                     lo, hi = offsets[k], offsets[k + 1]
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(o[lo:hi])) for n, o in zip(self.outputs, outs)])
+                        output_tensors=[
+                            pb_utils.Tensor(n, np.ascontiguousarray(o[lo:hi])) for n, o in zip(self.outputs, outs)
+                        ]
+                    )
             except Exception as err:
                 for i in ok:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {err}"))

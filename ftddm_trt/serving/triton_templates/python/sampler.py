@@ -1,9 +1,9 @@
 """Triton Python-backend model ``ftddm_sampler``: the whole sampling loop inside the server.
 
 Copied as ``ftddm_sampler/1/model.py`` by ``ftddm_trt.serving.repository`` (source:
-``ftddm_trt/serving/triton_templates/python/sampler.py``). One request = one batch: inputs ``y`` (B,4,64,64) and ``s`` (B,1),
-the request parameter ``settings`` (JSON: ``SamplerSpec.to_dict()`` plus the batch's seed); outputs ``x0``
-(B,1,64,64) and ``nfe`` (B,1). The loop is ``ftddm_trt.engine.pipeline.sample_batch`` over a Backend
+``ftddm_trt/serving/triton_templates/python/sampler.py``). One request = one batch: inputs ``y`` (B,4,64,64)
+and ``s`` (B,1), the request parameter ``settings`` (JSON: ``SamplerSpec.to_dict()`` plus the batch's seed); outputs
+``x0`` (B,1,64,64) and ``nfe`` (B,1). The loop is ``ftddm_trt.engine.pipeline.sample_batch`` over a Backend
 whose networks are BLS requests to the network models (``ftddm_trt.serving.bls``), so the server-side
 loop and the client-side loop are the same code. Needs torch and ftddm_trt in the server's Python
 (the launcher puts the virtual environment's bin/ first on PATH).
@@ -27,7 +27,8 @@ class TritonPythonModel:
         torch.set_num_threads(max(1, int(params.get("torch_threads", "1") or 1)))
         self.timeout_us = int(params.get("bls_timeout_us", "0") or 0)
         ttrunc = decode_ttrunc_param(params, "ftddm_sampler's config")
-        weights = json.loads(params.get("weights_sha256") or "{}")  # a repository that records none refuses checked requests
+        # a repository that records none refuses checked requests
+        weights = json.loads(params.get("weights_sha256") or "{}")
         self.backend = BLSBackend(self._infer, json.loads(params["models"]), flow_ttrunc=ttrunc, weights=weights)
 
     def _infer(self, model, inputs, outputs):
@@ -66,9 +67,17 @@ class TritonPythonModel:
                     raise ValueError('the request has no "settings" parameter (JSON: SamplerSpec.to_dict() plus seed)')
                 x0, nfe = run_sampler(self.backend, y, s, params["settings"])
                 nfe_t = np.full((x0.shape[0], 1), nfe, dtype=np.int32)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("x0", x0), pb_utils.Tensor("nfe", nfe_t)]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("x0", x0), pb_utils.Tensor("nfe", nfe_t)]
+                    )
+                )
             except Exception as err:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ftddm_sampler: {type(err).__name__}: {err}")))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"ftddm_sampler: {type(err).__name__}: {err}")
+                    )
+                )
         return responses
 
     def finalize(self):

@@ -42,7 +42,9 @@ class TritonPythonModel:
         if actual != expected:
             raise pb_utils.TritonModelException(
                 f"{self.model_name}: IntegrityError: {path} has sha256 {actual[:16]}... but the engine manifest "
-                f"records {expected[:16] or '(none)'}...; the engine is corrupt or was replaced: regenerate the repository")
+                f"records {expected[:16] or '(none)'}...; the engine is corrupt or was replaced: regenerate the "
+                "repository"
+            )
         self.engine_sha256 = actual  # verified before TensorRT or CUDA is touched
         import tensorrt as trt
         import torch
@@ -80,7 +82,9 @@ class TritonPythonModel:
             try:
                 merged, offsets = merge(feeds)
                 with torch.inference_mode():
-                    out = self.runner({n: torch.from_numpy(a).to(self.device) for n, a in merged.items()}, self.outputs[0])
+                    out = self.runner(
+                        {n: torch.from_numpy(a).to(self.device) for n, a in merged.items()}, self.outputs[0]
+                    )
                     result = out.cpu().numpy()
                 for k, part in zip(ok, split({self.outputs[0]: result}, offsets)):
                     responses[k] = pb_utils.InferenceResponse(
