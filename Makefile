@@ -3,7 +3,7 @@
 #   make demo   install into .venv, then run `ftddm-trt demo` end to end (ONNX Runtime on the CPU)
 #   make test   install into .venv, then run the whole test suite
 #   make docs   regenerate docs/cli.md from the commands' --help
-#   make lint   ruff over the package, the tests and the benchmarks
+#   make lint   ruff over the package, the tests, the benchmarks and the docs scripts
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -46,7 +46,7 @@ docs: $(STAMP)
 	$(BIN)/python docs/make_cli_reference.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check ftddm_trt tests benchmarks
+	$(BIN)/ruff check ftddm_trt tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache
