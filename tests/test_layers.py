@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and every layer imports only the layers below it.
 
 Every ``import`` of every module counts, top-level and function-local alike: a function-local import
-delays a dependency, it does not remove it. The layers (docs/architecture.md, "Dependencies"):
+delays a dependency, it does not remove it. The layers (docs/architecture.md, "Packages"):
 
     constants, integrity, atomic, ftddm_trt   utilities: import nothing of the package
     data, models                              utilities only
