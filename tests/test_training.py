@@ -266,7 +266,7 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm") for e in ("safetensors", "json")]
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm", "regression") for e in ("safetensors", "json")]
         + ["manifest.json", ".ftddm-trt.json"]
     )
     assert json.loads((out / "manifest.json").read_text()) == manifest

@@ -10,7 +10,8 @@ from pathlib import Path
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.models.io import model_sha256
 
-RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow", "tdpm": "tdpm", "fine_mask": "fine_mask"}
+RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow", "tdpm": "tdpm", "regression": "regression",
+             "fine_mask": "fine_mask"}
 
 
 def _run_summary(run_dir: Path) -> dict:
