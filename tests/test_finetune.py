@@ -129,15 +129,41 @@ def test_masks_alone_are_enough(site_copy):
     assert np.array_equal(got.snr > 0, truth.masks)  # synthesized qc: passes exactly inside the mask
 
 
+def test_finetune_validates_the_qc_step_in_the_site_convention(site_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """The validation writes the held-out subjects' qc maps in the site's convention (all of them for
+    `any`) and passes them to the scoring; an unknown convention is refused by name."""
+    from ftddm_trt.data.qc_conventions import CONVENTIONS
+    from ftddm_trt.training import finetune as ft_module
+    from ftddm_trt.training.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(data_dir=site_dir, out_model=tmp_path / "m", qc_convention="min")
+    assert cfg.validation_conventions == ("min",)
+    every = FinetuneConfig(data_dir=site_dir, out_model=tmp_path / "m").validation_conventions
+    assert set(every) == set(CONVENTIONS) - {"strict-thresholds"}
+    with pytest.raises(ValueError, match="unknown qc convention"):
+        FinetuneConfig(data_dir=site_dir, out_model=tmp_path / "m", qc_convention="lcmodel")
+    seen = []
+
+    def fake_score_maps(backend, pool, idx, variants, n, protocol, **kw):
+        seen.append(tuple(kw["conventions"]))
+        row = {"psnr": 1.0, "ssim": 0.5, "psnr_gain": 0.0, "spec": {"passes": 1}, "qc_consistency": 0.0}
+        return [row] * (len(variants) + 1)
+
+    monkeypatch.setattr("ftddm_trt.bench.generalization.score_maps", fake_score_maps)
+    quality = ft_module.validation_quality(tiny_model_dir, {}, read_training_folder(site_dir)[-1:], cfg)
+    assert seen and all(c == ("min",) for c in seen) and quality["qc_conventions"] == ["min"]
+
+
 @pytest.mark.e2e
 def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model_dir, phantom_subject_dir, tmp_path):
     out = tmp_path / "tuned"
     args = ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",
-            "--val-subjects", "1", "--networks", "unet,flow"]
+            "--val-subjects", "1", "--networks", "unet,flow", "--qc-convention", "sample-hz-7t"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     ft = manifest["finetune"]
+    assert ft["qc_convention"] == "sample-hz-7t" and ft["validation_quality"]["qc_conventions"] == ["sample-hz-7t"]
     assert ft["data_sha256"] == folder_sha256(site_dir) and ft["subjects"]["validation"] == ["sub-002"]
     assert "ftddm-trt finetune" in manifest["commands"][0]
     assert {"unet", "flow", "unet_full"} <= set(manifest["networks"]) and manifest["networks"]["unet_full"]["from_base"]
