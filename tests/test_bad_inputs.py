@@ -66,9 +66,14 @@ def minus_a_million(s):
     _rewrite(_naa(s), -1e6 * np.abs(_data(_naa(s))))
 
 
-def qc_fails_everywhere(s):
-    p = s / "qc" / "NAA_snr.nii.gz"
-    _rewrite(p, np.zeros_like(_data(p)))
+def mask_empty_everywhere(s):
+    """Explicit masks on the acquired grid, NAA's empty."""
+    ref = nib.load(str(_naa(s)))
+    for f in (s / "concs" / "raw").iterdir():
+        name = f.name.removesuffix(".nii.gz")
+        data = np.zeros(ref.shape, np.uint8) if name == "NAA" else np.ones(ref.shape, np.uint8)
+        (s / "masks").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(data, ref.affine), str(s / "masks" / f.name))
 
 
 DEGRADED = [
@@ -84,7 +89,7 @@ DEGRADED = [
     (zero_map, "the maps of NAA are zero everywhere", ["--accept", "zero-maps"], None, "zero-maps"),
     (minus_a_million, "values below -1000 in NAA", ["--accept", "out-of-range"], None, "out-of-range"),
     (
-        qc_fails_everywhere,
+        mask_empty_everywhere,
         "the quality mask of NAA is empty on every slice",
         ["--accept", "empty-mask"],
         None,

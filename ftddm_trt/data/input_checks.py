@@ -13,8 +13,9 @@ each degradation the user did not accept:
 - ``out-of-range``: values below ``MIN_VALUE`` (no concentration is that negative; a sign or unit
   error). Accepted: run as given (outputs are clipped at zero as always).
 - NaN or inf in a map is never accepted (``read_subject`` already refuses it, naming the file).
-- ``empty-mask``: the quality mask M of a metabolite is empty on every slice (its qc maps fail
-  everywhere): there is nothing to super-resolve. Accepted: its output is zero.
+- ``empty-mask``: the mask M of a metabolite is empty on every slice (an explicit mask file that is
+  empty, or a map with no signal): there is nothing to super-resolve. Accepted: its output is zero.
+  Maps already named as zero or out of range are not named again.
 
 Notes that need no acceptance (recorded, printed): anisotropic in-plane voxels.
 """
@@ -100,10 +101,12 @@ def check_subject(
     if zero.size:
         degrade("zero-maps", f"the maps of {_names(subject, zero)} are zero everywhere", "their output is zero")
     if subject.mask is not None:
-        empty = np.flatnonzero(~subject.mask.any(axis=(0, 2, 3)))
+        named = set(low.tolist()) | set(zero.tolist())  # their problem is named already
+        empty = np.array([c for c in np.flatnonzero(~subject.mask.any(axis=(0, 2, 3))) if c not in named], dtype=int)
         if empty.size:
+            why = "the mask files are empty" if subject.mask_source in ("masks", "mask") else "the map has no signal"
             degrade("empty-mask", f"the quality mask of {_names(subject, empty)} is empty on every slice (mask from "
-                    f"{subject.mask_source}: the qc maps fail everywhere)", "their output is zero")
+                    f"{subject.mask_source}: {why})", "their output is zero")
     missing = [n for n, v in (("t1", subject.t1), ("flair", subject.flair)) if v is None]
     if missing:
         degrade("missing-anatomy", f"no {' or '.join(m + '.nii.gz' for m in missing)} in {root} (the model is "
