@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generalization.py --out benchmarks/results
 	$(BIN)/python benchmarks/fine_mask.py --out benchmarks/results
 	$(BIN)/python benchmarks/finetune_unseen.py --out benchmarks/results
+	$(BIN)/python benchmarks/robustness.py --out benchmarks/results
 
 figures: demo
 	$(BIN)/python docs/make_phantom_figure.py docs/phantom.png
