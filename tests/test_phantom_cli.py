@@ -26,7 +26,7 @@ def test_writes_readable_subjects_and_refuses_non_empty(tmp_path):
     assert nib.load(str(out / "sub-000" / "truth" / "concs" / "raw" / "NAA.nii.gz")).shape == (64, 64, z)
     assert nib.load(str(out / "sub-000" / "qc" / "Gly_snr.nii.gz")).shape == (16, 16, z)
     assert nib.load(str(out / "sub-000" / "t1.nii.gz")).shape == (128, 128, z)
-    assert read_subject(out / "sub-001").mask_source == "qc"
+    assert read_subject(out / "sub-001").mask_source == "signal"
 
     res = runner.invoke(app, ["phantom", str(out), "--subjects", "1"])
     assert res.exit_code == 2
@@ -36,6 +36,18 @@ def test_writes_readable_subjects_and_refuses_non_empty(tmp_path):
     assert res.exit_code == 0, res.output
     assert nib.load(str(out / "sub-000" / "concs" / "raw" / "NAA.nii.gz")).shape[:2] == (8, 8)
     assert read_subject(out / "sub-000").mask_source == "masks"
+
+
+def test_other_family_and_qc_conventions(tmp_path):
+    out = tmp_path / "fields"
+    args = ["phantom", str(out), "--subjects", "1", "--family", "fields", "--qc-convention", "missing"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "phantoms.json").read_text())
+    assert manifest["family"] == "fields" and manifest["qc_convention"] == "missing"
+    assert not (out / "sub-000" / "qc").exists() and read_subject(out / "sub-000").snr is None
+    res = runner.invoke(app, ["phantom", str(tmp_path / "x"), "--subjects", "1", "--qc-convention", "lcmodel"])
+    assert res.exit_code == 2 and "unknown qc convention" in res.output
 
 
 @pytest.mark.parametrize(
