@@ -33,7 +33,8 @@ class TritonPythonModel:
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # a parameter whose value is empty has no "string_value" in the config's JSON
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.model_name = config["name"]
         here = os.path.join(args["model_repository"], args["model_version"])
         path = os.path.join(here, params.get("onnx_file", "model.onnx"))

@@ -23,7 +23,8 @@ class TritonPythonModel:
         from ftddm_trt.serving.bls import BLSBackend
 
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # a parameter whose value is empty has no "string_value" in the config's JSON
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(max(1, int(params.get("torch_threads", "1") or 1)))
         self.timeout_us = int(params.get("bls_timeout_us", "0") or 0)
         ttrunc = decode_ttrunc_param(params, "ftddm_sampler's config")
