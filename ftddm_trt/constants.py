@@ -21,10 +21,8 @@ T_TRUNC: int = 100
 #: ``--tau-f 0.9`` (the paper's temperature) draws samples, e.g. for ``--samples K`` uncertainty maps.
 USER_DEFAULT_TAU_F: float = 0.0
 
-#: ``lr`` protocol with qc maps: share of the acquired k-space band put back into the output through
-#: the fine-mask estimate from the qc maps (``diffusion.consistency.partial_consistency``,
-#: ``data.masks.fine_mask_estimate``). Chosen on training-style subjects of a seed no benchmark uses
-#: (the mean gain over the three training styles at s = 8, 4, 2); 0 turns it off.
+#: The qc consistency weight recorded when neither ``--qc-consistency`` nor the model's fine-mask estimator
+#: gives one (``engine.pipeline.qc_step_weight``); without an estimator there is no qc step to weigh.
 QC_CONSISTENCY_WEIGHT: float = 0.2
 
 #: Training-loss weight of the voxels of M outside the truth's quality mask (``training.objectives.loss_weight``;

@@ -605,11 +605,10 @@ def upscale_cmd(
     qc_consistency: Optional[float] = typer.Option(
         None,
         "--qc-consistency",
-        help="When M comes from qc maps on the acquired grid and data consistency is off: put back this share (0-1) "
-             "of the acquired k-space band through an estimate of the fine quality mask: the model's learned "
-             "fine-mask estimator (fine_mask.safetensors; default share: the one chosen with it, 1 in the shipped "
-             "model), else the mask the qc maps imply (SNR scaled to a 64x64 voxel; default "
-             f"{QC_CONSISTENCY_WEIGHT:g}); 0: off. Recorded in run.json.",
+        help="When M comes from the acquired grid and data consistency is off: put back this share (0-1) of the "
+             "acquired k-space band through the model's fine-mask estimator (fine_mask.safetensors; default: the "
+             "share chosen with it, 0.5 in the shipped model; a model without one has no qc step), per map only "
+             "where it agrees better with the acquisition; 0: off. Recorded in run.json.",
     ),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.

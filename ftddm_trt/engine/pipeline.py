@@ -228,8 +228,8 @@ def consistency_for(spec: SamplerSpec, mode: str, fine_mask: bool) -> SamplerSpe
 
 
 def qc_consistency_applies(spec: SamplerSpec, fine_mask: torch.Tensor | None, weight: float) -> bool:
-    """Whether :func:`qc_consistency` runs: a weight, a fine-mask estimate from qc maps (the ``lr``
-    protocol) and no full data consistency already applied by ``spec``."""
+    """Whether :func:`qc_consistency` runs: a weight, a fine-mask estimate (the ``lr`` protocol, a model with
+    a fine-mask estimator) and no full data consistency already applied by ``spec``."""
     return weight > 0 and fine_mask is not None and not spec.data_consistency
 
 

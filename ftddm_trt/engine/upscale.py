@@ -121,7 +121,7 @@ def upscale_subject(
     ``progress(done, total)`` counts images over all samples. Negative concentrations are clipped
     to zero; voxels outside the mask M are zero. NaN or inf in any output raises NonFiniteOutputError.
     ``server_loop`` runs each batch's whole sampling loop on the server (a backend with ``sample_on_server``, i.e.
-    Triton's ftddm_sampler). ``qc_weight`` > 0: when M came from qc maps and the spec's data consistency is off, each
+    Triton's ftddm_sampler). ``qc_weight`` > 0: when M came from the acquired grid and data consistency is off, each
     output goes through ``pipeline.qc_consistency`` with that weight through ``fine_mask_net``'s estimate of the fine
     mask, kept per map only where it agrees better with the acquired band (``UpscaleResult.qc_consistency_applied`` says
     whether it ran, ``qc_consistency_kept`` / ``_tried`` on how many maps it was kept).
