@@ -24,7 +24,7 @@ from ftddm_trt import __version__
 from ftddm_trt.atomic import OutputError, atomic_dir
 from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail, parse_clip_x0, parse_lambda_min
-from ftddm_trt.constants import HR_SIZE, METABOLITES, QC_CONSISTENCY_WEIGHT, T_TRUNC, USER_DEFAULT_TAU_F
+from ftddm_trt.constants import HR_SIZE, METABOLITES, T_TRUNC, USER_DEFAULT_TAU_F
 from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
 from ftddm_trt.integrity import IntegrityError, check_temperature
 
