@@ -8,10 +8,10 @@ Layout (FSL-MRS ``fsl_mrsi`` output of a 64 x 64 acquisition), one folder per su
     t1.nii.gz, flair.nii.gz                                 any grid, resampled onto the maps' grid
 
 Training pairs are then made from these maps the way an acquisition makes them (``data.examples``):
-k-space truncation to N x N, and the N x N qc maps an acquisition at N would give (``masks.lr_qc_maps``,
-from the 64 x 64 qc). When a subject gives masks but no qc, its qc is synthesized from the mask
-(SNR = twice the threshold inside, 0 outside; FWHM 0.05 ppm), so that an acquired voxel passes when at
-least ``1 / (2 s)`` of its footprint is inside the 64 x 64 mask.
+k-space truncation to N x N and the ``lr`` mask M from the acquired map (``masks.lr_support_mask``); the
+fine-mask estimator's pairs write N x N qc maps from the 64 x 64 qc in every convention
+(``data.qc_conventions``). When a subject gives masks but no qc, its qc is synthesized from the mask
+(SNR = twice the threshold inside, 0 outside; FWHM 0.05 ppm).
 
 Every problem is an ``InputError`` naming the file, raised before any training starts.
 """
