@@ -314,3 +314,44 @@ def atomic_dir(out: Path, force: bool = False, inputs: Iterable[Path | None] = (
             publish_dir(tmp, out, command)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- single files
+
+
+@contextmanager
+def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path`` (``os.replace``), on an
+    exception it is removed and ``path`` is left as it was.
+
+    ``suffix``: the temporary file's ending, for writers that choose a format by the name (``.nii.gz``,
+    ``.png``); by default ``path``'s own suffixes. The parent folder is created when missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or "".join(path.suffixes)),
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` all at once or not at all (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` all at once or not at all (see ``atomic_file``)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path | str, obj: object, indent: int = 2, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as JSON (a trailing newline) to ``path`` all at once or not at all."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")

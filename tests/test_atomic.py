@@ -17,9 +17,11 @@ from ftddm_trt.atomic import (
     OutputError,
     OutputLock,
     atomic_dir,
+    atomic_file,
     check_output,
     foreign_entries,
     lock_path,
+    write_json_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +181,16 @@ def test_failure_or_interrupt_inside_leaves_nothing(tmp_path):
                 (tmp / "half").write_text("x")
                 raise exc
         assert not out.exists() and hidden(tmp_path) == []
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    write_json_atomic(target, {"x": 1})
+    assert json.loads(target.read_text()) == {"x": 1}
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            assert tmp.parent == target.parent and tmp.name.endswith(".json")
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
