@@ -9,8 +9,9 @@ delays a dependency, it does not remove it. The layers (docs/architecture.md, "P
     export                                    + models, diffusion
     engine                                    + export
     serving                                   + engine
-    bench                                     + serving
-    training                                  + bench (scores its candidates as the benchmarks do), not serving
+    evaluation                                + serving
+    training                                  + evaluation (scores its candidates as the benchmarks do), not serving
+    workflows                                 everything but cli (application logic the commands run)
     cli                                       everything; nothing imports cli
 """
 
@@ -36,9 +37,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "export": _BASE,
     "engine": _BASE | {"export"},
     "serving": _BASE | {"export", "engine"},
-    "bench": _BASE | {"export", "engine", "serving"},
-    "training": _BASE | {"export", "engine", "bench"},
-    "cli": _BASE | {"export", "engine", "serving", "bench", "training"},
+    "evaluation": _BASE | {"export", "engine", "serving"},
+    "training": _BASE | {"export", "engine", "evaluation"},
+    "workflows": _BASE | {"export", "engine", "serving", "evaluation", "training"},
+    "cli": _BASE | {"export", "engine", "serving", "evaluation", "training", "workflows"},
 }
 
 #: (importing module, imported module) pairs that break a rule above, each with its reason. Empty: keep it so.

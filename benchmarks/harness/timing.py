@@ -15,6 +15,11 @@ import torch
 
 from ftddm_trt.engine.backend import Backend
 
+#: How timings on a shared machine are to be read (the markdown of per_nfe and latency says it).
+NOISE_NOTE = ("The machine is shared with other jobs (training runs, tests): timings are noisy. Each figure is "
+              "the median of the stated number of repeats, taken in blocks that alternate between backends; the "
+              "load average before and after the run is recorded with the machine facts.")
+
 
 @dataclass(frozen=True)
 class Timing:
