@@ -117,7 +117,7 @@ def score_maps(
     for v, spec, key in zip(used, specs, keys):
         if key not in drawn:
             t0 = time.perf_counter()
-            draws = [_every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
+            draws = [every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
                      for k in range(v.samples)]
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
         every, seconds = drawn[key]
@@ -143,8 +143,8 @@ def score_maps(
     return rows
 
 
-def _every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int,
-                seed: int) -> torch.Tensor:
+def every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int,
+               seed: int) -> torch.Tensor:
     """(K, spec.passes, 64, 64): channel k - 1 holds what ``spec`` with ``passes = k`` samples (same seeds)."""
     schedule = CosineSchedule(T_DIFFUSION)
 
