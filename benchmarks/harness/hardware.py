@@ -42,6 +42,7 @@ class PeakResult:
         return max(self.torch_gflops, self.numpy_gflops)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field (GFLOP/s, seconds per sample) and ``best_gflops``, for the JSON record."""
         return {**asdict(self), "best_gflops": self.best_gflops}
 
 

@@ -37,6 +37,8 @@ PROTOCOLS: tuple[str, ...] = ("hr", "lr")
 
 @dataclass(frozen=True)
 class Method:
+    """One row of the quality table: a sampler setting (``spec``) under its label, and its family."""
+
     label: str
     spec: SamplerSpec
     family: str
