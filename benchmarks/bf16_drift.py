@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.quality import Method, run_quality  # noqa: E402
 from ftddm_trt.engine.pipeline import SamplerSpec  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
+from ftddm_trt.evaluation.quality import Method, run_quality  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 
 

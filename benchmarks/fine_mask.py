@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.fine_mask import score_steps  # noqa: E402
-from ftddm_trt.bench.generalization import GENERALIZATION_SEED, style_maps  # noqa: E402
-from ftddm_trt.bench.report import md_table, write_json  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE, TRAIN_STYLES  # noqa: E402
 from ftddm_trt.engine.factory import open_backend  # noqa: E402
+from ftddm_trt.evaluation.fine_mask import score_steps  # noqa: E402
+from ftddm_trt.evaluation.generalization import GENERALIZATION_SEED, style_maps  # noqa: E402
+from ftddm_trt.evaluation.report import md_table, write_json  # noqa: E402
 from ftddm_trt.models.model_set import FINE_MASK_FILE, ModelSet  # noqa: E402
 from ftddm_trt.models.unet import count_parameters  # noqa: E402
 

@@ -21,12 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.generalization import DEFAULT_VARIANTS, score_maps, style_maps  # noqa: E402
 from ftddm_trt.constants import HR_SIZE  # noqa: E402
 from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
 from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
+from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS, score_maps, style_maps  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks, sampler_variant  # noqa: E402
 

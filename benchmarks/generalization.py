@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.generalization import run_generalization, write_results  # noqa: E402
 from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE, STYLES, TRAIN_STYLES  # noqa: E402
 from ftddm_trt.engine.factory import open_backend  # noqa: E402
+from ftddm_trt.evaluation.generalization import run_generalization, write_results  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 
 

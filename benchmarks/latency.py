@@ -6,7 +6,7 @@ ONNX Runtime, Triton client loop and Triton server loop, at batch 1 and at the b
 
 The best batch per backend comes from OUT/per_nfe.json (run benchmarks/per_nfe.py first) unless
 --best-batch is given. The Triton rows start their own tritonserver on free loopback ports.
-Writes OUT/latency.json, OUT/latency.md and OUT/latency.png. See ftddm_trt/bench/latency.py.
+Writes OUT/latency.json, OUT/latency.md and OUT/latency.png. See benchmarks/harness/latency.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.latency import LatencyConfig, latency_chart, latency_markdown, run_latency  # noqa: E402
-from ftddm_trt.bench.report import portable, write_json  # noqa: E402
+from benchmarks.harness.latency import LatencyConfig, latency_chart, latency_markdown, run_latency  # noqa: E402
+from ftddm_trt.evaluation.report import portable, write_json  # noqa: E402
 from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR  # noqa: E402
 
 

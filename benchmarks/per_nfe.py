@@ -4,7 +4,7 @@ and the sampling pipeline's overhead over pure network time on a whole phantom v
     python benchmarks/per_nfe.py [--model DIR] [--out benchmarks/results]
     python benchmarks/per_nfe.py --quick --out /tmp/bench-smoke      # seconds-long smoke run
 
-Writes OUT/per_nfe.json (every sample) and OUT/per_nfe.md (the tables). See ftddm_trt/bench/per_nfe.py.
+Writes OUT/per_nfe.json (every sample) and OUT/per_nfe.md (the tables). See benchmarks/harness/per_nfe.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.per_nfe import DEFAULT_BATCHES, PerNfeConfig, per_nfe_markdown, run_per_nfe  # noqa: E402
-from ftddm_trt.bench.report import portable, write_json  # noqa: E402
+from benchmarks.harness.per_nfe import DEFAULT_BATCHES, PerNfeConfig, per_nfe_markdown, run_per_nfe  # noqa: E402
+from ftddm_trt.evaluation.report import portable, write_json  # noqa: E402
 from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/robustness.py [--minutes 10] [--train-subjects 10] [--out benchmarks/results]
 
-Scores the shipped model (``--model``) on fresh subjects of each family (``bench.robustness``), and, per
+Scores the shipped model (``--model``) on fresh subjects of each family (``evaluation.robustness``), and, per
 family, two models trained for ``--minutes`` on ``--train-subjects`` other subjects of that family
 written as a site's training folder: ``ftddm-trt finetune`` of the shipped model, and a regression UNet
 of the same size from scratch (``train --task regression``), the yardstick. Writes
@@ -22,8 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ftddm_trt.bench.report import write_json  # noqa: E402
-from ftddm_trt.bench.robustness import (  # noqa: E402
+from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
+from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
+from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
+from ftddm_trt.evaluation.report import write_json  # noqa: E402
+from ftddm_trt.evaluation.robustness import (  # noqa: E402
     FAMILIES,
     ROBUSTNESS_SEED,
     SCALES_N,
@@ -33,9 +36,6 @@ from ftddm_trt.bench.robustness import (  # noqa: E402
     score_cell,
     summarize_cells,
 )
-from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
-from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
-from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.models.io import load_model  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet  # noqa: E402
 from ftddm_trt.training.finetune import FinetuneConfig, finetune  # noqa: E402

@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.bench.report import portable  # noqa: E402
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_TRUNC  # noqa: E402
 from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images  # noqa: E402
 from ftddm_trt.engine.triton_backend import TritonBackend  # noqa: E402
+from ftddm_trt.evaluation.report import portable  # noqa: E402
 from ftddm_trt.serving.launcher import TritonServer  # noqa: E402
 from ftddm_trt.serving.repository import RepoOptions, build_repository  # noqa: E402
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ftddm_trt.data.evaluation import MIN_VOXELS, evaluate_volume, markdown_table
+from ftddm_trt.evaluation.volumes import MIN_VOXELS, evaluate_volume, markdown_table
 
 METABS = ("NAA", "tCr")
 

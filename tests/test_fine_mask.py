@@ -92,7 +92,7 @@ def test_masked_bce_and_dice_against_brute_force():
 
 def test_training_learns_the_fine_mask(tmp_path):
     """A tiny estimator trained for 60 iterations beats its untrained self on held-out maps (BCE inside M)."""
-    from ftddm_trt.bench.generalization import style_maps
+    from ftddm_trt.evaluation.generalization import style_maps
     from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
     from ftddm_trt.training.fine_mask import fine_mask_batch, masked_bce, train_fine_mask
 
@@ -114,7 +114,7 @@ def test_training_learns_the_fine_mask(tmp_path):
 
 def test_choose_step_takes_the_best_worst_case():
     """Highest worst (style, s) gain wins, not the highest mean; the mean breaks a tie; oracle rows are ignored."""
-    from ftddm_trt.bench.fine_mask import choose_step
+    from ftddm_trt.evaluation.fine_mask import choose_step
 
     def rows(thr, w, gains, style="a"):
         return [{"mask": "learned", "threshold": thr, "weight": w, "n": n, "style": style, "psnr_gain": g}
@@ -270,8 +270,8 @@ def test_add_fine_mask_writes_a_model_that_upscale_uses(tiny_model_dir, tmp_path
     """add_fine_mask on tiny phantom subjects: a complete model folder (the base's networks untouched, the
     estimator hash-recorded, threshold and weight from the grid), refused over an existing folder."""
     from ftddm_trt.atomic import OutputError
-    from ftddm_trt.bench.fine_mask import THRESHOLDS, WEIGHTS
     from ftddm_trt.data.phantom import make_subject
+    from ftddm_trt.evaluation.fine_mask import THRESHOLDS, WEIGHTS
     from ftddm_trt.models.io import model_sha256
     from ftddm_trt.models.model_set import ModelSet
     from ftddm_trt.training.fine_mask import add_fine_mask

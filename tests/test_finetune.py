@@ -149,7 +149,7 @@ def test_finetune_validates_the_qc_step_in_the_site_convention(site_dir, tiny_mo
         row = {"psnr": 1.0, "ssim": 0.5, "psnr_gain": 0.0, "spec": {"passes": 1}, "qc_consistency": 0.0}
         return [row] * (len(variants) + 1)
 
-    monkeypatch.setattr("ftddm_trt.bench.generalization.score_maps", fake_score_maps)
+    monkeypatch.setattr("ftddm_trt.evaluation.generalization.score_maps", fake_score_maps)
     quality = ft_module.validation_quality(tiny_model_dir, {}, read_training_folder(site_dir)[-1:], cfg)
     assert seen and all(c == ("min",) for c in seen) and quality["qc_conventions"] == ["min"]
 
@@ -309,7 +309,7 @@ def test_recommend_sampler_takes_the_best_mean_gain_over_s_8_and_4():
 
 
 def test_sampler_choices_cover_the_grid_once_with_the_default_first():
-    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS
+    from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS
 
     default = DEFAULT_VARIANTS[0]
     choices = sampler_choices(default)
@@ -322,7 +322,7 @@ def test_sampler_choices_cover_the_grid_once_with_the_default_first():
 def test_sampler_variant_changes_only_passes_and_qc_weight():
     from dataclasses import asdict
 
-    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS
+    from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS
 
     default = DEFAULT_VARIANTS[0]
     v = sampler_variant(default, 3, 0.0)
@@ -338,7 +338,7 @@ def test_finetune_tunes_the_base_fine_mask_estimator(site_dir, tiny_model_dir, t
     chooses its threshold and weight on the validation subject, and packages it (hash-recorded)."""
     import torch
 
-    from ftddm_trt.bench.fine_mask import THRESHOLDS, WEIGHTS
+    from ftddm_trt.evaluation.fine_mask import THRESHOLDS, WEIGHTS
     from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
     from ftddm_trt.models.io import model_sha256, save_model
     from ftddm_trt.models.model_set import ModelSet

@@ -1,4 +1,4 @@
-"""bench.generalization.score_maps: the qc consistency step as upscale applies it, shared draws, lr-only rows."""
+"""evaluation.generalization.score_maps: the qc consistency step as upscale applies it, shared draws, lr-only rows."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ftddm_trt.bench.generalization import Variant, qc_fine_masks, score_maps, style_maps
-from ftddm_trt.bench.quality import example_tensors
-from ftddm_trt.data.evaluation import map_metrics
 from ftddm_trt.diffusion.consistency import band_project
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
 from ftddm_trt.engine.torch_backend import TorchBackend
+from ftddm_trt.evaluation.generalization import Variant, qc_fine_masks, score_maps, style_maps
+from ftddm_trt.evaluation.quality import example_tensors
+from ftddm_trt.evaluation.volumes import map_metrics
 from ftddm_trt.models.model_set import ModelSet
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

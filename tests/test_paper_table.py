@@ -1,4 +1,4 @@
-"""The paper-style quality report (bench.paper_table, bench.quality.write_results) and portable result paths,
+"""The paper-style quality report (evaluation.paper_table, evaluation.quality.write_results) and portable result paths,
 on small synthetic results records (no benchmark is run)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ftddm_trt.bench import paper_table
-from ftddm_trt.bench.quality import paper_methods, write_results
-from ftddm_trt.bench.report import PROJECT_ROOT, portable, portable_path, write_json
+from ftddm_trt.evaluation import paper_table
+from ftddm_trt.evaluation.quality import paper_methods, write_results
+from ftddm_trt.evaluation.report import PROJECT_ROOT, portable, portable_path, write_json
 
 
 def _run(method, family, n, protocol, nfe, maps, batch, spm, psnr, rng):
@@ -150,7 +150,7 @@ def test_portable_paths(tmp_path):
 
 def test_per_nfe_markdown_of_a_committed_record_holds_no_absolute_path():
     """The per_nfe writer renders what it is given: a record made portable leaves no machine path in the md."""
-    from ftddm_trt.bench.per_nfe import per_nfe_markdown
+    from benchmarks.harness.per_nfe import per_nfe_markdown
 
     record = json.loads((PROJECT_ROOT / "benchmarks" / "results" / "per_nfe.json").read_text())
     record["models"]["shipped"]["path"] = "/somewhere/else/model"

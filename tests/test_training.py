@@ -356,7 +356,7 @@ def test_cumulative_steps_follow_init_from_and_base_history(tiny_runs, tmp_path)
     assert third["base_commands"] == ["train A", "train B"] and third["commands"] == ["train C"]
     assert trainer.prior_steps(tmp_path / "m3" / "unet") == 5
     assert trainer.prior_steps(tmp_path / "nowhere" / "unet") == 0  # weights without a manifest: nothing known
-    from ftddm_trt.bench.paper_table import budget_lines
+    from ftddm_trt.evaluation.paper_table import budget_lines
 
     text = "\n".join(budget_lines(third))
     assert "`unet` (t in 1..100): 5 iterations (2 of them in the runs it started from) x batch" in text

@@ -52,8 +52,8 @@ def bench_cmd(
     seed: int = typer.Option(0, help="Seed of the map choice and of the samplers."),
 ) -> None:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
-    from ftddm_trt.bench.quality import paper_methods, run_quality, write_results
     from ftddm_trt.engine.factory import open_backend
+    from ftddm_trt.evaluation.quality import paper_methods, run_quality, write_results
     from ftddm_trt.models import count_parameters
     from ftddm_trt.models.model_set import ModelSet
 

@@ -626,9 +626,9 @@ def upscale_cmd(
 
 def evaluate_folders(pred_dir: Path, truth_dir: Path, input_dir: Path | None = None) -> dict:
     """Metrics of a prediction folder against a truth folder (and of the zero-filled input when known)."""
-    from ftddm_trt.data.evaluation import evaluate_volume
     from ftddm_trt.data.kspace import zero_fill
     from ftddm_trt.data.nifti_io import InputError, read_map_folder, read_subject
+    from ftddm_trt.evaluation.volumes import evaluate_volume
 
     try:
         pred, pred_aff, metabs = read_map_folder(pred_dir)
@@ -701,7 +701,7 @@ def evaluate_cmd(
     """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline.
 
     Never writes into the folders it reads."""
-    from ftddm_trt.data.evaluation import markdown_table
+    from ftddm_trt.evaluation.volumes import markdown_table
     from ftddm_trt.integrity import strict_json
 
     if out is not None:

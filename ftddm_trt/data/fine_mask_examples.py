@@ -2,7 +2,7 @@
 
 Each example is one map acquired at an N of ``LR_SIZES``: its features (``data.masks.fine_mask_features``)
 and the truth's 64x64 quality mask as the target, inside M. ``training.fine_mask`` trains on them and
-``bench.fine_mask`` scores the estimator on them; ``dice`` compares masks.
+``evaluation.fine_mask`` scores the estimator on them; ``dice`` compares masks.
 """
 
 from __future__ import annotations

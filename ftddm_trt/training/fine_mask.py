@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ftddm_trt.atomic import atomic_dir, check_output
-from ftddm_trt.bench.fine_mask import choose_step, score_steps
 from ftddm_trt.constants import LR_SIZES
-from ftddm_trt.data.evaluation import MIN_VOXELS
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.fine_mask_examples import (
     TRAINING_CONVENTIONS,
@@ -31,6 +29,8 @@ from ftddm_trt.data.fine_mask_examples import (
     fine_mask_example,
 )
 from ftddm_trt.engine.torch_backend import TorchBackend
+from ftddm_trt.evaluation.fine_mask import choose_step, score_steps
+from ftddm_trt.evaluation.volumes import MIN_VOXELS
 from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
 from ftddm_trt.models.io import model_sha256, save_model
 from ftddm_trt.models.model_set import FINE_MASK_FILE, ModelSet
@@ -99,7 +99,7 @@ def tune_step(net: FineMaskNet, backend, pool: SlicePool, idx: np.ndarray, sizes
               batch_size: int = 32) -> tuple[FineMaskConfig, list[dict]]:
     """Threshold and weight of the qc step with ``net``, chosen on maps ``idx`` of ``pool`` (the model on
     ``backend``'s default sampler, ``lr`` protocol, each of ``sizes``, qc maps in every convention the
-    estimator trains over; ``bench.fine_mask``): the best worst-case PSNR gain, or weight 0 (no step) when
+    estimator trains over; ``evaluation.fine_mask``): the best worst-case PSNR gain, or weight 0 (no step) when
     no learned setting beats none on average. Returns (config, score rows)."""
     conventions = [c.name for c in TRAINING_CONVENTIONS]
     rows = [r for n in sizes for r in score_steps(backend, net, pool, idx, n, batch_size=batch_size,

@@ -316,10 +316,10 @@ def validation_quality(base: Path, runs: dict[str, Path], val_subjects: list, cf
 
     import numpy as np
 
-    from ftddm_trt.bench.generalization import DEFAULT_VARIANTS, score_maps
-    from ftddm_trt.data.evaluation import MIN_VOXELS
     from ftddm_trt.data.examples import SlicePool
     from ftddm_trt.engine.torch_backend import TorchBackend
+    from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS, score_maps
+    from ftddm_trt.evaluation.volumes import MIN_VOXELS
     from ftddm_trt.models.io import save_model
     from ftddm_trt.training.fine_mask import step_summary, tune_step
 
@@ -379,9 +379,9 @@ QC_WEIGHT_CHOICES: tuple[float | None, ...] = (None, 0.0)
 
 
 def sampler_variant(default, passes: int, qc_weight: float | None, label: str | None = None):
-    """``default`` (a ``bench.generalization.Variant``) run with ``passes`` solver passes and qc weight ``qc_weight``
-    (None: upscale's default), as ``upscale --passes P --qc-consistency W`` runs it; labelled "passes P, qc W"
-    unless ``label`` is given."""
+    """``default`` (an ``evaluation.generalization.Variant``) run with ``passes`` solver passes and qc weight
+    ``qc_weight`` (None: upscale's default), as ``upscale --passes P --qc-consistency W`` runs it; labelled
+    "passes P, qc W" unless ``label`` is given."""
     from dataclasses import replace
 
     weight = "default" if qc_weight is None else f"{qc_weight:g}"

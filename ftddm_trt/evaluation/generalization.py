@@ -5,7 +5,7 @@ uses (``GENERALIZATION_SEED``); a fixed random choice of maps with enough qualit
 super-resolved at s = 8, 4, 2 under both mask protocols (``hr``: the paper's 64x64 quality mask; ``lr``:
 the N x N qc-derived mask a user has). Every method runs on the same maps with the same seed, and the
 zero-filled baseline is scored on them too. Metrics are per map inside the truth's quality mask
-(``data.evaluation``); the gain is method minus zero-filled, averaged over maps.
+(``evaluation.volumes``); the gain is method minus zero-filled, averaged over maps.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ftddm_trt.bench.quality import PROTOCOLS, SCALES, example_tensors
 from ftddm_trt.constants import HR_SIZE, T_DIFFUSION
-from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.fine_mask_examples import fine_mask_batch
 from ftddm_trt.data.phantom import make_subject
@@ -37,6 +35,8 @@ from ftddm_trt.engine.pipeline import (
     sample_batch,
     sample_images,
 )
+from ftddm_trt.evaluation.quality import PROTOCOLS, SCALES, example_tensors
+from ftddm_trt.evaluation.volumes import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.models.fine_mask import FineMaskNet
 
 #: Dataset seed of the generalization subjects (training uses 0 and site folders, never this one).
@@ -117,7 +117,7 @@ def score_maps(
     for v, spec, key in zip(used, specs, keys):
         if key not in drawn:
             t0 = time.perf_counter()
-            draws = [_every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
+            draws = [every_pass(backend, replace(spec, passes=most_passes[key]), y, s, batch_size, seed + k)
                      for k in range(v.samples)]
             drawn[key] = (torch.stack(draws).mean(0), (time.perf_counter() - t0) / idx.size)
         every, seconds = drawn[key]
@@ -143,8 +143,8 @@ def score_maps(
     return rows
 
 
-def _every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int,
-                seed: int) -> torch.Tensor:
+def every_pass(backend: Backend, spec: SamplerSpec, y: torch.Tensor, s: torch.Tensor, batch_size: int,
+               seed: int) -> torch.Tensor:
     """(K, spec.passes, 64, 64): channel k - 1 holds what ``spec`` with ``passes = k`` samples (same seeds)."""
     schedule = CosineSchedule(T_DIFFUSION)
 

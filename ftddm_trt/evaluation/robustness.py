@@ -24,10 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ftddm_trt.bench.generalization import _every_pass, qc_fine_masks
-from ftddm_trt.bench.quality import example_tensors
 from ftddm_trt.constants import HR_SIZE, USER_DEFAULT_TAU_F
-from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.field_phantom import make_field_subject
 from ftddm_trt.data.phantom import PhantomSubject, make_subject
@@ -35,6 +32,9 @@ from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS, get_convention,
 from ftddm_trt.diffusion.consistency import partial_consistency
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, qc_consistency, qc_step_weight
+from ftddm_trt.evaluation.generalization import every_pass, qc_fine_masks
+from ftddm_trt.evaluation.quality import example_tensors
+from ftddm_trt.evaluation.volumes import MIN_VOXELS, map_metrics, mask_coverage, summarize
 from ftddm_trt.models.fine_mask import FineMaskNet
 
 __all__ = ["ROBUSTNESS_SEED", "FAMILIES", "TISSUE_STYLES", "System", "family_subjects", "family_maps",
@@ -107,7 +107,7 @@ def score_cell(
     for k, system in enumerate(systems):
         t0 = time.perf_counter()
         passes = 2 if k == 0 else 1
-        every = _every_pass(system.backend, replace(spec, passes=passes), y, s, batch_size, seed)
+        every = every_pass(system.backend, replace(spec, passes=passes), y, s, batch_size, seed)
         outputs.append((every, (time.perf_counter() - t0) / idx.size))
     reg = None
     if regression is not None:

@@ -15,6 +15,11 @@ import torch
 
 from ftddm_trt.engine.backend import Backend
 
+#: How timings on a shared machine are to be read (the markdown of per_nfe and latency says it).
+NOISE_NOTE = ("The machine is shared with other jobs (training runs, tests): timings are noisy. Each figure is "
+              "the median of the stated number of repeats, taken in blocks that alternate between backends; the "
+              "load average before and after the run is recorded with the machine facts.")
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -24,18 +29,22 @@ class Timing:
 
     @property
     def median(self) -> float:
+        """Median sample, seconds."""
         return statistics.median(self.samples)
 
     @property
     def minimum(self) -> float:
+        """Fastest sample, seconds."""
         return min(self.samples)
 
     @property
     def maximum(self) -> float:
+        """Slowest sample, seconds."""
         return max(self.samples)
 
     @property
     def repeats(self) -> int:
+        """Number of samples."""
         return len(self.samples)
 
     def to_dict(self, scale: float = 1e3, unit: str = "ms") -> dict[str, Any]:
@@ -132,6 +141,7 @@ class TimedBackend(Backend):
         self.times: dict[str, NetworkTime] = {}
 
     def reset(self) -> None:
+        """Forget the network times accumulated so far."""
         self.times = {}
 
     def _timed(self, key: str, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -146,9 +156,11 @@ class TimedBackend(Backend):
         return out
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """``inner.unet`` (predicted noise (B,1,64,64)), its time added to ``unet`` or ``unet_full``."""
         return self._timed("unet_full" if full else "unet", self.inner.unet, x_t, y, t, s, full=full)
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """``inner.flow_reverse`` (x_Ttrunc (B,1,64,64)), its time added to ``flow``."""
         return self._timed("flow", self.inner.flow_reverse, eps, y, tau_f)
 
     @property
@@ -158,9 +170,11 @@ class TimedBackend(Backend):
 
     @property
     def calls(self) -> int:
+        """Network calls over every network since the last reset."""
         return sum(r.calls for r in self.times.values())
 
     def summary(self) -> dict[str, Any]:
+        """Network seconds and calls in all, and seconds, calls and images per network."""
         return {
             "network_s": self.seconds,
             "calls": self.calls,
@@ -170,7 +184,9 @@ class TimedBackend(Backend):
         }
 
     def describe(self) -> dict[str, Any]:
+        """The inner backend's description."""
         return self.inner.describe()
 
     def close(self) -> None:
+        """Close the inner backend."""
         self.inner.close()

@@ -42,6 +42,7 @@ class PeakResult:
         return max(self.torch_gflops, self.numpy_gflops)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field (GFLOP/s, seconds per sample) and ``best_gflops``, for the JSON record."""
         return {**asdict(self), "best_gflops": self.best_gflops}
 
 
@@ -227,3 +228,21 @@ def machine_facts() -> dict[str, Any]:
         "tritonclient": _version("tritonclient"),
         "gpu": gpu_facts(),
     }
+
+
+def machine_lines(machine: dict[str, Any], load_after: Sequence[float] | None = None) -> list[str]:
+    """Markdown bullet list of the machine facts."""
+    gpu = machine.get("gpu")
+    lines = [
+        f"- CPU: {machine.get('cpu_model')} ({machine.get('available_cores')} cores available, "
+        f"{machine.get('logical_cpus')} logical); threads used: "
+        f"{machine.get('threads_used', machine.get('torch_threads'))}",
+        f"- GPU: {gpu['name'] + ' (' + str(gpu['memory_gib']) + ' GiB)' if gpu else 'none'}",
+        f"- torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}, numpy {machine.get('numpy')}, "
+        f"tensorrt {machine.get('tensorrt') or 'absent'}, tritonclient {machine.get('tritonclient') or 'absent'}, "
+        f"Python {machine.get('python')}",
+        f"- {machine.get('platform')}",
+        f"- load average (1/5/15 min) before: {machine.get('load_average')}"
+        + (f", after: {list(load_after)}" if load_after is not None else ""),
+    ]
+    return lines

@@ -27,19 +27,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ftddm_trt.bench import hardware
-from ftddm_trt.bench.report import NOISE_NOTE, machine_lines, md_table
-from ftddm_trt.bench.timing import interleaved_times
-from ftddm_trt.bench.workloads import (
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.evaluation.report import md_table
+from ftddm_trt.models.model_set import ModelSet
+
+from . import hardware
+from .hardware import machine_lines
+from .timing import NOISE_NOTE, interleaved_times
+from .workloads import (
     cached_onnx_export,
     close_all,
     open_backends,
     phantom_condition,
     smoke_model_set,
 )
-from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
-from ftddm_trt.models.model_set import ModelSet
 
 TRITON_LABELS: tuple[str, ...] = ("triton-client", "triton-server")
 DEFAULT_BACKENDS: tuple[str, ...] = ("torch-fp32", "torch-bf16", "onnxruntime", *TRITON_LABELS)
@@ -97,7 +99,7 @@ def best_batches(labels: Sequence[str], per_nfe_json: Path | None, fixed: int | 
     if per_nfe_json is not None and Path(per_nfe_json).is_file():
         import json
 
-        from ftddm_trt.bench.per_nfe import best_batch
+        from .per_nfe import best_batch
 
         data = json.loads(Path(per_nfe_json).read_text())
         rows = data.get("rows", [])

@@ -1,4 +1,4 @@
-"""Writing benchmark results: JSON (everything, with samples) and markdown (what a reader needs)."""
+"""Writing evaluation and benchmark results: JSON (everything, with samples) and markdown (what a reader needs)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ from typing import Any, Sequence
 
 #: The repository (or installed package's parent): paths under it are written relative to it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
-NOISE_NOTE = ("The machine is shared with other jobs (training runs, tests): timings are noisy. Each figure is "
-              "the median of the stated number of repeats, taken in blocks that alternate between backends; the "
-              "load average before and after the run is recorded with the machine facts.")
 
 
 def portable_path(text: str) -> str:
@@ -87,21 +83,3 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return out
-
-
-def machine_lines(machine: dict[str, Any], load_after: Sequence[float] | None = None) -> list[str]:
-    """Markdown bullet list of the machine facts."""
-    gpu = machine.get("gpu")
-    lines = [
-        f"- CPU: {machine.get('cpu_model')} ({machine.get('available_cores')} cores available, "
-        f"{machine.get('logical_cpus')} logical); threads used: "
-        f"{machine.get('threads_used', machine.get('torch_threads'))}",
-        f"- GPU: {gpu['name'] + ' (' + str(gpu['memory_gib']) + ' GiB)' if gpu else 'none'}",
-        f"- torch {machine.get('torch')}, onnxruntime {machine.get('onnxruntime')}, numpy {machine.get('numpy')}, "
-        f"tensorrt {machine.get('tensorrt') or 'absent'}, tritonclient {machine.get('tritonclient') or 'absent'}, "
-        f"Python {machine.get('python')}",
-        f"- {machine.get('platform')}",
-        f"- load average (1/5/15 min) before: {machine.get('load_average')}"
-        + (f", after: {list(load_after)}" if load_after is not None else ""),
-    ]
-    return lines

@@ -1,5 +1,5 @@
 """The quality results as the paper reports them: Table 1 (mean +- std, Wilcoxon p, speed-up at equal batch,
-params) and Figs. 5-7, computed from the results record of ``bench.quality.run_quality``.
+params) and Figs. 5-7, computed from the results record of ``evaluation.quality.run_quality``.
 
 Every function here reads a results dict and nothing else, so it is tested on small synthetic records.
 

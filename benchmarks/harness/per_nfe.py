@@ -23,10 +23,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ftddm_trt.bench import hardware
-from ftddm_trt.bench.report import NOISE_NOTE, fmt, machine_lines, md_table, portable_path
-from ftddm_trt.bench.timing import TimedBackend, Timing, cuda_sync, interleaved_times
-from ftddm_trt.bench.workloads import (
+from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
+from ftddm_trt.evaluation.report import fmt, md_table, portable_path
+from ftddm_trt.models.model_set import ModelSet
+
+from . import hardware
+from .hardware import machine_lines
+from .timing import NOISE_NOTE, TimedBackend, Timing, cuda_sync, interleaved_times
+from .workloads import (
     cached_onnx_export,
     close_all,
     default_backends,
@@ -35,9 +40,6 @@ from ftddm_trt.bench.workloads import (
     phantom_condition,
     smoke_model_set,
 )
-from ftddm_trt.engine.backend import Backend
-from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
-from ftddm_trt.models.model_set import ModelSet
 
 DEFAULT_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 OVERHEAD_TARGET = 0.05

@@ -4,7 +4,7 @@ The default sampler runs once per map and acquisition size (``lr`` protocol, no 
 then applied to those same outputs through each mask: none, the qc estimate F at the shipped weight,
 the learned estimator at each (threshold, weight) of a grid, and the truth's quality mask (an oracle,
 not available to a user). Scores are PSNR / SSIM gains over zero-filled inside the truth's mask, as in
-``bench.generalization``.
+``evaluation.generalization``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ftddm_trt.bench.quality import example_tensors
 from ftddm_trt.constants import USER_DEFAULT_TAU_F
-from ftddm_trt.data.evaluation import map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.fine_mask_examples import dice, fine_mask_batch
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, sample_images
+from ftddm_trt.evaluation.quality import example_tensors
+from ftddm_trt.evaluation.volumes import map_metrics, summarize
 from ftddm_trt.models.fine_mask import FineMaskNet
 
 THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)

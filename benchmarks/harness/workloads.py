@@ -304,6 +304,7 @@ def open_backends(
 
 
 def close_all(backends: dict[str, Backend]) -> None:
+    """Close every backend, ignoring errors (the results are already taken)."""
     for b in backends.values():
         try:
             b.close()

@@ -4,7 +4,7 @@ For each upscaling factor s in (8, 4, 2) and each mask protocol (``hr``: the pap
 mask; ``lr``: the mask a user has, from N x N qc maps), the same maps of the test split are
 super-resolved by every method on one backend in one run. Metrics (NRMSE / PSNR / SSIM) are computed
 per map inside the truth's quality mask, in file units, and kept per map (for the standard deviations and
-the paired Wilcoxon tests of ``bench.paper_table``). Seconds per map are wall time of the whole batched loop
+the paired Wilcoxon tests of ``evaluation.paper_table``). Seconds per map are wall time of the whole batched loop
 divided by the number of maps; every method runs at the same batch size, so the speed-up over DDPM-1000 is
 a ratio at equal batch. DDPM-1000 runs on all maps unless ``ddpm_maps`` names a smaller subset (the first
 ``ddpm_maps`` maps, at least one batch), which the table then states.
@@ -21,15 +21,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ftddm_trt.bench import paper_table
-from ftddm_trt.bench.report import portable
 from ftddm_trt.constants import HR_SIZE
-from ftddm_trt.data.evaluation import MIN_VOXELS, map_metrics, summarize
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.phantom import fold_split, generate_dataset
 from ftddm_trt.diffusion import DEFAULT_LAMBDA_MIN
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for, sample_images
+from ftddm_trt.evaluation import paper_table
+from ftddm_trt.evaluation.report import portable
+from ftddm_trt.evaluation.volumes import MIN_VOXELS, map_metrics, summarize
 
 SCALES: tuple[int, ...] = (8, 16, 32)  # N for s = 8, 4, 2
 PROTOCOLS: tuple[str, ...] = ("hr", "lr")
@@ -37,6 +37,8 @@ PROTOCOLS: tuple[str, ...] = ("hr", "lr")
 
 @dataclass(frozen=True)
 class Method:
+    """One row of the quality table: a sampler setting (``spec``) under its label, and its family."""
+
     label: str
     spec: SamplerSpec
     family: str
