@@ -74,6 +74,19 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _umask() -> int:
+    """This process's umask: from ``/proc/self/status`` where Linux gives it, else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _is_pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -274,9 +287,7 @@ def staging_dir(out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_prefix(out)}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     (tmp / STAGING_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                 "output": str(out.resolve())}))
     return tmp
@@ -325,14 +336,18 @@ def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
     exception it is removed and ``path`` is left as it was.
 
     ``suffix``: the temporary file's ending, for writers that choose a format by the name (``.nii.gz``,
-    ``.png``); by default ``path``'s own suffixes. The parent folder is created when missing."""
+    ``.png``); by default ``path``'s own suffixes. The parent folder is created when missing. The file gets
+    the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or "".join(path.suffixes)),
                                     dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -341,9 +356,13 @@ def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` all at once or not at all (see ``atomic_file``)."""
+    """Write ``data`` to ``path`` all at once or not at all (see ``atomic_file``); the bytes reach the disk
+    (``fsync``) before the file takes ``path``'s name."""
     with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     return Path(path)
 
 

@@ -22,9 +22,7 @@ exactly (no half-voxel shift: that shift belongs to the corner-aligned conventio
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -34,6 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
+from ftddm_trt.atomic import atomic_file, write_json_atomic
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, METABOLITES
 from ftddm_trt.data.fsl_names import NAMING, MapFile, nifti_stem, resolve_maps
 from ftddm_trt.data.kspace import kspace_truncate
@@ -164,11 +163,10 @@ def lr_affine_for(sr_affine_: ArrayLike, n: int, size: int = HR_SIZE) -> NDArray
 
 
 def _save(path: Path, data_xyz: NDArray, affine: ArrayLike, like: nib.Nifti1Header | None = None) -> None:
-    """Write a NIfTI atomically (temporary file in the same folder, then ``os.replace``).
+    """Write a NIfTI atomically (``atomic.atomic_file``: a temporary file in the same folder, then ``os.replace``).
 
     ``like``: an input's header whose sform/qform codes, units and intent the file keeps (viewers
     overlay images by those codes); without it, both codes are 1 (scanner) and units mm."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data_xyz, np.asarray(affine, dtype=np.float64))
     if like is None:
         img.header.set_xyzt_units("mm")
@@ -180,15 +178,8 @@ def _save(path: Path, data_xyz: NDArray, affine: ArrayLike, like: nib.Nifti1Head
         img.header.set_xyzt_units(*like.get_xyzt_units())
         name, params, intent_name = like.get_intent()
         img.header.set_intent(name, params, intent_name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _vol_to_disk(vol: ArrayLike, dtype: type = np.float32) -> NDArray:
@@ -290,14 +281,6 @@ def write_maps(
     return out
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_training_subject(out_dir: str | os.PathLike[str], subject: "PhantomSubject") -> Path:
     """Write a phantom as a site's high-resolution training subject (``data.training_folder`` layout).
 
@@ -318,8 +301,8 @@ def write_training_subject(out_dir: str | os.PathLike[str], subject: "PhantomSub
         flair=subject.flair_hires,
         flair_affine=subject.anat_affine,
     )
-    _write_json(sub_dir / "phantom.json", {"subject_id": subject.subject_id, "n": HR_SIZE, "layout": "training",
-                                           "has_tumour": subject.has_tumour, "slices": subject.n_slices})
+    write_json_atomic(sub_dir / "phantom.json", {"subject_id": subject.subject_id, "n": HR_SIZE, "layout": "training",
+                                                 "has_tumour": subject.has_tumour, "slices": subject.n_slices})
     return sub_dir
 
 
@@ -358,7 +341,7 @@ def write_phantom_subject(
     write_maps(sub_dir / "truth", subject.maps, a_sr)
     for c, name in enumerate(METABOLITES):
         _save(sub_dir / "truth" / "masks" / f"{name}.nii.gz", _vol_to_disk(subject.masks[:, c], np.uint8), a_sr)
-    _write_json(sub_dir / "phantom.json", {
+    write_json_atomic(sub_dir / "phantom.json", {
         "subject_id": subject.subject_id, "n": n, "scale": HR_SIZE / n, "hr_masks": hr_masks,
         "has_tumour": subject.has_tumour, "slices": subject.n_slices, "snr_exponent": snr_exponent,
         "qc_convention": convention.to_dict() if convention is not None else None,

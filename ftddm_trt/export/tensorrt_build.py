@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ftddm_trt.atomic import atomic_dir
+from ftddm_trt.atomic import atomic_dir, atomic_file, write_bytes_atomic
 from ftddm_trt.export.manifest import (
     FLOW_TTRUNC_KEY,
     file_sha256,
@@ -184,20 +183,6 @@ def network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, timing_cache: Path,
                  workspace_gib: float = 4.0, log: Callable[[str], None] = print) -> None:
     """Parse ``onnx_path`` into a strongly typed network and serialize an engine to ``engine_path``
@@ -230,8 +215,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, timi
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    atomic_write_bytes(engine_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(engine_path, bytes(serialized))
+    write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 class EngineRunner:
@@ -311,7 +296,7 @@ def prepare_onnx(name: str, src: Path, out_dir: Path, precision: str) -> Path:
 
     dst = out_dir / f"{name}.fp16.onnx"
     converted, _ = convert_fp16(onnx.load(str(src)))
-    atomic_write_bytes(dst, converted.SerializeToString())
+    write_bytes_atomic(dst, converted.SerializeToString())
     return dst
 
 
@@ -407,14 +392,9 @@ def _build_into(onnx_dir: Path, out_dir: Path, onnx_manifest: dict[str, Any], gp
             f"{name}: building {'fp16' if record['fp16'] else 'fp32'} engine (batch "
             f"{profile.min}/{profile.opt}/{profile.max}) ..."
         )
-        tmp = path.with_name(f".{path.name}.unverified")
-        build_engine(parsed, tmp, profile, out_dir / "timing.cache", workspace_gib, log)
-        try:
+        with atomic_file(path) as tmp:  # an engine refused by the check (PrecisionError) is never written
+            build_engine(parsed, tmp, profile, out_dir / "timing.cache", workspace_gib, log)
             record["check"] = _verify_engine(name, tmp, src, precision)
-        except PrecisionError:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
         record["engine_sha256"] = file_sha256(path)
         log(
             f"  {name}: max |engine - ORT fp32| = {record['check']['max_abs_error']:.2e} (limit "
