@@ -1,0 +1,1 @@
+"""NIfTI files in the FSL-MRS (``fsl_mrsi``) layout."""
