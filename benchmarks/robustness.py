@@ -33,7 +33,7 @@ from ftddm_trt.bench.robustness import (  # noqa: E402
     score_cell,
     summarize_cells,
 )
-from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
+from ftddm_trt.data.nifti.write import write_training_subject  # noqa: E402
 from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.models.io import load_model  # noqa: E402

@@ -83,7 +83,7 @@ class _NaNBackend(Backend):
 
 
 def test_upscale_subject_refuses_nan(phantom_subject_dir):
-    from ftddm_trt.data.nifti_io import read_subject
+    from ftddm_trt.data.nifti.read import read_subject
     from ftddm_trt.engine.upscale import upscale_subject
 
     subject = read_subject(phantom_subject_dir)

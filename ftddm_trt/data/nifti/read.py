@@ -1,4 +1,4 @@
-"""Reading and writing subjects in the FSL-MRS (``fsl_mrsi``) layout; the only ``(Z, ...) <-> (X, Y, Z)`` transpose.
+"""Reading subjects and maps in the FSL-MRS (``fsl_mrsi``) layout; on-disk ``(X, Y, Z)`` becomes ``(Z, ...)``.
 
 Layout of one subject folder (every file a 3D NIfTI, arrays ``(X, Y, Z)`` on disk)::
 
@@ -15,9 +15,8 @@ Layout of one subject folder (every file a 3D NIfTI, arrays ``(X, Y, Z)`` on dis
       truth/masks/<metab>.nii.gz         phantoms only: 64x64 quality masks
       phantom.json                       phantoms only: metadata
 
-Affines (centred grid, see ``data.kspace``): acquired voxel ``k`` and 64x64 voxel ``s * k`` are the same
-world point, and voxel 0 of both grids is the same point. Hence ``A_SR = A_LR @ diag(1/s, 1/s, 1, 1)``
-exactly (no half-voxel shift: that shift belongs to the corner-aligned convention, not to FFT grids).
+The writers of this layout are in ``data.nifti.write``; the grids' affines and the resampling of masks
+and images onto the 64x64 grid in ``data.nifti.resample``.
 """
 
 from __future__ import annotations
@@ -25,38 +24,28 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
+from numpy.typing import NDArray
 
-from ftddm_trt.atomic import atomic_file, write_json_atomic
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, METABOLITES
 from ftddm_trt.data.fsl_names import NAMING, MapFile, nifti_stem, resolve_maps
-from ftddm_trt.data.kspace import kspace_truncate
-from ftddm_trt.data.masks import SIGNAL_FRACTION, lr_qc_maps, lr_support_mask, support_mask_from_lr
+from ftddm_trt.data.masks import SIGNAL_FRACTION, lr_support_mask, support_mask_from_lr
+from ftddm_trt.data.nifti.files import (
+    AFFINE_TOL_MM,
+    InputError,
+    find_file,
+    load_volume,
+    match_metabolites,
+    nifti_files,
+    same_grid,
+)
+from ftddm_trt.data.nifti.resample import inside_extent, linear_onto, nearest_onto, sr_affine
 from ftddm_trt.data.qc_combine import combine_fwhm, combine_snr
-from ftddm_trt.data.qc_conventions import QcConvention, acquired_qc
 
-if TYPE_CHECKING:
-    from ftddm_trt.data.phantom import PhantomSubject
-
-__all__ = [
-    "InputError",
-    "SubjectInput",
-    "CONC_KINDS",
-    "METABOLITE_ALIASES",
-    "sr_affine",
-    "lr_affine_for",
-    "write_subject",
-    "write_maps",
-    "write_phantom_subject",
-    "write_training_subject",
-    "read_subject",
-    "read_map_folder",
-]
+__all__ = ["SubjectInput", "CONC_KINDS", "METABOLITE_ALIASES", "read_subject", "read_map_folder"]
 
 #: FSL-MRS concentration folders, in the order ``read_subject`` tries them.
 CONC_KINDS: tuple[str, ...] = ("raw", "internal", "molarity", "molality")
@@ -64,17 +53,6 @@ CONC_KINDS: tuple[str, ...] = ("raw", "internal", "molarity", "molality")
 #: File stems accepted for each metabolite, in the order they are tried (``data.fsl_names``).
 METABOLITE_ALIASES: dict[str, tuple[str, ...]] = {
     m: tuple(dict.fromkeys(stem for stem, _ in NAMING[m].candidates())) for m in METABOLITES}
-
-_AFFINE_TOL_MM = 1e-3
-
-
-class InputError(ValueError):
-    """A problem with an input file; the message always starts with the file (or folder) it concerns."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass
@@ -143,263 +121,14 @@ class SubjectInput:
         self.sources = {m: self.sources[m] for m in metabolites if m in self.sources}
 
 
-# --------------------------------------------------------------------------------------- affines
-
-
-def sr_affine(lr_affine: ArrayLike, n: int, size: int = HR_SIZE) -> NDArray[np.float64]:
-    """Affine of the ``size x size`` SR grid from the affine of the ``n x n`` acquired grid.
-
-    ``A_SR = A_LR @ diag(n / size, n / size, 1, 1)``: SR voxel ``s * k`` lands on acquired voxel ``k``.
-    """
-    return np.asarray(lr_affine, dtype=np.float64) @ np.diag([n / size, n / size, 1.0, 1.0])
-
-
-def lr_affine_for(sr_affine_: ArrayLike, n: int, size: int = HR_SIZE) -> NDArray[np.float64]:
-    """Affine of an ``n x n`` acquisition of the same FOV as the ``size x size`` grid ``sr_affine_``."""
-    return np.asarray(sr_affine_, dtype=np.float64) @ np.diag([size / n, size / n, 1.0, 1.0])
-
-
-# --------------------------------------------------------------------------------------- writing
-
-
-def _save(path: Path, data_xyz: NDArray, affine: ArrayLike, like: nib.Nifti1Header | None = None) -> None:
-    """Write a NIfTI atomically (``atomic.atomic_file``: a temporary file in the same folder, then ``os.replace``).
-
-    ``like``: an input's header whose sform/qform codes, units and intent the file keeps (viewers
-    overlay images by those codes); without it, both codes are 1 (scanner) and units mm."""
-    img = nib.Nifti1Image(data_xyz, np.asarray(affine, dtype=np.float64))
-    if like is None:
-        img.header.set_xyzt_units("mm")
-        img.set_qform(img.affine, code=1)
-        img.set_sform(img.affine, code=1)
-    else:
-        img.set_qform(img.affine, code=int(like["qform_code"]))
-        img.set_sform(img.affine, code=int(like["sform_code"]))
-        img.header.set_xyzt_units(*like.get_xyzt_units())
-        name, params, intent_name = like.get_intent()
-        img.header.set_intent(name, params, intent_name)
-    with atomic_file(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
-
-
-def _vol_to_disk(vol: ArrayLike, dtype: type = np.float32) -> NDArray:
-    """``(Z, X, Y)`` in memory -> ``(X, Y, Z)`` on disk."""
-    a = np.asarray(vol)
-    if a.ndim != 3:
-        raise ValueError(f"expected a (Z, X, Y) volume, got shape {a.shape}")
-    return np.ascontiguousarray(a.transpose(1, 2, 0)).astype(dtype)
-
-
-def _per_metab(name: str, arr: ArrayLike, metabolites: Sequence[str]) -> NDArray:
-    a = np.asarray(arr)
-    if a.ndim != 4 or a.shape[1] != len(metabolites):
-        raise ValueError(f"{name} must be (Z, {len(metabolites)}, X, Y), got shape {a.shape}")
-    return a
-
-
-def write_subject(
-    out_dir: str | os.PathLike[str],
-    lr: ArrayLike,
-    affine_lr: ArrayLike,
-    *,
-    metabolites: Sequence[str] = METABOLITES,
-    kind: str = "raw",
-    snr: ArrayLike | None = None,
-    fwhm: ArrayLike | None = None,
-    t1: ArrayLike | None = None,
-    t1_affine: ArrayLike | None = None,
-    flair: ArrayLike | None = None,
-    flair_affine: ArrayLike | None = None,
-    masks: ArrayLike | None = None,
-    masks_affine: ArrayLike | None = None,
-    mask: ArrayLike | None = None,
-    mask_affine: ArrayLike | None = None,
-) -> Path:
-    """Write one subject as FSL-MRS output (what a user hands to ``read_subject``).
-
-    Args:
-        out_dir: subject folder (created).
-        lr: ``(Z, M, n, n)`` acquired maps; ``affine_lr`` their ``(4, 4)`` affine.
-        metabolites: the ``M`` names, file stems.
-        kind: concentration folder name.
-        snr, fwhm: optional ``(Z, M, n, n)`` qc maps (FWHM in ppm), written to ``qc/``.
-        t1, flair: optional ``(Z', X', Y')`` anatomy with their own affines (default ``affine_lr``).
-        masks: optional ``(Z', M, X', Y')`` per-metabolite masks -> ``masks/<metab>.nii.gz``.
-        mask: optional ``(Z', X', Y')`` shared mask -> ``mask.nii.gz``.
-        masks_affine, mask_affine: their affines (default ``affine_lr``).
-
-    Returns:
-        the subject folder.
-    """
-    out = Path(out_dir)
-    lr = _per_metab("lr", lr, metabolites)
-    for c, name in enumerate(metabolites):
-        _save(out / "concs" / kind / f"{name}.nii.gz", _vol_to_disk(lr[:, c]), affine_lr)
-    for suffix, qc in (("snr", snr), ("fwhm", fwhm)):
-        if qc is not None:
-            qc = _per_metab(suffix, qc, metabolites)
-            for c, name in enumerate(metabolites):
-                _save(out / "qc" / f"{name}_{suffix}.nii.gz", _vol_to_disk(qc[:, c]), affine_lr)
-    for fname, vol, aff in (("t1", t1, t1_affine), ("flair", flair, flair_affine)):
-        if vol is not None:
-            _save(out / f"{fname}.nii.gz", _vol_to_disk(vol), affine_lr if aff is None else aff)
-    if masks is not None:
-        masks = _per_metab("masks", masks, metabolites)
-        for c, name in enumerate(metabolites):
-            _save(out / "masks" / f"{name}.nii.gz", _vol_to_disk(masks[:, c], np.uint8),
-                  affine_lr if masks_affine is None else masks_affine)
-    if mask is not None:
-        _save(out / "mask.nii.gz", _vol_to_disk(mask, np.uint8), affine_lr if mask_affine is None else mask_affine)
-    return out
-
-
-def write_maps(
-    out_dir: str | os.PathLike[str],
-    maps: ArrayLike,
-    affine: ArrayLike,
-    kind: str = "raw",
-    sd: ArrayLike | None = None,
-    metabolites: Sequence[str] = METABOLITES,
-    like: nib.Nifti1Header | None = None,
-) -> Path:
-    """Write ``(Z, M, X, Y)`` maps (e.g. super-resolved 64x64) as ``concs/<kind>/<metab>.nii.gz``.
-
-    ``sd`` (same shape, per-voxel standard deviation of repeated samples) goes to
-    ``uncertainties/<metab>_sd.nii.gz`` (``<kind>_<metab>_sd`` for a kind other than raw, so that the
-    kinds of one subject do not overwrite each other). ``like``: the input header whose sform/qform
-    codes, units and intent every file keeps (``SubjectInput.header``). Returns ``out_dir``.
-    """
-    out = Path(out_dir)
-    maps = _per_metab("maps", maps, metabolites)
-    for c, name in enumerate(metabolites):
-        _save(out / "concs" / kind / f"{name}.nii.gz", _vol_to_disk(maps[:, c]), affine, like)
-    if sd is not None:
-        sd = _per_metab("sd", sd, metabolites)
-        prefix = "" if kind == "raw" else f"{kind}_"
-        for c, name in enumerate(metabolites):
-            _save(out / "uncertainties" / f"{prefix}{name}_sd.nii.gz", _vol_to_disk(sd[:, c]), affine, like)
-    return out
-
-
-def write_training_subject(out_dir: str | os.PathLike[str], subject: "PhantomSubject") -> Path:
-    """Write a phantom as a site's high-resolution training subject (``data.training_folder`` layout).
-
-    ``concs/raw`` = the 64x64 quality-filtered maps, ``qc/`` = their 64x64 SNR and FWHM, ``masks/`` = the
-    quality masks (which also exclude the lipid rim, not visible in qc), ``t1``/``flair`` on the 128x128
-    anatomy grid; all under ``out_dir/<subject_id>/``. Returns the subject folder.
-    """
-    sub_dir = Path(out_dir) / subject.subject_id
-    write_subject(
-        sub_dir,
-        subject.maps,
-        subject.mrsi_affine_hr,
-        snr=subject.snr,
-        fwhm=subject.fwhm,
-        masks=subject.masks,
-        t1=subject.t1_hires,
-        t1_affine=subject.anat_affine,
-        flair=subject.flair_hires,
-        flair_affine=subject.anat_affine,
-    )
-    write_json_atomic(sub_dir / "phantom.json", {"subject_id": subject.subject_id, "n": HR_SIZE, "layout": "training",
-                                                 "has_tumour": subject.has_tumour, "slices": subject.n_slices})
-    return sub_dir
-
-
-def write_phantom_subject(
-    out_dir: str | os.PathLike[str],
-    subject: "PhantomSubject",
-    n: int,
-    hr_masks: bool = False,
-    snr_exponent: float = 1.0,
-    convention: QcConvention | None = None,
-) -> Path:
-    """Write a phantom as a user's ``n x n`` scan plus its ground truth, under ``out_dir/<subject_id>/``.
-
-    Input part: ``concs/raw`` = ``kspace_truncate(maps, n)[0]``, ``qc/`` = ``masks.lr_qc_maps`` at
-    ``n x n`` (or the qc maps a site with ``convention`` writes, ``data.qc_conventions.acquired_qc``:
-    none for ``missing``), ``t1``/``flair`` on the 128x128 anatomy grid, and with ``hr_masks`` the paper's 64x64
-    quality masks in ``masks/`` (SR affine). Truth part: ``truth/concs/raw`` and ``truth/masks`` at
-    64x64 (SR affine). Returns the subject folder.
-    """
-    if n not in LR_SIZES:
-        raise ValueError(f"n={n} is not one of {LR_SIZES}")
-    sub_dir = Path(out_dir) / subject.subject_id
-    a_sr = subject.mrsi_affine_hr
-    a_lr = lr_affine_for(a_sr, n)
-    lr, _ = kspace_truncate(subject.maps, n)
-    if convention is None:
-        snr_lr, fwhm_lr = lr_qc_maps(subject, n, snr_exponent=snr_exponent)
-    else:
-        snr_lr, fwhm_lr = acquired_qc(subject.snr, subject.fwhm, n, convention) or (None, None)
-    write_subject(
-        sub_dir, lr, a_lr, snr=snr_lr, fwhm=fwhm_lr,
-        t1=subject.t1_hires, t1_affine=subject.anat_affine,
-        flair=subject.flair_hires, flair_affine=subject.anat_affine,
-        masks=subject.masks if hr_masks else None, masks_affine=a_sr,
-    )
-    write_maps(sub_dir / "truth", subject.maps, a_sr)
-    for c, name in enumerate(METABOLITES):
-        _save(sub_dir / "truth" / "masks" / f"{name}.nii.gz", _vol_to_disk(subject.masks[:, c], np.uint8), a_sr)
-    write_json_atomic(sub_dir / "phantom.json", {
-        "subject_id": subject.subject_id, "n": n, "scale": HR_SIZE / n, "hr_masks": hr_masks,
-        "has_tumour": subject.has_tumour, "slices": subject.n_slices, "snr_exponent": snr_exponent,
-        "qc_convention": convention.to_dict() if convention is not None else None,
-    })
-    return sub_dir
-
-
-# --------------------------------------------------------------------------------------- reading
-
-
-def _load(path: Path, what: str = "map") -> tuple[NDArray[np.float32], NDArray[np.float64]]:
-    """Load a 3D NIfTI as ``(X, Y, Z)`` float32 + affine; every failure becomes an ``InputError``."""
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except InputError:
-        raise
-    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error, ValueError...
-        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise InputError(path, f"{data.ndim}D image of shape {data.shape} where a 3D {what} is expected")
-    if not np.all(np.isfinite(affine)):
-        raise InputError(path, "affine contains NaN/Inf")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise InputError(path, f"{int(bad.sum())} voxels are NaN/Inf")
-    return data, affine
-
-
-def _stem(p: Path) -> str:
-    return nifti_stem(p)
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-
-
-def _match_metabolites(files: list[Path], suffix: str = "") -> tuple[dict[str, Path], list[Path]]:
-    """Map canonical metabolite -> file (stem minus ``suffix``) by ``fsl_names.resolve_maps``; rest skipped."""
-    found, skipped, _notes = resolve_maps(files, suffix)
-    return {m: f.path for m, f in found.items()}, skipped
-
-
 def _qc_files(qc: list[Path], found: dict[str, MapFile], suffix: str) -> dict[str, list[Path]]:
     """The qc files (``<stem><suffix>``) describing each metabolite: the map's own stem's, else every
     component's (a combination: ``qc/Cr_snr`` and ``qc/PCr_snr`` for ``Cr+PCr``); metabolites lacking one are
     left out."""
-    by_stem = {_stem(p).lower(): p for p in qc}
+    by_stem = {nifti_stem(p).lower(): p for p in qc}
     out: dict[str, list[Path]] = {}
     for m, f in found.items():
-        own = by_stem.get(f"{_stem(f.path)}{suffix}".lower())
+        own = by_stem.get(f"{nifti_stem(f.path)}{suffix}".lower())
         parts = [by_stem.get(f"{c}{suffix}".lower()) for c in f.components]
         if own is not None:
             out[m] = [own]
@@ -408,14 +137,25 @@ def _qc_files(qc: list[Path], found: dict[str, MapFile], suffix: str) -> dict[st
     return out
 
 
-def _inside_extent(src_shape: tuple[int, ...], src_affine: NDArray, dst_affine: NDArray,
-                   dst_shape_xyz: tuple[int, int, int]) -> NDArray[np.bool_]:
-    """``(X, Y, Z)`` bool: destination voxel centres inside the source image's field of view."""
-    v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
-    inside = np.ones(dst_shape_xyz, dtype=bool)
-    for a in range(3):
-        inside &= (v[a] >= -0.5) & (v[a] <= src_shape[a] - 0.5)
-    return inside
+def _load_maps(
+    files: dict[str, Path], names: Sequence[str], check: Callable[[Path, NDArray], object] | None = None
+) -> tuple[NDArray[np.float32], tuple[int, ...], NDArray[np.float64]]:
+    """The maps ``files[m]`` of ``names`` on one grid: ``(Z, M, X, Y)`` float32, the first file's on-disk shape
+    ``(X, Y, Z)`` and its affine. ``check(path, data)`` looks at each file as it is read; a file on another
+    grid than the first is an ``InputError``."""
+    vols = []
+    ref_shape: tuple[int, ...] = ()
+    ref_aff = np.eye(4)
+    for i, m in enumerate(names):
+        data, aff = load_volume(files[m])
+        if check is not None:
+            check(files[m], data)
+        if i == 0:
+            ref_shape, ref_aff = data.shape, aff
+        else:
+            same_grid(files[m], files[names[0]], data, aff, ref_shape, ref_aff)
+        vols.append(data.transpose(2, 0, 1))
+    return np.stack(vols, axis=1).astype(np.float32), ref_shape, ref_aff
 
 
 def _check_lr_grid(path: Path, data: NDArray) -> int:
@@ -429,67 +169,6 @@ def _check_lr_grid(path: Path, data: NDArray) -> int:
     if nx not in LR_SIZES:
         raise InputError(path, f"in-plane size {nx} is not a supported acquisition size {LR_SIZES}")
     return nx
-
-
-def _same_grid(path: Path, ref_path: Path, data: NDArray, aff: NDArray, ref_shape: tuple, ref_aff: NDArray) -> None:
-    if data.shape != ref_shape:
-        what = "slice count" if data.shape[:2] == ref_shape[:2] else "shape"
-        raise InputError(path, f"{what} {data.shape} differs from {ref_path.name} {ref_shape}")
-    if not np.allclose(aff, ref_aff, atol=_AFFINE_TOL_MM):
-        raise InputError(path, f"affine differs from {ref_path.name}:\n{aff}\nvs\n{ref_aff}")
-
-
-def _sr_points_in(src_affine: NDArray, dst_affine: NDArray, dst_shape_xyz: tuple[int, int, int]) -> NDArray[np.float64]:
-    """Voxel coordinates in the source grid of every destination voxel centre: ``(3, X, Y, Z)``."""
-    m = np.linalg.inv(src_affine) @ dst_affine
-    idx = np.indices(dst_shape_xyz, dtype=np.float64)
-    return np.einsum("ab,bxyz->axyz", m[:3, :3], idx) + m[:3, 3][:, None, None, None]
-
-
-def _nearest_onto(path: Path, vol: NDArray, src_affine: NDArray, dst_affine: NDArray,
-                  dst_shape_xyz: tuple[int, int, int]) -> NDArray[np.bool_]:
-    """Nearest-neighbour resampling of a mask ``(X, Y, Z)`` onto another grid; outside -> False.
-
-    A destination voxel takes source voxel ``floor(v + 1/2)``; it counts as inside when ``v`` lies within
-    half a source voxel beyond the edge voxels' footprints (``-1 <= v <= N``), clipped to the edge voxel,
-    which matches ``masks.upsample_nearest`` for an acquired-grid mask.
-    """
-    v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
-    inside = np.ones(dst_shape_xyz, dtype=bool)
-    idx = []
-    for a in range(3):
-        inside &= (v[a] >= -1.0 - 1e-6) & (v[a] <= vol.shape[a] + 1e-6)
-        idx.append(np.clip(np.floor(v[a] + 0.5).astype(np.intp), 0, vol.shape[a] - 1))
-    if not inside.any():
-        raise InputError(path, "mask does not overlap the MRSI field of view")
-    return inside & (vol[idx[0], idx[1], idx[2]] > 0.5)
-
-
-def _linear_onto(path: Path, vol: NDArray, src_affine: NDArray, dst_affine: NDArray,
-                 dst_shape_xyz: tuple[int, int, int]) -> NDArray[np.float32]:
-    """Linear resampling of an image ``(X, Y, Z)`` onto another grid (0 outside).
-
-    Source axes sampled more than 2.5x finer than the destination's in-plane voxels are first smoothed
-    with a Gaussian of ``0.4 r`` voxels (``r`` = destination step in source voxels) against aliasing.
-    """
-    v = _sr_points_in(src_affine, dst_affine, dst_shape_xyz)
-    inside = _inside_extent(vol.shape, src_affine, dst_affine, dst_shape_xyz)
-    if inside.mean() < 0.01:
-        raise InputError(
-            path, f"image does not overlap the MRSI field of view ({100 * inside.mean():.1f}% of it covered)"
-        )
-    jac = np.abs((np.linalg.inv(src_affine) @ dst_affine)[:3, :2]).max(axis=1)  # src voxels per in-plane SR step
-    sigma = np.where(jac > 2.5, 0.4 * jac, 0.0)
-    src = ndimage.gaussian_filter(vol, sigma, mode="nearest") if np.any(sigma > 0) else vol
-    out = ndimage.map_coordinates(src, v.reshape(3, -1), order=1, mode="constant", cval=0.0, prefilter=False)
-    return out.reshape(dst_shape_xyz).astype(np.float32)
-
-
-def _find_file(folder: Path, stem: str) -> Path | None:
-    for p in _nifti_files(folder):
-        if _stem(p).lower() == stem.lower():
-            return p
-    return None
 
 
 def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> SubjectInput:
@@ -520,7 +199,7 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     naming_notes: list[str] = []
     chosen = ""
     for k in kinds:
-        maps, skipped, naming_notes = resolve_maps(_nifti_files(concs / k))
+        maps, skipped, naming_notes = resolve_maps(nifti_files(concs / k))
         if maps:
             chosen = k
             break
@@ -533,20 +212,9 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
 
     ref_path = found[names[0]]
     header = _header(ref_path)
-    vols = []
-    ref_shape: tuple = ()
-    ref_aff = np.eye(4)
-    for i, m in enumerate(names):
-        data, aff = _load(found[m])
-        _check_lr_grid(found[m], data)
-        if i == 0:
-            ref_shape, ref_aff = data.shape, aff
-        else:
-            _same_grid(found[m], ref_path, data, aff, ref_shape, ref_aff)
-        vols.append(data)
+    lr, ref_shape, ref_aff = _load_maps(found, names, _check_lr_grid)  # (Z, M, n, n)
     n = ref_shape[0]
     z = ref_shape[2]
-    lr = np.stack([v.transpose(2, 0, 1) for v in vols], axis=1).astype(np.float32)  # (Z, M, n, n)
     a_sr = sr_affine(ref_aff, n)
     sr_shape = (HR_SIZE, HR_SIZE, z)
     missing = tuple(m for m in METABOLITES if m not in names)
@@ -558,8 +226,8 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     # qc maps on the acquired grid; a combination's from its parts' (data.qc_combine)
     snr = fwhm = None
     qc_dir = root / "qc"
-    snr_files = _qc_files(_nifti_files(qc_dir), maps, "_snr")
-    fwhm_files = _qc_files(_nifti_files(qc_dir), maps, "_fwhm")
+    snr_files = _qc_files(nifti_files(qc_dir), maps, "_snr")
+    fwhm_files = _qc_files(nifti_files(qc_dir), maps, "_fwhm")
     if all(m in snr_files and m in fwhm_files for m in names):
         qc = []
         for files, combine in ((snr_files, combine_snr), (fwhm_files, combine_fwhm)):
@@ -567,8 +235,8 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
             for m in names:
                 parts = []
                 for f in files[m]:
-                    data, aff = _load(f, "qc map")
-                    _same_grid(f, ref_path, data, aff, ref_shape, ref_aff)
+                    data, aff = load_volume(f, "qc map")
+                    same_grid(f, ref_path, data, aff, ref_shape, ref_aff)
                     parts.append(data.transpose(2, 0, 1))
                 stack.append(combine(parts))
             qc.append(np.stack(stack, axis=1).astype(np.float32))
@@ -580,17 +248,17 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     # mask M
     mask: NDArray[np.bool_]
     masks_dir = root / "masks"
-    mask_files, _ = _match_metabolites(_nifti_files(masks_dir))
-    shared = _find_file(root, "mask")
+    mask_files, _ = match_metabolites(nifti_files(masks_dir))
+    shared = find_file(root, "mask")
 
     grids: list[bool] = []  # per mask file read: True when finer than the acquired grid
 
     def explicit(p: Path) -> NDArray[np.bool_]:
-        data, aff = _load(p, "mask")
-        grids.append(not (data.shape == ref_shape and np.allclose(aff, ref_aff, atol=_AFFINE_TOL_MM)))
+        data, aff = load_volume(p, "mask")
+        grids.append(not (data.shape == ref_shape and np.allclose(aff, ref_aff, atol=AFFINE_TOL_MM)))
         if not grids[-1]:
             return support_mask_from_lr(data.transpose(2, 0, 1) > 0.5)  # acquired grid: lr protocol
-        return _nearest_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1)
+        return nearest_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1)
 
     if masks_dir.is_dir() and mask_files:
         missing = [m for m in names if m not in mask_files]
@@ -613,13 +281,13 @@ def read_subject(path: str | os.PathLike[str], kind: str | None = None) -> Subje
     coverage: dict[str, float] = {}
     signal = np.asarray(mask, dtype=bool).any(axis=1)  # (Z, 64, 64)
     for name in ("t1", "flair"):
-        p = _find_file(root, name)
+        p = find_file(root, name)
         if p is None:
             anat[name] = None
             continue
-        data, aff = _load(p, "image")
-        anat[name] = _linear_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1).copy()
-        inside = _inside_extent(data.shape, aff, a_sr, sr_shape).transpose(2, 0, 1)
+        data, aff = load_volume(p, "image")
+        anat[name] = linear_onto(p, data, aff, a_sr, sr_shape).transpose(2, 0, 1).copy()
+        inside = inside_extent(data.shape, aff, a_sr, sr_shape).transpose(2, 0, 1)
         coverage[name] = float(inside[signal].mean()) if signal.any() else float(inside.mean())
 
     def rel(p: Path) -> str:
@@ -687,7 +355,7 @@ def read_map_folder(
     found: dict[str, Path] = {}
     where = candidates[0]
     for cand in candidates:
-        found, _ = _match_metabolites(_nifti_files(cand))
+        found, _ = match_metabolites(nifti_files(cand))
         if found:
             where = cand
             break
@@ -701,14 +369,6 @@ def read_map_folder(
         names = tuple(metabolites)
     else:
         names = tuple(found)
-    vols = []
-    ref_shape: tuple = ()
-    ref_aff = np.eye(4)
-    for i, m in enumerate(names):
-        data, aff = _load(found[m])
-        if i == 0:
-            ref_shape, ref_aff = data.shape, aff
-        else:
-            _same_grid(found[m], found[names[0]], data, aff, ref_shape, ref_aff)
-        vols.append(data.transpose(2, 0, 1))
-    return np.stack(vols, axis=1).astype(np.float32), ref_aff, names
+    maps, _, ref_aff = _load_maps(found, names)
+    return maps, ref_aff, names
+
