@@ -68,7 +68,7 @@ DEFAULT_TRT_CACHE_PATH = "/tmp/ftddm-trt-engine-cache"
 def triton_templates_dir() -> Path:
     """The Triton templates and Python-backend model code: ``$FTDDM_TRITON_REPO_SRC`` if set, else the
     copy shipped inside the package (``ftddm_trt/serving/triton_templates``, package data of the wheel)."""
-    return Path(os.environ.get("FTDDM_TRITON_REPO_SRC", Path(__file__).resolve().parent / "triton_templates"))
+    return Path(os.environ.get("FTDDM_TRITON_REPO_SRC", Path(__file__).resolve().parents[1] / "triton_templates"))
 
 
 TRITON_REPO_SRC = triton_templates_dir()

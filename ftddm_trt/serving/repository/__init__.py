@@ -1,0 +1,26 @@
+"""Generate and validate a Triton model repository from an ONNX export."""
+
+from ftddm_trt.serving.repository.render import (  # noqa: F401
+    DEFAULT_TRT_CACHE_PATH,
+    FILES_KEY,
+    FLAVORS,
+    GPU_PLATFORMS,
+    REPOSITORY_JSON,
+    TRITON_REPO_SRC,
+    TRT_PRECISIONS,
+    ConfigError,
+    RepoOptions,
+    TensorIO,
+    build_repository,
+    default_network_io,
+    manifest_network_io,
+    network_config,
+    parse_config,
+    profile_shapes,
+    sampler_config,
+    sampler_io,
+    triton_templates_dir,
+    validate_config,
+    validate_repository,
+    verify_repository_files,
+)
