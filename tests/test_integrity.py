@@ -176,7 +176,7 @@ def _load_model_code(monkeypatch):
 
     fake.TritonModelException = TritonModelException
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    from ftddm_trt.serving.repository import TRITON_REPO_SRC
+    from ftddm_trt.serving.repository.render import TRITON_REPO_SRC
 
     spec = importlib.util.spec_from_file_location(
         "ftddm_onnx_network_model", TRITON_REPO_SRC / "python" / "onnx_network.py"
@@ -187,7 +187,7 @@ def _load_model_code(monkeypatch):
 
 
 def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_path, monkeypatch):
-    from ftddm_trt.serving.repository import build_repository
+    from ftddm_trt.serving.repository.build import build_repository
 
     repo = tmp_path / "repo"
     build_repository(tiny_onnx_export, repo, "cpu", log=lambda _m: None)
@@ -195,7 +195,7 @@ def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_p
     model_dir = repo / "ftddm_unet"
     from google.protobuf import json_format
 
-    from ftddm_trt.serving.repository import parse_config
+    from ftddm_trt.serving.repository.validate import parse_config
 
     cfg = json_format.MessageToDict(
         parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True
@@ -219,7 +219,8 @@ def test_triton_server_refuses_corrupt_model_onnx(tiny_onnx_export, tmp_path):
     """A real tritonserver on a repository whose ftddm_flow/1/model.onnx lost a bit: the start fails,
     naming the IntegrityError (the model refuses to load); nothing of the server is left running."""
     from ftddm_trt.serving.launcher import TritonServer, TritonServerError, shm_regions
-    from ftddm_trt.serving.repository import RepoOptions, build_repository
+    from ftddm_trt.serving.repository.build import build_repository
+    from ftddm_trt.serving.repository.render import RepoOptions
 
     repo = tmp_path / "repo"
     build_repository(tiny_onnx_export, repo, "cpu", options=RepoOptions(sampler=False), log=lambda _m: None)
@@ -250,7 +251,8 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
     them against repository.json first and refuses (naming the file) a changed file, an unrecorded one,
     or a folder triton-repo did not write; nothing is launched (no GPU needed)."""
     from ftddm_trt.serving.launcher import TritonServer, TritonServerError
-    from ftddm_trt.serving.repository import build_repository, verify_repository_files
+    from ftddm_trt.serving.repository.build import build_repository
+    from ftddm_trt.serving.repository.validate import verify_repository_files
 
     repo = tmp_path / "gpu"
     build_repository(tiny_onnx_export, repo, "gpu", log=lambda _m: None)

@@ -24,7 +24,8 @@ import torch
 
 from ftddm_trt.engine.triton_backend import TritonBackend, TritonUnavailable
 from ftddm_trt.serving.launcher import TritonServer, TritonServerError, free_port, port_in_use, shm_regions
-from ftddm_trt.serving.repository import RepoOptions, build_repository
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import RepoOptions
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

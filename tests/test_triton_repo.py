@@ -28,14 +28,9 @@ from ftddm_trt.engine.triton_backend import (
 )
 from ftddm_trt.serving import launcher
 from ftddm_trt.serving.bls import BLSBackend, run_sampler
-from ftddm_trt.serving.repository import (
-    ConfigError,
-    RepoOptions,
-    build_repository,
-    parse_config,
-    validate_config,
-    validate_repository,
-)
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import ConfigError, RepoOptions
+from ftddm_trt.serving.repository.validate import parse_config, validate_config, validate_repository
 
 #: the placeholder files' real sha256, as an export's manifest records them (triton-repo checks each placed file)
 SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in ("unet", "unet_full", "flow")}

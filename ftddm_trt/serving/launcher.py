@@ -405,7 +405,7 @@ class TritonServer:
     def _verify_network_files(self) -> None:
         """Every served network file matches the sha256 repository.json recorded (before anything starts)."""
         from ftddm_trt.integrity import IntegrityError
-        from ftddm_trt.serving.repository import verify_repository_files
+        from ftddm_trt.serving.repository.validate import verify_repository_files
 
         try:
             verify_repository_files(self.repository, self.models)
