@@ -1,31 +1,24 @@
-"""Deterministic synthetic glioma MRSI phantoms built on nilearn's MNI152 (ICBM 2009a) templates.
+"""The anatomy of a synthetic phantom (``data.phantom``): tissue of nilearn's MNI152 (ICBM 2009a) templates,
+lesions, and the T1 / FLAIR images of both.
 
-One subject = a random axial slab of ``Z`` (9..18) slices of 3.44 mm through the cerebrum, seen through
-a random rigid + scaling + smooth elastic transform, with:
-
-* 7 metabolite maps (``constants.METABOLITES``, mM-like units) on the 64x64 MRSI grid
-  (220 mm FOV), made of tissue fractions (GM, WM, CSF, solid tumour, necrosis, edema) times
-  per-subject concentrations drawn in the ranges of ``_GM`` / ``_WM`` / ... below, a per-subject gain, a
-  smooth receive (bias) field, mild texture and noise;
-* qc maps as FSL-MRS would write them: SNR (signal / noise; low for Gln and Gly) and FWHM in ppm
-  (B0 hot spots over the frontal sinus and the temporal bones), plus lipid contamination along the
-  brain rim; the quality mask is ``brain & SNR >= 2.5 & FWHM <= 0.15 & ~lipid`` per metabolite and
-  the maps are zero outside it (the paper's "quality-filtered" ground truth);
-* skull-stripped T1 (tumour dark) and FLAIR (CSF suppressed, edema bright) on a 128x128 grid of the
-  same slab (``t1_hires``, ``flair_hires``, world affine ``anat_affine``) and block-averaged onto the
-  64x64 grid (``t1``, ``flair``).
+One slab of ``Z`` (9..18) slices of 3.44 mm through the cerebrum, seen through a random rigid + scaling +
+smooth elastic transform, sampled as GM / WM / CSF fractions on a 128x128 anatomy grid (``slab_tissue``);
+tumours placed in it as solid, necrotic and edematous fractions (``add_lesions``); skull-stripped T1 (tumour
+dark) and FLAIR (CSF suppressed, edema bright) drawn from the fractions (``anatomy_images``); and the
+fractions block-averaged onto the 64x64 MRSI grid with each voxel's dominant tissue (``mrsi_fractions``).
 
 World frame (mm): scanner axes, FOV centre at x = y = 0, slab centre at z = 0. On the 64x64 grid
 (centred convention of ``data.kspace``) voxel ``(i, j, k)`` sits at ``((i - 32) d, (j - 32) d,
 (k - (Z - 1) / 2) d)`` with ``d = 220 / 64``; the 128x128 anatomy grid at ``((i - 64.5) d / 2, ...)``,
-so each 64x64 voxel is exactly the 2x2 block ``2i, 2i + 1`` of the anatomy grid.
+so each 64x64 voxel is exactly the 2x2 block ``2i, 2i + 1`` of the anatomy grid (``grid_affines``).
 
-Everything is drawn from ``numpy.random.default_rng([seed, index])``: the same ``(seed, index)`` gives
-identical arrays. About 0.1-0.2 s per subject on one core after the templates are loaded once.
+Random draws come from the generators the caller passes, in a fixed order, so that a subject depends on
+its seed alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -34,88 +27,71 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from ftddm_trt.constants import FOV_MM, FWHM_MAX_PPM, HR_SIZE, METABOLITES, SNR_MIN
-from ftddm_trt.data.masks import quality_mask_from_qc
-from ftddm_trt.data.phantom_styles import PhantomStyle, SubjectDraw, get_style, style_rng
+from ftddm_trt.constants import FOV_MM, HR_SIZE
+from ftddm_trt.data.phantom_styles import SubjectDraw
 
-__all__ = [
-    "PhantomSubject",
-    "LABELS",
-    "ANAT_SIZE",
-    "make_subject",
-    "generate_dataset",
-    "fold_split",
-    "subject_id_for",
-    "subject_index",
-]
+__all__ = ["ANAT_SIZE", "LABELS", "VOXEL_MM", "Fractions", "Tissue", "MrsiTissue", "slab_tissue", "add_lesions",
+           "anatomy_images", "mrsi_fractions", "grid_affines", "smooth_fields", "block_mean", "sigmoid"]
 
 #: In-plane matrix of the synthetic T1/FLAIR (same FOV, same slices as the MRSI).
 ANAT_SIZE: int = 2 * HR_SIZE
 
-#: Names of the values of ``PhantomSubject.labels`` (dominant tissue of each 64x64 voxel).
+#: Names of the values of ``MrsiTissue.labels`` (dominant tissue of each 64x64 voxel).
 LABELS: tuple[str, ...] = ("background", "csf", "gm", "wm", "edema", "solid", "necrosis")
 
-_VOXEL_MM = FOV_MM / HR_SIZE  # 3.4375 mm, isotropic MRSI voxels
+#: Edge of the isotropic MRSI voxels: 3.4375 mm.
+VOXEL_MM = FOV_MM / HR_SIZE
 _ANAT_MM = FOV_MM / ANAT_SIZE
 _MNI_FOV_CENTRE = np.array([0.0, -17.0])  # in-plane centre of the MNI brain (mm)
 _CEREBRUM_Z = (-18.0, 66.0)  # MNI z range the slab stays inside (mm)
 
-# Concentration ranges (mM) per tissue, in the range of published in-vivo brain values; order = METABOLITES.
-#                        tCr         tCho        NAA          Glu          Ins         Gln         Gly
-_GM = np.array([(7.0, 9.0), (1.0, 1.4), (8.0, 11.0), (8.5, 11.0), (4.5, 7.0), (2.5, 4.5), (0.5, 1.1)])
-_WM = np.array([(5.0, 6.5), (1.4, 2.0), (7.5, 10.0), (5.5, 7.5), (4.0, 6.0), (1.5, 3.0), (0.3, 0.8)])
-_CSF = np.array([(0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.08, 0.12), (0.4, 0.6), (0.0, 0.0)])
-# Solid tumour: absolute (mM) except Glu and Ins, which are factors of the local normal level.
-_SOLID = np.array([(3.0, 6.0), (2.5, 5.0), (1.5, 4.0), (0.4, 0.8), (0.6, 1.2), (4.0, 8.0), (1.5, 4.0)])
-_SOLID_RELATIVE = np.array([False, False, False, True, True, False, False])
-_NECROSIS = np.array([(0.5, 2.0), (0.3, 1.0), (0.0, 0.5), (0.0, 1.0), (0.8, 1.2), (0.8, 1.2), (0.4, 0.6)])
-_EDEMA = np.array([(0.8, 1.0), (0.9, 1.3), (0.6, 0.9), (0.75, 0.85), (1.0, 1.3), (1.0, 1.6), (1.0, 2.0)])
-# SNR per mM of a 64x64 voxel at unit receive sensitivity (singlets high, J-coupled Gln low).
-_SNR_PER_MM = np.array([3.0, 9.0, 2.6, 1.5, 1.8, 1.25, 5.0])
-_MAP_NOISE = 0.4  # map noise sd as a fraction of signal / SNR (fitting regularizes the maps)
 
-# B0 hot spots in MNI mm: frontal sinus, left and right temporal bone.
-_HOTSPOTS = np.array([[0.0, 58.0, -18.0], [-48.0, -14.0, -30.0], [48.0, -14.0, -30.0]])
+@dataclass
+class Fractions:
+    """Tissue fractions of a slab, float32 in ``[0, 1]``: normal tissue ``gm``, ``wm``, ``csf`` (what lesions
+    leave of it) and lesion parts ``solid``, ``necrosis``, ``edema`` (zero without a lesion; edema overlaps
+    the normal tissue)."""
+
+    gm: NDArray[np.float32]
+    wm: NDArray[np.float32]
+    csf: NDArray[np.float32]
+    solid: NDArray[np.float32]
+    necrosis: NDArray[np.float32]
+    edema: NDArray[np.float32]
 
 
 @dataclass
-class PhantomSubject:
-    """One synthetic subject. Shapes: ``Z`` slices, ``C = 7`` metabolites, 64x64 in-plane (i = x, j = y).
+class Tissue(Fractions):
+    """A slab's ``Fractions`` on the anatomy grid, each ``(Z, 128, 128)``, and its grids.
 
     Attributes:
-        subject_id: e.g. ``"sub-007"``.
-        maps: ``(Z, C, 64, 64)`` float32, mM-like, zero outside ``masks`` (quality-filtered truth).
-        masks: ``(Z, C, 64, 64)`` bool quality masks (the paper's 64x64 mask M).
-        snr: ``(Z, C, 64, 64)`` float32 SNR of each 64x64 voxel (0 outside the brain).
-        fwhm: ``(Z, C, 64, 64)`` float32 linewidth in ppm.
-        t1, flair: ``(Z, 64, 64)`` float32 anatomy on the MRSI grid (arbitrary units, ~[0, 1]).
-        brain: ``(Z, 64, 64)`` bool brain mask (brain fraction >= 0.5).
-        labels: ``(Z, 64, 64)`` uint8 dominant tissue, names in ``LABELS``.
-        t1_hires, flair_hires: ``(Z, 128, 128)`` float32 anatomy on its own grid.
-        anat_affine: ``(4, 4)`` voxel -> world (mm) affine of the 128x128 anatomy grid.
-        mrsi_affine_hr: ``(4, 4)`` voxel -> world (mm) affine of the 64x64 MRSI grid.
-        has_tumour: whether a tumour was placed.
+        brain: ``gm + wm + csf`` before any lesion, clipped to ``[0, 1]``.
+        x64, xa, z: world coordinates (mm) of the 64x64 voxel centres along x (= y), of the anatomy
+            grid's, and of the slices.
+        mni64: ``(3, Z, 64, 64)`` MNI coordinates (mm) of the 64x64 voxels.
+        has_tumour: whether a lesion was placed.
     """
 
-    subject_id: str
-    maps: NDArray[np.float32]
-    masks: NDArray[np.bool_]
-    snr: NDArray[np.float32]
-    fwhm: NDArray[np.float32]
-    t1: NDArray[np.float32]
-    flair: NDArray[np.float32]
-    brain: NDArray[np.bool_]
-    labels: NDArray[np.uint8]
-    t1_hires: NDArray[np.float32]
-    flair_hires: NDArray[np.float32]
-    anat_affine: NDArray[np.float64]
-    mrsi_affine_hr: NDArray[np.float64]
-    has_tumour: bool
+    brain: NDArray[np.float32]
+    x64: NDArray[np.float64]
+    xa: NDArray[np.float64]
+    z: NDArray[np.float64]
+    mni64: NDArray[np.float64]
+    has_tumour: bool = False
 
     @property
     def n_slices(self) -> int:
         """Number of slices ``Z``."""
-        return int(self.maps.shape[0])
+        return len(self.z)
+
+
+@dataclass
+class MrsiTissue(Fractions):
+    """A slab's ``Fractions`` on the 64x64 MRSI grid, each ``(Z, 64, 64)`` (2x2 block means of ``Tissue``'s),
+    with ``brain`` (bool, brain fraction >= 0.5) and ``labels`` (uint8, dominant tissue, names in ``LABELS``)."""
+
+    brain: NDArray[np.bool_]
+    labels: NDArray[np.uint8]
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,19 +114,6 @@ def _templates() -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.f
     return gm, wm, csf, np.asarray(gm_img.affine, dtype=np.float64)
 
 
-def subject_id_for(index: int) -> str:
-    """Subject id of phantom ``index`` (independent of the seed)."""
-    return f"sub-{index:03d}"
-
-
-def subject_index(subject_id: str) -> int:
-    """Inverse of :func:`subject_id_for`: ``"sub-007"`` -> 7."""
-    prefix = "sub-"
-    if not subject_id.startswith(prefix) or not subject_id[len(prefix):].isdigit():
-        raise ValueError(f"not a phantom subject id: {subject_id!r} (expected sub-NNN)")
-    return int(subject_id[len(prefix):])
-
-
 def _rotation(yaw: float, pitch: float, roll: float) -> NDArray[np.float64]:
     """Rotation matrix Rz(yaw) @ Rx(pitch) @ Ry(roll), angles in radians."""
     cz, sz = math.cos(yaw), math.sin(yaw)
@@ -162,7 +125,7 @@ def _rotation(yaw: float, pitch: float, roll: float) -> NDArray[np.float64]:
     return rz @ rx @ ry
 
 
-def _smooth_fields(
+def smooth_fields(
     rng: np.random.Generator,
     n_fields: int,
     x: NDArray[np.float64],
@@ -192,30 +155,31 @@ def _smooth_fields(
     return (a @ ey[:, None]).real.astype(np.float32)  # (f, z, i, k) @ (f, 1, k, j)
 
 
-def _block_mean(a: NDArray, factor: int = 2) -> NDArray[np.float32]:
+def block_mean(a: NDArray, factor: int = 2) -> NDArray[np.float32]:
     """Mean over ``factor x factor`` in-plane blocks: ``(..., f*H, f*W)`` -> ``(..., H, W)``."""
     h, w = a.shape[-2] // factor, a.shape[-1] // factor
     return a.reshape(a.shape[:-2] + (h, factor, w, factor)).mean(axis=(-3, -1)).astype(np.float32)
 
 
-def _sigmoid(x: NDArray) -> NDArray:
+def sigmoid(x: NDArray) -> NDArray:
+    """The logistic function ``1 / (1 + exp(-x))``, elementwise (through tanh: no overflow)."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _grid_axes(z_count: int) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """World coordinates (mm) of the 64x64 voxel centres along x (= y) and z, and of the anatomy grid."""
-    x64 = (np.arange(HR_SIZE) - HR_SIZE // 2) * _VOXEL_MM
+    x64 = (np.arange(HR_SIZE) - HR_SIZE // 2) * VOXEL_MM
     xa = (np.arange(ANAT_SIZE) - (ANAT_SIZE // 2 + 0.5)) * _ANAT_MM
-    z = (np.arange(z_count) - (z_count - 1) / 2.0) * _VOXEL_MM
+    z = (np.arange(z_count) - (z_count - 1) / 2.0) * VOXEL_MM
     return x64, xa, z
 
 
-def _affines(z_count: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def grid_affines(z_count: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """(MRSI 64x64 affine, anatomy 128x128 affine), voxel -> world mm."""
-    z0 = -(z_count - 1) / 2.0 * _VOXEL_MM
-    mrsi = np.diag([_VOXEL_MM, _VOXEL_MM, _VOXEL_MM, 1.0])
-    mrsi[:3, 3] = [-(HR_SIZE // 2) * _VOXEL_MM, -(HR_SIZE // 2) * _VOXEL_MM, z0]
-    anat = np.diag([_ANAT_MM, _ANAT_MM, _VOXEL_MM, 1.0])
+    z0 = -(z_count - 1) / 2.0 * VOXEL_MM
+    mrsi = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    mrsi[:3, 3] = [-(HR_SIZE // 2) * VOXEL_MM, -(HR_SIZE // 2) * VOXEL_MM, z0]
+    anat = np.diag([_ANAT_MM, _ANAT_MM, VOXEL_MM, 1.0])
     off = -(ANAT_SIZE // 2 + 0.5) * _ANAT_MM
     anat[:3, 3] = [off, off, z0]
     return mrsi, anat
@@ -235,10 +199,10 @@ def _lesion(
     Returns None when no deep enough white/grey matter position exists.
     """
     z_count = len(zw)
-    gw64 = _block_mean(gm + wm)
-    brain64 = _block_mean(brain_frac) >= 0.5
+    gw64 = block_mean(gm + wm)
+    brain64 = block_mean(brain_frac) >= 0.5
     depth = ndimage.distance_transform_edt(
-        np.pad(brain64, ((1, 1), (0, 0), (0, 0))), sampling=(_VOXEL_MM, _VOXEL_MM, _VOXEL_MM)
+        np.pad(brain64, ((1, 1), (0, 0), (0, 0))), sampling=(VOXEL_MM, VOXEL_MM, VOXEL_MM)
     )[1:-1]
     slice_ok = np.zeros(z_count, dtype=bool)
     slice_ok[int(z_count * 0.25) : max(int(math.ceil(z_count * 0.75)), int(z_count * 0.25) + 1)] = True
@@ -261,7 +225,7 @@ def _lesion(
     )
     rho = dist / (1.0 + wobble)
     border = 0.8 if kind != "lgg" else 3.0
-    core = _sigmoid((radius - rho) / border)
+    core = sigmoid((radius - rho) / border)
     if kind == "lgg":
         nec_radius, edema_factor = 0.0, rng.uniform(1.1, 1.4)
     elif kind == "met":
@@ -270,8 +234,8 @@ def _lesion(
     else:
         nec_radius = radius * rng.uniform(0.3, 0.65) if rng.random() < 0.8 else 0.0
         edema_factor = rng.uniform(1.5, 2.4)
-    necrosis = _sigmoid((nec_radius - rho) / 0.8) * (nec_radius > 0)
-    zone = _sigmoid((radius * edema_factor - rho) / 3.0)
+    necrosis = sigmoid((nec_radius - rho) / 0.8) * (nec_radius > 0)
+    zone = sigmoid((radius * edema_factor - rho) / 3.0)
     return core, necrosis, zone
 
 
@@ -287,62 +251,39 @@ def _ribbon(
     p = np.stack([gm, wm, csf]) ** 3
     p = p / np.maximum(p.sum(axis=0), 1e-6) * total
     gm, wm, csf = p[0], p[1], p[2]
-    field = _smooth_fields(rng, 1, xa, xa, zw, (12.0, 30.0), n_terms=8)[0]
+    field = smooth_fields(rng, 1, xa, xa, zw, (12.0, 30.0), n_terms=8)[0]
     line = np.exp(-((field / width) ** 2))
     carve = (gm * line * 0.9).astype(np.float32)
     return (gm - carve).astype(np.float32), wm.astype(np.float32), (csf + carve).astype(np.float32)
 
 
-# Solid-lesion concentrations of the other lesion kinds (same columns and conventions as _SOLID).
-_SOLID_BY_KIND = {
-    "hgg": _SOLID,
-    "lgg": np.array([(4.0, 7.0), (1.8, 3.0), (3.0, 6.0), (0.6, 0.9), (1.1, 1.6), (2.0, 4.0), (0.8, 2.0)]),
-    "met": np.array([(1.0, 3.0), (2.0, 4.0), (0.0, 1.0), (0.2, 0.5), (0.3, 0.8), (1.0, 3.0), (0.5, 2.0)]),
-}
+def slab_tissue(rng: np.random.Generator, draw: SubjectDraw | None = None,
+                srng: np.random.Generator | None = None) -> Tissue:
+    """GM / WM / CSF fractions of a random slab through the cerebrum, on the anatomy grid.
 
-
-def make_subject(
-    index: int, seed: int = 0, tumour_probability: float = 0.85, style: str | PhantomStyle = "classic"
-) -> PhantomSubject:
-    """Generate phantom subject ``index`` of the dataset drawn with ``seed`` (deterministic).
-
-    Args:
-        index: subject number (>= 0); the id is ``subject_id_for(index)``.
-        seed: dataset seed.
-        tumour_probability: chance that a ``classic`` subject has a tumour (other styles draw a
-            lesion count from their own range, see ``data.phantom_styles``).
-        style: a ``PhantomStyle`` or its name (``data.phantom_styles.STYLES``).
-
-    Returns:
-        a :class:`PhantomSubject`.
+    ``rng``: the subject's generator (slab size and position, transform, elastic warp); ``draw`` and
+    ``srng``: a non-classic style's settings and generator (slice thickness, cortical ribbon), else None.
     """
-    style = get_style(style) if isinstance(style, str) else style
     gm_t, wm_t, csf_t, mni_affine = _templates()
-    rng = np.random.default_rng([seed, index])
-    draw = None if style.is_classic else SubjectDraw.draw(style, style_rng(seed, index, style))
-    srng = None if style.is_classic else style_rng(seed, index + 10**6, style)
-    n_met = len(METABOLITES)
-
-    # --- geometry: world (scanner, mm) -> MNI (mm) -------------------------------------------
     z_count = int(rng.integers(9, 19))
     x64, xa, zw = _grid_axes(z_count)
     scale = rng.uniform(0.9, 1.1) * (1.0 + rng.uniform(-0.04, 0.04, size=3))  # subject / MNI size
     rot = _rotation(*np.deg2rad([rng.uniform(-12, 12), rng.uniform(-6, 6), rng.uniform(-3, 3)]))
     shift_world = np.array([rng.uniform(-8, 8), rng.uniform(-8, 8), 0.0])
-    half = (z_count * _VOXEL_MM / 2.0) / scale[2]
+    half = (z_count * VOXEL_MM / 2.0) / scale[2]
     lo, hi = _CEREBRUM_Z[0] + half, _CEREBRUM_Z[1] - half
     z_centre = rng.uniform(lo, hi) if hi > lo else 0.5 * (lo + hi)
     centre_mni = np.array([_MNI_FOV_CENTRE[0], _MNI_FOV_CENTRE[1], z_centre])
     lin = rot @ np.diag(1.0 / scale)  # world offset -> MNI offset
 
     # Points of the anatomy grid (Z, 128, 128) in world mm, then in MNI mm (+ elastic warp).
-    elastic = _smooth_fields(rng, 3, xa, xa, zw, (60.0, 160.0), n_terms=3) * rng.uniform(1.5, 3.5)
+    elastic = smooth_fields(rng, 3, xa, xa, zw, (60.0, 160.0), n_terms=3) * rng.uniform(1.5, 3.5)
     px = xa[None, :, None] - shift_world[0]
     py = xa[None, None, :] - shift_world[1]
     pz = zw[:, None, None]
     inv_mni = np.linalg.inv(mni_affine)
     # Slice thickness: average tissue over sub-slices spread across the slice profile (partial volume).
-    n_sub = 1 if draw is None or draw.slice_mm <= _VOXEL_MM * 1.05 else 3
+    n_sub = 1 if draw is None or draw.slice_mm <= VOXEL_MM * 1.05 else 3
     offsets = [0.0] if n_sub == 1 else list(np.linspace(-0.5, 0.5, n_sub + 2)[1:-1] * draw.slice_mm)
     tissue = np.zeros((3,) + (z_count, ANAT_SIZE, ANAT_SIZE), np.float32)
     for dz in offsets:
@@ -358,13 +299,26 @@ def make_subject(
                 offsets
             )
         if dz == offsets[len(offsets) // 2]:
-            q64 = np.stack([_block_mean(c) for c in q])  # MNI coordinates of the 64x64 voxels, (3, Z, 64, 64)
+            q64 = np.stack([block_mean(c) for c in q])  # MNI coordinates of the 64x64 voxels, (3, Z, 64, 64)
     gm, wm, csf = tissue[0], tissue[1], tissue[2]
     if draw is not None and draw.ribbon:
         gm, wm, csf = _ribbon(srng, gm, wm, csf, xa, zw, draw.sulcus_width)
-    brain_frac = np.clip(gm + wm + csf, 0.0, 1.0)
+    zeros = np.zeros_like(gm)
+    return Tissue(gm=gm, wm=wm, csf=csf, solid=zeros, necrosis=zeros.copy(), edema=zeros.copy(),
+                  brain=np.clip(gm + wm + csf, 0.0, 1.0), x64=x64, xa=xa, z=zw, mni64=q64)
 
-    # --- tumour (on the anatomy grid) ----------------------------------------------------------
+
+def add_lesions(tissue: Tissue, rng: np.random.Generator, draw: SubjectDraw | None = None,
+                srng: np.random.Generator | None = None, tumour_probability: float = 0.85) -> Tissue:
+    """``tissue`` with tumours placed in it: solid, necrotic and edematous fractions, the normal tissue
+    reduced where the solid and necrotic parts displace it.
+
+    The classic generator (``draw`` None) places one high-grade glioma with ``tumour_probability``; a
+    style's ``draw`` gives the lesion kind and count (drawn from ``srng``). Returns a new ``Tissue``.
+    """
+    gm, wm, csf, brain_frac = tissue.gm, tissue.wm, tissue.csf, tissue.brain
+    x64, xa, zw = tissue.x64, tissue.xa, tissue.z
+    pz = zw[:, None, None]
     solid = np.zeros_like(gm)
     necrosis = np.zeros_like(gm)
     edema = np.zeros_like(gm)
@@ -390,15 +344,24 @@ def make_subject(
         core = solid + necrosis
         keep = np.clip(1.0 - core / np.maximum(brain_frac, 1e-3), 0.0, 1.0)
         gm, wm, csf = gm * keep, wm * keep, csf * keep
+    return dataclasses.replace(tissue, gm=gm, wm=wm, csf=csf, solid=solid, necrosis=necrosis, edema=edema,
+                               has_tumour=has_tumour)
 
-    # --- anatomy (anatomy grid), then 64x64 ------------------------------------------------------
+
+def anatomy_images(tissue: Tissue, rng: np.random.Generator,
+                   draw: SubjectDraw | None = None) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Skull-stripped ``(T1, FLAIR)`` of ``tissue`` on the anatomy grid, ``(Z, 128, 128)`` float32 each
+    (arbitrary units, ~[0, 1]): tissue intensities, a smooth bias field and noise; a style's ``draw``
+    scales the contrasts, bias, noise, gamma and gain."""
+    gm, wm, csf, edema = tissue.gm, tissue.wm, tissue.csf, tissue.edema
+    solid, necrosis, brain_frac, xa, zw = tissue.solid, tissue.necrosis, tissue.brain, tissue.xa, tissue.z
     t1_w = np.array([0.60, 0.92, 0.18, 0.3, 0.42, 0.14])  # GM, WM, CSF, edema loss, solid, necrosis
     fl_w = np.array([0.70, 0.55, 0.06, 1.0, 0.85, 0.40])  # GM, WM, CSF, edema gain, solid, necrosis
     bias_amp, noise_sd_a = 0.06, 0.015
     if draw is not None:
         t1_w, fl_w = t1_w * draw.anat_contrast[0], fl_w * draw.anat_contrast[1]
         bias_amp, noise_sd_a = draw.anat_bias, draw.anat_noise
-    bias_a = np.exp(bias_amp * _smooth_fields(rng, 1, xa, xa, zw, (150.0, 300.0))[0])
+    bias_a = np.exp(bias_amp * smooth_fields(rng, 1, xa, xa, zw, (150.0, 300.0))[0])
     t1_h = (
         (gm * t1_w[0] + wm * t1_w[1] + csf * t1_w[2]) * (1.0 - t1_w[3] * edema) + solid * t1_w[4] + necrosis * t1_w[5]
     )
@@ -411,121 +374,18 @@ def make_subject(
     if draw is not None:
         t1_h = (draw.anat_gain * t1_h ** draw.anat_gamma).astype(np.float32)
         flair_h = (draw.anat_gain * flair_h ** draw.anat_gamma).astype(np.float32)
+    return t1_h, flair_h
 
+
+def mrsi_fractions(tissue: Tissue) -> MrsiTissue:
+    """``tissue`` on the 64x64 MRSI grid: 2x2 block means, the brain mask and each voxel's dominant tissue."""
     f_gm, f_wm, f_csf, f_solid, f_nec, f_edema, f_brain = (
-        _block_mean(a) for a in (gm, wm, csf, solid, necrosis, edema, brain_frac)
+        block_mean(a)
+        for a in (tissue.gm, tissue.wm, tissue.csf, tissue.solid, tissue.necrosis, tissue.edema, tissue.brain)
     )
     brain = f_brain >= 0.5
     labels = np.zeros(brain.shape, dtype=np.uint8)
     stack = np.stack([f_csf, f_gm, f_wm, f_edema * (f_gm + f_wm) * 1.5, f_solid, f_nec])
     labels[brain] = (np.argmax(stack, axis=0) + 1)[brain].astype(np.uint8)
-
-    # --- metabolite maps ---------------------------------------------------------------------------
-    solid_ranges = _SOLID if draw is None else _SOLID_BY_KIND[draw.tumour_kind]
-    c_gm, c_wm, c_csf, c_solid, c_nec, c_ed = (
-        rng.uniform(r[:, 0], r[:, 1]) for r in (_GM, _WM, _CSF, solid_ranges, _NECROSIS, _EDEMA)
-    )
-    if draw is not None:
-        c_gm, c_wm, c_csf = c_gm * draw.ratio[0], c_wm * draw.ratio[1], c_csf * draw.ratio[2]
-    c_solid = np.where(_SOLID_RELATIVE, c_solid * 0.5 * (c_gm + c_wm), c_solid)
-    fields = _smooth_fields(rng, 2 * n_met + 3, x64, x64, zw, (25.0, 90.0))
-    texture = 1.0 + 0.06 * fields[:n_met]
-    hetero = np.clip(1.0 + 0.18 * fields[n_met : 2 * n_met], 0.5, None)
-    fwhm_field, lipid_field, coil_field = fields[2 * n_met :]
-    radial = (x64[:, None] ** 2 + x64[None, :] ** 2) / (FOV_MM / 2) ** 2
-    coil = np.exp(rng.uniform(0.0, 0.35) * radial[None] + 0.08 * coil_field).astype(np.float32)
-    gain = rng.uniform(0.85, 1.15)
-
-    normal = f_gm[:, None] * c_gm[None, :, None, None] + f_wm[:, None] * c_wm[None, :, None, None]
-    normal = normal + f_csf[:, None] * c_csf[None, :, None, None]
-    edema_factor = 1.0 + (c_ed[None, :, None, None] - 1.0) * f_edema[:, None]
-    conc = normal * edema_factor * texture.transpose(1, 0, 2, 3)
-    conc = conc + f_solid[:, None] * c_solid[None, :, None, None] * hetero.transpose(1, 0, 2, 3)
-    conc = conc + f_nec[:, None] * c_nec[None, :, None, None]
-    if draw is not None and draw.psf_px > 0:
-        conc = ndimage.gaussian_filter(conc, sigma=(0, 0, draw.psf_px, draw.psf_px), mode="constant")
-    conc = conc.astype(np.float32)  # (Z, C, 64, 64) mM
-
-    # --- qc: lipid rim, FWHM, SNR -----------------------------------------------------------------
-    depth_px = np.stack([ndimage.distance_transform_edt(b) for b in brain])  # in-plane, pixels
-    lipid_thr = 0.4 + 1.6 * _sigmoid(1.5 * lipid_field + rng.uniform(-0.5, 0.5))
-    if draw is not None and draw.ragged > 0:  # rim thickness varying on a short wavelength
-        lipid_thr = lipid_thr + draw.ragged * np.abs(_smooth_fields(srng, 1, x64, x64, zw, (8.0, 20.0))[0])
-    lipid = brain & (depth_px <= lipid_thr)
-
-    fwhm = rng.uniform(0.055, 0.075) + 0.01 * fwhm_field
-    for h, (sig_lo, sig_hi, amp_lo, amp_hi) in zip(
-        _HOTSPOTS, [(18, 26, 0.08, 0.25), (14, 22, 0.05, 0.2), (14, 22, 0.05, 0.2)]
-    ):
-        centre = h + rng.uniform(-6, 6, size=3)
-        d2 = sum((q64[a] - centre[a]) ** 2 for a in range(3))
-        fwhm = fwhm + rng.uniform(amp_lo, amp_hi) * np.exp(-d2 / (2 * rng.uniform(sig_lo, sig_hi) ** 2))
-    fwhm = fwhm + 0.03 * lipid
-    snr_scale = rng.uniform(0.85, 1.15) * (1.0 if draw is None else draw.snr_scale)
-    snr_clean = conc * coil[:, None] * (_SNR_PER_MM * snr_scale)[None, :, None, None]
-    snr_clean = snr_clean * np.where(lipid, 0.5, 1.0)[:, None]
-    if draw is not None and draw.holes > 0:  # low-SNR holes covering about `holes` of the brain
-        hole_field = _smooth_fields(srng, 1, x64, x64, zw, (12.0, 35.0))[0]
-        thr = np.quantile(hole_field[brain], 1.0 - draw.holes) if brain.any() else np.inf
-        snr_clean = snr_clean * (1.0 - 0.9 * _sigmoid((hole_field - thr) / 0.05))[:, None]
-    snr = snr_clean * np.exp(0.08 * rng.standard_normal(size=snr_clean.shape, dtype=np.float32))
-    fwhm_m = fwhm[:, None] * (1.0 + 0.02 * rng.standard_normal(size=conc.shape, dtype=np.float32))
-    fwhm_m = fwhm_m + 0.015 * rng.standard_normal(size=conc.shape, dtype=np.float32) / np.maximum(snr, 1.0)
-    fwhm_m = np.clip(fwhm_m, 0.02, None)
-
-    noise_sd = _MAP_NOISE * gain / (_SNR_PER_MM * snr_scale)  # raw units, uniform in space
-    maps = gain * coil[:, None] * conc + noise_sd[None, :, None, None] * rng.standard_normal(
-        size=conc.shape, dtype=np.float32
-    )
-    masks = brain[:, None] & quality_mask_from_qc(snr, fwhm_m, SNR_MIN, FWHM_MAX_PPM) & ~lipid[:, None]
-    maps = np.where(masks, np.clip(maps, 0.0, None), 0.0)
-
-    mrsi_affine, anat_affine = _affines(z_count)
-    return PhantomSubject(
-        subject_id=subject_id_for(index),
-        maps=maps.astype(np.float32),
-        masks=masks,
-        snr=np.where(brain[:, None], snr, 0.0).astype(np.float32),
-        fwhm=fwhm_m.astype(np.float32),
-        t1=_block_mean(t1_h),
-        flair=_block_mean(flair_h),
-        brain=brain,
-        labels=labels,
-        t1_hires=t1_h,
-        flair_hires=flair_h,
-        anat_affine=anat_affine,
-        mrsi_affine_hr=mrsi_affine,
-        has_tumour=has_tumour,
-    )
-
-
-def generate_dataset(
-    n_subjects: int = 25, seed: int = 0, styles: str | tuple[str, ...] = "classic"
-) -> list[PhantomSubject]:
-    """Subjects ``0 .. n_subjects - 1`` of the dataset drawn with ``seed``.
-
-    ``styles``: one style name, or several assigned round-robin (subject ``i`` gets ``styles[i % len]``).
-    """
-    names = (styles,) if isinstance(styles, str) else tuple(styles)
-    return [make_subject(i, seed, style=names[i % len(names)]) for i in range(n_subjects)]
-
-
-def fold_split(n_subjects: int = 25, fold: int = 0, n_folds: int = 5) -> tuple[list[str], list[str], list[str]]:
-    """Subject-wise cross-validation split (the paper's 15 / 5 / 5 for 25 subjects, 5 folds).
-
-    Subjects are cut into ``n_folds`` consecutive groups; fold ``f`` tests on group ``f``, validates on
-    group ``(f + 1) % n_folds`` and trains on the rest.
-
-    Returns:
-        ``(train_ids, val_ids, test_ids)`` lists of subject ids (``subject_id_for``).
-    """
-    if n_folds < 3 or n_subjects < n_folds:
-        raise ValueError(f"need n_folds >= 3 and n_subjects >= n_folds, got {n_subjects=}, {n_folds=}")
-    if not 0 <= fold < n_folds:
-        raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
-    groups = np.array_split(np.arange(n_subjects), n_folds)
-    test = groups[fold]
-    val = groups[(fold + 1) % n_folds]
-    train = np.concatenate([g for k, g in enumerate(groups) if k not in (fold, (fold + 1) % n_folds)])
-    ids = lambda a: [subject_id_for(int(i)) for i in a]  # noqa: E731
-    return ids(train), ids(val), ids(test)
+    return MrsiTissue(gm=f_gm, wm=f_wm, csf=f_csf, solid=f_solid, necrosis=f_nec, edema=f_edema, brain=brain,
+                      labels=labels)
