@@ -303,7 +303,7 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
     from dataclasses import asdict
 
     from ftddm_trt.export.manifest import write_manifest
-    from ftddm_trt.export.tensorrt_build import _same_build, build_options, engine_cache_key, volume_profile
+    from ftddm_trt.export.tensorrt_build import build_options, engine_cache_key, same_build, volume_profile
 
     onnx_manifest = {"max_batch": 128, "networks": {"unet": {"onnx_sha256": "a" * 64}}}
     profile = volume_profile(16, 128)
@@ -318,13 +318,13 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
                                                "engine_sha256": file_sha256(out / "unet.plan"),
                                                "parsed_onnx": "unet.fp16.onnx",
                                                "parsed_onnx_sha256": file_sha256(out / "unet.fp16.onnx")}}})
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100) is not None
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 250) is None  # another Ttrunc
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
-    assert _same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100) is not None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 250) is None  # another Ttrunc
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
+    assert same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
     assert (
-        _same_build(
+        same_build(
             out,
             {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}},
             "NVIDIA L4",
@@ -337,8 +337,8 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
     )
     (out / "unet.fp16.onnx").write_bytes(b"fp16 grapH")
     with pytest.raises(IntegrityError, match="unet network"):
-        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
+        same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
     (out / "unet.fp16.onnx").write_bytes(b"fp16 graph")
     (out / "unet.plan").write_bytes(b"engine bytez")
     with pytest.raises(IntegrityError, match="unet network"):
-        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
+        same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)

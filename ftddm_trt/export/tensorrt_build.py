@@ -324,7 +324,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
     import tensorrt as trt
 
     tensorrt_major(trt.__version__)
-    reused = _same_build(out_dir, onnx_manifest, gpu, trt.__version__, batch_size, precision, ttrunc, workspace_gib)
+    reused = same_build(out_dir, onnx_manifest, gpu, trt.__version__, batch_size, precision, ttrunc, workspace_gib)
     if reused is not None:
         for name, info in reused["networks"].items():
             log(f"{name}: cached engine {info['engine']} (same ONNX, GPU, TensorRT, precision, profile and Ttrunc)")
@@ -333,7 +333,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
         return _build_into(onnx_dir, tmp, onnx_manifest, gpu, batch_size, precision, log, ttrunc, workspace_gib)
 
 
-def _same_build(out_dir: Path, onnx_manifest: dict[str, Any], gpu: str, trt_version: str, batch_size: int,
+def same_build(out_dir: Path, onnx_manifest: dict[str, Any], gpu: str, trt_version: str, batch_size: int,
                 precision: str, flow_ttrunc: int | None = None, workspace_gib: float = 4.0) -> dict[str, Any] | None:
     """The manifest of ``out_dir`` if it already holds exactly this build (engines and fp16 graphs
     verified against their sha256: IntegrityError if altered), else None."""

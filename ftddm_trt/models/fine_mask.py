@@ -27,11 +27,11 @@ from ftddm_trt.constants import (  # not data.masks: models must load without sc
     FINE_MASK_FEATURES,
     FINE_MASK_FEATURES_VERSION,
 )
-from ftddm_trt.models.config import _ConfigBase
+from ftddm_trt.models.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class FineMaskConfig(_ConfigBase):
+class FineMaskConfig(ConfigBase):
     """Sizes of the estimator and how its probabilities are used.
 
     threshold: a pixel counts as inside the fine mask when its probability exceeds this.

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ftddm_trt.constants import COND_CHANNELS
-from ftddm_trt.models.config import _ConfigBase
+from ftddm_trt.models.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class TDPMConfig(_ConfigBase):
+class TDPMConfig(ConfigBase):
     """Sizes of the TDPM generator and its discriminator. ``width``: channels at 64x64 (doubled at each of
     the two downsamplings); ``res_blocks``: residual blocks at 16x16; ``disc_width``: the discriminator's
     first width. Presets: ``cpu`` (~0.3 M generator parameters), ``tiny`` (tests), ``paper`` (a GPU-size
