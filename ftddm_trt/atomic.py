@@ -57,6 +57,7 @@ def _prefix(out: Path) -> str:
 
 
 def lock_path(out: Path) -> Path:
+    """The lock file of output folder ``out``: ``.OUT.lock`` beside it (see ``OutputLock``)."""
     return Path(out).parent / f"{_prefix(Path(out))}.lock"
 
 
@@ -144,6 +145,8 @@ def foreign_entries(out: Path) -> list[str]:
 
 
 def write_owner_record(folder: Path, command: str) -> None:
+    """Write ``folder``'s ownership record (``OWNER_FILE``): the tool, ``command``, the time and every
+    file and folder in it (what ``--force`` may later replace)."""
     files = [e for e in _listing(folder) if e not in (OWNER_FILE, STAGING_FILE)]
     record = {"tool": "ftddm-trt", "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "files": files}
@@ -207,6 +210,8 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> "OutputLock":
+        """Take the lock, creating OUT's parent and the lock file; OutputBusy naming the holder's pid when
+        another process holds it, OutputError when the lock file cannot be made. Returns ``self``."""
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -238,6 +243,7 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing when not held)."""
         if self.fd is None:
             return
         try:

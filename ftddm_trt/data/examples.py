@@ -44,6 +44,7 @@ class Batch:
     scored: torch.Tensor
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch with every tensor moved to ``device``."""
         return Batch(*(getattr(self, f).to(device) for f in ("x0", "y", "mask", "s", "scored")))
 
 
@@ -63,6 +64,8 @@ class SlicePool:
 
     @classmethod
     def from_subjects(cls, subjects: list[PhantomSubject]) -> "SlicePool":
+        """Every (slice, metabolite) of ``subjects``, stacked: ``K = sum(Z * C)`` examples, T1 and FLAIR
+        normalized per subject volume and repeated for each metabolite."""
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("maps", "masks", "snr", "fwhm", "t1", "flair")}
         for subj in subjects:
             z, c = subj.maps.shape[:2]

@@ -40,10 +40,13 @@ PARITY_ATOL = 2e-3
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph tensor: its name and its shape without the batch dimension."""
+
     name: str
     shape: tuple[int, ...]  # without the batch dimension
 
     def with_batch(self, b: int) -> tuple[int, ...]:
+        """The full shape for a batch of ``b``."""
         return (b, *self.shape)
 
 

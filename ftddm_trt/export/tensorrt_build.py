@@ -107,6 +107,7 @@ def precision_policy(precision: str) -> dict[str, Any]:
 
 
 def network_is_fp16(network: str, precision: str) -> bool:
+    """True when ``network`` is built in fp16 under ``precision`` (the UNets; the flow stays fp32)."""
     return precision == "fp16" and network in FP16_NETWORKS
 
 
@@ -120,6 +121,7 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str, precisio
 
 
 def engine_filename(network: str, key: str) -> str:
+    """The file name of ``network``'s engine: ``NETWORK-<first 16 hex digits of its cache key>.plan``."""
     return f"{network}-{key[:16]}.plan"
 
 
@@ -237,6 +239,7 @@ class EngineRunner:
         self.path = Path(path)
 
     def __call__(self, feeds: dict[str, Any], output: str):
+        """Run the engine on ``feeds`` (name -> CUDA float32 tensor) and return the tensor ``output``."""
         import torch
 
         producer = torch.cuda.current_stream()

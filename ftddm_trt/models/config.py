@@ -89,6 +89,7 @@ class UNetConfig(ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> "UNetConfig":
+        """The sizes of preset ``name``: ``paper``, ``cpu`` (about 2 M parameters) or ``tiny`` (tests)."""
         if name == "paper":
             return cls()
         if name == "cpu":
@@ -166,6 +167,7 @@ class FlowConfig(ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> "FlowConfig":
+        """The sizes of preset ``name``: ``paper``, ``cpu`` or ``tiny`` (tests)."""
         if name == "paper":
             return cls()
         if name == "cpu":

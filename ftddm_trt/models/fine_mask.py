@@ -90,6 +90,7 @@ class FineMaskNet(nn.Module):
         self.out = nn.Conv2d(ch[0], 1, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1, H, W)`` of the fine mask from the features ``(B, 8, H, W)``."""
         skips = []
         h = features
         for i, block in enumerate(self.down):

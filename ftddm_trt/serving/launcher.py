@@ -143,21 +143,26 @@ class TritonServer:
     # -- addresses ---------------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
+        """``host:port`` of the HTTP endpoint."""
         return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
         return f"{self.host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
+        """URL of the Prometheus metrics."""
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
+        """The guard's pid (the server's parent), None before ``start()``."""
         return self.process.pid if self.process is not None else None
 
     def command(self) -> list[str]:
+        """The tritonserver command line the guard runs."""
         backend_dir = (
             (self.workdir or Path("<workdir>")) / "backends" if self.install.bundled else self.install.backends
         )
@@ -269,6 +274,7 @@ class TritonServer:
                 client.close()
 
     def is_running(self) -> bool:
+        """True while the server (its guard) runs."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> int | None:

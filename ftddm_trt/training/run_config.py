@@ -76,6 +76,7 @@ class TrainConfig:
 
     @property
     def t_max(self) -> int:
+        """The largest timestep the task trains on: T for ``unet_full``, else Ttrunc."""
         return T_DIFFUSION if self.task == "unet_full" else self.t_trunc
 
 

@@ -101,6 +101,7 @@ class TensorIO:
         return cls(spec["name"], tuple(shape) or (1,), dtype, scalar=not shape)
 
     def pbtxt(self) -> str:
+        """The tensor's entry of a config.pbtxt ``input`` / ``output`` list."""
         dims = ", ".join(str(d) for d in self.dims)
         reshape = "\n    reshape: { shape: [ ] }" if self.scalar else ""
         return f'  {{\n    name: "{self.name}"\n    data_type: {self.data_type}\n    dims: [ {dims} ]{reshape}\n  }}'
@@ -128,6 +129,8 @@ def manifest_network_io(manifest: Mapping[str, Any], network: str) -> tuple[list
 def sampler_io(
     image: tuple[int, ...] = (1, 64, 64), cond: tuple[int, ...] = (4, 64, 64)
 ) -> tuple[list[TensorIO], list[TensorIO]]:
+    """The sampler's tensors: inputs ``y`` ``cond`` and ``s`` (one scalar per item), outputs ``x0`` ``image``
+    and ``nfe`` (int32)."""
     return ([TensorIO("y", cond), TensorIO("s", (1,), scalar=True)],
             [TensorIO("x0", image), TensorIO("nfe", (1,), "TYPE_INT32")])
 
