@@ -33,10 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.cli.cohort import run_cohort  # noqa: E402
 from ftddm_trt.cli.upscale import UpscaleOptions  # noqa: E402
-from ftddm_trt.data.nifti_io import read_map_folder, write_phantom_subject  # noqa: E402
+from ftddm_trt.data.nifti.read import read_map_folder  # noqa: E402
+from ftddm_trt.data.nifti.write import write_phantom_subject  # noqa: E402
 from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.serving.launcher import TritonServer  # noqa: E402
-from ftddm_trt.serving.repository import RepoOptions, build_repository  # noqa: E402
+from ftddm_trt.serving.repository.build import build_repository  # noqa: E402
+from ftddm_trt.serving.repository.render import RepoOptions  # noqa: E402
 
 
 def timed_cohort(data: Path, out: Path, opts: UpscaleOptions) -> dict:

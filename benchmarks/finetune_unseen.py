@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.constants import HR_SIZE  # noqa: E402
-from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
+from ftddm_trt.data.nifti.write import write_training_subject  # noqa: E402
 from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402

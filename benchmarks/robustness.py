@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ftddm_trt.data.nifti_io import write_training_subject  # noqa: E402
+from ftddm_trt.data.nifti.write import write_training_subject  # noqa: E402
 from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.evaluation.report import write_json  # noqa: E402

@@ -39,7 +39,8 @@ from ftddm_trt.engine.pipeline import SamplerSpec, sample_images  # noqa: E402
 from ftddm_trt.engine.triton_backend import TritonBackend  # noqa: E402
 from ftddm_trt.evaluation.report import portable  # noqa: E402
 from ftddm_trt.serving.launcher import TritonServer  # noqa: E402
-from ftddm_trt.serving.repository import RepoOptions, build_repository  # noqa: E402
+from ftddm_trt.serving.repository.build import build_repository  # noqa: E402
+from ftddm_trt.serving.repository.render import RepoOptions  # noqa: E402
 
 
 def unet_inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ftddm_trt.data.kspace import zero_fill  # noqa: E402
 from ftddm_trt.data.metrics import psnr, ssim  # noqa: E402
-from ftddm_trt.data.nifti_io import read_map_folder  # noqa: E402
+from ftddm_trt.data.nifti.read import read_map_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ def _prefix(out: Path) -> str:
 
 
 def lock_path(out: Path) -> Path:
+    """The lock file of output folder ``out``: ``.OUT.lock`` beside it (see ``OutputLock``)."""
     return Path(out).parent / f"{_prefix(Path(out))}.lock"
 
 
@@ -72,6 +73,19 @@ def _existing_ancestor(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def _umask() -> int:
+    """This process's umask: from ``/proc/self/status`` where Linux gives it, else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _is_pid_alive(pid: int) -> bool:
@@ -131,6 +145,8 @@ def foreign_entries(out: Path) -> list[str]:
 
 
 def write_owner_record(folder: Path, command: str) -> None:
+    """Write ``folder``'s ownership record (``OWNER_FILE``): the tool, ``command``, the time and every
+    file and folder in it (what ``--force`` may later replace)."""
     files = [e for e in _listing(folder) if e not in (OWNER_FILE, STAGING_FILE)]
     record = {"tool": "ftddm-trt", "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "files": files}
@@ -194,6 +210,8 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> "OutputLock":
+        """Take the lock, creating OUT's parent and the lock file; OutputBusy naming the holder's pid when
+        another process holds it, OutputError when the lock file cannot be made. Returns ``self``."""
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -225,6 +243,7 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing when not held)."""
         if self.fd is None:
             return
         try:
@@ -274,9 +293,7 @@ def staging_dir(out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_prefix(out)}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     (tmp / STAGING_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                 "output": str(out.resolve())}))
     return tmp
@@ -325,14 +342,18 @@ def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
     exception it is removed and ``path`` is left as it was.
 
     ``suffix``: the temporary file's ending, for writers that choose a format by the name (``.nii.gz``,
-    ``.png``); by default ``path``'s own suffixes. The parent folder is created when missing."""
+    ``.png``); by default ``path``'s own suffixes. The parent folder is created when missing. The file gets
+    the permissions of any new file (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or "".join(path.suffixes)),
                                     dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -341,9 +362,13 @@ def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` all at once or not at all (see ``atomic_file``)."""
+    """Write ``data`` to ``path`` all at once or not at all (see ``atomic_file``); the bytes reach the disk
+    (``fsync``) before the file takes ``path``'s name."""
     with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     return Path(path)
 
 

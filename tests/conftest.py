@@ -83,7 +83,7 @@ def phantom_subject_dir(tmp_path_factory):
 
     Shared and read-only: tests that corrupt or write files copy it first (``copy_subject``).
     """
-    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.nifti.write import write_phantom_subject
     from ftddm_trt.data.phantom import make_subject
 
     root = tmp_path_factory.mktemp("phantom")

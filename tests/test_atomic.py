@@ -194,3 +194,13 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
             raise RuntimeError("writer failed")
     assert json.loads(target.read_text()) == {"x": 1}
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+
+
+def test_atomic_file_gets_ordinary_permissions(tmp_path):
+    """Not mkstemp's private 0o600: a file written whole is readable as any new file would be."""
+    import stat
+
+    target = write_json_atomic(tmp_path / "a.json", {"x": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.data.nifti_io import read_map_folder
+from ftddm_trt.data.nifti.read import read_map_folder
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()

@@ -24,7 +24,7 @@ from test_triton_e2e import cpu_repo  # noqa: F401  (the module fixture: the tin
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.data.nifti_io import read_map_folder
+from ftddm_trt.data.nifti.read import read_map_folder
 from ftddm_trt.engine.triton_backend import TritonBackend, TritonUnavailable
 from ftddm_trt.serving.launcher import free_port
 

@@ -49,7 +49,8 @@ def test_open_band_excludes_the_nyquist_lines():
 
 
 def test_auto_mode_applies_consistency_exactly_for_a_fine_mask(tmp_path):
-    from ftddm_trt.data.nifti_io import read_subject, write_phantom_subject
+    from ftddm_trt.data.nifti.read import read_subject
+    from ftddm_trt.data.nifti.write import write_phantom_subject
     from ftddm_trt.data.phantom import make_subject
     from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
 

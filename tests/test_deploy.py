@@ -17,7 +17,9 @@ from test_triton_repo import _fake_export
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.serving.repository import RepoOptions, build_repository, validate_repository
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import RepoOptions
+from ftddm_trt.serving.repository.validate import validate_repository
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"

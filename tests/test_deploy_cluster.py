@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftddm_trt.serving.repository import DEFAULT_TRT_CACHE_PATH
+from ftddm_trt.serving.repository.render import DEFAULT_TRT_CACHE_PATH
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -205,10 +205,10 @@ def test_export_refuses_to_overwrite_without_force(tiny_model_dir, tmp_path, mon
 def test_exporter_noise_is_silenced_but_errors_are_not():
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     dynamo = logging.getLogger("torch._dynamo.something")
-    before = {n: logging.getLogger(n).level for n in onnx_export._NOISY_LOGGERS}
+    before = {n: logging.getLogger(n).level for n in onnx_export.NOISY_LOGGERS}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with onnx_export._quiet_exporter():
+        with onnx_export.quiet_exporter():
             assert not registration.isEnabledFor(logging.WARNING)
             assert not dynamo.isEnabledFor(logging.WARNING)
             assert registration.isEnabledFor(logging.ERROR)
@@ -216,12 +216,12 @@ def test_exporter_noise_is_silenced_but_errors_are_not():
             warnings.warn("# The axis name: batch will not be used, since ...", UserWarning)
             warnings.warn("something real", UserWarning)
         assert [str(w.message) for w in seen] == ["something real"]
-    assert {n: logging.getLogger(n).level for n in onnx_export._NOISY_LOGGERS} == before
+    assert {n: logging.getLogger(n).level for n in onnx_export.NOISY_LOGGERS} == before
     assert registration.isEnabledFor(logging.WARNING)
     with pytest.raises(RuntimeError, match="boom"):
-        with onnx_export._quiet_exporter():
+        with onnx_export.quiet_exporter():
             raise RuntimeError("boom")
-    assert {n: logging.getLogger(n).level for n in onnx_export._NOISY_LOGGERS} == before
+    assert {n: logging.getLogger(n).level for n in onnx_export.NOISY_LOGGERS} == before
 
 
 # ------------------------------------------------------------------------- TensorRT: pure functions

@@ -148,7 +148,7 @@ def _model_with_estimator(tiny_model_dir, folder, threshold=0.5, weight=0.5):
 
 def subject_maps(subject_dir) -> int:
     """Number of maps (slices) of NAA in a phantom subject folder."""
-    from ftddm_trt.data.nifti_io import read_subject
+    from ftddm_trt.data.nifti.read import read_subject
 
     return read_subject(subject_dir).n_slices
 
@@ -162,7 +162,7 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
 
     from ftddm_trt.cli.main import app
     from ftddm_trt.data.masks import fine_mask_features
-    from ftddm_trt.data.nifti_io import read_map_folder, read_subject
+    from ftddm_trt.data.nifti.read import read_map_folder, read_subject
     from ftddm_trt.diffusion.consistency import band_project
     from ftddm_trt.engine.upscale import build_condition
     from ftddm_trt.models.io import model_sha256

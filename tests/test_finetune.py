@@ -16,7 +16,8 @@ from ftddm_trt.cli.main import app
 from ftddm_trt.data.examples import SlicePool, pool_stack, prepare_example
 from ftddm_trt.data.kspace import kspace_truncate
 from ftddm_trt.data.masks import lr_support_mask
-from ftddm_trt.data.nifti_io import InputError, write_training_subject
+from ftddm_trt.data.nifti.files import InputError
+from ftddm_trt.data.nifti.write import write_training_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
 from ftddm_trt.training.finetune import (
@@ -85,7 +86,7 @@ def test_refuses_a_folder_with_fewer_than_two_subjects(site_copy):
 
 def test_refuses_maps_not_acquired_at_64(site_copy, tmp_path):
     write_lr = tmp_path / "lr"
-    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.nifti.write import write_phantom_subject
 
     write_phantom_subject(write_lr, make_subject(0, 11), 16)
     shutil.rmtree(site_copy / "sub-000")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ftddm_trt.cli.main import app
 from ftddm_trt.constants import METABOLITES
 from ftddm_trt.data.fsl_names import resolve_maps
-from ftddm_trt.data.nifti_io import read_subject
+from ftddm_trt.data.nifti.read import read_subject
 from ftddm_trt.data.qc_combine import combine_fwhm, combine_snr
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -83,7 +83,7 @@ class _NaNBackend(Backend):
 
 
 def test_upscale_subject_refuses_nan(phantom_subject_dir):
-    from ftddm_trt.data.nifti_io import read_subject
+    from ftddm_trt.data.nifti.read import read_subject
     from ftddm_trt.engine.upscale import upscale_subject
 
     subject = read_subject(phantom_subject_dir)
@@ -176,7 +176,7 @@ def _load_model_code(monkeypatch):
 
     fake.TritonModelException = TritonModelException
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    from ftddm_trt.serving.repository import TRITON_REPO_SRC
+    from ftddm_trt.serving.repository.render import TRITON_REPO_SRC
 
     spec = importlib.util.spec_from_file_location(
         "ftddm_onnx_network_model", TRITON_REPO_SRC / "python" / "onnx_network.py"
@@ -187,7 +187,7 @@ def _load_model_code(monkeypatch):
 
 
 def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_path, monkeypatch):
-    from ftddm_trt.serving.repository import build_repository
+    from ftddm_trt.serving.repository.build import build_repository
 
     repo = tmp_path / "repo"
     build_repository(tiny_onnx_export, repo, "cpu", log=lambda _m: None)
@@ -195,7 +195,7 @@ def test_triton_model_refuses_corrupt_model_onnx_at_load(tiny_onnx_export, tmp_p
     model_dir = repo / "ftddm_unet"
     from google.protobuf import json_format
 
-    from ftddm_trt.serving.repository import parse_config
+    from ftddm_trt.serving.repository.validate import parse_config
 
     cfg = json_format.MessageToDict(
         parse_config((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True
@@ -219,7 +219,8 @@ def test_triton_server_refuses_corrupt_model_onnx(tiny_onnx_export, tmp_path):
     """A real tritonserver on a repository whose ftddm_flow/1/model.onnx lost a bit: the start fails,
     naming the IntegrityError (the model refuses to load); nothing of the server is left running."""
     from ftddm_trt.serving.launcher import TritonServer, TritonServerError, shm_regions
-    from ftddm_trt.serving.repository import RepoOptions, build_repository
+    from ftddm_trt.serving.repository.build import build_repository
+    from ftddm_trt.serving.repository.render import RepoOptions
 
     repo = tmp_path / "repo"
     build_repository(tiny_onnx_export, repo, "cpu", options=RepoOptions(sampler=False), log=lambda _m: None)
@@ -250,7 +251,8 @@ def test_gpu_repository_network_files_are_verified_before_a_start(tiny_onnx_expo
     them against repository.json first and refuses (naming the file) a changed file, an unrecorded one,
     or a folder triton-repo did not write; nothing is launched (no GPU needed)."""
     from ftddm_trt.serving.launcher import TritonServer, TritonServerError
-    from ftddm_trt.serving.repository import build_repository, verify_repository_files
+    from ftddm_trt.serving.repository.build import build_repository
+    from ftddm_trt.serving.repository.validate import verify_repository_files
 
     repo = tmp_path / "gpu"
     build_repository(tiny_onnx_export, repo, "gpu", log=lambda _m: None)
@@ -301,7 +303,7 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
     from dataclasses import asdict
 
     from ftddm_trt.export.manifest import write_manifest
-    from ftddm_trt.export.tensorrt_build import _same_build, build_options, engine_cache_key, volume_profile
+    from ftddm_trt.export.tensorrt_build import build_options, engine_cache_key, same_build, volume_profile
 
     onnx_manifest = {"max_batch": 128, "networks": {"unet": {"onnx_sha256": "a" * 64}}}
     profile = volume_profile(16, 128)
@@ -316,13 +318,13 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
                                                "engine_sha256": file_sha256(out / "unet.plan"),
                                                "parsed_onnx": "unet.fp16.onnx",
                                                "parsed_onnx_sha256": file_sha256(out / "unet.fp16.onnx")}}})
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100) is not None
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 250) is None  # another Ttrunc
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
-    assert _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
-    assert _same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100) is not None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 250) is None  # another Ttrunc
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100, workspace_gib=8.0) is None
+    assert same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp32", 100) is None
+    assert same_build(out, onnx_manifest, "NVIDIA H100", "10.9", 16, "fp16", 100) is None
     assert (
-        _same_build(
+        same_build(
             out,
             {**onnx_manifest, "networks": {"unet": {"onnx_sha256": "b" * 64}}},
             "NVIDIA L4",
@@ -335,8 +337,8 @@ def test_engine_folder_is_reused_only_when_identical_and_intact(tmp_path):
     )
     (out / "unet.fp16.onnx").write_bytes(b"fp16 grapH")
     with pytest.raises(IntegrityError, match="unet network"):
-        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
+        same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
     (out / "unet.fp16.onnx").write_bytes(b"fp16 graph")
     (out / "unet.plan").write_bytes(b"engine bytez")
     with pytest.raises(IntegrityError, match="unet network"):
-        _same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)
+        same_build(out, onnx_manifest, "NVIDIA L4", "10.9", 16, "fp16", 100)

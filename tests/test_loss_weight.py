@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftddm_trt.constants import MARGIN_WEIGHT
-from ftddm_trt.data.examples import SlicePool, _collate, make_example
+from ftddm_trt.data.examples import SlicePool, collate, make_example
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.diffusion import CosineSchedule, eps_loss, sample_train_timesteps
 from ftddm_trt.training.objectives import loss_weight, unet_objective
@@ -24,7 +24,7 @@ def batches():
     pool = SlicePool.from_subjects([make_subject(0, 0)])
     idx = np.flatnonzero(pool.masks.reshape(len(pool), -1).sum(1) > 200)[:4]
     sizes = [8, 16, 8, 16]
-    return {p: _collate([make_example(pool, int(i), n, p, None) for i, n in zip(idx, sizes)], sizes)
+    return {p: collate([make_example(pool, int(i), n, p, None) for i, n in zip(idx, sizes)], sizes)
             for p in ("hr", "lr")}, pool, idx
 
 

@@ -18,7 +18,8 @@ from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TritonBackend, Triton
 from ftddm_trt.models.model_set import ModelSet
 from ftddm_trt.serving.bls import BLSBackend, run_sampler
 from ftddm_trt.serving.launcher import TritonServer
-from ftddm_trt.serving.repository import RepoOptions, build_repository
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import RepoOptions
 
 runner = CliRunner()
 FAST = ["--sampler", "ftddm-dpmpp", "--ttrunc", "20", "--steps", "2", "--metabolites", "NAA"]
@@ -47,7 +48,7 @@ def test_check_names_network_and_both_hashes():
 
 
 def test_repository_records_the_weights(tiny_onnx_export, tiny_model_dir, tmp_path):
-    from ftddm_trt.serving.repository import parse_config
+    from ftddm_trt.serving.repository.validate import parse_config
 
     build_repository(tiny_onnx_export, tmp_path / "repo", "cpu", log=lambda _m: None)
     hashes = ModelSet.open(tiny_model_dir).hashes()

@@ -1,4 +1,4 @@
-"""FSL-MRS layout reading/writing (data.nifti_io)."""
+"""FSL-MRS layout reading/writing (data.nifti)."""
 
 import gzip
 from pathlib import Path
@@ -10,15 +10,10 @@ import pytest
 from ftddm_trt.constants import METABOLITES
 from ftddm_trt.data.kspace import kspace_truncate
 from ftddm_trt.data.masks import lr_support_mask, support_mask_from_lr
-from ftddm_trt.data.nifti_io import (
-    InputError,
-    lr_affine_for,
-    read_subject,
-    sr_affine,
-    write_maps,
-    write_phantom_subject,
-    write_subject,
-)
+from ftddm_trt.data.nifti.files import InputError
+from ftddm_trt.data.nifti.read import read_subject
+from ftddm_trt.data.nifti.resample import lr_affine_for, sr_affine
+from ftddm_trt.data.nifti.write import write_maps, write_phantom_subject, write_subject
 from ftddm_trt.data.phantom import make_subject
 from ftddm_trt.data.qc_conventions import get_convention
 
@@ -210,7 +205,7 @@ def test_explicit_hr_mask_any_grid(tmp_path):
 
 
 def test_read_map_folder(tmp_path, subject):
-    from ftddm_trt.data.nifti_io import read_map_folder
+    from ftddm_trt.data.nifti.read import read_map_folder
     from ftddm_trt.data.phantom import subject_index
 
     assert subject_index(subject.subject_id) == 5
@@ -228,7 +223,7 @@ def test_read_map_folder(tmp_path, subject):
 
 
 def test_select_keeps_maps_masks_and_qc_maps_together(phantom_subject_dir):
-    from ftddm_trt.data.nifti_io import read_subject
+    from ftddm_trt.data.nifti.read import read_subject
 
     full = read_subject(phantom_subject_dir)
     sub = read_subject(phantom_subject_dir)

@@ -50,8 +50,8 @@ def test_wheel_ships_the_triton_templates_and_finds_them_installed(tmp_path):
         site = tmp_path / "site"
         z.extractall(site)
     # installed copy, outside the source tree: the locator must find the templates inside it
-    code = ("import ftddm_trt, ftddm_trt.serving.repository as r; "
-            "from ftddm_trt.serving.repository import default_network_io, network_config; "
+    code = ("import ftddm_trt, ftddm_trt.serving.repository.render as r; "
+            "from ftddm_trt.serving.repository.render import default_network_io, network_config; "
             "ins, outs = default_network_io('unet'); text = network_config('unet', 'cpu', ins, outs); "
             "print(ftddm_trt.__file__); print(r.TRITON_REPO_SRC); print('ftddm_unet' in text)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FTDDM_TRITON_REPO_SRC")}

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
 from ftddm_trt.cli.phantom import n_for_scale
-from ftddm_trt.data.nifti_io import read_subject
+from ftddm_trt.data.nifti.read import read_subject
 
 runner = CliRunner()
 

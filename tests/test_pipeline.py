@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftddm_trt.data.nifti_io import read_subject
+from ftddm_trt.data.nifti.read import read_subject
 from ftddm_trt.engine import factory
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend

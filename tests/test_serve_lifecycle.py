@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import alive
 
 from ftddm_trt.engine.triton_backend import TritonBackend, TritonUnavailable
 from ftddm_trt.serving.launcher import TritonServer, TritonServerError, free_port, port_in_use, shm_regions
-from ftddm_trt.serving.repository import RepoOptions, build_repository
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import RepoOptions
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +44,6 @@ def flow_repo(tiny_onnx_export, tmp_path_factory):
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -100,10 +94,10 @@ def test_sigkilled_serve_leaves_nothing_and_busy_ports_are_refused(flow_repo, tm
         proc.kill()  # SIGKILL: no handler runs in the wrapper
         proc.wait(timeout=30)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (any(_alive(p) for p in server_pids) or workdir.exists()
+        while time.monotonic() < deadline and (any(alive(p) for p in server_pids) or workdir.exists()
                                                or shm_regions(prefix) or log.exists()):
             time.sleep(0.2)
-        assert not [p for p in server_pids if _alive(p)], "tritonserver or its stubs outlived the wrapper"
+        assert not [p for p in server_pids if alive(p)], "tritonserver or its stubs outlived the wrapper"
         assert shm_regions(prefix) == [] and not workdir.exists() and not log.exists()
         assert not any(port_in_use("127.0.0.1", p) for p in ports)
     finally:
@@ -134,9 +128,9 @@ def test_server_dies_with_its_guard_when_both_are_sigkilled(flow_repo, tmp_path)
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and any(_alive(p) for p in server_pids):
+        while time.monotonic() < deadline and any(alive(p) for p in server_pids):
             time.sleep(0.2)
-        assert not [p for p in server_pids if _alive(p)], "tritonserver or its stubs outlived the guard"
+        assert not [p for p in server_pids if alive(p)], "tritonserver or its stubs outlived the guard"
         assert not any(port_in_use("127.0.0.1", p) for p in ports)
     finally:
         if proc.poll() is None:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from ftddm_trt.atomic import write_bytes_atomic
 from ftddm_trt.export import fp16
 from ftddm_trt.export.onnx_export import random_inputs
 from ftddm_trt.export.tensorrt_build import (
@@ -19,7 +20,6 @@ from ftddm_trt.export.tensorrt_build import (
     PrecisionError,
     TensorRTUnavailable,
     Tolerance,
-    atomic_write_bytes,
     check_precision,
     engine_cache_key,
     network_flags,
@@ -149,15 +149,15 @@ def test_supported_majors():
 
 def test_atomic_write_bytes(tmp_path, monkeypatch):
     path = tmp_path / "timing.cache"
-    atomic_write_bytes(path, b"old")
-    import ftddm_trt.export.tensorrt_build as tb
+    write_bytes_atomic(path, b"old")
+    import ftddm_trt.atomic as atomic
 
     def boom(*a):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tb.os, "fsync", boom)
+    monkeypatch.setattr(atomic.os, "fsync", boom)
     with pytest.raises(OSError):
-        atomic_write_bytes(path, b"new")
+        write_bytes_atomic(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
 
 

@@ -24,7 +24,7 @@ from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images
 from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TritonBackend, TritonInferenceError, TritonUnavailable
 from ftddm_trt.serving.launcher import TritonServer, free_port, shm_regions
-from ftddm_trt.serving.repository import build_repository
+from ftddm_trt.serving.repository.build import build_repository
 
 pytestmark = pytest.mark.e2e
 ATOL = 1e-4

@@ -18,15 +18,9 @@ from typer.testing import CliRunner
 
 from ftddm_trt.engine.triton_backend import SAMPLER_MODEL, TRITON_MODELS
 from ftddm_trt.serving.batching import as_graph_rank, merge, split
-from ftddm_trt.serving.repository import (
-    ConfigError,
-    RepoOptions,
-    build_repository,
-    default_network_io,
-    profile_shapes,
-    validate_config,
-    validate_repository,
-)
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import ConfigError, RepoOptions, default_network_io, profile_shapes
+from ftddm_trt.serving.repository.validate import validate_config, validate_repository
 
 
 def _quiet(_m):
@@ -66,7 +60,8 @@ def test_engines_are_verified_at_generation_and_at_load(tmp_path, monkeypatch):
     from google.protobuf import json_format
 
     from ftddm_trt.integrity import IntegrityError
-    from ftddm_trt.serving.repository import TRITON_REPO_SRC, parse_config
+    from ftddm_trt.serving.repository.render import TRITON_REPO_SRC
+    from ftddm_trt.serving.repository.validate import parse_config
 
     export = _fake_export(tmp_path / "onnx")
     engines = _fake_engines(tmp_path / "engines")
@@ -108,7 +103,7 @@ def test_engines_are_verified_at_generation_and_at_load(tmp_path, monkeypatch):
 
 def test_gpu_python_configs_are_checked():
     ins, outs = default_network_io("unet")
-    from ftddm_trt.serving.repository import network_config
+    from ftddm_trt.serving.repository.render import network_config
 
     text = network_config("unet", "gpu-python", ins, outs, RepoOptions())
     validate_config(text, "gpu-python")

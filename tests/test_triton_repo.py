@@ -26,16 +26,11 @@ from ftddm_trt.engine.triton_backend import (
     decode_sampler_settings,
     encode_sampler_settings,
 )
-from ftddm_trt.serving import launcher
+from ftddm_trt.serving import launcher, tritonserver
 from ftddm_trt.serving.bls import BLSBackend, run_sampler
-from ftddm_trt.serving.repository import (
-    ConfigError,
-    RepoOptions,
-    build_repository,
-    parse_config,
-    validate_config,
-    validate_repository,
-)
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import ConfigError, RepoOptions
+from ftddm_trt.serving.repository.validate import parse_config, validate_config, validate_repository
 
 #: the placeholder files' real sha256, as an export's manifest records them (triton-repo checks each placed file)
 SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in ("unet", "unet_full", "flow")}
@@ -412,27 +407,27 @@ def test_run_sampler_rejects_bad_shapes():
 
 # -- launcher set-up (no server started) -----------------------------------------------------------
 def test_bundled_server_environment_and_command(tmp_path, monkeypatch):
-    monkeypatch.delenv(launcher.BINARY_ENV, raising=False)
-    install = launcher.find_tritonserver(prefer_bundled=True)
+    monkeypatch.delenv(tritonserver.BINARY_ENV, raising=False)
+    install = tritonserver.find_tritonserver(prefer_bundled=True)
     assert install.bundled and install.binary.is_file() and install.stub is not None
     assert install.stub.parent.name == f"{sys.version_info.major}.{sys.version_info.minor}"
-    backends = launcher.prepare_backend_dir(install, tmp_path / "backends")
+    backends = tritonserver.prepare_backend_dir(install, tmp_path / "backends")
     assert sorted(p.name for p in (backends / "python").iterdir()) == [
         "libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
-    env = launcher.server_environment(install, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x"})
+    env = tritonserver.server_environment(install, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     ld = env["LD_LIBRARY_PATH"].split(os.pathsep)
     assert ld[0].endswith("nvidia_pytriton.libs") and ld[-1] == "/opt/x"
     import sysconfig
 
     assert sysconfig.get_config_var("LIBDIR") in ld
-    cmd = launcher.server_command(install, tmp_path, backends, 1, 2, 3, "triton_python_backend_shm_region_x_")
+    cmd = tritonserver.server_command(install, tmp_path, backends, 1, 2, 3, "triton_python_backend_shm_region_x_")
     for flag in ("--model-repository=", "--backend-directory=", "--http-port=1", "--grpc-port=2", "--metrics-port=3",
                  "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
                  "--backend-config=python,shm-region-prefix-name=triton_python_backend_shm_region_x_"):
         assert any(c.startswith(flag) for c in cmd), flag
-    with pytest.raises(launcher.TritonServerError, match="does not exist"):
-        launcher.find_tritonserver(tmp_path / "nope")
+    with pytest.raises(tritonserver.TritonServerError, match="does not exist"):
+        tritonserver.find_tritonserver(tmp_path / "nope")
 
 
 def test_free_port_and_server_arguments(tmp_path):

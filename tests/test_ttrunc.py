@@ -30,7 +30,9 @@ from ftddm_trt.export.manifest import (
     write_manifest,
 )
 from ftddm_trt.serving.bls import BLSBackend, run_sampler
-from ftddm_trt.serving.repository import ConfigError, build_repository, validate_repository
+from ftddm_trt.serving.repository.build import build_repository
+from ftddm_trt.serving.repository.render import ConfigError
+from ftddm_trt.serving.repository.validate import validate_repository
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()

@@ -386,7 +386,7 @@ def test_ttrunc_other_than_the_flows_is_refused(tiny_model_dir, phantom_subject_
 def test_without_a_fine_mask_estimator_there_is_no_qc_step(tiny_model_dir, subject_copy, tmp_path):
     """A model folder without a fine-mask estimator: --qc-consistency changes nothing (no estimate of the fine
     mask is assumed from the qc maps' convention); run.json, its corrections and stderr say why."""
-    from ftddm_trt.data.nifti_io import read_map_folder
+    from ftddm_trt.data.nifti.read import read_map_folder
 
     outs = {}
     for w in ("0", "0.2"):
@@ -406,7 +406,7 @@ def test_without_a_fine_mask_estimator_there_is_no_qc_step(tiny_model_dir, subje
 
 def test_qc_consistency_not_applied_with_a_fine_mask(tiny_model_dir, tmp_path):
     """hr protocol (64x64 masks): full data consistency applies, the qc step does not."""
-    from ftddm_trt.data.nifti_io import write_phantom_subject
+    from ftddm_trt.data.nifti.write import write_phantom_subject
     from ftddm_trt.data.phantom import make_subject
 
     subject = write_phantom_subject(tmp_path / "in", make_subject(1, seed=0), 16, hr_masks=True)

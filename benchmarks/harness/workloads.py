@@ -208,10 +208,11 @@ class VolumeCondition:
 
 def phantom_condition(work_dir: Path | str, index: int = 0, n: int = 16, seed: int = 0,
                       max_maps: int | None = None) -> VolumeCondition:
-    """Write phantom subject ``index`` as an ``n x n`` scan under ``work_dir`` (``data.nifti_io``), read
+    """Write phantom subject ``index`` as an ``n x n`` scan under ``work_dir`` (``data.nifti.write``), read
     it back as a user's input and build its condition (``engine.upscale.build_condition``).
     ``max_maps``: keep only the first maps (smoke runs)."""
-    from ftddm_trt.data.nifti_io import read_subject, write_phantom_subject
+    from ftddm_trt.data.nifti.read import read_subject
+    from ftddm_trt.data.nifti.write import write_phantom_subject
     from ftddm_trt.data.phantom import make_subject
     from ftddm_trt.engine.upscale import build_condition
 

@@ -44,6 +44,7 @@ class Batch:
     scored: torch.Tensor
 
     def to(self, device: torch.device | str) -> "Batch":
+        """The batch with every tensor moved to ``device``."""
         return Batch(*(getattr(self, f).to(device) for f in ("x0", "y", "mask", "s", "scored")))
 
 
@@ -63,6 +64,8 @@ class SlicePool:
 
     @classmethod
     def from_subjects(cls, subjects: list[PhantomSubject]) -> "SlicePool":
+        """Every (slice, metabolite) of ``subjects``, stacked: ``K = sum(Z * C)`` examples, T1 and FLAIR
+        normalized per subject volume and repeated for each metabolite."""
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("maps", "masks", "snr", "fwhm", "t1", "flair")}
         for subj in subjects:
             z, c = subj.maps.shape[:2]
@@ -160,7 +163,9 @@ def make_example(
     return prepare_example(stack, n, protocol)
 
 
-def _collate(examples: list[Example], sizes: list[int]) -> Batch:
+def collate(examples: list[Example], sizes: list[int]) -> Batch:
+    """One ``Batch`` of ``examples``, example ``k`` acquired at ``sizes[k] x sizes[k]``: x0, mask and scored
+    ``(B, 1, 64, 64)``, y ``(B, 4, 64, 64)``, s ``(B,)`` = ``64 / n`` (float32 tensors)."""
     def stacked(values: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(values).astype(np.float32))
 
@@ -178,7 +183,7 @@ def random_batch(
     sizes = [int(rng.choice(LR_SIZES)) for _ in range(batch_size)]
     protocols = ["lr" if rng.random() < lr_protocol_fraction else "hr" for _ in range(batch_size)]
     examples = [make_example(pool, int(i), n, p, rng) for i, n, p in zip(idx, sizes, protocols)]
-    return _collate(examples, sizes)
+    return collate(examples, sizes)
 
 
 def fixed_batches(pool: SlicePool, n_examples: int, batch_size: int, seed: int = 1234) -> list[Batch]:
@@ -191,5 +196,5 @@ def fixed_batches(pool: SlicePool, n_examples: int, batch_size: int, seed: int =
         sizes = [LR_SIZES[(start + k) % len(LR_SIZES)] for k in range(len(chunk))]
         protocols = [PROTOCOLS[(start + k) % 2] for k in range(len(chunk))]
         examples = [make_example(pool, int(i), n, p, None) for i, n, p in zip(chunk, sizes, protocols)]
-        batches.append(_collate(examples, sizes))
+        batches.append(collate(examples, sizes))
     return batches

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
+
+from ftddm_trt.atomic import atomic_file
 
 
 def report_figure(
@@ -52,8 +53,9 @@ def report_figure(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """Degraded inputs: refused by default with the reason named, each accepted only when asked for.
 
-``check_subject`` looks at a subject read by ``nifti_io.read_subject`` and raises ``InputError`` for
+``check_subject`` looks at a subject read by ``data.nifti.read.read_subject`` and raises ``InputError`` for
 each degradation the user did not accept:
 
 - ``missing-anatomy``: ``t1.nii.gz`` or ``flair.nii.gz`` absent. Accepted (``--allow-missing-anatomy``),
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftddm_trt.data.nifti_io import CONC_KINDS, InputError, SubjectInput, _match_metabolites, _nifti_files
+from ftddm_trt.data.nifti.files import InputError, match_metabolites, nifti_files
+from ftddm_trt.data.nifti.read import CONC_KINDS, SubjectInput
 
 #: Reasons a user can accept (``--accept``; ``missing-anatomy`` also as ``--allow-missing-anatomy``).
 ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "partial-anatomy", "zero-maps", "out-of-range", "empty-mask")
@@ -40,7 +41,7 @@ ANISOTROPY_TOL: float = 0.01
 
 def kinds_present(subject_dir: Path) -> list[str]:
     """The concentration kinds (``CONC_KINDS``) under ``subject_dir/concs`` that hold metabolite maps."""
-    return [k for k in CONC_KINDS if _match_metabolites(_nifti_files(Path(subject_dir) / "concs" / k))[0]]
+    return [k for k in CONC_KINDS if match_metabolites(nifti_files(Path(subject_dir) / "concs" / k))[0]]
 
 
 def kinds_to_read(subject_dir: Path, kind: str | None) -> list[str]:

@@ -3,7 +3,7 @@
 Centred-grid convention (used everywhere in ftddm-trt): on an ``n``-point grid, voxel ``n // 2`` sits at
 the field-of-view (FOV) centre, which is the pixel that ``ifftshift`` moves to index 0. With
 ``s = size / n`` the acquired voxel ``k`` therefore sits at the same place as the 64x64 voxel ``s * k``
-(``data.nifti_io.sr_affine`` relies on this).
+(``data.nifti.resample.sr_affine`` relies on this).
 
 Both functions work on the last two axes and are vectorized over any leading axes. Inputs may be any
 real float array; outputs are ``float32``.

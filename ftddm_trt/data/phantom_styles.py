@@ -73,6 +73,7 @@ class PhantomStyle:
 
     @property
     def is_classic(self) -> bool:
+        """True for the base generator (nothing extra drawn per subject)."""
         return self.name == "classic"
 
 
@@ -98,6 +99,7 @@ class SubjectDraw:
 
     @classmethod
     def draw(cls, style: PhantomStyle, rng: np.random.Generator) -> "SubjectDraw":
+        """One subject's settings drawn from ``style``'s distributions with ``rng`` (the style's stream)."""
         u = lambda r: float(rng.uniform(*r))  # noqa: E731
         lo, hi = style.tumour_count
         return cls(

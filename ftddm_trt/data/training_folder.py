@@ -28,16 +28,9 @@ from numpy.typing import NDArray
 
 from ftddm_trt.constants import FWHM_MAX_PPM, HR_SIZE, SNR_MIN
 from ftddm_trt.data.masks import quality_mask_from_qc
-from ftddm_trt.data.nifti_io import (
-    InputError,
-    _find_file,
-    _linear_onto,
-    _load,
-    _match_metabolites,
-    _nifti_files,
-    _same_grid,
-    read_map_folder,
-)
+from ftddm_trt.data.nifti.files import InputError, find_file, load_volume, match_metabolites, nifti_files, same_grid
+from ftddm_trt.data.nifti.read import read_map_folder
+from ftddm_trt.data.nifti.resample import linear_onto
 
 __all__ = ["TrainingSubject", "read_training_subject", "read_training_folder", "split_subjects", "folder_sha256",
            "MIN_SUBJECTS"]
@@ -68,13 +61,13 @@ class TrainingSubject:
 def _stack_folder(folder: Path, names: tuple[str, ...], suffix: str, ref_path: Path, ref_shape: tuple,
                   ref_aff: NDArray, what: str) -> NDArray[np.float32] | None:
     """``(Z, C, 64, 64)`` of ``folder/<metab><suffix>`` on the maps' grid, or None if any is missing."""
-    files, _ = _match_metabolites(_nifti_files(folder), suffix)
+    files, _ = match_metabolites(nifti_files(folder), suffix)
     if not all(m in files for m in names):
         return None
     vols = []
     for m in names:
-        data, aff = _load(files[m], what)
-        _same_grid(files[m], ref_path, data, aff, ref_shape, ref_aff)
+        data, aff = load_volume(files[m], what)
+        same_grid(files[m], ref_path, data, aff, ref_shape, ref_aff)
         vols.append(data.transpose(2, 0, 1))
     return np.stack(vols, axis=1).astype(np.float32)
 
@@ -84,8 +77,8 @@ def read_training_subject(path: str | os.PathLike[str]) -> TrainingSubject:
     root = Path(path)
     maps, aff, names = read_map_folder(root)  # one grid for every map, or a named InputError
     concs = next(root / "concs" / k for k in ("raw", "internal", "molarity", "molality")
-                 if _match_metabolites(_nifti_files(root / "concs" / k))[0])
-    ref_path = _match_metabolites(_nifti_files(concs))[0][names[0]]
+                 if match_metabolites(nifti_files(root / "concs" / k))[0])
+    ref_path = match_metabolites(nifti_files(concs))[0][names[0]]
     z, _, nx, ny = maps.shape
     if (nx, ny) != (HR_SIZE, HR_SIZE):
         raise InputError(ref_path, f"in-plane size {nx} x {ny}: training data must be acquired at "
@@ -120,11 +113,11 @@ def read_training_subject(path: str | os.PathLike[str]) -> TrainingSubject:
 
     anatomy = {}
     for name in ("t1", "flair"):
-        p = _find_file(root, name)
+        p = find_file(root, name)
         if p is None:
             raise InputError(root / f"{name}.nii.gz", "missing: training needs both T1 and FLAIR for every subject")
-        data, a = _load(p, "image")
-        vol = _linear_onto(p, data, a, aff, ref_shape).transpose(2, 0, 1)
+        data, a = load_volume(p, "image")
+        vol = linear_onto(p, data, a, aff, ref_shape).transpose(2, 0, 1)
         if not np.any(vol > 0):
             raise InputError(p, "image is zero (or negative) everywhere on the maps' grid")
         anatomy[name] = np.ascontiguousarray(vol, dtype=np.float32)

@@ -29,6 +29,9 @@ def _session(path: Path, threads: int | None, providers: list[str] | None):
 
 
 class OnnxRuntimeBackend(Backend):
+    """The networks of an ONNX export run in-process by ONNX Runtime (CPU by default; ``providers`` picks
+    others), every graph hashed against the export manifest before its session is made."""
+
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: Path | str, threads: int | None = None, providers: list[str] | None = None) -> None:
@@ -44,9 +47,11 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def flow_ttrunc(self) -> int | None:
+        """The flow's Ttrunc as the export manifest records it."""
         return manifest_flow_ttrunc(self.manifest, self.origin())
 
     def origin(self) -> str:
+        """The export folder, for messages."""
         return f"the ONNX export {self.root}"
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -57,14 +62,18 @@ class OnnxRuntimeBackend(Backend):
         return torch.from_numpy(out)
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise ``(B,1,64,64)`` from the ``unet`` (or ``unet_full``) graph."""
         return self._run("unet_full" if full else "unet", {"x_t": x_t, "y": y, "t": t, "s": s})
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` from the ``flow`` graph."""
         return self._run("flow", {"eps": eps, "y": y, "tau_f": tau_f})
 
     def describe(self) -> dict[str, Any]:
+        """The base facts plus fp32 precision, each graph's sha256 and the weights' hashes of the manifest."""
         return {**super().describe(), "precision": "fp32", "onnx": dict(self.onnx_sha256),
                 "models": self.manifest.get("model_hashes", {})}
 
     def close(self) -> None:
+        """Drop the ONNX Runtime sessions."""
         self.sessions.clear()

@@ -129,6 +129,7 @@ class SamplerSpec:
 
     @property
     def n_steps(self) -> int | None:
+        """The solver steps the sampler runs: ``steps``, else the sampler's default (None when it has none)."""
         return self.steps if self.steps is not None else _DEFAULT_STEPS.get(self.name)
 
     @property
@@ -152,6 +153,7 @@ class SamplerSpec:
 
     @property
     def full_chain_unet(self) -> bool:
+        """True for the samplers that run the UNet trained on the whole chain (the DDPM baselines)."""
         return self.name in ("ddpm", "ddpm-respaced", "dpmpp")
 
     @property

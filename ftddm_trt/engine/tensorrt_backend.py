@@ -20,6 +20,9 @@ from ftddm_trt.integrity import verify_networks
 
 
 class TensorRTBackend(Backend):
+    """The networks of an engine folder (``ftddm-trt build-engine``) run by TensorRT on the CUDA device;
+    refuses engines built for another GPU or TensorRT version and verifies each engine's sha256 first."""
+
     name = "tensorrt"
 
     def __init__(self, engine_dir: Path | str) -> None:
@@ -44,21 +47,26 @@ class TensorRTBackend(Backend):
 
     @property
     def flow_ttrunc(self) -> int | None:
+        """The flow's Ttrunc as the engine manifest records it."""
         return manifest_flow_ttrunc(self.manifest, self.origin())
 
     def origin(self) -> str:
+        """The engine folder, for messages."""
         return f"the TensorRT engine folder {self.root}"
 
     def _feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, torch.float32).contiguous() for k, v in tensors.items()}
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise ``(B,1,64,64)`` (on the GPU) from the ``unet`` (or ``unet_full``) engine."""
         return self.engines["unet_full" if full else "unet"](self._feeds(x_t=x_t, y=y, t=t, s=s), "eps")
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` (on the GPU) from the ``flow`` engine."""
         return self.engines["flow"](self._feeds(eps=eps, y=y, tau_f=tau_f), "x")
 
     def describe(self) -> dict[str, Any]:
+        """The base facts plus precision, GPU, each engine's cache key and sha256, and the weights' hashes."""
         return {**super().describe(), "precision": self.manifest["precision"], "gpu": self.manifest["gpu"],
                 "engines": {n: i["cache_key"] for n, i in self.manifest["networks"].items()},
                 "engine_sha256": dict(self.engine_sha256),

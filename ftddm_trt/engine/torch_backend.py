@@ -47,6 +47,9 @@ class _GraphedCall:
 
 
 class TorchBackend(Backend):
+    """The networks of a model folder (``ModelSet``) run by PyTorch on ``device``, in fp32, bf16 or fp16
+    (autocast), optionally with the UNets captured as CUDA graphs."""
+
     name = "torch"
 
     def __init__(
@@ -90,6 +93,7 @@ class TorchBackend(Backend):
         return call
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise ``(B,1,64,64)`` from the UNet (``full``: the one trained on the whole chain)."""
         name = "unet_full" if full else "unet"
         if name not in self._unet_calls:
             raise KeyError(f"the model set {self.models.root} has no {name!r} network")
@@ -97,6 +101,7 @@ class TorchBackend(Backend):
         return self._unet_calls[name](x_t.to(dev), y.to(dev), t.to(dev, torch.float32), s.to(dev, torch.float32))
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` from the flow (or the start network serving as ``flow``)."""
         if self._flow_call is None:
             raise KeyError(f"the model set {self.models.root} has no 'flow' network")
         dev = self.device
@@ -104,11 +109,14 @@ class TorchBackend(Backend):
 
     @property
     def flow_ttrunc(self) -> int | None:
+        """The Ttrunc of the model folder's flow (``ModelSet.flow_ttrunc``)."""
         return self.models.flow_ttrunc()
 
     def origin(self) -> str:
+        """The model folder and its flow file, for messages."""
         return f"the model {self.models.root} ({self.models.flow_file})"
 
     def describe(self) -> dict[str, Any]:
+        """The base facts plus precision, CUDA graphs and the sha256 of each network's weights."""
         return {**super().describe(), "precision": self.precision, "cuda_graph": self.cuda_graph,
                 "models": self.models.hashes()}

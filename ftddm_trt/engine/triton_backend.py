@@ -405,9 +405,11 @@ class TritonBackend(Backend):
         return torch.from_numpy(np.array(out, dtype=np.float32))  # a writable copy
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise ``(B,1,64,64)`` from the served UNet model (one request)."""
         return self._network("unet_full" if full else "unet", {"x_t": x_t, "y": y, "t": t, "s": s})
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` from the served flow model (one request)."""
         return self._network("flow", {"eps": eps, "y": y, "tau_f": tau_f})
 
     def sample_on_server(
@@ -453,6 +455,7 @@ class TritonBackend(Backend):
         return self._flow_ttrunc
 
     def origin(self) -> str:
+        """The server's URL, for messages."""
         return f"the Triton server at {self.url}"
 
     def model_parameters(self, model: str) -> dict[str, str]:
@@ -463,6 +466,8 @@ class TritonBackend(Backend):
         return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
 
     def describe(self) -> dict[str, Any]:
+        """The base facts plus URL, protocol, server version, shared memory, and the ONNX and weights' hashes
+        each ready network model records in its config."""
         info: dict[str, Any] = {**super().describe(), "url": self.url, "protocol": self.protocol,
                                 "server_version": self.server_version, "shared_memory": self.shared_memory}
         hashes, weights = {}, {}
@@ -480,6 +485,7 @@ class TritonBackend(Backend):
         return info
 
     def close(self) -> None:
+        """Release the shared-memory regions and close the client (once)."""
         if self._closed:
             return
         self._closed = True

@@ -88,6 +88,7 @@ class TritonPool(Backend):
     # -- servers -----------------------------------------------------------------------------------
     @property
     def live_urls(self) -> list[str]:
+        """The servers still in the pool, in their given order."""
         with self._lock:
             return [u for u in self.urls if u in self._clients]
 
@@ -131,15 +132,18 @@ class TritonPool(Backend):
 
     # -- Backend -----------------------------------------------------------------------------------
     def expect_weights(self, hashes: dict[str, str]) -> None:
+        """Pass the checked weights on to every client of every live server."""
         with self._lock:
             clients = [c for cs in self._clients.values() for c in cs]
         for c in clients:
             c.expect_weights(hashes)
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise from a live server (retried on the next one when called outside a worker)."""
         return self._call(lambda c: c.unet(x_t, y, t, s, full=full))
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc from a live server (retried on the next one when called outside a worker)."""
         return self._call(lambda c: c.flow_reverse(eps, y, tau_f))
 
     def sample_on_server(
@@ -233,6 +237,7 @@ class TritonPool(Backend):
         return usage
 
     def describe(self) -> dict[str, Any]:
+        """The pool's servers (given, live, dropped with why) and the first live server's facts."""
         live = self.live_urls
         first = self._clients[live[0]][0].describe() if live else {}
         return {"backend": self.name, "device": "cpu", "pool": True, "urls": self.urls, "live": live,
@@ -240,6 +245,7 @@ class TritonPool(Backend):
                 "protocol": first.get("protocol"), "onnx": first.get("onnx", {}), "models": first.get("models", {})}
 
     def close(self) -> None:
+        """Close every client, those of dropped servers included."""
         with self._lock:
             clients = [c for cs in self._clients.values() for c in cs] + self._retired
             self._clients.clear()

@@ -1,7 +1,7 @@
 """Super-resolve one subject volume: condition from the files, the pipeline over a backend, units back.
 
 This is the whole-volume path behind ``ftddm-trt upscale`` and ``demo``; it reads nothing and writes
-nothing itself (``data.nifti_io`` does the files), so it serves the CLI, benchmarks and tests alike.
+nothing itself (``data.nifti`` does the files), so it serves the CLI, benchmarks and tests alike.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from ftddm_trt.constants import HR_SIZE
 from ftddm_trt.data.kspace import zero_fill
 from ftddm_trt.data.masks import fine_mask_features
-from ftddm_trt.data.nifti_io import SubjectInput
+from ftddm_trt.data.nifti.read import SubjectInput
 from ftddm_trt.data.normalize import denormalize, normalize_anatomy, normalize_maps
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.engine.pipeline import SamplerSpec, qc_consistency, qc_consistency_applies, sample_images

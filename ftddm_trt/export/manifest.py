@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ftddm_trt.atomic import write_text_atomic
 from ftddm_trt.integrity import file_sha256  # noqa: F401  (re-exported: exporters import it from here)
 
 MANIFEST_NAME = "manifest.json"
@@ -16,11 +16,7 @@ MANIFEST_NAME = "manifest.json"
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json`` atomically."""
-    path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

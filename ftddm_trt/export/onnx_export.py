@@ -40,10 +40,13 @@ PARITY_ATOL = 2e-3
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph tensor: its name and its shape without the batch dimension."""
+
     name: str
     shape: tuple[int, ...]  # without the batch dimension
 
     def with_batch(self, b: int) -> tuple[int, ...]:
+        """The full shape for a batch of ``b``."""
         return (b, *self.shape)
 
 
@@ -83,15 +86,15 @@ def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torc
 
 
 #: torch's exporter logs warnings nobody can act on ("torchvision is not installed. Skipping ...").
-_NOISY_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental")
+NOISY_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch._export", "torch.fx.experimental")
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """Hide the exporter's routine warnings (log lines below ERROR, FutureWarning/DeprecationWarning, the
     "axis name ... will not be used" UserWarning) for the duration of one export. Errors still log,
     and exceptions propagate untouched."""
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -113,7 +116,7 @@ def export_network(name: str, net: torch.nn.Module, path: Path) -> None:
     example = random_inputs(name, 2, torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = {spec.name: {0: batch} for spec in inputs}
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_exporter():
         torch.onnx.export(
             module,
             tuple(example[spec.name] for spec in inputs),

@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ftddm_trt.atomic import atomic_dir
+from ftddm_trt.atomic import atomic_dir, atomic_file, write_bytes_atomic
 from ftddm_trt.export.manifest import (
     FLOW_TTRUNC_KEY,
     file_sha256,
@@ -108,6 +107,7 @@ def precision_policy(precision: str) -> dict[str, Any]:
 
 
 def network_is_fp16(network: str, precision: str) -> bool:
+    """True when ``network`` is built in fp16 under ``precision`` (the UNets; the flow stays fp32)."""
     return precision == "fp16" and network in FP16_NETWORKS
 
 
@@ -121,6 +121,7 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str, precisio
 
 
 def engine_filename(network: str, key: str) -> str:
+    """The file name of ``network``'s engine: ``NETWORK-<first 16 hex digits of its cache key>.plan``."""
     return f"{network}-{key[:16]}.plan"
 
 
@@ -184,20 +185,6 @@ def network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, timing_cache: Path,
                  workspace_gib: float = 4.0, log: Callable[[str], None] = print) -> None:
     """Parse ``onnx_path`` into a strongly typed network and serialize an engine to ``engine_path``
@@ -230,8 +217,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: BatchProfile, timi
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    atomic_write_bytes(engine_path, bytes(serialized))
-    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_bytes_atomic(engine_path, bytes(serialized))
+    write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 class EngineRunner:
@@ -252,6 +239,7 @@ class EngineRunner:
         self.path = Path(path)
 
     def __call__(self, feeds: dict[str, Any], output: str):
+        """Run the engine on ``feeds`` (name -> CUDA float32 tensor) and return the tensor ``output``."""
         import torch
 
         producer = torch.cuda.current_stream()
@@ -311,7 +299,7 @@ def prepare_onnx(name: str, src: Path, out_dir: Path, precision: str) -> Path:
 
     dst = out_dir / f"{name}.fp16.onnx"
     converted, _ = convert_fp16(onnx.load(str(src)))
-    atomic_write_bytes(dst, converted.SerializeToString())
+    write_bytes_atomic(dst, converted.SerializeToString())
     return dst
 
 
@@ -339,7 +327,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
     import tensorrt as trt
 
     tensorrt_major(trt.__version__)
-    reused = _same_build(out_dir, onnx_manifest, gpu, trt.__version__, batch_size, precision, ttrunc, workspace_gib)
+    reused = same_build(out_dir, onnx_manifest, gpu, trt.__version__, batch_size, precision, ttrunc, workspace_gib)
     if reused is not None:
         for name, info in reused["networks"].items():
             log(f"{name}: cached engine {info['engine']} (same ONNX, GPU, TensorRT, precision, profile and Ttrunc)")
@@ -348,7 +336,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
         return _build_into(onnx_dir, tmp, onnx_manifest, gpu, batch_size, precision, log, ttrunc, workspace_gib)
 
 
-def _same_build(out_dir: Path, onnx_manifest: dict[str, Any], gpu: str, trt_version: str, batch_size: int,
+def same_build(out_dir: Path, onnx_manifest: dict[str, Any], gpu: str, trt_version: str, batch_size: int,
                 precision: str, flow_ttrunc: int | None = None, workspace_gib: float = 4.0) -> dict[str, Any] | None:
     """The manifest of ``out_dir`` if it already holds exactly this build (engines and fp16 graphs
     verified against their sha256: IntegrityError if altered), else None."""
@@ -407,14 +395,9 @@ def _build_into(onnx_dir: Path, out_dir: Path, onnx_manifest: dict[str, Any], gp
             f"{name}: building {'fp16' if record['fp16'] else 'fp32'} engine (batch "
             f"{profile.min}/{profile.opt}/{profile.max}) ..."
         )
-        tmp = path.with_name(f".{path.name}.unverified")
-        build_engine(parsed, tmp, profile, out_dir / "timing.cache", workspace_gib, log)
-        try:
+        with atomic_file(path) as tmp:  # an engine refused by the check (PrecisionError) is never written
+            build_engine(parsed, tmp, profile, out_dir / "timing.cache", workspace_gib, log)
             record["check"] = _verify_engine(name, tmp, src, precision)
-        except PrecisionError:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
         record["engine_sha256"] = file_sha256(path)
         log(
             f"  {name}: max |engine - ORT fp32| = {record['check']['max_abs_error']:.2e} (limit "

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ftddm_trt.constants import COND_CHANNELS, HR_SIZE
 
-_C = TypeVar("_C", bound="_ConfigBase")
+_C = TypeVar("_C", bound="ConfigBase")
 
 
 def _to_json(v: Any) -> Any:
@@ -25,16 +25,19 @@ def _to_json(v: Any) -> Any:
     return v
 
 
-class _ConfigBase:
-    """Shared ``to_dict``/``from_dict``/``replace`` for the config dataclasses."""
+class ConfigBase:
+    """Base of the network config dataclasses (``UNetConfig``, ``FlowConfig``, ``TDPMConfig``,
+    ``FineMaskConfig``): ``to_dict`` / ``from_dict`` as ``NAME.json`` stores them, and ``replace``."""
 
     PRESETS: ClassVar[tuple[str, ...]] = ("paper", "cpu", "tiny")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples become lists)."""
         return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """The config of ``to_dict``'s output; ValueError naming fields the class does not have."""
         names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(d) - set(names)
         if unknown:
@@ -43,11 +46,12 @@ class _ConfigBase:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def replace(self: _C, **changes: Any) -> _C:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True)
-class UNetConfig(_ConfigBase):
+class UNetConfig(ConfigBase):
     """ADM-style denoising UNet with Conditional Instance Normalization on (t, s).
 
     ``channels`` gives one stage per entry (the first at ``image_size`` px, each next one at half the
@@ -85,6 +89,7 @@ class UNetConfig(_ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> "UNetConfig":
+        """The sizes of preset ``name``: ``paper``, ``cpu`` (about 2 M parameters) or ``tiny`` (tests)."""
         if name == "paper":
             return cls()
         if name == "cpu":
@@ -110,7 +115,7 @@ class UNetConfig(_ConfigBase):
 
 
 @dataclass(frozen=True)
-class FlowConfig(_ConfigBase):
+class FlowConfig(ConfigBase):
     """SRFlow-style conditional normalizing flow for ``x (B, in_channels, S, S)`` given ``y``.
 
     ``initial_steps`` (ActNorm, AffineInjector) steps at full resolution, then ``levels`` levels of
@@ -162,6 +167,7 @@ class FlowConfig(_ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> "FlowConfig":
+        """The sizes of preset ``name``: ``paper``, ``cpu`` or ``tiny`` (tests)."""
         if name == "paper":
             return cls()
         if name == "cpu":

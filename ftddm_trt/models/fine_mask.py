@@ -27,11 +27,11 @@ from ftddm_trt.constants import (  # not data.masks: models must load without sc
     FINE_MASK_FEATURES,
     FINE_MASK_FEATURES_VERSION,
 )
-from ftddm_trt.models.config import _ConfigBase
+from ftddm_trt.models.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class FineMaskConfig(_ConfigBase):
+class FineMaskConfig(ConfigBase):
     """Sizes of the estimator and how its probabilities are used.
 
     threshold: a pixel counts as inside the fine mask when its probability exceeds this.
@@ -90,6 +90,7 @@ class FineMaskNet(nn.Module):
         self.out = nn.Conv2d(ch[0], 1, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 1, H, W)`` of the fine mask from the features ``(B, 8, H, W)``."""
         skips = []
         h = features
         for i, block in enumerate(self.down):

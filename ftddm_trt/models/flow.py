@@ -91,10 +91,12 @@ class ActNorm(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor, logdet: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, logdet + H * W * sum(logs))`` for ``x`` ``(B, C, H, W)``."""
         hw = x.shape[2] * x.shape[3]
         return (x + self.bias) * torch.exp(self.logs), logdet + self.logs.sum() * hw
 
     def reverse(self, x: Tensor) -> Tensor:
+        """The inverse: ``x * exp(-logs) - bias``."""
         return x * torch.exp(-self.logs) - self.bias
 
     @torch.no_grad()
@@ -119,17 +121,20 @@ class InvConv1x1(nn.Module):
 
     @torch.no_grad()
     def refresh_inverse(self) -> None:
+        """Recompute the inverse weight and log|det| buffers from the current weight (in float64)."""
         w = self.weight.detach().to(torch.float64)
         self.weight_inv.copy_(torch.linalg.inv(w).to(self.weight_inv.dtype))
         self.logabsdet.copy_(torch.linalg.slogdet(w)[1].to(self.logabsdet.dtype))
 
     def forward(self, x: Tensor, logdet: Tensor) -> tuple[Tensor, Tensor]:
+        """``(W x, logdet + H * W * log|det W|)``; in eval mode log|det| comes from the buffer."""
         lad = torch.linalg.slogdet(self.weight)[1] if self.training else self.logabsdet
         c = self.weight.shape[0]
         out = F.conv2d(x, self.weight.reshape(c, c, 1, 1))
         return out, logdet + lad * (x.shape[2] * x.shape[3])
 
     def reverse(self, x: Tensor) -> Tensor:
+        """The inverse ``W^-1 x`` (the buffered inverse in eval mode)."""
         w_inv = torch.linalg.inv(self.weight) if self.training else self.weight_inv
         c = self.weight.shape[0]
         return F.conv2d(x, w_inv.reshape(c, c, 1, 1))
@@ -158,10 +163,12 @@ class AffineInjector(_ConditionalAffine):
         self.net = _cond_net(cond_channels, hidden, 2 * channels)
 
     def forward(self, x: Tensor, logdet: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``((x + shift) * scale, logdet + sum log scale)`` with (shift, scale) from ``cond``."""
         shift, scale = self._shift_scale(self.net(cond), self.channels)
         return (x + shift) * scale, logdet + _sum_chw(torch.log(scale))
 
     def reverse(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The inverse: ``x / scale - shift``."""
         shift, scale = self._shift_scale(self.net(cond), self.channels)
         return x / scale - shift
 
@@ -176,11 +183,13 @@ class AffineCoupling(_ConditionalAffine):
         self.net = _cond_net(self.ca + cond_channels, hidden, 2 * self.cb)
 
     def forward(self, x: Tensor, logdet: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``xa`` unchanged, ``xb`` transformed; returns ``(x', logdet + sum log scale)``."""
         xa, xb = x[:, : self.ca], x[:, self.ca :]
         shift, scale = self._shift_scale(self.net(torch.cat([xa, cond], dim=1)), self.cb)
         return torch.cat([xa, (xb + shift) * scale], dim=1), logdet + _sum_chw(torch.log(scale))
 
     def reverse(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The inverse: ``xb = xb' / scale - shift`` with (shift, scale) from ``(xa, cond)``."""
         xa, xb = x[:, : self.ca], x[:, self.ca :]
         shift, scale = self._shift_scale(self.net(torch.cat([xa, cond], dim=1)), self.cb)
         return torch.cat([xa, xb / scale - shift], dim=1)
@@ -200,6 +209,7 @@ class FlowStep(nn.Module):
         self.coupling = AffineCoupling(channels, cc, cfg.coupling_hidden, off, eps) if coupling else None
 
     def forward(self, x: Tensor, logdet: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """The step's layers in order; returns ``(x', logdet')``."""
         x, logdet = self.actnorm(x, logdet)
         if self.inv is not None:
             x, logdet = self.inv(x, logdet)
@@ -210,6 +220,7 @@ class FlowStep(nn.Module):
         return x, logdet
 
     def reverse(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The step's layers inverted, in reverse order."""
         if self.coupling is not None:
             x = self.coupling.reverse(x, cond)
         if self.injector is not None:
@@ -236,6 +247,7 @@ class ConditionNet(nn.Module):
         self.stages.extend(stage(cc, 2) for _ in range(cfg.levels))
 
     def forward(self, y: Tensor) -> list[Tensor]:
+        """Features of ``y`` ``(B, 4, 64, 64)``: one tensor at full resolution, then one per level."""
         feats = []
         h = y
         for st in self.stages:
@@ -306,6 +318,7 @@ class ConditionalFlow(nn.Module):
 
     @property
     def latent_sizes(self) -> list[int]:
+        """Values in each latent level (finest first); together they fill one packed image (``pack_latents``)."""
         return [c * h * w for c, h, w in self.latent_shapes]
 
     def pack_latents(self, zs: list[Tensor]) -> Tensor:
@@ -412,6 +425,7 @@ class ConditionalFlow(nn.Module):
                 m.refresh_inverse()
 
     def train(self, mode: bool = True) -> "ConditionalFlow":
+        """Switch to train / eval mode; entering eval refreshes the 1x1 convolutions' inverse buffers."""
         super().train(mode)
         if not mode:
             self.refresh_inverse()
@@ -453,6 +467,7 @@ class FlowReverse(nn.Module):
         self.flow = flow
 
     def forward(self, eps: Tensor, y: Tensor, tau_f: Tensor) -> Tensor:
+        """``flow.reverse(eps, y, tau_f)``: x_Ttrunc ``(B,1,64,64)``."""
         return self.flow.reverse(eps, y, tau_f)
 
 

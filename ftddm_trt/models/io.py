@@ -23,6 +23,7 @@ except ImportError:  # a host without safetensors (e.g. the bare GPU check machi
     save_file = None
 from torch import nn
 
+from ftddm_trt.atomic import atomic_file, write_json_atomic
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
 from ftddm_trt.models.flow import ConditionalFlow
@@ -89,18 +90,14 @@ def save_model(
     if own is not None and own != config:
         raise ValueError("config differs from the module's own config")
     wpath, mpath = weights_path(path), meta_path(path)
-    wpath.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     cfg = config.to_dict()
-    tmp = wpath.with_name(wpath.name + ".tmp")
     if save_file is None:
         raise RuntimeError("writing weights needs the safetensors package (pip install safetensors)")
-    save_file(tensors, str(tmp), metadata={"kind": kind, "config": json.dumps(cfg, sort_keys=True)})
-    os.replace(tmp, wpath)
+    with atomic_file(wpath) as tmp:
+        save_file(tensors, str(tmp), metadata={"kind": kind, "config": json.dumps(cfg, sort_keys=True)})
     meta = {"kind": kind, "config": cfg, "n_params": count_parameters(module), "sha256": _sha256_file(wpath)}
-    tmp_meta = mpath.with_name(mpath.name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_meta, mpath)
+    write_json_atomic(mpath, meta, indent=2, sort_keys=True)
     return meta
 
 

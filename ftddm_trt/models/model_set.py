@@ -95,12 +95,15 @@ class ModelSet:
 
     @property
     def networks(self) -> tuple[str, ...]:
+        """The networks whose weights the folder holds (``flow`` as ``flow_file``)."""
         return tuple(n for n in NETWORK_FILES if (self.root / f"{self._stem(n)}.safetensors").is_file())
 
     def config(self, name: str) -> dict:
+        """The parsed ``NAME.json`` of network ``name``."""
         return json.loads((self.root / f"{self._stem(name)}.json").read_text())
 
     def load_torch(self, map_location: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
+        """Every network of the folder as a torch module (weights verified against their sha256 on load)."""
         return {n: load_model(self.root / self._stem(n), map_location=map_location) for n in self.networks}
 
     def hashes(self) -> dict[str, str]:
@@ -140,5 +143,6 @@ class ModelSet:
                        if (k == "flow" or k.startswith("flow_t")) and (v.get("train_config") or {}).get("t_trunc")})
 
     def manifest(self) -> dict:
+        """The folder's ``manifest.json``, or ``{}`` when it has none."""
         path = self.root / "manifest.json"
         return json.loads(path.read_text()) if path.is_file() else {}

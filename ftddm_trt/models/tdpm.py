@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ftddm_trt.constants import COND_CHANNELS
-from ftddm_trt.models.config import _ConfigBase
+from ftddm_trt.models.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class TDPMConfig(_ConfigBase):
+class TDPMConfig(ConfigBase):
     """Sizes of the TDPM generator and its discriminator. ``width``: channels at 64x64 (doubled at each of
     the two downsamplings); ``res_blocks``: residual blocks at 16x16; ``disc_width``: the discriminator's
     first width. Presets: ``cpu`` (~0.3 M generator parameters), ``tiny`` (tests), ``paper`` (a GPU-size
@@ -41,6 +41,7 @@ class TDPMConfig(_ConfigBase):
 
     @classmethod
     def preset(cls, name: str) -> "TDPMConfig":
+        """The sizes of preset ``name``: ``paper``, ``cpu`` or ``tiny`` (tests)."""
         if name == "paper":
             return cls()
         if name == "cpu":
@@ -82,6 +83,7 @@ class TDPMGenerator(nn.Module):
         self.head = nn.Sequential(_norm(w), nn.SiLU(), nn.Conv2d(w, 1, 3, padding=1))
 
     def reverse(self, eps: Tensor, y: Tensor, tau_f: Tensor) -> Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` generated from ``eps * tau_f`` and the condition ``y`` ``(B,4,64,64)``."""
         z = eps * tau_f.to(eps.dtype).view(-1, 1, 1, 1)
         h0 = self.stem(torch.cat([z, y.to(eps.dtype)], dim=1))
         h1 = self.down1(h0)
@@ -91,6 +93,7 @@ class TDPMGenerator(nn.Module):
         return self.head(u0)
 
     def forward(self, eps: Tensor, y: Tensor, tau_f: Tensor) -> Tensor:
+        """Same as ``reverse`` (the exported graph)."""
         return self.reverse(eps, y, tau_f)
 
 
@@ -110,6 +113,7 @@ class TDPMDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Logits ``(B, 1, 8, 8)`` that ``x`` ``(B,1,64,64)`` is a real x_Ttrunc for ``y``."""
         return self.net(torch.cat([x, y.to(x.dtype)], dim=1))
 
 

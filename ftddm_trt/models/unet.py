@@ -231,6 +231,7 @@ class DenoisingUNet(nn.Module):
         return F.silu(self.cin_mlp(e.to(self.cin_mlp[0].weight.dtype)))
 
     def forward(self, x_t: Tensor, y: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """Predicted noise ``(B,1,64,64)`` for ``x_t`` ``(B,1,64,64)``, ``y`` ``(B,4,64,64)``, ``t``, ``s`` ``(B,)``."""
         emb = self.embed(t, s)
         h = torch.cat([x_t, y], dim=1)
         hs = []

@@ -45,6 +45,7 @@ class BLSBackend(Backend):
         self.weights = dict(weights or {})  # network -> sha256 of the weights (the sampler's weights_sha256)
 
     def describe(self) -> dict:
+        """The base facts plus ``models``: the sha256 of the weights each network was made from."""
         return {**super().describe(), "models": dict(self.weights)}
 
     @property
@@ -54,6 +55,7 @@ class BLSBackend(Backend):
         return self._flow_ttrunc
 
     def origin(self) -> str:
+        """This repository's sampler, for messages."""
         return "this Triton repository (ftddm_sampler)"
 
     def _call(self, network: str, inputs: dict[str, np.ndarray], output: str) -> torch.Tensor:
@@ -64,11 +66,13 @@ class BLSBackend(Backend):
         return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
 
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
+        """Predicted noise ``(B,1,64,64)`` from a BLS request to the UNet model."""
         return self._call(
             "unet_full" if full else "unet", {"x_t": _f32(x_t), "y": _f32(y), "t": _col(t), "s": _col(s)}, "eps"
         )
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
+        """x_Ttrunc ``(B,1,64,64)`` from a BLS request to the flow model."""
         return self._call("flow", {"eps": _f32(eps), "y": _f32(y), "tau_f": _col(tau_f)}, "x")
 
 

@@ -1,15 +1,7 @@
 """Start a real ``tritonserver`` on a model repository, wait until it serves, stop it cleanly.
 
-Which binary (``find_tritonserver``):
-
-- ``tritonserver`` on PATH (NVIDIA's container): run as is, with its own backends
-  (``/opt/tritonserver/backends``);
-- otherwise the one bundled in the ``nvidia-pytriton`` wheel (Triton 2.51, Python backend only). It
-  needs an environment the wheel does not provide, which this module sets up: a backend folder
-  ``backends/python/`` holding ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub
-  for this interpreter's Python version; ``LD_LIBRARY_PATH`` with ``nvidia_pytriton.libs`` and the
-  interpreter's ``LIBDIR`` (else the stub loads the system libpython and fails); the virtual
-  environment's ``bin/`` first on PATH (the stub finds its packages through ``python3``).
+The binary and its environment come from ``serving.tritonserver``; the server runs under a small guard
+process (``serving.guard``) that stops it and cleans up after it when the process that started it dies.
 
 Every server gets its own Python-backend shared-memory prefix
 (``triton_python_backend_shm_region_ftddm<pid>x<port>_``), so that the regions a crashed server leaks
@@ -30,217 +22,32 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-SHM_DIR = Path("/dev/shm")
+from ftddm_trt.serving import guard
+from ftddm_trt.serving.guard import SHM_DIR, parent_death_signal
+from ftddm_trt.serving.tritonserver import (
+    TritonServerError,
+    find_tritonserver,
+    prepare_backend_dir,
+    server_command,
+    server_environment,
+)
+
+__all__ = ["SHM_PREFIX", "TritonServer", "TritonServerError", "free_port", "guard_command", "port_in_use",
+           "repository_models", "shm_regions"]
+
 SHM_PREFIX = "triton_python_backend_shm_region_"
-SYSTEM_BACKENDS = Path("/opt/tritonserver/backends")
-#: Environment variable naming a ``tritonserver`` binary to use instead of the automatic choice.
-BINARY_ENV = "FTDDM_TRITONSERVER"
 
 
-class TritonServerError(RuntimeError):
-    """The server could not be started, died, or did not become ready in time."""
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A ``tritonserver`` binary and what it needs to run."""
-
-    binary: Path
-    bundled: bool  # the nvidia-pytriton copy (needs prepare_backend_dir + server_environment)
-    backends: Path | None  # backend folder shipped with the binary
-    lib_dirs: tuple[Path, ...] = field(default=())
-    stub: Path | None = None  # python backend stub for this interpreter (bundled only)
-
-
-def _pytriton_root() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def find_tritonserver(binary: str | Path | None = None, prefer_bundled: bool = False) -> TritonInstall:
-    """The binary to run: ``binary``, else ``$FTDDM_TRITONSERVER``, else ``tritonserver`` on PATH, else
-    the one bundled in nvidia-pytriton. Raises TritonServerError naming what is missing."""
-    root = _pytriton_root()
-    bundled_bin = root / "tritonserver" / "bin" / "tritonserver" if root else None
-    chosen = binary or os.environ.get(BINARY_ENV) or (None if prefer_bundled else shutil.which("tritonserver"))
-    if chosen:
-        path = Path(chosen).resolve()
-        if not path.is_file():
-            raise TritonServerError(f"tritonserver binary {path} does not exist")
-        if bundled_bin is None or path != bundled_bin.resolve():
-            return TritonInstall(
-                binary=path, bundled=False, backends=SYSTEM_BACKENDS if SYSTEM_BACKENDS.is_dir() else None
-            )
-    if bundled_bin is None or not bundled_bin.is_file():
-        raise TritonServerError(
-            "no tritonserver found: none on PATH and the nvidia-pytriton package (which bundles "
-            "one) is not installed; pip install nvidia-pytriton==0.7.0 or use NVIDIA's Triton container"
-        )
-    tsroot = bundled_bin.parent.parent
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = tsroot / "python_backend_stubs" / ver / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise TritonServerError(f"nvidia-pytriton ships no Python backend stub for Python {ver} ({stub} is missing)")
-    libdir = sysconfig.get_config_var("LIBDIR")
-    lib_dirs = tuple(
-        p
-        for p in (root.parent / "nvidia_pytriton.libs", Path(libdir) if libdir else None)
-        if p is not None and p.is_dir()
-    )
-    return TritonInstall(binary=bundled_bin, bundled=True, backends=tsroot / "backends", lib_dirs=lib_dirs, stub=stub)
-
-
-def prepare_backend_dir(install: TritonInstall, dest: Path) -> Path:
-    """Make ``dest/python/`` with libtriton_python.so, triton_python_backend_utils.py and the stub of this
-    Python version (bundled binary only); returns the folder to pass as ``--backend-directory``."""
-    if not install.bundled:
-        if install.backends is None:
-            raise TritonServerError("the system tritonserver has no backend folder at /opt/tritonserver/backends")
-        return install.backends
-    assert install.backends is not None and install.stub is not None
-    py = Path(dest) / "python"
-    py.mkdir(parents=True, exist_ok=True)
-    src = install.backends / "python"
-    for f in (src / "libtriton_python.so", src / "triton_python_backend_utils.py", install.stub):
-        if not f.is_file():
-            raise TritonServerError(f"{f} is missing from the nvidia-pytriton installation")
-        shutil.copy2(f, py / f.name)
-    return Path(dest)
-
-
-def server_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: this interpreter's ``bin/`` first on PATH; for the bundled binary also
-    LD_LIBRARY_PATH with nvidia_pytriton.libs and the Python LIBDIR."""
-    env = dict(os.environ if base is None else base)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]])
-    if sys.prefix != sys.base_prefix:
-        env.setdefault("VIRTUAL_ENV", sys.prefix)
-    if install.bundled:
-        old = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*(str(p) for p in install.lib_dirs), *old])
-    return env
-
-
-def server_command(
-    install: TritonInstall,
-    repository: Path,
-    backend_dir: Path | None,
-    http_port: int,
-    grpc_port: int,
-    metrics_port: int,
-    shm_prefix: str,
-    host: str = "127.0.0.1",
-    log_verbose: int = 0,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    """The tritonserver command line."""
-    cmd = [str(install.binary), f"--model-repository={Path(repository).resolve()}"]
-    if backend_dir is not None:
-        cmd.append(f"--backend-directory={backend_dir}")
-    cmd += [
-        f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
-        f"--http-address={host}", f"--grpc-address={host}",
-        "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
-        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-        f"--log-verbose={log_verbose}",
-    ]
-    if not install.bundled:
-        # NVIDIA's container: pinned memory is useful there (the flag above only suits the CPU build)
-        cmd = [c for c in cmd if not c.startswith("--pinned-memory-pool-byte-size")]
-    return [*cmd, *extra_args]
-
-
-#: The guard: tritonserver's parent, run with this interpreter (``python -c``; stdlib only). It forwards
-#: SIGTERM / SIGINT / SIGHUP (and the parent-death signal) to the server, SIGKILLs it after the grace time,
-#: removes the server's /dev/shm regions, and, when the wrapper (FTDDM_GUARD_PARENT) is gone, also the
-#: workdir, the log and every process left in its session (the Python stubs). Exit code: the server's.
-#: The server itself gets SIGTERM when the guard dies (Linux parent-death signal), so killing the guard,
-#: even with SIGKILL and together with the wrapper, stops the server too.
-GUARD_SCRIPT = r"""
-import ctypes, glob, os, shutil, signal, subprocess, sys, time
-env = os.environ
-stop = []
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, lambda sig, _f: stop.append(sig))
-guard = os.getpid()
-try:
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    prctl = None
-def die_with_guard():
-    if prctl is not None:
-        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != guard:
-        os._exit(1)
-server = subprocess.Popen(sys.argv[1:], preexec_fn=die_with_guard)
-while server.poll() is None and not stop:
-    time.sleep(0.1)
-if server.poll() is None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(float(env.get("FTDDM_GUARD_GRACE", "20")))
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-code = server.returncode if server.returncode >= 0 else 128 - server.returncode
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-if not alive(int(env["FTDDM_GUARD_PARENT"])):
-    time.sleep(1.0)  # stubs notice their server is gone
-    for p in glob.glob("/dev/shm/" + env["FTDDM_GUARD_SHM"] + "*") if env.get("FTDDM_GUARD_SHM") else []:
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-    if env.get("FTDDM_GUARD_WORKDIR"):
-        shutil.rmtree(env["FTDDM_GUARD_WORKDIR"], ignore_errors=True)
-    if env.get("FTDDM_GUARD_LOG"):
-        try:
-            os.unlink(env["FTDDM_GUARD_LOG"])
-        except OSError:
-            pass
-    os.killpg(0, signal.SIGKILL)
-sys.exit(code)
-"""
-
-PR_SET_PDEATHSIG = 1
-
-
-def _parent_death_signal(parent_pid: int, sig: int = signal.SIGTERM):
-    """A preexec_fn: the child gets ``sig`` when the thread that started it dies (Linux prctl), and exits
-    at once if the parent is already gone. No-op where prctl is unavailable."""
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
+def guard_command() -> list[str]:
+    """How the guard (``serving.guard``) is run: this interpreter in isolated mode (``-I``: no PYTHON*
+    variables, no user site, not even the guard's own folder on ``sys.path``) on the module's file, so that
+    it needs nothing but the standard library, however ftddm_trt itself was made importable."""
+    return [sys.executable, "-I", str(Path(guard.__file__).resolve())]
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -283,10 +90,10 @@ class TritonServer:
     ``/dev/shm`` regions left under this server's own prefix. Ports default to free ones; ports in use
     are refused before anything starts.
 
-    The server runs under a small guard process (``GUARD_SCRIPT``) that receives a parent-death signal
-    (Linux ``PR_SET_PDEATHSIG``): if the process that started it dies, even by SIGKILL, the guard stops
-    the server and removes its stubs, shm regions, workdir and log. That signal follows the *thread*
-    that called ``start()``: start servers from a thread that lives as long as the server.
+    The server runs under a small guard process (``serving.guard``, run by ``guard_command``) that receives
+    a parent-death signal (Linux ``PR_SET_PDEATHSIG``): if the process that started it dies, even by
+    SIGKILL, the guard stops the server and removes its stubs, shm regions, workdir and log. That signal
+    follows the *thread* that called ``start()``: start servers from a thread that lives as long as the server.
     """
 
     def __init__(
@@ -336,21 +143,26 @@ class TritonServer:
     # -- addresses ---------------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
+        """``host:port`` of the HTTP endpoint."""
         return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint."""
         return f"{self.host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
+        """URL of the Prometheus metrics."""
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
+        """The guard's pid (the server's parent), None before ``start()``."""
         return self.process.pid if self.process is not None else None
 
     def command(self) -> list[str]:
+        """The tritonserver command line the guard runs."""
         backend_dir = (
             (self.workdir or Path("<workdir>")) / "backends" if self.install.bundled else self.install.backends
         )
@@ -381,17 +193,17 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         t0 = time.perf_counter()
-        env = {**server_environment(self.install), "FTDDM_GUARD_PARENT": str(os.getpid()),
-               "FTDDM_GUARD_SHM": self.shm_prefix, "FTDDM_GUARD_GRACE": str(int(self.stop_timeout_s)),
-               "FTDDM_GUARD_WORKDIR": str(self.workdir) if self._own_workdir else "",
-               "FTDDM_GUARD_LOG": str(self.log_path) if self._own_log else ""}
+        env = {**server_environment(self.install), guard.PARENT_ENV: str(os.getpid()),
+               guard.SHM_ENV: self.shm_prefix, guard.GRACE_ENV: str(int(self.stop_timeout_s)),
+               guard.WORKDIR_ENV: str(self.workdir) if self._own_workdir else "",
+               guard.LOG_ENV: str(self.log_path) if self._own_log else ""}
         # a small Python guard is the server's parent, in a session of its own (killpg reaches the server and its
         # stubs); it gets SIGTERM when this thread dies (PR_SET_PDEATHSIG), even by SIGKILL, stops the
         # server and removes its workdir, shm regions and log: the server never outlives its wrapper
         self.process = subprocess.Popen(
-            [sys.executable, "-c", GUARD_SCRIPT, *self.command()], stdout=self._log_file,
+            [*guard_command(), *self.command()], stdout=self._log_file,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(self.workdir),
-            start_new_session=True, preexec_fn=_parent_death_signal(os.getpid()),
+            start_new_session=True, preexec_fn=parent_death_signal(os.getpid()),
         )
         if wait:
             try:
@@ -405,7 +217,7 @@ class TritonServer:
     def _verify_network_files(self) -> None:
         """Every served network file matches the sha256 repository.json recorded (before anything starts)."""
         from ftddm_trt.integrity import IntegrityError
-        from ftddm_trt.serving.repository import verify_repository_files
+        from ftddm_trt.serving.repository.validate import verify_repository_files
 
         try:
             verify_repository_files(self.repository, self.models)
@@ -462,6 +274,7 @@ class TritonServer:
                 client.close()
 
     def is_running(self) -> bool:
+        """True while the server (its guard) runs."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> int | None:
@@ -569,3 +382,4 @@ class TritonServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         return f"TritonServer({self.repository}, http={self.http_port}, grpc={self.grpc_port}, {state})"
+

@@ -47,6 +47,7 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
+        """True when several processes train (``world_size > 1``)."""
         return self.world_size > 1
 
     @property
@@ -78,10 +79,12 @@ class DistContext:
         return bool(t.item() > 0)
 
     def barrier(self) -> None:
+        """Wait for every process (nothing in a single process)."""
         if self.enabled:
             dist.barrier()
 
     def shutdown(self) -> None:
+        """Leave the process group (nothing in a single process)."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -125,6 +128,7 @@ class ObjectiveModule(nn.Module):
         self.objective = objective
 
     def forward(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """``(loss, logs)`` of ``objective(net, batch, generator)``."""
         return self.objective(self.net, batch, generator)
 
 
@@ -137,6 +141,7 @@ def shard_generators(seed: int, step: int, shard: int, shards: int) -> tuple[np.
 
 
 def check_shards(shards: int, batch_size: int, ctx: DistContext) -> None:
+    """ValueError unless ``shards`` is a multiple of the process count and divides ``batch_size``."""
     if shards < 1 or shards % ctx.world_size or batch_size % shards:
         raise ValueError(f"shards ({shards}) must be a multiple of the process count ({ctx.world_size}) and divide "
                          f"the batch size ({batch_size})")

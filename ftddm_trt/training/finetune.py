@@ -94,6 +94,7 @@ class FinetuneConfig:
 
     @property
     def runs_dir(self) -> Path:
+        """Where the training runs live: ``work_dir``, else ``OUT.runs`` beside the output model."""
         return self.work_dir or self.out_model.with_name(self.out_model.name + ".runs")
 
 

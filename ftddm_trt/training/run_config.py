@@ -8,7 +8,6 @@ this module, so neither imports the other for it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ class TrainConfig:
 
     @property
     def t_max(self) -> int:
+        """The largest timestep the task trains on: T for ``unet_full``, else Ttrunc."""
         return T_DIFFUSION if self.task == "unet_full" else self.t_trunc
 
 
@@ -97,11 +97,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def save_best(model: torch.nn.Module, mcfg: Any, run_dir: Path) -> None:
-    """Write ``model`` (config ``mcfg``) as ``run_dir/best.safetensors`` + ``best.json``, replacing both."""
-    tmp = run_dir / "best-tmp"  # NAME.safetensors / NAME.json, moved over best.* below
-    save_model(model, mcfg, tmp)
-    for ext in (".safetensors", ".json"):
-        os.replace(tmp.with_suffix(ext), (run_dir / "best").with_suffix(ext))
+    """Write ``model`` (config ``mcfg``) as ``run_dir/best.safetensors`` + ``best.json``, replacing each file
+    whole (``models.io.save_model`` writes through ``atomic.atomic_file``)."""
+    save_model(model, mcfg, run_dir / "best")
 
 
 #: TrainConfig field -> the `ftddm-trt train` option that sets it (for messages).

@@ -29,7 +29,11 @@ def _sha256(path):
 
 
 class TritonPythonModel:
+    """Triton's Python-backend model: one network run with ONNX Runtime (see the module docstring)."""
+
     def initialize(self, args):
+        """Load the ONNX file named by the config after checking its sha256; refuse tensors that differ from
+        the graph's."""
         import onnxruntime as ort
 
         config = json.loads(args["model_config"])
@@ -77,6 +81,7 @@ class TritonPythonModel:
         return feeds
 
     def execute(self, requests):
+        """One response per request: the well-formed requests run as one merged batch, a malformed one fails alone."""
         responses = [None] * len(requests)
         feeds, sizes, ok = [], [], []
         for i, request in enumerate(requests):
@@ -108,4 +113,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        """Drop the ONNX Runtime session."""
         self.session = None

@@ -16,7 +16,10 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    """Triton's Python-backend model ``ftddm_sampler``: the sampling loop over BLS requests."""
+
     def initialize(self, args):
+        """Read the config's parameters and make the BLS backend the loop runs on."""
         import torch
 
         from ftddm_trt.engine.triton_backend import decode_ttrunc_param
@@ -56,6 +59,7 @@ class TritonPythonModel:
         return result
 
     def execute(self, requests):
+        """One response per request: its batch sampled with the request's settings and seed, or its error."""
         from ftddm_trt.serving.bls import run_sampler
 
         responses = []
@@ -82,4 +86,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        """Drop the backend."""
         self.backend = None

@@ -29,7 +29,10 @@ def _sha256(path):
 
 
 class TritonPythonModel:
+    """Triton's Python-backend model: one network run by a TensorRT engine (see the module docstring)."""
+
     def initialize(self, args):
+        """Load the engine named by the config after checking its sha256, on the instance's GPU."""
         config = json.loads(args["model_config"])
         # a parameter whose value is empty has no "string_value" in the config's JSON
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -66,6 +69,7 @@ class TritonPythonModel:
                       for i in config["input"]}
 
     def execute(self, requests):
+        """One response per request: the well-formed requests run as one merged batch, a malformed one fails alone."""
         import torch
 
         from ftddm_trt.serving.batching import as_graph_rank, merge, split
@@ -96,4 +100,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        """Drop the engine."""
         self.runner = None
