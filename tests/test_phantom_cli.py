@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.cli.phantom import n_for_scale
 from ftddm_trt.data.nifti_io import read_subject
+from ftddm_trt.workflows.phantom import n_for_scale
 
 runner = CliRunner()
 

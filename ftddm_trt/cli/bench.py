@@ -1,4 +1,5 @@
-"""`ftddm-trt bench`: quality versus NFE on the phantom test split (paper Table 1, Figs. 5-7).
+"""`ftddm-trt bench`: quality versus NFE on the phantom test split (paper Table 1, Figs. 5-7;
+``workflows.bench``).
 
 Its defaults are the settings of the committed ``benchmarks/results/quality.*`` (``make bench`` runs it
 with them)."""
@@ -11,8 +12,15 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import console, fail, parse_clip_x0, parse_lambda_min
-from ftddm_trt.cli.upscale import CLIP_X0_DEFAULT, LAMBDA_MIN_DEFAULT
+from ftddm_trt.cli.common import (
+    CLIP_X0_DEFAULT,
+    LAMBDA_MIN_DEFAULT,
+    console,
+    fail,
+    parse_clip_x0,
+    parse_lambda_min,
+)
+from ftddm_trt.workflows.bench import BenchError, run_quality_bench
 
 
 @app.command("bench")
@@ -52,33 +60,6 @@ def bench_cmd(
     seed: int = typer.Option(0, help="Seed of the map choice and of the samplers."),
 ) -> None:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols; write JSON, markdown, PNG."""
-    from ftddm_trt.bench.quality import paper_methods, run_quality, write_results
-    from ftddm_trt.engine.factory import open_backend
-    from ftddm_trt.models import count_parameters
-    from ftddm_trt.models.model_set import ModelSet
-
-    try:
-        models = ModelSet.open(model)
-        main_ttrunc = models.flow_ttrunc() or 100
-        ttruncs = [t for t in (100, 50, 20) if t in (models.flow_ttruncs() or [main_ttrunc])]
-        b = open_backend(backend, model=model, log=console.print)
-        flow_backends = {
-            t: open_backend(backend, model=model, ttrunc=t, log=console.print) for t in ttruncs if t != main_ttrunc
-        }
-        has_tdpm = (models.root / "tdpm.safetensors").is_file()
-        if has_tdpm:
-            flow_backends["tdpm"] = open_backend(
-                backend, model=model, ttrunc=main_ttrunc, start="tdpm", log=console.print
-            )
-    except Exception as err:
-        fail(f"cannot open backend {backend!r}: {err}")
-    params = {name: count_parameters(net) for name, net in models.load_torch().items()}
-    if has_tdpm:
-        params["tdpm"] = count_parameters(ModelSet.open(model, start="tdpm").load_torch()["flow"])
-    else:
-        console.print(
-            "[yellow]no TDPM row:[/] the model folder has no tdpm.* (train it with `ftddm-trt train --task tdpm`)"
-        )
     try:
         sweeps = {
             name: tuple(float(v) for v in text.split(",") if v.strip())
@@ -86,27 +67,13 @@ def bench_cmd(
         }
     except ValueError:
         fail("--tau-d-sweep and --s-sweep take comma-separated numbers")
+    command = {"maps": maps, "ddpm_maps": ddpm_maps, "batch_size": batch_size, "backend": backend,
+               "clip_x0": clip_x0, "lambda_min": lambda_min, "tau_d_sweep": tau_d_sweep, "s_sweep": s_sweep,
+               "seed": seed, "no_ddpm": no_ddpm}
     try:
-        methods = paper_methods(include_ddpm=not no_ddpm, ftddm_ttruncs=tuple(ttruncs), clip_x0=parse_clip_x0(clip_x0),
-                                lambda_min=parse_lambda_min(lambda_min), tdpm=has_tdpm)
-        results = run_quality(
-            b,
-            methods,
-            n_maps=maps,
-            ddpm_maps=ddpm_maps or None,
-            batch_size=batch_size,
-            seed=seed,
-            log=console.print,
-            flow_backends=flow_backends,
-            tau_d_sweep=sweeps["tau_d"],
-            s_sweep=sweeps["s"],
-        )
-    finally:
-        for x in (b, *flow_backends.values()):
-            x.close()
-    results["model"] = {"dir": str(models.root), "hashes": models.hashes(), "manifest": models.manifest()}
-    results["command"] = {"maps": maps, "ddpm_maps": ddpm_maps, "batch_size": batch_size, "backend": backend,
-                          "clip_x0": clip_x0, "lambda_min": lambda_min, "tau_d_sweep": tau_d_sweep, "s_sweep": s_sweep,
-                          "seed": seed, "no_ddpm": no_ddpm}
-    paths = write_results(results, params, out, stem=stem)
+        paths = run_quality_bench(out, model, backend, maps, ddpm_maps, batch_size, not no_ddpm, stem,
+                                  parse_clip_x0(clip_x0), parse_lambda_min(lambda_min), sweeps["tau_d"], sweeps["s"],
+                                  seed, command)
+    except BenchError as err:
+        fail(str(err))
     console.print(f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}")

@@ -12,6 +12,7 @@ from ftddm_trt import constants
 from ftddm_trt.cli.app import app
 from ftddm_trt.cli.common import check_output_dir, console, fail
 from ftddm_trt.training import finetune_defaults
+from ftddm_trt.workflows.train import TrainingError, finetune_report, run_add_fine_mask, run_finetune, run_training
 
 _MARGIN_HELP = (
     "Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR "
@@ -95,12 +96,10 @@ def train_cmd(
     Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main train ...` (DDP; gloo on the
     CPU, NCCL with one GPU per process); --batch-size is the global batch; only rank 0 writes.
     """
-    from ftddm_trt.training.distributed import init_from_env
-    from ftddm_trt.training.trainer import TASKS, TrainConfig, train
+    from ftddm_trt.training.trainer import TASKS, TrainConfig
 
     if task not in TASKS:
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    ctx = init_from_env(device)
     try:
         cfg = TrainConfig(
             task=task,
@@ -123,14 +122,11 @@ def train_cmd(
             ema=ema,
             extra={"shards": shards} if shards else {},
         )
-        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx,
-                        patience=patience)
-    except (ValueError, FileNotFoundError) as err:
-        fail(f"rank {ctx.rank}: {err}" if ctx.enabled else str(err))
-    finally:
-        ctx.shutdown()
-    if ctx.is_main:
-        console.print_json(json.dumps({**summary, "processes": ctx.world_size}))
+        summary = run_training(cfg, run_dir, max_minutes or None, device, init_from, patience)
+    except (ValueError, TrainingError) as err:
+        fail(str(err))
+    if summary is not None:
+        console.print_json(json.dumps(summary))
 
 
 @app.command("package-model")
@@ -244,11 +240,8 @@ def finetune_cmd(
     Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main finetune ...` (DDP, the
     networks one after another; only rank 0 writes).
     """
-    import shlex
-
     from ftddm_trt.data.nifti_io import InputError
-    from ftddm_trt.training.distributed import init_from_env
-    from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks
+    from ftddm_trt.training.finetune import FinetuneConfig, parse_networks
 
     check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
     try:
@@ -266,44 +259,15 @@ def finetune_cmd(
             work_dir=work,
             qc_convention=qc_convention,
         )
-        command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
-                   ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
-                   "--fine-mask-share", f"{fine_mask_share:g}",
-                   "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects),
-                   "--qc-convention", qc_convention]
-        command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
-        ctx = init_from_env("auto")
-        try:
-            manifest = finetune(cfg, command=shlex.join(command + (["--force"] if force else [])), force=force,
-                                log=console.print, dist_ctx=ctx)
-        finally:
-            ctx.shutdown()
-        if not manifest:  # a torchrun rank other than 0: rank 0 reports and writes
-            return
+        manifest = run_finetune(cfg, force=force)
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:  # OSError: atomic.OutputError, missing files
         fail(str(err))
-    quality = manifest["finetune"]["validation_quality"]
-    for key in ("s=8", "s=4"):
-        if key in quality:
-            q = quality[key]
-            console.print(
-                f"validation ({quality['maps']} maps, lr protocol, qc {cfg.qc_convention}) {key}: zero-filled "
-                f"{q['zero-filled']['psnr']:.2f} dB, "
-                f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
-                f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})"
-            )
-    if quality.get("fine_mask"):
-        fm = quality["fine_mask"]
-        console.print(f"fine-mask estimator fine-tuned: threshold {fm['threshold']:g}, qc weight {fm['weight']:g} "
-                      "(chosen on the validation subjects; upscale --model uses them)")
-    rec = quality.get("recommended")
-    if rec:
-        console.print(
-            f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
-            f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale"
-        )
+    if not manifest:  # a torchrun rank other than 0: rank 0 reports and writes
+        return
+    for line in finetune_report(manifest, cfg.qc_convention):
+        console.print(line)
     console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")
 
 
@@ -340,41 +304,12 @@ def add_fine_mask_cmd(
     zero-filled map, T1, FLAIR and the qc maps; its threshold and qc weight are then chosen on validation
     subjects with the model's own networks, and `upscale --model OUT_MODEL` uses them.
     """
-    import shlex
-
     from ftddm_trt.data.nifti_io import InputError
-    from ftddm_trt.training.fine_mask import add_fine_mask
 
     check_output_dir(out_model, force, (base, data))
     try:
-        if data is not None:
-            from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
-
-            train_subj, val_subj = split_subjects(read_training_folder(data), val_subjects)
-            record = {"data_dir": str(data.resolve()), "data_sha256": folder_sha256(data)}
-        else:
-            from ftddm_trt.training.trainer import TrainConfig, training_subjects
-
-            train_subj, val_subj = training_subjects(
-                TrainConfig(n_subjects=subjects, data_seed=data_seed, styles=tuple(style))
-            )
-            record = {"phantoms": {"subjects": subjects, "data_seed": data_seed, "styles": list(style)}}
-        record["subjects"] = {"train": len(train_subj), "validation": len(val_subj)}
-        command = ["ftddm-trt", "add-fine-mask", str(out_model), "--minutes", f"{minutes:g}"]
-        command += ["--from", str(base)] if base else []
-        command += ["--data", str(data), "--val-subjects", str(val_subjects)] if data else \
-            ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in style for a in ("--style", s)]]
-        manifest = add_fine_mask(
-            base,
-            out_model,
-            train_subj,
-            val_subj,
-            minutes,
-            shlex.join(command + (["--force"] if force else [])),
-            record,
-            force=force,
-            log=console.print,
-        )
+        manifest = run_add_fine_mask(out_model, base, minutes, data=data, val_subjects=val_subjects,
+                                     subjects=subjects, data_seed=data_seed, styles=style, force=force)
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:
