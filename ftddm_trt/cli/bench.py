@@ -12,9 +12,11 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
+from ftddm_trt.cli.command import EXPERT, Command
 from ftddm_trt.cli.common import (
     CLIP_X0_DEFAULT,
     LAMBDA_MIN_DEFAULT,
+    SHIPPED_MODEL,
     console,
     fail,
     parse_clip_x0,
@@ -23,14 +25,14 @@ from ftddm_trt.cli.common import (
 from ftddm_trt.workflows.bench import BenchError, run_quality_bench
 
 
-@app.command("bench")
+@app.command("bench", cls=Command, rich_help_panel="Measure")
 def bench_cmd(
     out: Path = typer.Option(
         Path("benchmarks/results"),
         help="Folder for quality.json, quality.md and the figures (quality_vs_nfe.png, quality_vs_s.png, "
              "quality_tau_d.png).",
     ),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder to read.", show_default=SHIPPED_MODEL),
     backend: str = typer.Option("onnxruntime", help="Backend every method runs on (one backend, one run)."),
     maps: int = typer.Option(
         32,
@@ -41,21 +43,24 @@ def bench_cmd(
         0,
         help="Maps DDPM T=1000 runs on: the first of --maps (0: all of them; it costs about as much as every other row "
              "together). A subset is stated in the table, which compares every method on it.",
+        **EXPERT,
     ),
     batch_size: int = typer.Option(32, help="Maps per network call."),
-    no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000."),
-    stem: str = typer.Option("quality", help="File name stem of the results."),
+    no_ddpm: bool = typer.Option(False, "--no-ddpm", help="Skip DDPM T=1000.", show_default="off"),
+    stem: str = typer.Option("quality", help="File name stem of the results.", **EXPERT),
     clip_x0: str = typer.Option(
-        CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none."
+        CLIP_X0_DEFAULT, "--clip-x0", help="LO,HI clamp of every predicted x0 for every method, or none.", **EXPERT
     ),
     lambda_min: str = typer.Option(
-        LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none."
+        LAMBDA_MIN_DEFAULT, "--lambda-min", help="DPM-Solver++ from noise starts where lambda(t) >= this, or none.",
+        **EXPERT,
     ),
     tau_d_sweep: str = typer.Option(
-        "0,0.5,0.9,1.0,1.2", "--tau-d-sweep", help="Fig. 7: tau_d values for FTDDM Ttrunc=100 at s = 4 (empty: skip)."
+        "0,0.5,0.9,1.0,1.2", "--tau-d-sweep", help="Fig. 7: tau_d values for FTDDM Ttrunc=100 at s = 4 (empty: skip).",
+        **EXPERT,
     ),
     s_sweep: str = typer.Option(
-        "2,4,8", "--s-sweep", help="Fig. 6: s told to the networks on the s = 4 inputs (empty: skip)."
+        "2,4,8", "--s-sweep", help="Fig. 6: s told to the networks on the s = 4 inputs (empty: skip).", **EXPERT
     ),
     seed: int = typer.Option(0, help="Seed of the map choice and of the samplers."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""`ftddm-trt upscale-cohort ROOT OUT`: every ``sub-*`` subject of ROOT, as `upscale` does one
+"""`ftddm-trt upscale-cohort ROOT --out OUT`: every ``sub-*`` subject of ROOT, as `upscale` does one
 (``workflows.cohort.run_cohort``).
 
 It takes every option of `upscale` (the signature is derived from ``upscale_cmd``'s, so the two never
@@ -17,6 +17,7 @@ import typer
 
 from ftddm_trt.atomic import OutputError
 from ftddm_trt.cli.app import app
+from ftddm_trt.cli.command import spellings
 from ftddm_trt.cli.common import console, fail
 from ftddm_trt.cli.upscale import options_from_params, upscale_cmd
 from ftddm_trt.workflows.cohort import CSV_NAME, CohortError, run_cohort, status_counts
@@ -37,20 +38,21 @@ def cohort_cmd(**params: Any) -> None:
 
 
 def _cohort_signature() -> tuple[inspect.Signature, dict[str, Any]]:
-    """``upscale``'s options (their types, defaults and help) with ROOT/OUT in front, --url repeatable,
-    --clients-per-server added and --force redefined for a cohort."""
+    """``upscale``'s options (their types, defaults and help) with ROOT instead of SUBJECT_DIR, --out, --url
+    repeatable, --clients-per-server added and --force redefined for a cohort."""
     P = inspect.Parameter
     hints = typing.get_type_hints(upscale_cmd)
-    params = [
-        P("root", P.POSITIONAL_OR_KEYWORD, annotation=Path,
-          default=typer.Argument(..., help="Cohort folder holding sub-* subject folders (FSL-MRS layout).")),
-        P("out", P.POSITIONAL_OR_KEYWORD, annotation=Path,
-          default=typer.Argument(..., help="Output folder: OUT/<subject>/ as `upscale` writes it, and cohort.csv.")),
-    ]
+    params = []
     for p in inspect.signature(upscale_cmd).parameters.values():
-        if p.name in ("subject_dir", "out_dir", "force"):
+        if p.name == "force":
             continue
-        if p.name == "url":
+        if p.name == "subject_dir":
+            p = P("root", P.POSITIONAL_OR_KEYWORD, annotation=Path,
+                  default=typer.Argument(..., help="Cohort folder holding sub-* subject folders (FSL-MRS layout)."))
+        elif p.name == "out":
+            p = p.replace(annotation=Path, default=typer.Option(
+                ..., "--out", help="Output folder: OUT/<subject>/ as `upscale` writes it, and cohort.csv."))
+        elif p.name == "url":
             p = p.replace(
                 annotation=Optional[list[str]],
                 default=typer.Option(
@@ -58,6 +60,7 @@ def _cohort_signature() -> tuple[inspect.Signature, dict[str, Any]]:
                     "--url",
                     help="Triton server HOST:GRPC_PORT for --backend triton; repeat it to spread batches over several "
                          "servers.",
+                    show_default="none",
                 ),
             )
         else:
@@ -77,10 +80,11 @@ def _cohort_signature() -> tuple[inspect.Signature, dict[str, Any]]:
         )
     )
     params.append(P("force", P.POSITIONAL_OR_KEYWORD, annotation=bool, default=typer.Option(
-        False, "--force", help="Replace subject outputs finished with other settings (they are refused otherwise).")))
+        False, "--force", help="Replace subject outputs finished with other settings (they are refused otherwise).",
+        show_default="off")))
     sig = inspect.Signature(params, return_annotation=None)
     return sig, {p.name: p.annotation for p in params}
 
 
 cohort_cmd.__signature__, cohort_cmd.__annotations__ = _cohort_signature()  # type: ignore[attr-defined]
-app.command("upscale-cohort")(cohort_cmd)
+app.command("upscale-cohort", cls=spellings(positionals=("--out",)), rich_help_panel="Use")(cohort_cmd)

@@ -10,11 +10,12 @@ import typer
 
 from ftddm_trt.atomic import OutputError
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import console, fail
+from ftddm_trt.cli.command import EXPERT, Command
+from ftddm_trt.cli.common import SHIPPED_MODEL, console, fail
 from ftddm_trt.workflows.deploy import DeployError, make_triton_repo, serve_repository
 
 
-@app.command("triton-repo")
+@app.command("triton-repo", cls=Command, rich_help_panel="Deploy")
 def triton_repo_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the model repository (generated; never commit it)."),
     flavor: str = typer.Option(
@@ -25,18 +26,20 @@ def triton_repo_cmd(
         "gpu-python: Python-backend models running the --engines with TensorRT (a server with only the Python "
         "backend).",
     ),
-    onnx: Path = typer.Option(
-        None, "--onnx", help="Export folder from `ftddm-trt export`; default: export --model into OUT-onnx beside OUT."
+    onnx: Optional[Path] = typer.Option(
+        None, "--onnx", help="Export folder from `ftddm-trt export`.",
+        show_default="--model exported into OUT-onnx beside --out",
     ),
-    model: Path = typer.Option(
-        None, "--model", help="Model folder to export when --onnx is not given; default: the shipped model."
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder to read when --onnx is not given.", show_default=SHIPPED_MODEL
     ),
-    engines: Path = typer.Option(
-        None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models)."
+    engines: Optional[Path] = typer.Option(
+        None, "--engines", help="Engine folder from `ftddm-trt build-engine` (gpu flavour: tensorrt_plan models).",
+        show_default="none",
     ),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Largest batch each model accepts."),
     queue_delay_us: int = typer.Option(
-        200, "--queue-delay-us", help="Dynamic batching: max queue delay in microseconds."
+        200, "--queue-delay-us", help="Dynamic batching: max queue delay in microseconds.", **EXPERT
     ),
     dynamic_batching: bool = typer.Option(
         True,
@@ -45,7 +48,7 @@ def triton_repo_cmd(
     ),
     instances: int = typer.Option(1, "--instances", help="Instances per network model."),
     sampler_instances: int = typer.Option(
-        2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops)."
+        2, "--sampler-instances", help="Instances of ftddm_sampler (concurrent sampling loops).", **EXPERT
     ),
     sampler: bool = typer.Option(
         True,
@@ -58,8 +61,9 @@ def triton_repo_cmd(
         "--ttrunc",
         help="Ttrunc of the flow (picks the model's flow for it; checked against --onnx / --engines; recorded for "
              "clients and ftddm_sampler).",
+        show_default="the model's main flow",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder.", show_default="off"),
 ) -> None:
     """Generate a Triton model repository: ftddm_unet, ftddm_unet_full, ftddm_flow and ftddm_sampler.
 
@@ -83,13 +87,15 @@ def triton_repo_cmd(
         console.print(f"serve it with: ftddm-trt serve --repo {out}")
 
 
-@app.command("verify-repo")
+@app.command("verify-repo", cls=Command, rich_help_panel="Deploy")
 def verify_repo_cmd(
     repo: Path = typer.Option(..., "--repo", help="Model repository from `ftddm-trt triton-repo`."),
 ) -> None:
-    """Check a model repository before serving it elsewhere (NVIDIA's container, Kubernetes): its configs, and
-    every network file against the sha256 `triton-repo` recorded. `serve` does both by itself; a container
-    started on the folder directly does not, so run this on the folder it will mount."""
+    """Check a model repository's configs and network files before serving it elsewhere.
+
+    For NVIDIA's container or Kubernetes: the configs, and every network file against the sha256
+    `triton-repo` recorded. `serve` does both by itself; a container started on the folder directly does
+    not, so run this on the folder it will mount."""
     from ftddm_trt.integrity import IntegrityError
     from ftddm_trt.serving.repository import ConfigError, validate_repository, verify_repository_files
 
@@ -103,21 +109,22 @@ def verify_repo_cmd(
     console.print(f"[green]verified[/] {repo}: {len(configs)} models, {len(hashes)} network files")
 
 
-@app.command("serve")
+@app.command("serve", cls=Command, rich_help_panel="Deploy")
 def serve_cmd(
     repo: Path = typer.Option(..., "--repo", help="Model repository from `ftddm-trt triton-repo`."),
-    http_port: int = typer.Option(8000, "--http-port"),
-    grpc_port: int = typer.Option(8001, "--grpc-port"),
-    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    http_port: int = typer.Option(8000, "--http-port", help="Port of Triton's HTTP/REST endpoint."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="Port of Triton's gRPC endpoint (what --url names)."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Port of Triton's Prometheus metrics."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
-    log: Path = typer.Option(
+    log: Optional[Path] = typer.Option(
         None,
         "--log",
-        help="Server log file (appended); default: a file in the temp folder, "
-        "removed after a clean stop and kept (its path printed) after a failure. Never the current folder.",
+        help="Server log file (appended). Without it, a file in the temp folder, removed after a clean stop and kept "
+        "(its path printed) after a failure; never the current folder.",
+        show_default="a file in the temp folder",
     ),
     startup_timeout: float = typer.Option(
-        300.0, "--startup-timeout", help="Seconds to wait for every model to be ready."
+        300.0, "--startup-timeout", help="Seconds to wait for every model to be ready.", **EXPERT
     ),
     validate: bool = typer.Option(
         True, "--validate/--no-validate", help="Check the repository's configs before starting."

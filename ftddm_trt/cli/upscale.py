@@ -1,5 +1,5 @@
-"""`ftddm-trt upscale` (a subject folder -> 64x64 maps) and `ftddm-trt evaluate` (against a truth): the
-options, parsed and handed to ``workflows.upscale`` and ``workflows.evaluate``."""
+"""`ftddm-trt upscale` (a subject folder -> 64x64 maps): the options, parsed and handed to
+``workflows.upscale``."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import typer
 
 from ftddm_trt.atomic import OutputError
 from ftddm_trt.cli.app import app
+from ftddm_trt.cli.command import EXPERT, spellings
 from ftddm_trt.cli.common import (
     CLIP_X0_DEFAULT,
     LAMBDA_MIN_DEFAULT,
+    SHIPPED_MODEL,
     console,
     fail,
     parse_clip_x0,
     parse_lambda_min,
 )
 from ftddm_trt.constants import METABOLITES, T_TRUNC, USER_DEFAULT_TAU_F
-from ftddm_trt.workflows.evaluate import EvaluateError, check_json_target, evaluate_folders, write_metrics
 from ftddm_trt.workflows.upscale import UpscaleError, UpscaleOptions, upscale_to_folder
 
 
@@ -44,12 +45,14 @@ def options_from_params(params: dict) -> UpscaleOptions:
     return UpscaleOptions(**kw)
 
 
-@app.command("upscale")
+@app.command("upscale", cls=spellings(positionals=("--out",)), rich_help_panel="Use")
 def upscale_cmd(
     subject_dir: Path = typer.Argument(
         ..., help="Subject folder in the FSL-MRS layout (concs/<kind>/<metab>.nii.gz, qc/, t1, flair)."
     ),
-    out_dir: Path = typer.Argument(..., help="Output folder (64x64xZ maps in the same layout, run.json, report.png)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder (64x64xZ maps in the same layout, run.json, report.png)."
+    ),
     backend: str = typer.Option(
         "onnxruntime",
         help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url).",
@@ -58,9 +61,9 @@ def upscale_cmd(
         "ftddm-dpmpp",
         help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model).",
     ),
-    ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers."),
+    ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers.", **EXPERT),
     steps: Optional[int] = typer.Option(
-        None, help="Solver / respaced steps (default 20 for DPM-Solver++, 100 for respaced DDPM)."
+        None, help="Solver / respaced steps.", show_default="20 for DPM-Solver++, 100 for respaced DDPM"
     ),
     passes: int = typer.Option(
         1,
@@ -69,7 +72,7 @@ def upscale_cmd(
         "(`ftddm-trt finetune` reports the count that scored best on its validation subjects).",
     ),
     tau_d: float = typer.Option(
-        0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2]."
+        0.9, "--tau-d", help="Temperature (std factor) of the diffusion sampling noise, in [0, 2].", **EXPERT
     ),
     tau_f: float = typer.Option(
         USER_DEFAULT_TAU_F,
@@ -81,77 +84,94 @@ def upscale_cmd(
         CLIP_X0_DEFAULT,
         "--clip-x0",
         help="LO,HI: clamp every predicted x0 (normalized units) to this range; none: no clamp.",
+        **EXPERT,
     ),
     lambda_min: str = typer.Option(
         LAMBDA_MIN_DEFAULT,
         "--lambda-min",
         help="dpmpp from noise: start where lambda(t) >= this (diffusers' lambda_min_clipped); none: start at T.",
+        **EXPERT,
     ),
     sde: bool = typer.Option(
         False,
         "--sde",
         help="dpmpp / ftddm-dpmpp: the SDE form of DPM-Solver++ (diffusers' sde-dpmsolver++), fresh noise at each step "
              "scaled by --tau-d; the default ODE form is deterministic.",
+        show_default="off",
+        **EXPERT,
     ),
     samples: int = typer.Option(
         1, help="Repeated samples; K > 1 writes their mean and uncertainties/<metab>_sd.nii.gz."
     ),
     metabolites: Optional[str] = typer.Option(
-        None, help=f"Comma-separated subset of {','.join(METABOLITES)} (default: all present)."
+        None, help=f"Comma-separated subset of {','.join(METABOLITES)}.", show_default="all present"
     ),
     seed: int = typer.Option(0, help="Random seed (same seed, backend and batch size -> same output)."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped model)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder to read.", show_default=SHIPPED_MODEL),
     onnx: Optional[Path] = typer.Option(
-        None, help="ONNX export folder for --backend onnxruntime (default: export of --model, cached)."
+        None, help="ONNX export folder for --backend onnxruntime.", show_default="the export of --model, cached"
     ),
-    engines: Optional[Path] = typer.Option(None, help="TensorRT engine folder for --backend tensorrt."),
+    engines: Optional[Path] = typer.Option(
+        None, help="TensorRT engine folder for --backend tensorrt.", show_default="none"
+    ),
     batch_size: int = typer.Option(16, help="Maps per network call (whole-volume batching)."),
-    url: Optional[str] = typer.Option(None, help="Triton server HOST:GRPC_PORT for --backend triton."),
+    url: Optional[str] = typer.Option(
+        None, help="Triton server HOST:GRPC_PORT for --backend triton.", show_default="none"
+    ),
     retry_s: float = typer.Option(
         30.0,
         "--retry-s",
         help="With --backend triton: keep retrying an unreachable or "
         "restarting server for this many seconds before failing (naming it).",
+        **EXPERT,
     ),
     scale: Optional[float] = typer.Option(
-        None, help="Upscaling factor s; default inferred from the in-plane size (64/N)."
+        None, help="Upscaling factor s.", show_default="from the in-plane size, 64/N", **EXPERT
     ),
     server_loop: bool = typer.Option(
         False,
         "--server-loop",
         help="With --backend triton: run the whole sampling loop inside the server (one request per batch).",
+        show_default="off",
+        **EXPERT,
     ),
     kind: Optional[str] = typer.Option(
         None,
         "--kind",
-        help="Concentration kind to read (raw, internal, molarity, molality); "
-        "default: every kind concs/ holds, each written to concs/<kind>.",
+        help="Concentration kind to read (raw, internal, molarity, molality), written to concs/<kind>.",
+        show_default="every kind concs/ holds",
     ),
     allow_missing_anatomy: bool = typer.Option(
         False,
         "--allow-missing-anatomy",
         help="Run without t1 or flair: the missing condition channel is zeros (lower quality); recorded in run.json.",
+        show_default="off",
     ),
     accept: Optional[str] = typer.Option(
         None,
         "--accept",
         help="Comma-separated degraded inputs to accept instead of "
         "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy.",
+        show_default="none",
     ),
-    force: bool = typer.Option(False, help="Replace a non-empty OUT_DIR written by ftddm-trt (never other files)."),
+    force: bool = typer.Option(
+        False, help="Replace a non-empty --out folder written by ftddm-trt (never other files)."
+    ),
     data_consistency: str = typer.Option(
         "auto",
         "--data-consistency",
         help="Keep the acquired k-space band of the output equal to the measurement: auto (when M is a 64x64 quality "
              "mask, the paper's protocol), on or off.",
+        **EXPERT,
     ),
     qc_consistency: Optional[float] = typer.Option(
         None,
         "--qc-consistency",
         help="When M comes from the acquired grid and data consistency is off: put back this share (0-1) of the "
-             "acquired k-space band through the model's fine-mask estimator (fine_mask.safetensors; default: the "
-             "share chosen with it, 0.5 in the shipped model; a model without one has no qc step), per map only "
-             "where it agrees better with the acquisition; 0: off. Recorded in run.json.",
+             "acquired k-space band through the model's fine-mask estimator (fine_mask.safetensors; a model without "
+             "one has no qc step), per map only where it agrees better with the acquisition; 0: off. Recorded in "
+             "run.json.",
+        show_default="the share chosen with the estimator, 0.5 in the shipped model",
     ),
 ) -> None:
     """Super-resolve a subject's N x N metabolite maps to 64 x 64 with FTDDM.
@@ -160,49 +180,11 @@ def upscale_cmd(
     maps, empty quality masks) are refused with the reason named unless accepted explicitly."""
     opts = options_from_params(locals())
     try:
-        record = upscale_to_folder(subject_dir, out_dir, opts, force=force)
+        record = upscale_to_folder(subject_dir, out, opts, force=force)
     except (UpscaleError, OutputError) as err:
         fail(str(err))
     console.print(
-        f"[green]wrote[/] {out_dir}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
+        f"[green]wrote[/] {out}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
         f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from "
         f"{record['mask_source']}"
     )
-
-
-
-@app.command("evaluate")
-def evaluate_cmd(
-    pred_dir: Path = typer.Argument(..., help="Output folder of `ftddm-trt upscale`."),
-    truth_dir: Path = typer.Argument(
-        ..., help="Truth folder (concs/raw/<metab>.nii.gz at 64x64, masks/<metab>.nii.gz), e.g. SUBJECT/truth."
-    ),
-    input_dir: Optional[Path] = typer.Option(
-        None, "--input", help="The LR subject folder, for the zero-filled baseline (default: from run.json)."
-    ),
-    out: Optional[Path] = typer.Option(
-        None,
-        help="Write the metrics as JSON to this file (outside the folders read); "
-        "default: JSON on stdout. Non-finite values (PSNR of a perfect match) are null.",
-    ),
-    force: bool = typer.Option(False, help="Replace an existing --out file."),
-) -> None:
-    """NRMSE / PSNR / SSIM per metabolite and overall, against the truth and the zero-filled baseline.
-
-    Never writes into the folders it reads."""
-    from ftddm_trt.data.evaluation import markdown_table
-    from ftddm_trt.integrity import strict_json
-
-    inputs = (pred_dir, truth_dir, input_dir)
-    try:
-        if out is not None:
-            check_json_target(out, force, inputs)  # before computing
-        result = evaluate_folders(pred_dir, truth_dir, input_dir)
-        console.print(markdown_table(result), highlight=False)
-        if out is None:
-            typer.echo(strict_json(result, indent=2))
-            return
-        write_metrics(out, result, force, inputs)
-    except (EvaluateError, OutputError) as err:
-        fail(str(err))
-    console.print(f"[green]wrote[/] {out}")

@@ -42,11 +42,12 @@ def run_training(cfg, run_dir: Path, max_minutes: float | None, device: str, ini
 
 def finetune_command(cfg, force: bool = False) -> str:
     """The `ftddm-trt finetune` command line that reproduces ``cfg`` (recorded in the manifest)."""
-    command = ["ftddm-trt", "finetune", str(cfg.data_dir), str(cfg.out_model), "--minutes", f"{cfg.minutes:g}",
-               "--networks", ",".join(cfg.networks), "--lr", f"{cfg.lr:g}", "--lr-fraction", f"{cfg.lr_fraction:g}",
+    command = ["ftddm-trt", "finetune", "--data", str(cfg.data_dir), "--out", str(cfg.out_model),
+               "--minutes", f"{cfg.minutes:g}", "--networks", ",".join(cfg.networks),
+               "--learning-rate", f"{cfg.lr:g}", "--lr-mask-fraction", f"{cfg.lr_fraction:g}",
                "--fine-mask-share", f"{cfg.fine_mask_share:g}", "--margin-weight", f"{cfg.margin_weight:g}",
                "--val-subjects", str(cfg.val_subjects), "--qc-convention", cfg.qc_convention]
-    command += (["--from", str(cfg.base_model)] if cfg.base_model else []) + \
+    command += (["--model", str(cfg.base_model)] if cfg.base_model else []) + \
                (["--work", str(cfg.work_dir)] if cfg.work_dir else [])
     return shlex.join(command + (["--force"] if force else []))
 
@@ -117,8 +118,8 @@ def run_add_fine_mask(out_model: Path, base: Path | None, minutes: float, data: 
         )
         record = {"phantoms": {"subjects": subjects, "data_seed": data_seed, "styles": list(styles)}}
     record["subjects"] = {"train": len(train_subj), "validation": len(val_subj)}
-    command = ["ftddm-trt", "add-fine-mask", str(out_model), "--minutes", f"{minutes:g}"]
-    command += ["--from", str(base)] if base else []
+    command = ["ftddm-trt", "add-fine-mask", "--out", str(out_model), "--minutes", f"{minutes:g}"]
+    command += ["--model", str(base)] if base else []
     command += ["--data", str(data), "--val-subjects", str(val_subjects)] if data else \
         ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in styles for a in ("--style", s)]]
     return add_fine_mask(base, out_model, train_subj, val_subj, minutes,
