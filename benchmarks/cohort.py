@@ -4,7 +4,7 @@
 
 Steps: export the model to ONNX (unless --onnx), write ``--subjects`` phantom subjects, build two cpu
 repositories (the network configs with and without ``dynamic_batching``), and for each repository
-start two tritonservers on loopback. Then run the cohort path itself (``cli.cohort.run_cohort``, what
+start two tritonservers on loopback. Then run the cohort path itself (``workflows.cohort.run_cohort``, what
 `ftddm-trt upscale-cohort` runs) four ways: 1 server and 2 servers, each with ``--clients-per-server``
 concurrent clients per server, on each repository; plus in-process ONNX Runtime as the reference.
 Every run's maps are compared with the reference (same seed and batch size). Writes
@@ -31,14 +31,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.cli.cohort import run_cohort  # noqa: E402
-from ftddm_trt.cli.upscale import UpscaleOptions  # noqa: E402
 from ftddm_trt.data.nifti.read import read_map_folder  # noqa: E402
 from ftddm_trt.data.nifti.write import write_phantom_subject  # noqa: E402
 from ftddm_trt.data.phantom import make_subject  # noqa: E402
 from ftddm_trt.serving.launcher import TritonServer  # noqa: E402
 from ftddm_trt.serving.repository.build import build_repository  # noqa: E402
 from ftddm_trt.serving.repository.render import RepoOptions  # noqa: E402
+from ftddm_trt.workflows.cohort import run_cohort  # noqa: E402
+from ftddm_trt.workflows.upscale import UpscaleOptions  # noqa: E402
 
 
 def timed_cohort(data: Path, out: Path, opts: UpscaleOptions) -> dict:

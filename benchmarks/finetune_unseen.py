@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--test-subjects", type=int, default=6)
     ap.add_argument("--maps", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
+    ap.add_argument("--learning-rate", dest="lr", type=float, default=FinetuneConfig.lr,
+                    help="fine-tuning learning rate")
     ap.add_argument("--margin-weight", type=float, default=FinetuneConfig.margin_weight,
                     help="loss weight of M's voxels outside the truth's quality mask")
     ap.add_argument(
@@ -61,7 +62,8 @@ def main() -> int:
         networks = parse_networks(args.networks)
         manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=args.model, minutes=args.minutes,
                                            lr=args.lr, networks=networks, margin_weight=args.margin_weight),
-                            command=f"ftddm-trt finetune SITE OUT --minutes {args.minutes:g} --lr {args.lr:g} "
+                            command=f"ftddm-trt finetune --data SITE --out OUT --minutes {args.minutes:g} "
+                                    f"--learning-rate {args.lr:g} "
                                     f"--networks {','.join(networks)} --margin-weight {args.margin_weight:g} "
                                     f"--fine-mask-share {FinetuneConfig.fine_mask_share:g}")
         wall = time.perf_counter() - t0

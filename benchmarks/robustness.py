@@ -55,7 +55,8 @@ def train_family_models(family: str, n_subjects: int, minutes: float, base: Path
     t0 = time.perf_counter()
     tuned = work / f"{family}-finetuned"
     manifest = finetune(FinetuneConfig(data_dir=data, out_model=tuned, base_model=base, minutes=minutes),
-                        command=f"ftddm-trt finetune {family}-site {family}-finetuned --minutes {minutes:g}",
+                        command=f"ftddm-trt finetune --data {family}-site --out {family}-finetuned "
+                                f"--minutes {minutes:g}",
                         progress=False, log=log)
     finetune_s = time.perf_counter() - t0
     cfg = TrainConfig(task="regression", preset="cpu", iterations=100_000, batch_size=8, lr=5e-4, lr_final=5e-4,

@@ -1,3 +1,3 @@
 """ftddm-trt: deployment engine for FTDDM MRSI super-resolution (Dong et al., MedIA 2024)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

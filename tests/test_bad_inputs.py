@@ -105,7 +105,8 @@ def test_degraded_input_is_refused_by_default(
     corrupt(subject_copy)
     out = tmp_path / "sr"
     res = runner.invoke(
-        app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch", "--model", str(tiny_model_dir)]
+        app, ["upscale", str(subject_copy), "--out", str(out), *FAST, "--backend", "torch",
+              "--model", str(tiny_model_dir)]
     )
     assert res.exit_code == 2, res.output
     assert flat(problem) in flat(res.output), res.output
@@ -120,7 +121,7 @@ def test_degraded_input_accepted_explicitly_is_recorded(
 ):
     corrupt(subject_copy)
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(subject_copy), str(out), *FAST, "--backend", "torch",
+    res = runner.invoke(app, ["upscale", str(subject_copy), "--out", str(out), *FAST, "--backend", "torch",
                               "--model", str(tiny_model_dir), *option])
     assert res.exit_code == 0, res.output
     run = json.loads((out / "run.json").read_text())
@@ -149,7 +150,7 @@ def test_anisotropic_voxels_are_noted(subject_copy, tiny_model_dir, tmp_path):
         [
             "upscale",
             str(subject_copy),
-            str(out),
+            "--out", str(out),
             *FAST,
             "--backend",
             "torch",
@@ -166,9 +167,9 @@ def test_anisotropic_voxels_are_noted(subject_copy, tiny_model_dir, tmp_path):
 
 def test_unknown_accept_value_and_kind(phantom_subject_dir, tmp_path):
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--accept", "everything"])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--accept", "everything"])
     assert res.exit_code == 2 and "unknown --accept value" in res.output
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--kind", "ppm"])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--kind", "ppm"])
     assert res.exit_code == 2 and "--kind must be one of" in flat(res.output).replace(
         "--kindmustbeoneof", "--kind must be one of"
     )
@@ -183,7 +184,7 @@ def test_unknown_accept_value_and_kind(phantom_subject_dir, tmp_path):
 ])
 def test_unusable_output_paths(phantom_subject_dir, tmp_path, monkeypatch, out, message):
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), out, *FAST])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", out, *FAST])
     assert res.exit_code == 2 and flat(message) in flat(res.output) and "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == []
 
@@ -193,5 +194,5 @@ def test_unusable_output_paths(phantom_subject_dir, tmp_path, monkeypatch, out, 
     (["--tau-d", "3"], "--tau-d must be in [0, 2]"),
 ])
 def test_extreme_settings(phantom_subject_dir, tmp_path, args, message):
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(tmp_path / "sr"), *FAST, *args])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(tmp_path / "sr"), *FAST, *args])
     assert res.exit_code == 2 and flat(message) in flat(res.output)

@@ -24,7 +24,7 @@ FAST = ["--sampler", "ftddm-dpmpp", "--ttrunc", "20", "--steps", "2", "--metabol
 def cohort_root(tmp_path_factory):
     """Three phantom subjects (N = 16), the middle one broken (no concs/)."""
     root = tmp_path_factory.mktemp("cohort") / "data"
-    res = runner.invoke(app, ["phantom", str(root), "--subjects", "3", "--n", "16"])
+    res = runner.invoke(app, ["phantom", "--out", str(root), "--subjects", "3", "--n", "16"])
     assert res.exit_code == 0, res.output
     shutil.rmtree(root / "sub-001" / "concs")
     return root
@@ -47,10 +47,10 @@ def test_cohort_options_are_upscales():
     up = inspect.signature(upscale_cmd).parameters
     co = inspect.signature(cohort_cmd).parameters
     for name, p in up.items():
-        if name in ("subject_dir", "out_dir"):
+        if name == "subject_dir":
             continue
         assert name in co, name
-        if name not in ("url", "force"):
+        if name not in ("url", "force", "out"):
             assert co[name].default is p.default, name
 
 
@@ -59,7 +59,7 @@ def test_cohort_runs_skips_and_resumes(cohort_root, tiny_onnx_export, tiny_model
     args = [
         "upscale-cohort",
         str(cohort_root),
-        str(out),
+        "--out", str(out),
         "--onnx",
         str(tiny_onnx_export),
         "--model",
@@ -83,7 +83,7 @@ def test_cohort_runs_skips_and_resumes(cohort_root, tiny_onnx_export, tiny_model
         [
             "upscale",
             str(cohort_root / "sub-002"),
-            str(single),
+            "--out", str(single),
             "--onnx",
             str(tiny_onnx_export),
             "--model",
@@ -134,17 +134,18 @@ def test_cohort_all_good_exits_zero_and_bad_inputs(cohort_root, tiny_onnx_export
     out = tmp_path / "sr"
     res = runner.invoke(
         app,
-        ["upscale-cohort", str(good), str(out), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST],
+        ["upscale-cohort", str(good), "--out", str(out), "--onnx", str(tiny_onnx_export),
+         "--model", str(tiny_model_dir), *FAST],
     )
     assert res.exit_code == 0, res.output
     assert read_csv(out / "cohort.csv")["sub-000"]["status"] == "done"
     # no subjects, overlapping folders, bad options: clear errors before any work
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = runner.invoke(app, ["upscale-cohort", str(empty), str(tmp_path / "o2")])
+    res = runner.invoke(app, ["upscale-cohort", str(empty), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "no sub-*" in res.output
-    res = runner.invoke(app, ["upscale-cohort", str(good), str(good / "out")])
+    res = runner.invoke(app, ["upscale-cohort", str(good), "--out", str(good / "out")])
     assert res.exit_code == 2 and "overlap" in res.output
-    res = runner.invoke(app, ["upscale-cohort", str(good), str(tmp_path / "o3"), "--sampler", "euler"])
+    res = runner.invoke(app, ["upscale-cohort", str(good), "--out", str(tmp_path / "o3"), "--sampler", "euler"])
     assert res.exit_code == 2 and "unknown sampler" in res.output
     assert not (tmp_path / "o3").exists()

@@ -126,14 +126,15 @@ def kill_when(path: Path, serve: Serve, fired: threading.Event, timeout_s: float
 
 def test_cohort_over_two_servers_survives_a_kill(cpu_repo, tiny_onnx_export, tiny_model_dir, tmp_path):  # noqa: F811
     data = tmp_path / "data"
-    res = runner.invoke(app, ["phantom", str(data), "--subjects", "4", "--n", "16"])
+    res = runner.invoke(app, ["phantom", "--out", str(data), "--subjects", "4", "--n", "16"])
     assert res.exit_code == 0, res.output
     subjects = [f"sub-{i:03d}" for i in range(4)]
 
     ref = tmp_path / "ort"  # in-process ONNX Runtime, same seed and batch size
     res = runner.invoke(
         app,
-        ["upscale-cohort", str(data), str(ref), "--onnx", str(tiny_onnx_export), "--model", str(tiny_model_dir), *FAST],
+        ["upscale-cohort", str(data), "--out", str(ref), "--onnx", str(tiny_onnx_export),
+         "--model", str(tiny_model_dir), *FAST],
     )
     assert res.exit_code == 0, res.output
 
@@ -145,7 +146,7 @@ def test_cohort_over_two_servers_survives_a_kill(cpu_repo, tiny_onnx_export, tin
         args = [
             "upscale-cohort",
             str(data),
-            str(out),
+            "--out", str(out),
             "--backend",
             "triton",
             "--url",
@@ -181,8 +182,8 @@ def test_cohort_over_two_servers_survives_a_kill(cpu_repo, tiny_onnx_export, tin
         out2 = tmp_path / "triton2"
         fired2 = threading.Event()
         kill_when(out2 / subjects[0], a, fired2)
-        res = runner.invoke(app, ["upscale-cohort", str(data), str(out2), "--backend", "triton", "--url", a.url,
-                                  "--url", b.url, "--model", str(tiny_model_dir), *FAST])
+        res = runner.invoke(app, ["upscale-cohort", str(data), "--out", str(out2), "--backend", "triton",
+                                  "--url", a.url, "--url", b.url, "--model", str(tiny_model_dir), *FAST])
         assert fired2.is_set() and res.exit_code == 1, res.output
         rows = read_csv(out2 / "cohort.csv")
         assert rows[subjects[0]]["status"] == "done"

@@ -42,9 +42,9 @@ COMMON = [
     "2",
     "--device",
     "cpu",
-    "--lr",
+    "--learning-rate",
     "1e-4",
-    "--lr-final",
+    "--learning-rate-final",
     "1e-4",
 ]
 
@@ -93,7 +93,7 @@ def torchrun(run_dir: Path, iterations: int, writes: Path, tmp: Path) -> subproc
         "FTDDM_WRITES": str(writes),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           "train", str(run_dir), *COMMON, "--iterations", str(iterations)]
+           "train", "--out", str(run_dir), *COMMON, "--iterations", str(iterations)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 

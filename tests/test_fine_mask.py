@@ -178,7 +178,7 @@ def test_upscale_puts_the_band_back_through_the_learned_mask(tiny_model_dir, pha
             [
                 "upscale",
                 str(phantom_subject_dir),
-                str(out),
+                "--out", str(out),
                 "--sampler",
                 "ftddm-dpmpp",
                 "--ttrunc",
@@ -246,7 +246,7 @@ def test_a_replaced_estimator_is_refused(tiny_model_dir, phantom_subject_dir, tm
         [
             "upscale",
             str(phantom_subject_dir),
-            str(out),
+            "--out", str(out),
             "--sampler",
             "ftddm-dpmpp",
             "--ttrunc",

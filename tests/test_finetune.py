@@ -158,7 +158,7 @@ def test_finetune_validates_the_qc_step_in_the_site_convention(site_dir, tiny_mo
 @pytest.mark.e2e
 def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model_dir, phantom_subject_dir, tmp_path):
     out = tmp_path / "tuned"
-    args = ["finetune", str(site_dir), str(out), "--from", str(tiny_model_dir), "--minutes", "0.05",
+    args = ["finetune", "--data", str(site_dir), "--out", str(out), "--model", str(tiny_model_dir), "--minutes", "0.05",
             "--val-subjects", "1", "--networks", "unet,flow", "--qc-convention", "sample-hz-7t"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -188,7 +188,8 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
 
     sr = tmp_path / "sr"
     res = CliRunner().invoke(
-        app, ["upscale", str(phantom_subject_dir), str(sr), "--model", str(out), "--backend", "torch", "--steps", "2"]
+        app, ["upscale", str(phantom_subject_dir), "--out", str(sr), "--model", str(out), "--backend", "torch",
+              "--steps", "2"]
     )
     assert res.exit_code == 0, res.output
     run = json.loads((sr / "run.json").read_text())
@@ -203,9 +204,9 @@ def test_finetune_default_tunes_the_unet_and_keeps_the_base_flow(site_dir, tiny_
         app,
         [
             "finetune",
-            str(site_dir),
-            str(out),
-            "--from",
+            "--data", str(site_dir),
+            "--out", str(out),
+            "--model",
             str(tiny_model_dir),
             "--minutes",
             "0.05",
@@ -227,8 +228,8 @@ def test_finetune_default_tunes_the_unet_and_keeps_the_base_flow(site_dir, tiny_
 
 def test_finetune_refuses_bad_data_before_training(site_copy, tiny_model_dir, tmp_path):
     (site_copy / "sub-000" / "t1.nii.gz").unlink()
-    res = CliRunner().invoke(app, ["finetune", str(site_copy), str(tmp_path / "m"), "--from", str(tiny_model_dir),
-                                   "--minutes", "1", "--val-subjects", "1"])
+    res = CliRunner().invoke(app, ["finetune", "--data", str(site_copy), "--out", str(tmp_path / "m"),
+                                   "--model", str(tiny_model_dir), "--minutes", "1", "--val-subjects", "1"])
     text = res.output.replace("\n", "")
     assert res.exit_code != 0 and "sub-000/t1.nii.gz" in text and "missing" in text
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.runs").exists()
@@ -255,9 +256,9 @@ def test_finetune_under_torchrun_writes_one_model_from_rank_0(site_dir, tiny_mod
         "-m",
         "ftddm_trt.cli.main",
         "finetune",
-        str(site_dir),
-        str(out),
-        "--from",
+        "--data", str(site_dir),
+        "--out", str(out),
+        "--model",
         str(tiny_model_dir),
         "--minutes",
         "0.05",
@@ -284,8 +285,8 @@ def test_cli_finetune_defaults_are_the_configs():
     cfg = FinetuneConfig(data_dir=Path("site"), out_model=Path("out"))
     assert options["minutes"] == cfg.minutes
     assert tuple(options["networks"].split(",")) == cfg.networks
-    assert options["lr"] == cfg.lr
-    assert options["lr_fraction"] == cfg.lr_fraction
+    assert options["learning_rate"] == cfg.lr
+    assert options["lr_mask_fraction"] == cfg.lr_fraction
     assert options["fine_mask_share"] == cfg.fine_mask_share
     assert options["margin_weight"] == cfg.margin_weight
     assert options["val_subjects"] == cfg.val_subjects
@@ -349,8 +350,8 @@ def test_finetune_tunes_the_base_fine_mask_estimator(site_dir, tiny_model_dir, t
     cfg = FineMaskConfig.preset("tiny")
     save_model(FineMaskNet(cfg), cfg, base / "fine_mask")
     out = tmp_path / "tuned"
-    res = CliRunner().invoke(app, ["finetune", str(site_dir), str(out), "--from", str(base), "--minutes", "0.1",
-                                   "--val-subjects", "1"])
+    res = CliRunner().invoke(app, ["finetune", "--data", str(site_dir), "--out", str(out), "--model", str(base),
+                                   "--minutes", "0.1", "--val-subjects", "1"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     ft = manifest["finetune"]

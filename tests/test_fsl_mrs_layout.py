@@ -84,7 +84,7 @@ def test_upscale_runs_fsl_mrsi_output_without_flags(fsl, tiny_model_dir, tmp_pat
     (fsl / "concs" / "raw" / "Gly.nii.gz").unlink()
     (fsl / "concs" / "internal" / "Gly.nii.gz").unlink()
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(fsl), str(out), *FAST, "--model", str(tiny_model_dir)])
+    res = runner.invoke(app, ["upscale", str(fsl), "--out", str(out), *FAST, "--model", str(tiny_model_dir)])
     assert res.exit_code == 0, res.output
     assert "missingnomapforGly" in flat(res.output)
     run = json.loads((out / "run.json").read_text())
@@ -109,7 +109,7 @@ def test_upscale_runs_fsl_mrsi_output_without_flags(fsl, tiny_model_dir, tmp_pat
 
 def test_kind_restricts(fsl, tiny_model_dir, tmp_path):
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(fsl), str(out), *FAST, "--model", str(tiny_model_dir),
+    res = runner.invoke(app, ["upscale", str(fsl), "--out", str(out), *FAST, "--model", str(tiny_model_dir),
                               "--kind", "internal", "--metabolites", "NAA"])
     assert res.exit_code == 0, res.output
     assert [p.name for p in (out / "concs").iterdir()] == ["internal"]

@@ -112,7 +112,7 @@ def test_corrupt_cached_unet_is_refused_and_nothing_written(tiny_model_dir, tiny
     args = [
         "upscale",
         str(phantom_subject_dir),
-        str(out),
+        "--out", str(out),
         *FAST,
         "--model",
         str(tiny_model_dir),
@@ -137,7 +137,7 @@ def test_corrupt_export_folder_is_refused(tiny_onnx_export, phantom_subject_dir,
     export = shutil.copytree(tiny_onnx_export, tmp_path / "onnx")
     flip_byte(export / "flow.onnx")
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--onnx", str(export)])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--onnx", str(export)])
     assert res.exit_code != 0 and "IntegrityError" in res.output and "flow.onnx" in flat(res.output)
     assert not out.exists()
 
@@ -151,7 +151,7 @@ def test_nan_weights_give_a_named_refusal_and_nothing_written(tiny_model_dir, ph
         next(net.parameters()).fill_(float("nan"))
     save_model(net, cfg, model / "unet")
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--backend", "torch",
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--backend", "torch",
                               "--model", str(model), "--metabolites", "NAA"])
     assert res.exit_code != 0 and "NonFiniteOutputError" in res.output
     assert not out.exists()
@@ -161,7 +161,7 @@ def test_nan_weights_give_a_named_refusal_and_nothing_written(tiny_model_dir, ph
 @pytest.mark.parametrize("option,value", [("--tau-f", "1e30"), ("--tau-d", "-1"), ("--tau-f", "nan")])
 def test_cli_bounds_temperatures(phantom_subject_dir, tmp_path, option, value):
     out = tmp_path / "sr"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, option, value])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, option, value])
     assert res.exit_code == 2 and f"{option} must be in [0, 2]" in res.output
     assert not out.exists()
 

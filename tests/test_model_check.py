@@ -79,7 +79,7 @@ def test_server_loop_refuses_other_weights():
 def test_onnx_export_of_another_model_is_refused(tiny_onnx_export, tiny_model_dir, other_model, phantom_subject_dir,
                                                  tmp_path):
     out = tmp_path / "out"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--onnx", str(tiny_onnx_export),
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--onnx", str(tiny_onnx_export),
                               "--model", str(other_model), *FAST])
     assert res.exit_code != 0
     want, got = ModelSet.open(other_model).hashes()["unet"], ModelSet.open(tiny_model_dir).hashes()["unet"]
@@ -117,7 +117,7 @@ def test_triton_refuses_another_model(served, tiny_model_dir, other_model, phant
     hashes, other = ModelSet.open(tiny_model_dir).hashes(), ModelSet.open(other_model).hashes()
     out = tmp_path / "out"
     for model in ([], ["--model", str(other_model)]):  # the shipped model by default, then another folder
-        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--backend", "triton",
+        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--backend", "triton",
                                   "--url", served.grpc_url, *model, *FAST])
         assert res.exit_code != 0
         text = flat(res.output)

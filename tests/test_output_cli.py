@@ -65,19 +65,19 @@ def test_build_engine_refuses_a_non_empty_out(tmp_path):
 
 def test_phantom_force_leaves_no_stale_subjects(tmp_path):
     out = tmp_path / "data"
-    assert runner.invoke(app, ["phantom", str(out), "--subjects", "2", "--n", "8"]).exit_code == 0
+    assert runner.invoke(app, ["phantom", "--out", str(out), "--subjects", "2", "--n", "8"]).exit_code == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-000", "sub-001"]
-    res = runner.invoke(app, ["phantom", str(out), "--subjects", "1", "--n", "8", "--force"])
+    res = runner.invoke(app, ["phantom", "--out", str(out), "--subjects", "1", "--n", "8", "--force"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["sub-000"]
     (out / "sub-000" / "my_notes.txt").write_text("x")
-    res = runner.invoke(app, ["phantom", str(out), "--subjects", "1", "--n", "8", "--force"])
+    res = runner.invoke(app, ["phantom", "--out", str(out), "--subjects", "1", "--n", "8", "--force"])
     assert res.exit_code == 2 and "my_notes.txt" in flat(res.output)
     assert (out / "sub-000" / "my_notes.txt").is_file()
 
 
 def _sr_folder(phantom_subject_dir, tiny_model_dir, out):
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--backend", "torch",
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--backend", "torch",
                               "--model", str(tiny_model_dir), "--metabolites", "NAA"])
     assert res.exit_code == 0, res.output
     return out
@@ -127,7 +127,7 @@ def test_concurrent_writer_is_refused_before_computing(phantom_subject_dir, tiny
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, "--backend", "torch",
+        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, "--backend", "torch",
                                   "--model", str(tiny_model_dir), "--metabolites", "NAA"])
         assert res.exit_code == 2 and f"pid {holder.pid}" in " ".join(res.output.split())
         assert not out.exists()

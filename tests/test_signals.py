@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_phantom(out: Path, subjects: int = 60) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ftddm_trt.cli.main", "phantom", str(out), "--subjects", str(subjects), "--n", "8"],
+        [sys.executable, "-m", "ftddm_trt.cli.main", "phantom", "--out", str(out), "--subjects", str(subjects),
+         "--n", "8"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

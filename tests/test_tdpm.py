@@ -83,8 +83,8 @@ def test_gan_step_moves_the_generator_towards_the_centre(pool):
 def test_train_task_resumes_and_packages(tmp_path):
     """`train --task tdpm` (tiny, a few iterations, then resumed) and `package-model --tdpm`."""
     run_dir = tmp_path / "run"
-    args = ["train", str(run_dir), "--task", "tdpm", "--preset", "tiny", "--batch-size", "2", "--subjects", "5",
-            "--val-every", "100", "--ttrunc", "5"]
+    args = ["train", "--out", str(run_dir), "--task", "tdpm", "--preset", "tiny", "--batch-size", "2",
+            "--subjects", "5", "--val-every", "100", "--ttrunc", "5"]
     res = runner.invoke(app, [*args, "--iterations", "2"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*args, "--iterations", "3"])  # resumes from last/ and last_disc/

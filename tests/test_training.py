@@ -187,6 +187,19 @@ def test_ema_run_keeps_the_average_as_best_and_refuses_a_changed_decay(tmp_path)
         tiny_cfg("unet", 1, ema=1.0)
 
 
+def test_old_learning_rate_spellings_still_reach_the_run(tmp_path):
+    """`train RUN_DIR --lr X` (the old spellings) is `train --out RUN_DIR --learning-rate X`, with a deprecation
+    line: resuming a run with another rate names the option in its new spelling."""
+    run_dir = tmp_path / "run"
+    run(tiny_cfg("unet", 1, val_every=100), run_dir)  # lr 1e-3
+    res = CliRunner().invoke(app, ["train", str(run_dir), "--task", "unet", "--preset", "tiny", "--iterations", "1",
+                                   "--lr", "0.5", "--lr-final", "1e-4"])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "--learning-rate 0.001 -> 0.5" in text and "--learning-rate-final" not in text.split("other options")[1]
+    assert "deprecated: --lr is an old spelling of --learning-rate" in text and f"--out {run_dir}" in text
+
+
 def test_a_run_folder_of_another_task_refuses_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     run(tiny_cfg("unet", 1, val_every=100), run_dir)
@@ -194,7 +207,8 @@ def test_a_run_folder_of_another_task_refuses_to_resume(tmp_path):
     for task, preset in (("unet_full", "tiny"), ("flow", "tiny"), ("unet", "cpu")):
         with pytest.raises(ValueError, match=rf"holds a unet/tiny run, not {task}/{preset}"):
             run(tiny_cfg(task, 2, preset=preset), run_dir)
-    res = CliRunner().invoke(app, ["train", str(run_dir), "--task", "flow", "--preset", "tiny", "--iterations", "2"])
+    res = CliRunner().invoke(app, ["train", "--out", str(run_dir), "--task", "flow", "--preset", "tiny",
+                                   "--iterations", "2"])
     assert res.exit_code == 2
     assert "holds a unet/tiny run, not flow/tiny" in " ".join(res.output.split())
     after = {p: p.read_bytes() for p in files_under(run_dir)}

@@ -77,10 +77,11 @@ def test_finetune_refuses_work_inside_the_data(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     (data / "sub-000").mkdir(parents=True)
     for work in (data / "runs", data):
-        res = CliRunner().invoke(app, ["finetune", str(data), str(tmp_path / "m"), "--from", str(tiny_model_dir),
-                                       "--minutes", "1", "--work", str(work)])
+        res = CliRunner().invoke(app, ["finetune", "--data", str(data), "--out", str(tmp_path / "m"),
+                                       "--model", str(tiny_model_dir), "--minutes", "1", "--work", str(work)])
         assert res.exit_code != 0 and "overlap" in res.output and "--work" in res.output
         assert not (data / "runs").exists() and not (tmp_path / "m").exists()
-    res = CliRunner().invoke(app, ["finetune", str(data), str(tmp_path / "m"), "--from", str(tiny_model_dir),
-                                   "--minutes", "1", "--work", str(tiny_model_dir / "runs")])
+    res = CliRunner().invoke(app, ["finetune", "--data", str(data), "--out", str(tmp_path / "m"),
+                                   "--model", str(tiny_model_dir), "--minutes", "1",
+                                   "--work", str(tiny_model_dir / "runs")])
     assert res.exit_code != 0 and "base model" in " ".join(res.output.split())

@@ -282,7 +282,7 @@ def test_triton_refuses_another_ttrunc_in_both_loops(tiny_onnx_export, inputs, p
                 [
                     "upscale",
                     str(phantom_subject_dir),
-                    str(out),
+                    "--out", str(out),
                     "--backend",
                     "triton",
                     "--url",

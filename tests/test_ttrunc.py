@@ -156,7 +156,7 @@ def test_export_model_set_writes_the_models_ttrunc_and_refuses_another(tiny_mode
 def test_upscale_onnx_refuses_another_ttrunc(export_t100, phantom_subject_dir, tmp_path):
     out = tmp_path / "out"
     for sampler in (["--sampler", "ftddm"], ["--sampler", "ftddm-dpmpp", "--steps", "2"]):
-        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--onnx", str(export_t100),
+        res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--onnx", str(export_t100),
                                   "--ttrunc", "50", *sampler])
         assert res.exit_code != 0
         assert "trainedforTtrunc=100,notTtrunc=50" in flat(res.output)
@@ -171,8 +171,8 @@ def test_upscale_onnx_refuses_an_export_that_predates_the_record(export_t100, ph
     del manifest[FLOW_TTRUNC_KEY]
     write_manifest(old, manifest)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--onnx", str(old), "--ttrunc", "100",
-                              "--sampler", "ftddm-dpmpp", "--steps", "2"])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--onnx", str(old),
+                              "--ttrunc", "100", "--sampler", "ftddm-dpmpp", "--steps", "2"])
     assert res.exit_code != 0 and "doesnotrecordtheTtrunc" in flat(res.output) and not out.exists()
 
 
@@ -183,7 +183,7 @@ def test_upscale_onnx_accepts_the_matching_ttrunc(export_t100, tiny_model_dir, p
         [
             "upscale",
             str(phantom_subject_dir),
-            str(out),
+            "--out", str(out),
             "--onnx",
             str(export_t100),
             "--ttrunc",

@@ -46,7 +46,7 @@ def torch_args(model_dir: Path) -> list[str]:
 
 
 def upscale(subject: Path, out: Path, *extra: str):
-    return runner.invoke(app, ["upscale", str(subject), str(out), *FAST, *extra])
+    return runner.invoke(app, ["upscale", str(subject), "--out", str(out), *FAST, *extra])
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -54,7 +54,7 @@ def upscale(subject: Path, out: Path, *extra: str):
 
 @pytest.mark.e2e
 def test_phantom_upscale_evaluate_chain(tiny_onnx_export, tiny_model_dir, tmp_path):
-    res = runner.invoke(app, ["phantom", str(tmp_path / "data"), "--subjects", "1", "--n", "16"])
+    res = runner.invoke(app, ["phantom", "--out", str(tmp_path / "data"), "--subjects", "1", "--n", "16"])
     assert res.exit_code == 0, res.output
     subject = tmp_path / "data" / "sub-000"
     before = snapshot(subject)
@@ -226,7 +226,7 @@ def test_a_model_without_the_samplers_network_is_refused(tiny_model_dir, subject
 )
 def test_bad_options(phantom_subject_dir, tiny_model_dir, tmp_path, args, message):
     out = tmp_path / "out"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--ttrunc", "20", *args,
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--ttrunc", "20", *args,
                               *torch_args(tiny_model_dir)])
     assert res.exit_code == 2
     assert flat(message) in flat(res.output)
@@ -374,12 +374,12 @@ def test_ttrunc_other_than_the_flows_is_refused(tiny_model_dir, phantom_subject_
     shutil.copytree(tiny_model_dir, model)
     (model / "manifest.json").write_text(json.dumps({"networks": {"flow": {"train_config": {"t_trunc": 20}}}}))
     out = tmp_path / "out"
-    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), "--sampler", "ftddm", "--ttrunc", "10",
-                              *torch_args(model)])
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), "--sampler", "ftddm",
+                              "--ttrunc", "10", *torch_args(model)])
     assert res.exit_code != 0
     assert "trainedatTtrunc=20" in flat(res.output)
     assert not out.exists()
-    ok = runner.invoke(app, ["upscale", str(phantom_subject_dir), str(out), *FAST, *torch_args(model)])
+    ok = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(out), *FAST, *torch_args(model)])
     assert ok.exit_code == 0, ok.output
 
 

@@ -1,7 +1,7 @@
 # The FTDDM client image: `ftddm-trt` (upscale-cohort, triton-repo, verify-repo) with the shipped model,
 # for the Kubernetes Jobs that fill the model volume and run cohorts against the Triton servers.
 #
-#   docker build -f deploy/docker/client.Dockerfile -t ftddm-trt-client:0.1.0 .      (from the repository root)
+#   docker build -f deploy/docker/client.Dockerfile -t ftddm-trt-client:0.2.0 .      (from the repository root)
 #
 # The networks run in the servers; this image needs no GPU. Its ftddm_trt and shipped model must be
 # the server image's (build both from one checkout): `upscale-cohort` refuses networks made from

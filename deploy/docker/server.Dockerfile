@@ -2,7 +2,7 @@
 # the container), torch and ftddm_trt installed, so that the server-side sampling loop (ftddm_sampler)
 # and `ftddm-trt build-engine` run inside it.
 #
-#   docker build -f deploy/docker/server.Dockerfile -t ftddm-trt-server:0.1.0 .      (from the repository root)
+#   docker build -f deploy/docker/server.Dockerfile -t ftddm-trt-server:0.2.0 .      (from the repository root)
 #
 # NGC container 24.10 = Triton 2.51, TensorRT 10.5.0, CUDA 12.6, Ubuntu 22.04, Python 3.10. TensorRT
 # engines are tied to this TensorRT version and to the GPU model: build them with this image

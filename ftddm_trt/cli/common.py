@@ -6,9 +6,19 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from ftddm_trt.diffusion.samplers.dpm_solver import DEFAULT_LAMBDA_MIN
+from ftddm_trt.workflows.console import console
+
+__all__ = ["console", "fail", "check_output_dir", "parse_clip_x0", "parse_lambda_min", "CLIP_X0_DEFAULT",
+           "LAMBDA_MIN_DEFAULT", "SHIPPED_MODEL"]
+
+#: What `--model` reads when it is not given (its default, as the help shows it).
+SHIPPED_MODEL = "the shipped model"
+
+#: CLI defaults of the two solver-safety settings (the SamplerSpec defaults).
+CLIP_X0_DEFAULT = "0,3"
+LAMBDA_MIN_DEFAULT = f"{DEFAULT_LAMBDA_MIN:g}"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

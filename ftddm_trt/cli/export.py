@@ -8,19 +8,23 @@ from typing import Optional
 import typer
 
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.cli.command import Command
+from ftddm_trt.cli.common import SHIPPED_MODEL, check_output_dir, console, fail
 
 
-@app.command("export")
+@app.command("export", cls=Command, rich_help_panel="Deploy")
 def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for unet.onnx, unet_full.onnx, flow.onnx and manifest.json."),
-    model: Path = typer.Option(None, "--model", help="Model folder (safetensors + JSON); default: the shipped model."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder to read (safetensors + JSON).", show_default=SHIPPED_MODEL
+    ),
     ttrunc: Optional[int] = typer.Option(
         None,
         "--ttrunc",
-        help="Export the flow trained for this Ttrunc (default: the model's main flow); recorded in the manifest.",
+        help="Export the flow trained for this Ttrunc; recorded in the manifest.",
+        show_default="the model's main flow",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder.", show_default="off"),
 ) -> None:
     """Export the networks to ONNX (opset 18, dynamic batch), check parity with PyTorch, write a manifest.
 
@@ -42,14 +46,15 @@ def export_cmd(
     )
 
 
-@app.command("build-engine")
+@app.command("build-engine", cls=Command, rich_help_panel="Deploy")
 def build_engine_cmd(
     onnx: Path = typer.Option(..., "--onnx", help="Export folder written by `ftddm-trt export`."),
     out: Path = typer.Option(..., "--out", help="Folder for the TensorRT engines, timing cache and manifest."),
     batch_size: int = typer.Option(16, help="Optimal batch of the optimization profile (whole-volume batching)."),
     precision: str = typer.Option("fp16", help="fp16 (norms/softmax kept in fp32) or fp32."),
     ttrunc: Optional[int] = typer.Option(
-        None, "--ttrunc", help="Ttrunc the export's flow must have been trained for (checked, recorded)."
+        None, "--ttrunc", help="Ttrunc the export's flow must have been trained for (checked, recorded).",
+        show_default="the export's",
     ),
 ) -> None:
     """Build TensorRT engines into a new folder (NVIDIA GPU + TensorRT only; refuses clearly elsewhere).

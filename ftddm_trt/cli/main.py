@@ -8,16 +8,18 @@ import signal
 import sys
 
 # isort: off
-# the commands register in import order, which is their order in `ftddm-trt --help`
+# the commands register in import order, which is their order in `ftddm-trt --help` (panels: Use, Train, Deploy,
+# Measure)
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli import bench as _bench  # noqa: F401
+from ftddm_trt.cli import upscale as _upscale  # noqa: F401
 from ftddm_trt.cli import cohort as _cohort  # noqa: F401
+from ftddm_trt.cli import evaluate as _evaluate  # noqa: F401
 from ftddm_trt.cli import demo as _demo  # noqa: F401
-from ftddm_trt.cli import export as _export  # noqa: F401
 from ftddm_trt.cli import phantom as _phantom  # noqa: F401
 from ftddm_trt.cli import train as _train  # noqa: F401
-from ftddm_trt.cli import upscale as _upscale  # noqa: F401
+from ftddm_trt.cli import export as _export  # noqa: F401
 from ftddm_trt.cli import serving as _serving  # noqa: F401
+from ftddm_trt.cli import bench as _bench  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main", "Interrupted"]

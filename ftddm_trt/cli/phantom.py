@@ -1,48 +1,44 @@
-"""``ftddm-trt phantom``: write synthetic glioma MRSI subjects in the FSL-MRS layout."""
+"""``ftddm-trt phantom``: write synthetic glioma MRSI subjects in the FSL-MRS layout (``workflows.phantom``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ftddm_trt.atomic import OutputError, atomic_dir
+from ftddm_trt.atomic import OutputError
 from ftddm_trt.cli.app import app
+from ftddm_trt.cli.command import EXPERT, spellings
+from ftddm_trt.cli.common import console
 from ftddm_trt.constants import HR_SIZE, LR_SIZES
+from ftddm_trt.workflows.phantom import n_for_scale, write_phantoms
 
-__all__ = ["phantom", "n_for_scale"]
-
-
-def n_for_scale(scale: float) -> int:
-    """Acquired size for an upscaling factor: ``N = round(64 / s)`` rounded to the nearest even number."""
-    if not 2.0 <= scale <= 8.0:
-        raise ValueError(f"scale must be in [2, 8], got {scale}")
-    n = int(2 * round(HR_SIZE / scale / 2))
-    return min(max(n, LR_SIZES[0]), LR_SIZES[-1])
+__all__ = ["phantom"]
 
 
-@app.command("phantom")
+@app.command("phantom", cls=spellings(positionals=("--out",)), rich_help_panel="Use")
 def phantom(
-    out_dir: Path = typer.Argument(..., help="Output folder (one sub-folder per subject)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (one sub-folder per subject)."),
     subjects: int = typer.Option(25, "--subjects", min=1, help="Number of subjects."),
     seed: int = typer.Option(0, "--seed", help="Dataset seed (same seed, same phantoms)."),
     scale: Optional[float] = typer.Option(
         None,
         "--scale",
-        help="Upscaling factor s in [2, 8]; the acquired size is N = round(64 / s) made even. Default 4.",
+        help="Upscaling factor s in [2, 8]; the acquired size is N = round(64 / s) made even.",
+        show_default="4",
     ),
     n: Optional[int] = typer.Option(
-        None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}."
+        None, "--n", help=f"Acquired in-plane size N instead of --scale, one of {list(LR_SIZES)}.",
+        show_default="from --scale",
     ),
     hr_masks: bool = typer.Option(
-        False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol."
+        False, "--hr-masks", help="Also give the 64x64 quality masks as input (masks/), the paper's protocol.",
+        show_default="off",
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace a non-empty OUT_DIR written by ftddm-trt (all of it: no stale subjects remain)."
+        False, "--force", help="Replace a non-empty --out folder written by ftddm-trt (all of it: no stale subjects "
+        "remain).", show_default="off",
     ),
     style: list[str] = typer.Option(
         ["classic"],
@@ -54,15 +50,18 @@ def phantom(
         "--training",
         help="Write high-resolution training subjects (64 x 64 maps and qc, T1, FLAIR) for `ftddm-trt finetune`, "
              "instead of N x N inputs with truth.",
+        show_default="off",
     ),
     first: int = typer.Option(
-        0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed."
+        0, "--first", min=0, help="Index of the first subject (sub-<first>, ...): draw disjoint sets with one seed.",
+        **EXPERT,
     ),
     family: str = typer.Option(
         "tissue",
         "--family",
         help="Metabolite generator: tissue (tissue fractions, the --style options) or fields (random fields and "
              "textures, never used in training the shipped model).",
+        **EXPERT,
     ),
     qc_convention: str = typer.Option(
         "ours",
@@ -72,11 +71,8 @@ def phantom(
     ),
 ) -> None:
     """Generate phantom subjects: N x N maps + qc, T1, FLAIR as input, 64x64 truth in <subject>/truth/."""
-    from ftddm_trt.data.field_phantom import make_field_subject
-    from ftddm_trt.data.nifti_io import write_phantom_subject, write_training_subject
-    from ftddm_trt.data.phantom import make_subject
     from ftddm_trt.data.phantom_styles import get_style
-    from ftddm_trt.data.qc_conventions import get_convention, with_site_thresholds
+    from ftddm_trt.data.qc_conventions import get_convention
 
     if family not in ("tissue", "fields"):
         raise typer.BadParameter(f"{family!r} is not one of tissue, fields", param_hint="--family")
@@ -103,34 +99,11 @@ def phantom(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--scale") from exc
 
-    console = Console(stderr=True)
-    try:  # the whole dataset folder is replaced at once: no stale subjects of an earlier run survive
-        with atomic_dir(out_dir, force, command="phantom") as tmp:
-            ids = []
-            with Progress(
-                TextColumn("[bold]phantoms[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=console, transient=False,
-            ) as progress:
-                task = progress.add_task("phantoms", total=subjects)
-                for k, i in enumerate(range(first, first + subjects)):
-                    if family == "fields":
-                        sub = make_field_subject(i, seed)
-                    else:
-                        sub = make_subject(i, seed, style=style[k % len(style)])
-                    sub = with_site_thresholds(sub, convention)
-                    if training:
-                        write_training_subject(tmp, sub)
-                    else:
-                        write_phantom_subject(tmp, sub, size, hr_masks=hr_masks, convention=convention)
-                    ids.append(sub.subject_id)
-                    progress.advance(task)
-            manifest = {"seed": seed, "n": HR_SIZE if training else size, "scale": 1.0 if training else HR_SIZE / size,
-                        "hr_masks": hr_masks, "family": family, "styles": list(style) if family == "tissue" else [],
-                        "qc_convention": convention.name, "layout": "training" if training else "input+truth",
-                        "subjects": ids}
-            (tmp / "phantoms.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        write_phantoms(out, subjects, seed, size, convention, styles=style, family=family, first=first,
+                       hr_masks=hr_masks, training=training, force=force)
     except OutputError as err:
-        raise typer.BadParameter(str(err), param_hint="OUT_DIR") from err
+        raise typer.BadParameter(str(err), param_hint="--out") from err
     what = "64 x 64 training subjects" if training else f"subjects (N={size}, s={HR_SIZE / size:.2f})"
     made = f"styles {', '.join(style)}" if family == "tissue" else "fields family"
-    console.print(f"wrote {subjects} {what} to {out_dir} ({made}, qc {convention.name}, seed={seed})")
+    console.print(f"wrote {subjects} {what} to {out} ({made}, qc {convention.name}, seed={seed})")

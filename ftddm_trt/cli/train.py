@@ -1,4 +1,5 @@
-"""`ftddm-trt train`: train one FTDDM network on the phantom dataset (resumable)."""
+"""`ftddm-trt train`, `finetune`, `add-fine-mask` and `package-model`: the options, parsed and handed to
+``workflows.train`` and ``training.package``."""
 
 from __future__ import annotations
 
@@ -10,20 +11,28 @@ import typer
 
 from ftddm_trt import constants
 from ftddm_trt.cli.app import app
-from ftddm_trt.cli.common import check_output_dir, console, fail
+from ftddm_trt.cli.command import EXPERT, spellings
+from ftddm_trt.cli.common import SHIPPED_MODEL, check_output_dir, console, fail
 from ftddm_trt.training import finetune_defaults
+from ftddm_trt.workflows.train import TrainingError, finetune_report, run_add_fine_mask, run_finetune, run_training
 
 _MARGIN_HELP = (
     "Loss weight of the voxels of M outside the truth's quality mask (in `lr`, M's dilated margin and low-SNR "
     "holes, never scored; 1: the paper's loss over all of M). Lower weights stop the networks learning an "
     "upward level bias. A run started before this option resumes with --margin-weight 1."
 )
+_LR_MASK_FRACTION_HELP = "Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has)."
+#: Old spellings of the learning-rate options (``--lr`` is also the name of a mask protocol).
+_LEARNING_RATE_SPELLINGS = {"--lr": "--learning-rate", "--lr-final": "--learning-rate-final",
+                            "--lr-fraction": "--lr-mask-fraction"}
+_DATA_LAYOUT = ("sub-*/concs/<kind>/<metab>.nii.gz, masks/<metab>.nii.gz or qc/<metab>_snr|_fwhm.nii.gz at 64 x 64, "
+                "t1.nii.gz and flair.nii.gz on any grid")
 
 
-@app.command("train")
+@app.command("train", cls=spellings(_LEARNING_RATE_SPELLINGS, positionals=("--out",)), rich_help_panel="Train")
 def train_cmd(
-    run_dir: Path = typer.Argument(
-        ..., help="Run folder: checkpoints (last/), best weights (best.*), log.jsonl. Re-running resumes."
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder: checkpoints (last/), best weights (best.*), log.jsonl. Re-running resumes."
     ),
     task: str = typer.Option(
         "unet",
@@ -36,11 +45,15 @@ def train_cmd(
     ),
     iterations: int = typer.Option(20_000, help="Total iterations of the run (a resumed run continues to this)."),
     batch_size: int = typer.Option(8, help="Maps per iteration."),
-    lr: float = typer.Option(1e-4, help="Initial Adam learning rate (decays exponentially to --lr-final)."),
-    lr_final: float = typer.Option(1e-5, help="Learning rate at the last iteration."),
+    learning_rate: float = typer.Option(
+        1e-4, "--learning-rate", help="Initial Adam learning rate (decays exponentially to --learning-rate-final)."
+    ),
+    learning_rate_final: float = typer.Option(
+        1e-5, "--learning-rate-final", help="Learning rate at the last iteration."
+    ),
     ttrunc: int = typer.Option(100, help="Truncation point Ttrunc."),
     subjects: int = typer.Option(25, help="Phantom subjects in the dataset (split 3/5 train, 1/5 val, 1/5 test)."),
-    data_seed: int = typer.Option(0, help="Phantom dataset seed."),
+    data_seed: int = typer.Option(0, help="Phantom dataset seed.", **EXPERT),
     seed: int = typer.Option(0, help="Training seed (initialization, batches, noise)."),
     val_every: int = typer.Option(500, help="Validate (and keep the best weights) every N iterations."),
     max_minutes: float = typer.Option(0.0, help="Stop after this many minutes (0: no limit); re-run to resume."),
@@ -52,29 +65,27 @@ def train_cmd(
         10.0,
         "--gan-l1",
         help="tdpm: weight of the generator's L1 term (its z = 0 output vs the centre of q(x_Ttrunc | x0)).",
+        **EXPERT,
     ),
-    init_from: Path = typer.Option(
+    init_from: Optional[Path] = typer.Option(
         None,
         "--init-from",
         help="Start from these weights (NAME.safetensors + NAME.json of the same task/preset), e.g. fine-tune a flow "
              "for another Ttrunc.",
+        show_default="a fresh initialization",
     ),
     style: list[str] = typer.Option(
         ["classic"],
         "--style",
         help="Phantom style (repeatable; subjects take them in turn): classic, ribbon, smooth, patchy.",
     ),
-    lr_fraction: float = typer.Option(
-        0.5,
-        "--lr-fraction",
-        help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has).",
-    ),
-    margin_weight: float = typer.Option(constants.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
-    data: Path = typer.Option(
+    lr_mask_fraction: float = typer.Option(0.5, "--lr-mask-fraction", help=_LR_MASK_FRACTION_HELP, **EXPERT),
+    margin_weight: float = typer.Option(constants.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP, **EXPERT),
+    data: Optional[Path] = typer.Option(
         None,
         "--data",
-        help="Train on a site's own 64 x 64 subjects (FSL-MRS layout, see `ftddm-trt finetune --help`) instead of "
-             "phantoms.",
+        help="Train on a site's own 64 x 64 subjects (the layout of `ftddm-trt finetune --data`) instead of phantoms.",
+        show_default="phantoms",
     ),
     val_subjects: int = typer.Option(2, "--val-subjects", help="With --data: subjects held out for validation."),
     ema: float = typer.Option(
@@ -82,12 +93,14 @@ def train_cmd(
         "--ema",
         help="Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: none): validation and "
              "best.* use it, as DDPM samples with averaged weights.",
+        **EXPERT,
     ),
     shards: int = typer.Option(
         0,
         "--shards",
         help="Shards per global batch (0: one per process). The same shards give the same run on any number of "
              "processes dividing them.",
+        **EXPERT,
     ),
 ) -> None:
     """Train (or resume) one network. Interrupt at any moment; the same command resumes.
@@ -95,20 +108,18 @@ def train_cmd(
     Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main train ...` (DDP; gloo on the
     CPU, NCCL with one GPU per process); --batch-size is the global batch; only rank 0 writes.
     """
-    from ftddm_trt.training.distributed import init_from_env
-    from ftddm_trt.training.trainer import TASKS, TrainConfig, train
+    from ftddm_trt.training.trainer import TASKS, TrainConfig
 
     if task not in TASKS:
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    ctx = init_from_env(device)
     try:
         cfg = TrainConfig(
             task=task,
             preset=preset,
             iterations=iterations,
             batch_size=batch_size,
-            lr=lr,
-            lr_final=lr_final,
+            lr=learning_rate,
+            lr_final=learning_rate_final,
             t_trunc=ttrunc,
             n_subjects=subjects,
             data_seed=data_seed,
@@ -116,78 +127,29 @@ def train_cmd(
             val_every=val_every,
             gan_l1=gan_l1,
             styles=tuple(style),
-            lr_protocol_fraction=lr_fraction,
+            lr_protocol_fraction=lr_mask_fraction,
             margin_weight=margin_weight,
             val_subjects=val_subjects,
             data_dir=str(data.resolve()) if data is not None else None,
             ema=ema,
             extra={"shards": shards} if shards else {},
         )
-        summary = train(cfg, run_dir, max_minutes=max_minutes or None, device=device, init_from=init_from, dist_ctx=ctx,
-                        patience=patience)
-    except (ValueError, FileNotFoundError) as err:
-        fail(f"rank {ctx.rank}: {err}" if ctx.enabled else str(err))
-    finally:
-        ctx.shutdown()
-    if ctx.is_main:
-        console.print_json(json.dumps({**summary, "processes": ctx.world_size}))
-
-
-@app.command("package-model")
-def package_model_cmd(
-    out: Path = typer.Option(..., "--out", help="Model folder to write (unet.*, unet_full.*, flow.*, manifest.json)."),
-    unet: Path = typer.Option(None, help="Run folder of the truncated-range UNet."),
-    unet_full: Path = typer.Option(None, "--unet-full", help="Run folder of the full-chain UNet (DDPM baselines)."),
-    flow: Path = typer.Option(None, help="Run folder of the flow."),
-    tdpm: Path = typer.Option(
-        None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*."
-    ),
-    extra_flow: list[Path] = typer.Option(
-        [],
-        "--extra-flow",
-        help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*.",
-    ),
-    which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
-    command: list[str] = typer.Option(
-        [], "--command", help="Training command lines to record in the manifest (repeatable)."
-    ),
-    base: Path = typer.Option(
-        None,
-        "--base",
-        help="Model folder whose networks not given as runs are copied as they are (marked from_base in the manifest).",
-    ),
-    force: bool = typer.Option(False, help="Replace a non-empty --out."),
-) -> None:
-    """Assemble a model folder from training runs (what `--model` and the shipped model are)."""
-    from ftddm_trt.training.package import package_model
-
-    runs = {
-        k: v for k, v in (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm)) if v is not None
-    }
-    if not runs:
-        fail("give at least one of --unet, --unet-full, --flow, --tdpm")
-    try:
-        manifest = package_model(
-            runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow), base=base
-        )
-    except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
+        summary = run_training(cfg, out, max_minutes or None, device, init_from, patience)
+    except (ValueError, TrainingError) as err:
         fail(str(err))
-    console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")
+    if summary is not None:
+        console.print_json(json.dumps(summary))
 
 
-@app.command("finetune")
+@app.command("finetune", rich_help_panel="Train",
+             cls=spellings({**_LEARNING_RATE_SPELLINGS, "--from": "--model"}, positionals=("--data", "--out")))
 def finetune_cmd(
-    data_dir: Path = typer.Argument(
-        ...,
-        help="A site's own 64 x 64 subjects: DATA_DIR/sub-*/concs/<kind>/<metab>.nii.gz, "
-        "masks/<metab>.nii.gz or qc/<metab>_snr|_fwhm.nii.gz at 64 x 64, "
-        "t1.nii.gz and flair.nii.gz on any grid.",
+    data: Path = typer.Option(..., "--data", help=f"A site's own 64 x 64 subjects: {_DATA_LAYOUT}."),
+    out: Path = typer.Option(
+        ..., "--out", help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."
     ),
-    out_model: Path = typer.Argument(
-        ..., help="Model folder to write (accepted by --model, export, build-engine, triton-repo)."
-    ),
-    base: Optional[Path] = typer.Option(
-        None, "--from", help="Model folder to start from (default: the shipped model)."
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder to start from.", show_default=SHIPPED_MODEL
     ),
     minutes: float = typer.Option(
         finetune_defaults.MINUTES,
@@ -202,19 +164,22 @@ def finetune_cmd(
         "(DDPM baselines). The rest are copied from the base. Fine-tuning the flow "
         "on a few subjects over-fitted them in our benchmark (docs/fine-tuning.md).",
     ),
-    lr: float = typer.Option(finetune_defaults.LR, "--lr", help="Adam learning rate (constant)."),
-    lr_fraction: float = typer.Option(
-        finetune_defaults.LR_FRACTION,
-        "--lr-fraction",
-        help="Fraction of training maps given the `lr` mask protocol (the N x N qc mask a user has).",
+    learning_rate: float = typer.Option(
+        finetune_defaults.LR, "--learning-rate", help="Adam learning rate (constant)."
+    ),
+    lr_mask_fraction: float = typer.Option(
+        finetune_defaults.LR_FRACTION, "--lr-mask-fraction", help=_LR_MASK_FRACTION_HELP, **EXPERT
     ),
     fine_mask_share: float = typer.Option(
         finetune_defaults.FINE_MASK_SHARE,
         "--fine-mask-share",
         help="Share of the budget that fine-tunes the base's fine-mask estimator on your quality masks (after the "
              "networks; 0: keep the base's).",
+        **EXPERT,
     ),
-    margin_weight: float = typer.Option(finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP),
+    margin_weight: float = typer.Option(
+        finetune_defaults.MARGIN_WEIGHT, "--margin-weight", help=_MARGIN_HELP, **EXPERT
+    ),
     val_subjects: int = typer.Option(
         finetune_defaults.VAL_SUBJECTS,
         "--val-subjects",
@@ -223,7 +188,8 @@ def finetune_cmd(
     work: Optional[Path] = typer.Option(
         None,
         "--work",
-        help="Folder of the resumable training runs (default: OUT_MODEL.runs beside OUT_MODEL); never inside DATA_DIR.",
+        help="Folder of the resumable training runs; never inside --data.",
+        show_default="OUT.runs beside --out",
     ),
     qc_convention: str = typer.Option(
         finetune_defaults.QC_CONVENTION,
@@ -232,7 +198,7 @@ def finetune_cmd(
              "convention), or one of ours, mean-k0, mean-k2, sample, min, hz-3t, sample-hz-7t, missing (docs: qc "
              "conventions).",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out model folder.", show_default="off"),
 ) -> None:
     """Fine-tune the model on your own high-resolution data; write a complete model folder.
 
@@ -244,85 +210,56 @@ def finetune_cmd(
     Across processes: `torchrun --nproc-per-node N -m ftddm_trt.cli.main finetune ...` (DDP, the
     networks one after another; only rank 0 writes).
     """
-    import shlex
+    from ftddm_trt.data.nifti.files import InputError
+    from ftddm_trt.training.finetune import FinetuneConfig, parse_networks
 
-    from ftddm_trt.data.nifti_io import InputError
-    from ftddm_trt.training.distributed import init_from_env
-    from ftddm_trt.training.finetune import FinetuneConfig, finetune, parse_networks
-
-    check_output_dir(out_model, force, (data_dir, base, work))  # before any training (atomic.check_output)
+    check_output_dir(out, force, (data, model, work))  # before any training (atomic.check_output)
     try:
         cfg = FinetuneConfig(
-            data_dir=data_dir,
-            out_model=out_model,
-            base_model=base,
+            data_dir=data,
+            out_model=out,
+            base_model=model,
             minutes=minutes,
             networks=parse_networks(networks),
-            lr=lr,
+            lr=learning_rate,
             fine_mask_share=fine_mask_share,
-            lr_fraction=lr_fraction,
+            lr_fraction=lr_mask_fraction,
             margin_weight=margin_weight,
             val_subjects=val_subjects,
             work_dir=work,
             qc_convention=qc_convention,
         )
-        command = ["ftddm-trt", "finetune", str(data_dir), str(out_model), "--minutes", f"{minutes:g}", "--networks",
-                   ",".join(cfg.networks), "--lr", f"{lr:g}", "--lr-fraction", f"{lr_fraction:g}",
-                   "--fine-mask-share", f"{fine_mask_share:g}",
-                   "--margin-weight", f"{margin_weight:g}", "--val-subjects", str(val_subjects),
-                   "--qc-convention", qc_convention]
-        command += (["--from", str(base)] if base else []) + (["--work", str(work)] if work else [])
-        ctx = init_from_env("auto")
-        try:
-            manifest = finetune(cfg, command=shlex.join(command + (["--force"] if force else [])), force=force,
-                                log=console.print, dist_ctx=ctx)
-        finally:
-            ctx.shutdown()
-        if not manifest:  # a torchrun rank other than 0: rank 0 reports and writes
-            return
+        manifest = run_finetune(cfg, force=force)
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:  # OSError: atomic.OutputError, missing files
         fail(str(err))
-    quality = manifest["finetune"]["validation_quality"]
-    for key in ("s=8", "s=4"):
-        if key in quality:
-            q = quality[key]
-            console.print(
-                f"validation ({quality['maps']} maps, lr protocol, qc {cfg.qc_convention}) {key}: zero-filled "
-                f"{q['zero-filled']['psnr']:.2f} dB, "
-                f"base {q['base']['psnr']:.2f} dB ({q['base']['psnr_gain']:+.2f}), "
-                f"fine-tuned {q['finetuned']['psnr']:.2f} dB ({q['finetuned']['psnr_gain']:+.2f})"
-            )
-    if quality.get("fine_mask"):
-        fm = quality["fine_mask"]
-        console.print(f"fine-mask estimator fine-tuned: threshold {fm['threshold']:g}, qc weight {fm['weight']:g} "
-                      "(chosen on the validation subjects; upscale --model uses them)")
-    rec = quality.get("recommended")
-    if rec:
-        console.print(
-            f"best sampler settings on the validation subjects: --passes {rec['passes']} --qc-consistency "
-            f"{rec['qc_consistency']:g} (mean gain {rec['psnr_gain']:+.2f} dB at s = 8 and 4); pass them to upscale"
-        )
-    console.print(f"[green]wrote[/] {out_model} ({', '.join(manifest['networks'])})")
+    if not manifest:  # a torchrun rank other than 0: rank 0 reports and writes
+        return
+    for line in finetune_report(manifest, cfg.qc_convention):
+        console.print(line)
+    console.print(f"[green]wrote[/] {out} ({', '.join(manifest['networks'])})")
 
 
-@app.command("add-fine-mask")
+@app.command("add-fine-mask", cls=spellings({"--from": "--model"}, positionals=("--out",)), rich_help_panel="Train")
 def add_fine_mask_cmd(
-    out_model: Path = typer.Argument(
-        ..., help="Model folder to write: the --from model's files plus fine_mask.safetensors / .json."
+    out: Path = typer.Option(
+        ..., "--out", help="Model folder to write: the --model folder's files plus fine_mask.safetensors / .json."
     ),
-    base: Optional[Path] = typer.Option(
-        None, "--from", help="Model folder to add the estimator to (default: the shipped model)."
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder to add the estimator to.", show_default=SHIPPED_MODEL
     ),
     minutes: float = typer.Option(20.0, "--minutes", help="Training time of the estimator."),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Train on a site's own subjects (finetune's DATA_DIR layout) instead of phantoms."
+        None, "--data", help="Train on a site's own subjects (the layout of `finetune --data`) instead of phantoms.",
+        show_default="phantoms",
     ),
     subjects: int = typer.Option(
         45, "--subjects", help="Phantom subjects (train and validation folds; the shipped model's training used 45)."
     ),
-    data_seed: int = typer.Option(0, "--data-seed", help="Phantom dataset seed (the shipped model's training used 0)."),
+    data_seed: int = typer.Option(
+        0, "--data-seed", help="Phantom dataset seed (the shipped model's training used 0).", **EXPERT
+    ),
     style: list[str] = typer.Option(
         ["classic", "smooth", "patchy"], "--style", help="Phantom styles, round-robin (repeat the option)."
     ),
@@ -331,56 +268,74 @@ def add_fine_mask_cmd(
         "--val-subjects",
         help="With --data: subjects held out to choose threshold and weight (the last ones by name).",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing OUT_MODEL."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out model folder.", show_default="off"),
 ) -> None:
     """Train the fine-mask estimator of a model and write the model with it.
 
     In the `lr` protocol (qc maps on the acquired grid) `upscale` puts part of the acquired k-space band
     back through an estimate of the 64 x 64 quality mask. This small network estimates that mask from the
     zero-filled map, T1, FLAIR and the qc maps; its threshold and qc weight are then chosen on validation
-    subjects with the model's own networks, and `upscale --model OUT_MODEL` uses them.
+    subjects with the model's own networks, and `upscale --model OUT` uses them.
     """
-    import shlex
+    from ftddm_trt.data.nifti.files import InputError
 
-    from ftddm_trt.data.nifti_io import InputError
-    from ftddm_trt.training.fine_mask import add_fine_mask
-
-    check_output_dir(out_model, force, (base, data))
+    check_output_dir(out, force, (model, data))
     try:
-        if data is not None:
-            from ftddm_trt.data.training_folder import folder_sha256, read_training_folder, split_subjects
-
-            train_subj, val_subj = split_subjects(read_training_folder(data), val_subjects)
-            record = {"data_dir": str(data.resolve()), "data_sha256": folder_sha256(data)}
-        else:
-            from ftddm_trt.training.trainer import TrainConfig, training_subjects
-
-            train_subj, val_subj = training_subjects(
-                TrainConfig(n_subjects=subjects, data_seed=data_seed, styles=tuple(style))
-            )
-            record = {"phantoms": {"subjects": subjects, "data_seed": data_seed, "styles": list(style)}}
-        record["subjects"] = {"train": len(train_subj), "validation": len(val_subj)}
-        command = ["ftddm-trt", "add-fine-mask", str(out_model), "--minutes", f"{minutes:g}"]
-        command += ["--from", str(base)] if base else []
-        command += ["--data", str(data), "--val-subjects", str(val_subjects)] if data else \
-            ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in style for a in ("--style", s)]]
-        manifest = add_fine_mask(
-            base,
-            out_model,
-            train_subj,
-            val_subj,
-            minutes,
-            shlex.join(command + (["--force"] if force else [])),
-            record,
-            force=force,
-            log=console.print,
-        )
+        manifest = run_add_fine_mask(out, model, minutes, data=data, val_subjects=val_subjects,
+                                     subjects=subjects, data_seed=data_seed, styles=style, force=force)
     except InputError as err:
         fail(str(err))
     except (ValueError, OSError) as err:
         fail(str(err))
     fm = manifest["networks"]["fine_mask"]
     console.print(
-        f"[green]wrote[/] {out_model}: fine-mask estimator ({fm['training']['iterations']} iterations), threshold "
+        f"[green]wrote[/] {out}: fine-mask estimator ({fm['training']['iterations']} iterations), threshold "
         f"{fm['threshold']:g}, qc weight {fm['consistency_weight']:g}"
     )
+
+
+@app.command("package-model", cls=spellings({"--base": "--model"}), rich_help_panel="Train")
+def package_model_cmd(
+    out: Path = typer.Option(..., "--out", help="Model folder to write (unet.*, unet_full.*, flow.*, manifest.json)."),
+    unet: Optional[Path] = typer.Option(None, help="Run folder of the truncated-range UNet.", show_default="none"),
+    unet_full: Optional[Path] = typer.Option(
+        None, "--unet-full", help="Run folder of the full-chain UNet (DDPM baselines).", show_default="none"
+    ),
+    flow: Optional[Path] = typer.Option(None, help="Run folder of the flow.", show_default="none"),
+    tdpm: Optional[Path] = typer.Option(
+        None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*.",
+        show_default="none",
+    ),
+    extra_flow: list[Path] = typer.Option(
+        [],
+        "--extra-flow",
+        help="Run folder of a flow trained for another Ttrunc (repeatable); becomes flow_t<Ttrunc>.*.",
+        show_default="none",
+    ),
+    which: str = typer.Option("best", help="best (lowest validation loss) or last weights."),
+    command: list[str] = typer.Option(
+        [], "--command", help="Training command lines to record in the manifest (repeatable).", show_default="none"
+    ),
+    model: Optional[Path] = typer.Option(
+        None,
+        "--model",
+        help="Model folder whose networks not given as runs are copied as they are (marked from_base in the manifest).",
+        show_default="none: only the runs given",
+    ),
+    force: bool = typer.Option(False, help="Replace a non-empty --out."),
+) -> None:
+    """Assemble a model folder from training runs (what `--model` and the shipped model are)."""
+    from ftddm_trt.training.package import package_model
+
+    runs = {
+        k: v for k, v in (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm)) if v is not None
+    }
+    if not runs:
+        fail("give at least one of --unet, --unet-full, --flow, --tdpm")
+    try:
+        manifest = package_model(
+            runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow), base=model
+        )
+    except (OSError, ValueError) as err:  # OSError: atomic.OutputError, missing run files
+        fail(str(err))
+    console.print(f"[green]wrote[/] {out} with {', '.join(manifest['networks'])}")

@@ -1,6 +1,6 @@
 """Training across processes: torch.distributed + DistributedDataParallel, started by ``torchrun``.
 
-    torchrun --nproc-per-node 2 -m ftddm_trt.cli.main train RUN_DIR --task unet ...
+    torchrun --nproc-per-node 2 -m ftddm_trt.cli.main train --out RUN_DIR --task unet ...
 
 ``init_from_env`` reads what torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins the process group: NCCL when the processes train on CUDA (one GPU each, by

@@ -74,11 +74,11 @@ class FinetuneConfig:
         if self.minutes <= 0:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
         if not 0.0 <= self.lr_fraction <= 1.0:
-            raise ValueError(f"--lr-fraction must be in [0, 1], got {self.lr_fraction}")
+            raise ValueError(f"--lr-mask-fraction must be in [0, 1], got {self.lr_fraction}")
         if not 0.0 <= self.fine_mask_share < 1.0:
             raise ValueError(f"--fine-mask-share must be in [0, 1), got {self.fine_mask_share}")
         for what, out in (("the training runs (--work)", self.runs_dir), ("the output model", self.out_model)):
-            for name, folder in (("data folder", self.data_dir), ("base model (--from)", self.base_model)):
+            for name, folder in (("data folder", self.data_dir), ("base model (--model)", self.base_model)):
                 if folder is not None and _overlap(out, folder):
                     raise ValueError(f"{what} {out} and the {name} {folder} overlap: training inputs are never "
                                      "written to; choose a folder outside it")

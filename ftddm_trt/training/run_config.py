@@ -108,7 +108,11 @@ _OPTION_OF = {
     "n_subjects": "--subjects",
     "data_seed": "--data-seed",
     "batch_size": "--batch-size",
-    "lr_final": "--lr-final",
+    "lr": "--learning-rate",
+    "lr_final": "--learning-rate-final",
+    "lr_protocol_fraction": "--lr-mask-fraction",
+    "styles": "--style",
+    "data_dir": "--data",
     "val_every": "--val-every",
 }
 
