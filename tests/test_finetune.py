@@ -179,7 +179,8 @@ def test_finetune_end_to_end_resumes_and_its_model_upscales(site_dir, tiny_model
     # and replaces the model folder only with --force
     res = CliRunner().invoke(app, args)
     assert res.exit_code != 0 and "not empty" in " ".join(res.output.split())  # rich wraps long paths
-    longer = [*args[:6], "0.1", *args[7:]]
+    minutes = args.index("--minutes") + 1
+    longer = [*args[:minutes], "0.1", *args[minutes + 1:]]
     res = CliRunner().invoke(app, longer + ["--force"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
