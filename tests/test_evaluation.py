@@ -29,6 +29,7 @@ def test_perfect_prediction():
     assert overall["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert overall["psnr"] == math.inf
     assert overall["coverage"] == 1.0 and overall["n_maps"] == 6
+    assert overall["sharpness"] == 1.0
     for m in METABS:
         per = r["metabolites"][m]["prediction"]
         assert per["nrmse"] == 0.0 and per["ssim"] == pytest.approx(1.0) and per["coverage"] == 1.0
@@ -48,6 +49,7 @@ def test_prediction_zero_on_half_the_mask():
     assert p["nrmse"] == pytest.approx(math.sqrt(0.5))
     assert p["psnr"] == pytest.approx(10 * math.log10(2.0))
     assert 0.0 < p["ssim"] < 0.9
+    assert math.isnan(p["sharpness"])  # the truth is flat inside the mask: no detail to compare with
 
 
 def test_scaled_prediction_and_per_metabolite_split():

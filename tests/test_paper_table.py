@@ -19,7 +19,8 @@ def _run(method, family, n, protocol, nfe, maps, batch, spm, psnr, rng):
     vals = np.asarray(psnr, float)
     return {"n": n, "s": 64 / n, "protocol": protocol, "method": method, "family": family, "nfe": nfe, "maps": maps,
             "batch": batch, "seconds_per_map": spm,
-            "per_map": {"psnr": vals.tolist(), "ssim": (0.5 + 0.01 * vals).tolist(), "nrmse": (1.0 / vals).tolist()},
+            "per_map": {"psnr": vals.tolist(), "ssim": (0.5 + 0.01 * vals).tolist(), "nrmse": (1.0 / vals).tolist(),
+                        "sharpness": (0.04 * vals).tolist()},
             "all": {"psnr": float(np.mean(vals))}}
 
 
@@ -126,6 +127,7 @@ def test_write_results_table_figures_and_no_absolute_paths(results, tmp_path):
     assert "### s = 4, mask protocol `hr`" in md and "### s = 8, mask protocol `lr`" in md
     assert "tau_d sweep (Fig. 7)" in md and "conditioning on s (Fig. 6)" in md
     assert "**80 per timestep**" in md and "**8 per timestep**" in md  # 8000 images over 100 and over 1000 steps
+    assert "| sharpness | p (sharpness) |" in md and "as sharp as the truth" in md
     for key in ("fig5", "fig6", "fig7"):
         assert paths[key].is_file() and paths[key].read_bytes()[:4] == b"\x89PNG"
     text = paths["json"].read_text() + md
@@ -134,6 +136,103 @@ def test_write_results_table_figures_and_no_absolute_paths(results, tmp_path):
     assert record["model"]["dir"] == "ftddm_trt/assets/model" and record["backend"]["path"] == "<abs>/onnx"
     with pytest.raises(ValueError, match="tau_d_sweep"):
         paper_table.plot_tau_d({"runs": []}, tmp_path / "x.png")
+
+
+def _table(md: str, title: str) -> list[list[str]]:
+    """The cells of the table under ``title`` in ``md``: the header row first, then one row per method."""
+    lines = md.splitlines()
+    start = lines.index(title) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_method_row_has_a_sharpness_cell(results):
+    md = paper_table.markdown(results, {"unet": 2_000_000, "flow": 400_000, "unet_full": 2_000_000})
+    head, *rows = _table(md, "### s = 4, mask protocol `hr` (paper: 64x64 quality mask)")
+    col = head.index("sharpness")
+    assert head[col + 1] == "p (sharpness)" and head.index("NRMSE") < col
+    assert len(rows) == 7 and all(len(r) == len(head) for r in rows)
+    cells = {r[0]: r[col] for r in rows}
+    ref = next(
+        r for r in results["runs"] if r["method"] == "FTDDM Ttrunc=100" and r["n"] == 16 and r["protocol"] == "hr"
+    )
+    mean, sd, _ = paper_table.mean_std(ref["per_map"]["sharpness"])
+    assert cells["FTDDM Ttrunc=100"] == f"{mean:.2f} ± {sd:.2f}"
+    assert all("±" in c for c in cells.values())
+
+
+def test_a_record_without_sharpness_still_renders(results):
+    """Records written before the sharpness column existed have no per-map sharpness: its cells show "-"."""
+    for r in results["runs"]:
+        del r["per_map"]["sharpness"]
+    md = paper_table.markdown(results, {"unet": 2_000_000})
+    head, *rows = _table(md, "### s = 8, mask protocol `lr` (user: mask from N x N qc maps)")
+    col = head.index("sharpness")
+    assert all(r[col] == "-" and r[col + 1] == "-" for r in rows)
+    assert all("±" in r[head.index("PSNR")] for r in rows)
+    # one method with it and the reference without: its mean shows, no p-value
+    results["runs"][1]["per_map"]["sharpness"] = [1.0, 0.9, 1.1]
+    row = next(c for c in paper_table.table_rows(results, 16, "hr", {}) if c["method"] == "DDPM T=1000")
+    assert row["sharpness"][2] == 3 and "p_sharpness" not in row
+
+
+def test_committed_quality_record_renders():
+    """The committed quality.json renders into the tables of quality.md, with a sharpness column either way."""
+    record = json.loads((PROJECT_ROOT / "benchmarks" / "results" / "quality.json").read_text())
+    md = paper_table.markdown(record, record.get("params", {}))
+    heads = [line for line in md.splitlines() if line.startswith("| method |")]
+    assert len(heads) == 6 and all("| sharpness | p (sharpness) |" in h for h in heads)
+
+
+def test_run_quality_records_sharpness_per_method_and_in_the_tau_d_sweep(monkeypatch, tmp_path):
+    """run_quality with the samplers replaced by a blur whose width falls as tau_d rises: every run records
+    per-map sharpness, and the tau_d sweep's is the mean over maps of that same per-map measure."""
+    import torch
+    from scipy import ndimage
+
+    from ftddm_trt.data.metrics import sharpness
+    from ftddm_trt.engine.pipeline import SamplerSpec
+    from ftddm_trt.evaluation import quality
+
+    rng = np.random.default_rng(0)
+    truth = ndimage.gaussian_filter(rng.random((4, 64, 64)), (0, 1, 1))
+    region = np.zeros(truth.shape, bool)
+    region[:, 16:48, 12:52] = True
+    truth = truth * region
+
+    def fake_tensors(pool, idx, n, protocol):
+        y = torch.from_numpy(truth[:, None])
+        return y, torch.full((4,), 64 / n), np.ones(4, np.float32), truth, region, truth * 0.5
+
+    def fake_sample(backend, spec, y, s, batch_size, seed):
+        sigma = 2.0 - spec.tau_d
+        return torch.from_numpy(ndimage.gaussian_filter(y.numpy(), (0, 0, sigma, sigma))), spec.ttrunc + 1
+
+    class Backend:
+        def describe(self):
+            return {"backend": "fake"}
+
+    monkeypatch.setattr(quality, "test_maps", lambda n_maps, seed=0: (None, np.arange(4), ["sub-x"]))
+    monkeypatch.setattr(quality, "example_tensors", fake_tensors)
+    monkeypatch.setattr(quality, "sample_images", fake_sample)
+    methods = [quality.Method("FTDDM Ttrunc=100", SamplerSpec("ftddm", ttrunc=100), "FTDDM")]
+    res = quality.run_quality(Backend(), methods, n_maps=4, batch_size=4, scales=(16,), protocols=("hr",),
+                              log=lambda _: None, tau_d_sweep=(0.0, 1.0), sweep_n=16)
+    for run in res["runs"]:
+        assert len(run["per_map"]["sharpness"]) == 4 and np.isfinite(run["all"]["sharpness"])
+    zf = next(r for r in res["runs"] if r["method"] == "zero-filled")
+    assert zf["per_map"]["sharpness"] == pytest.approx([0.5] * 4)  # half the truth: half its gradients
+    sweep = {row["tau_d"]: row["sharpness"] for row in res["tau_d_sweep"]["rows"]}
+    blurred = ndimage.gaussian_filter(truth, (0, 2.0, 2.0))
+    assert sweep[0.0] == pytest.approx(np.mean(sharpness(blurred, truth, region)))
+    assert sweep[0.0] < sweep[1.0] < 1.0
+    md = quality.write_results(res, {}, tmp_path)["md"].read_text()
+    assert "| sharpness | p (sharpness) |" in md
 
 
 def test_portable_paths(tmp_path):

@@ -5,7 +5,8 @@ Every function here reads a results dict and nothing else, so it is tested on sm
 
 Record fields used (one entry of ``results["runs"]`` per (n, protocol, method)): ``n``, ``s``, ``protocol``,
 ``method``, ``family``, ``nfe``, ``maps`` (how many of the chosen maps it ran on: the first ``maps``),
-``batch`` (maps per network call), ``seconds_per_map``, ``per_map`` ({metric: list, NaN for invalid maps}).
+``batch`` (maps per network call), ``seconds_per_map``, ``per_map`` ({metric: list, NaN for invalid maps}). A record
+written before a metric existed (``sharpness`` in older files) shows ``-`` in that metric's columns.
 Optional sweeps: ``results["tau_d_sweep"]`` (Fig. 7) and ``results["s_sweep"]`` (Fig. 6).
 """
 
@@ -21,6 +22,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("psnr", "PSNR", "{:.2f}"),
     ("ssim", "SSIM", "{:.3f}"),
     ("nrmse", "NRMSE", "{:.3f}"),
+    ("sharpness", "sharpness", "{:.2f}"),
 )
 REFERENCE_METHOD = "FTDDM Ttrunc=100"
 DDPM_METHOD = "DDPM T=1000"
@@ -107,9 +109,10 @@ def table_rows(results: dict, n: int, protocol: str, params: dict[str, int]) -> 
                                 "speedup": speed.get(name, {}).get("speedup")}
         for key, _, _ in METRICS:
             vals = r.get("per_map", {}).get(key, [])
+            ref_vals = (ref or {}).get("per_map", {}).get(key, [])
             cell[key] = mean_std(vals)
-            if ref is not None and name != REFERENCE_METHOD and vals:
-                cell[f"p_{key}"] = wilcoxon_p(ref["per_map"][key][: len(vals)], vals)
+            if name != REFERENCE_METHOD and vals and ref_vals:
+                cell[f"p_{key}"] = wilcoxon_p(ref_vals[: len(vals)], vals)
         out.append(cell)
     return out
 
@@ -137,7 +140,9 @@ def markdown(results: dict, params: dict[str, int]) -> str:
         f"for every method; {subset}. Backend {results['backend'].get('backend')}, batch {results['batch_size']} "
         "for every method (the `batch` column is the maps per call actually used).",
         "",
-        "Metrics are mean ± standard deviation over maps (inside the truth's quality mask). `p` is the two-sided "
+        "Metrics are mean ± standard deviation over maps (inside the truth's quality mask). Sharpness is the mean "
+        "gradient magnitude relative to the truth's (1 = as sharp as the truth, below 1 blurrier, above 1 noisier). "
+        "`p` is the two-sided "
         f"Wilcoxon signed-rank p-value (scipy) of {REFERENCE_METHOD} against the row's method, paired per map. "
         "Speed-up = DDPM-1000's measured seconds per map / the method's, median over s and protocol, computed only "
         "where both ran at the same batch size (else `-`). Params: the networks the method runs.",
@@ -281,7 +286,7 @@ def plot_conditioning_on_s(results: dict, path: Path, methods: Sequence[str] | N
 
 
 def plot_tau_d(results: dict, path: Path) -> Path:
-    """Fig. 7: fidelity (PSNR) against sharpness (gradient energy relative to the truth's) as tau_d varies."""
+    """Fig. 7: fidelity (PSNR) against sharpness (``data.metrics.sharpness``, mean over maps) as tau_d varies."""
     plt = _plt()
     sweep = results.get("tau_d_sweep")
     if not sweep:
@@ -293,7 +298,7 @@ def plot_tau_d(results: dict, path: Path) -> Path:
     axes[0].set_ylabel("PSNR (dB)")
     twin = axes[0].twinx()
     twin.plot([r["tau_d"] for r in rows], [r["sharpness"] for r in rows], "s--", color="C1", label="sharpness")
-    twin.set_ylabel("sharpness (gradient energy / truth's)")
+    twin.set_ylabel("sharpness (gradient magnitude / truth's)")
     axes[0].set_title(sweep.get("method", "tau_d"))
     axes[1].plot([r["sharpness"] for r in rows], [r["psnr"] for r in rows], "o-")
     for r in rows:
@@ -310,18 +315,6 @@ def plot_tau_d(results: dict, path: Path) -> Path:
     return path
 
 
-def sharpness(pred: np.ndarray, truth: np.ndarray, region: np.ndarray) -> float:
-    """Mean gradient magnitude of ``pred`` inside ``region`` over the truth's (1 = as sharp as the truth);
-    arrays ``(K, 64, 64)``, finite differences along both image axes."""
-    def grad_energy(x: np.ndarray) -> float:
-        gx, gy = np.diff(x, axis=-1)[..., :-1, :], np.diff(x, axis=-2)[..., :, :-1]
-        m = region[..., :-1, :-1].astype(bool)
-        return float(np.sqrt(gx ** 2 + gy ** 2)[m].mean()) if m.any() else math.nan
-
-    ref = grad_energy(truth)
-    return grad_energy(pred) / ref if ref and math.isfinite(ref) else math.nan
-
-
 __all__ = [
     "budget_lines",
     "markdown",
@@ -330,7 +323,6 @@ __all__ = [
     "plot_conditioning_on_s",
     "plot_quality_vs_nfe",
     "plot_tau_d",
-    "sharpness",
     "speedups",
     "table_rows",
     "wilcoxon_p",

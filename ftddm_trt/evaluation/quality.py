@@ -2,8 +2,8 @@
 
 For each upscaling factor s in (8, 4, 2) and each mask protocol (``hr``: the paper's 64x64 quality
 mask; ``lr``: the mask a user has, from N x N qc maps), the same maps of the test split are
-super-resolved by every method on one backend in one run. Metrics (NRMSE / PSNR / SSIM) are computed
-per map inside the truth's quality mask, in file units, and kept per map (for the standard deviations and
+super-resolved by every method on one backend in one run. Metrics (NRMSE / PSNR / SSIM / sharpness) are
+computed per map inside the truth's quality mask, in file units, and kept per map (for the standard deviations and
 the paired Wilcoxon tests of ``evaluation.paper_table``). Seconds per map are wall time of the whole batched loop
 divided by the number of maps; every method runs at the same batch size, so the speed-up over DDPM-1000 is
 a ratio at equal batch. DDPM-1000 runs on all maps unless ``ddpm_maps`` names a smaller subset (the first
@@ -184,7 +184,7 @@ def run_quality(
                        "all": summarize(met), "per_map": _per_map(met)}
                 results["runs"].append(row)
                 log(f"N={n:2d} {protocol} {m.label:36s} NFE {nfe:4d}  {seconds / k:7.3f} s/map  "
-                    f"PSNR {row['all']['psnr']:.2f} on {k} maps")
+                    f"PSNR {row['all']['psnr']:.2f} sharpness {row['all']['sharpness']:.2f} on {k} maps")
     if tau_d_sweep or s_sweep:
         y, s, scale, truth, region, _ = example_tensors(pool, idx, sweep_n, "hr")
         k = idx.size
@@ -194,13 +194,13 @@ def run_quality(
             spec = consistency_for(SamplerSpec("ftddm", ttrunc=100, tau_d=float(tau)), "auto", fine_mask=True)
             pred, _, _ = sample(spec, y, s, k, scale)
             summ = summarize(map_metrics(pred, truth, region))
-            rows.append({"tau_d": float(tau), "psnr": summ["psnr"], "ssim": summ["ssim"],
-                         "sharpness": paper_table.sharpness(pred, truth, region)})
+            rows.append({"tau_d": float(tau), **{key: summ[key] for key in ("psnr", "ssim", "sharpness")}})
             log(f"tau_d {tau:g}: PSNR {summ['psnr']:.2f} sharpness {rows[-1]['sharpness']:.3f}")
         results["tau_d_sweep"] = {
             "method": "FTDDM Ttrunc=100",
             "description": f"FTDDM Ttrunc=100 at s = {HR_SIZE / sweep_n:g}, "
-            f"protocol hr, {k} maps, data consistency on; sharpness = mean gradient magnitude / the truth's",
+            f"protocol hr, {k} maps, data consistency on; sharpness = mean gradient magnitude / the truth's, "
+            "mean over maps",
             "columns": ["tau_d", "psnr", "ssim", "sharpness"],
             "rows": rows,
         }

@@ -1,9 +1,10 @@
-"""Quality of super-resolved volumes against the truth: NRMSE / PSNR / SSIM per metabolite and overall.
+"""Quality of super-resolved volumes against the truth: NRMSE / PSNR / SSIM / sharpness per metabolite and overall.
 
 Every metric is computed per 2D map inside the truth's quality mask (the paper's region) and
 averaged over the maps that have at least ``MIN_VOXELS`` voxels in the mask. ``coverage`` is the
 fraction of the truth's mask voxels where the prediction is non-zero (a prediction cut by a coarse
-mask leaves some of them empty).
+mask leaves some of them empty). Sharpness is ``data.metrics.sharpness`` (the mean gradient magnitude
+relative to the truth's: 1 = as sharp as the truth, < 1 blurrier, > 1 noisier).
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from typing import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from ftddm_trt.data.metrics import nrmse, psnr, ssim
+from ftddm_trt.data.metrics import nrmse, psnr, sharpness, ssim
 
 MIN_VOXELS = 10
-METRICS: tuple[str, ...] = ("nrmse", "psnr", "ssim")
+METRICS: tuple[str, ...] = ("nrmse", "psnr", "ssim", "sharpness")
 
 
 def map_metrics(pred: NDArray, truth: NDArray, region: NDArray) -> dict[str, NDArray[np.float64]]:
     """Per-map metrics for ``(..., 64, 64)`` stacks; maps with too few region voxels give NaN."""
     region = region.astype(bool)
     valid = region.sum(axis=(-2, -1)) >= MIN_VOXELS
-    out = {"nrmse": nrmse(pred, truth, region), "psnr": psnr(pred, truth, region), "ssim": ssim(pred, truth, region)}
+    out = {"nrmse": nrmse(pred, truth, region), "psnr": psnr(pred, truth, region), "ssim": ssim(pred, truth, region),
+           "sharpness": sharpness(pred, truth, region)}
     return {k: np.where(valid, np.asarray(v, dtype=np.float64), np.nan) for k, v in out.items()}
 
 
@@ -37,10 +39,14 @@ def mask_coverage(mask: NDArray, region: NDArray) -> float:
 def summarize(values: dict[str, NDArray]) -> dict[str, float]:
     """Mean of each metric over the valid maps, and how many maps that was.
 
-    Invalid maps are NaN; a perfect map has PSNR = +inf and is valid (its NRMSE is 0, its SSIM 1).
+    Invalid maps are NaN; a perfect map has PSNR = +inf and is valid (its NRMSE is 0, its SSIM 1). A metric
+    that is NaN on some valid maps (sharpness against a flat truth) is averaged over the others, NaN if none.
     """
     valid = ~np.isnan(values["psnr"])
-    out = {k: float(np.nanmean(v)) if valid.any() else float("nan") for k, v in values.items()}
+    out = {}
+    for k, v in values.items():
+        v = np.asarray(v, dtype=np.float64)[valid]
+        out[k] = float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan")
     out["n_maps"] = int(valid.sum())
     return out
 
