@@ -306,3 +306,24 @@ def test_a_site_folder_too_small_to_calibrate_is_refused_by_name(tiny_model_dir,
     assert "site" in flat(res.output) and "Traceback" not in res.output
     assert not (tmp_path / "onnx").exists()
     shutil.rmtree(data)
+
+
+def test_a_site_training_folder_calibrates_and_its_last_subject_is_held_out(tiny_onnx_export, tiny_model_dir,
+                                                                           tmp_path):
+    from ftddm_trt.data.nifti.write import write_training_subject
+    from ftddm_trt.data.phantom import make_subject
+
+    data = tmp_path / "site"
+    for i in range(2):
+        write_training_subject(data, make_subject(i, 11, style="smooth"))
+    settings = CalibrationSettings(data=data, batches=1, batch_size=4, steps=4)
+    calib, held = int8_mod.calibration_pools(settings)
+    assert len(calib) > 0 and len(held) > 0  # one subject each (the last one held out)
+    assert calib.maps.shape != held.maps.shape or not np.array_equal(calib.maps, held.maps)
+    out = tmp_path / "int8"
+    manifest = export_int8(ModelSet.open(tiny_model_dir), out, Int8Export(
+        calibration=settings, parity=functools.partial(int8_parity, n_maps=2, cells=((16, "hr"),)),
+        fp32_export=tiny_onnx_export), log=lambda _m: None)
+    assert manifest["int8"]["calibration"]["source"] == str(data)
+    assert manifest["int8"]["parity"]["maps_per_cell"] == 2
+    assert json.loads((out / "manifest.json").read_text()) == manifest

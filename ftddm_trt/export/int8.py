@@ -81,9 +81,10 @@ class Int8Error(RuntimeError):
 class CalibrationSettings:
     """Where calibration maps come from and how many trajectories are recorded.
 
-    ``data``: a site's training folder (``data.training_folder`` layout); None: phantoms of
-    ``CALIBRATION_STYLES`` drawn with ``seed``. ``batches`` batches of ``batch_size`` maps each run one
-    DPM-Solver++ trajectory of ``steps`` steps: ``batches * steps`` calibration batches per network.
+    ``data``: a site's training folder (``data.training_folder`` layout; every subject but the last); None:
+    ``subjects`` phantoms of ``CALIBRATION_STYLES`` drawn with ``seed``. ``batches`` batches of ``batch_size``
+    maps each run one DPM-Solver++ trajectory of ``steps`` steps: ``batches * steps`` calibration batches
+    per network.
     ``percentile``: the share of each activation's histogram the int8 range covers (``percentile`` method)."""
 
     data: Path | None = None
@@ -139,7 +140,7 @@ def calibration_pools(settings: CalibrationSettings) -> tuple[SlicePool, SlicePo
         held = [make_subject(0, seed=settings.seed + 1, style=CALIBRATION_STYLES[0])]
         return SlicePool.from_subjects(calib), SlicePool.from_subjects(held)
     subjects = read_training_folder(settings.data)
-    return SlicePool.from_subjects(subjects[:-1][: settings.subjects]), SlicePool.from_subjects(subjects[-1:])
+    return SlicePool.from_subjects(subjects[:-1]), SlicePool.from_subjects(subjects[-1:])
 
 
 def _session(path: Path, threads: int | None = None):
@@ -165,8 +166,8 @@ def trajectory_feeds(fp32_onnx: Path, pool: SlicePool, settings: CalibrationSett
         y, s = b.y.numpy(), b.s.numpy()
 
         def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            feed = {"x_t": np.ascontiguousarray(x_t.numpy(), np.float32), "y": y,
-                    "t": np.ascontiguousarray(t.numpy(), np.float32), "s": s}
+            feed = {"x_t": np.array(x_t.numpy(), np.float32), "y": y,  # copies: the solver may reuse its tensors
+                    "t": np.array(t.numpy(), np.float32), "s": s}
             feeds.append(feed)
             return torch.from_numpy(sess.run(None, feed)[0])
 
