@@ -25,24 +25,41 @@ def export_cmd(
         show_default="the model's main flow",
     ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder.", show_default="off"),
+    int8: bool = typer.Option(
+        False, "--int8", help="int8 UNet graphs (ONNX Runtime QDQ, Conv layers), calibrated on the model's data; "
+        "the quality loss in dB is measured and recorded.", show_default="off",
+    ),
+    calibration_data: Optional[Path] = typer.Option(
+        None, "--calibration-data", show_default="phantoms",
+        help="Training folder (sub-*/concs, masks or qc, t1, flair) to calibrate --int8 on.",
+    ),
 ) -> None:
     """Export the networks to ONNX (opset 18, dynamic batch), check parity with PyTorch, write a manifest.
 
     The export is refused (nothing written) if ONNX Runtime and PyTorch disagree beyond the tolerance.
+    With --int8 the UNets are quantized and refused if the default sampler loses more than 0.5 dB of PSNR.
     """
     from ftddm_trt.atomic import OutputError
+    from ftddm_trt.data.nifti.files import InputError
+    from ftddm_trt.export.int8 import Int8Error
     from ftddm_trt.export.manifest import TtruncMismatch
-    from ftddm_trt.export.onnx_export import ParityError, export_model_set
-    from ftddm_trt.models.model_set import ModelSet
+    from ftddm_trt.export.onnx_export import ParityError
+    from ftddm_trt.workflows.export import export_onnx
 
-    check_output_dir(out, force, (model,))
+    if calibration_data is not None and not int8:
+        fail("--calibration-data calibrates an int8 export: give --int8 with it")
+    if calibration_data is not None and not calibration_data.is_dir():
+        fail(f"--calibration-data {calibration_data} is not a folder")
+    check_output_dir(out, force, (model, calibration_data))
     try:
-        models = ModelSet.open(model, ttrunc)
-        manifest = export_model_set(models, out, force=force, log=console.print, flow_ttrunc=ttrunc)
-    except (FileNotFoundError, ParityError, OutputError, TtruncMismatch) as err:
+        manifest = export_onnx(model, out, ttrunc=ttrunc, force=force, int8=int8, calibration_data=calibration_data,
+                               log=console.print)
+    except (FileNotFoundError, ParityError, OutputError, TtruncMismatch, Int8Error, InputError) as err:
         fail(str(err))
+    precision = manifest.get("precision", "fp32")
     console.print(
-        f"[green]exported[/] {', '.join(manifest['networks'])} to {out} (flow Ttrunc = {manifest['flow_ttrunc']})"
+        f"[green]exported[/] {', '.join(manifest['networks'])} to {out} ({precision}; "
+        f"flow Ttrunc = {manifest['flow_ttrunc']})"
     )
 
 
@@ -61,7 +78,7 @@ def build_engine_cmd(
 
     A non-empty --out is refused."""
     from ftddm_trt.atomic import OutputError
-    from ftddm_trt.export.manifest import TtruncMismatch
+    from ftddm_trt.export.manifest import TtruncMismatch, UnsupportedPrecision
     from ftddm_trt.export.tensorrt_build import PRECISIONS, TensorRTUnavailable, build_engines
     from ftddm_trt.integrity import IntegrityError
 
@@ -74,7 +91,7 @@ def build_engine_cmd(
         manifest = build_engines(
             onnx, out, batch_size=batch_size, precision=precision, log=console.print, flow_ttrunc=ttrunc
         )
-    except TtruncMismatch as err:
+    except (TtruncMismatch, UnsupportedPrecision) as err:
         fail(str(err))
     except TensorRTUnavailable as err:
         fail(str(err), code=3)

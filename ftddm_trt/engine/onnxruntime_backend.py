@@ -1,7 +1,9 @@
 """ONNX Runtime backend (the embedded default): runs the exported ONNX files in-process.
 
 Reads an export folder written by ``ftddm-trt export`` (``unet.onnx``, ``unet_full.onnx``,
-``flow.onnx``, ``manifest.json``). Input/output names are fixed by ``export.onnx_export``.
+``flow.onnx``, ``manifest.json``). Input/output names are fixed by ``export.onnx_export``. An int8 export
+(``ftddm-trt export --int8``: QDQ UNet graphs, ``export.int8``) is opened the same way; ``describe()`` reports
+its precision.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from ftddm_trt.engine.backend import NETWORKS, Backend
-from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
+from ftddm_trt.export.manifest import manifest_flow_ttrunc, manifest_precision, network_precisions, read_manifest
 from ftddm_trt.integrity import verify_networks
 
 
@@ -70,9 +72,14 @@ class OnnxRuntimeBackend(Backend):
         return self._run("flow", {"eps": eps, "y": y, "tau_f": tau_f})
 
     def describe(self) -> dict[str, Any]:
-        """The base facts plus fp32 precision, each graph's sha256 and the weights' hashes of the manifest."""
-        return {**super().describe(), "precision": "fp32", "onnx": dict(self.onnx_sha256),
-                "models": self.manifest.get("model_hashes", {})}
+        """The base facts plus the export's precision (``fp32``, or ``int8`` with each network's in
+        ``network_precision``), each graph's sha256 and the weights' hashes of the manifest."""
+        facts = {**super().describe(), "precision": manifest_precision(self.manifest), "onnx": dict(self.onnx_sha256),
+                 "models": self.manifest.get("model_hashes", {})}
+        if facts["precision"] != "fp32":
+            precisions = network_precisions(self.manifest)
+            facts["network_precision"] = {n: p for n, p in precisions.items() if n in self.sessions}
+        return facts
 
     def close(self) -> None:
         """Drop the ONNX Runtime sessions."""

@@ -35,7 +35,7 @@ FP32_OP_TYPES = frozenset({
 })
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
+def tensor_consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     """Tensor name -> indices of the nodes that read it."""
     out: dict[str, list[int]] = defaultdict(list)
     for k, node in enumerate(graph.node):
@@ -48,7 +48,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
 def embedding_node_indices(model: onnx.ModelProto, inputs: Iterable[str] = SCALAR_INPUTS) -> list[int]:
     """Indices of every node reachable forward from ``inputs`` before the first Gemm/MatMul on each path."""
     nodes = model.graph.node
-    consumers = _consumers(model.graph)
+    consumers = tensor_consumers(model.graph)
     present = {i.name for i in model.graph.input}
     frontier = [name for name in inputs if name in present]
     seen: set[int] = set()

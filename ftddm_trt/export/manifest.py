@@ -12,8 +12,6 @@ from ftddm_trt.integrity import file_sha256  # noqa: F401  (re-exported: exporte
 MANIFEST_NAME = "manifest.json"
 
 
-
-
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Write ``folder/manifest.json`` atomically."""
     return write_text_atomic(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
@@ -75,3 +73,26 @@ def manifest_flow_ttrunc(manifest: dict[str, Any], where: str) -> int | None:
         return None
     value = manifest[FLOW_TTRUNC_KEY]
     return None if value is None else int(value)
+
+
+# -- precision -----------------------------------------------------------------------------------------
+class UnsupportedPrecision(ValueError):
+    """An export whose precision a consumer (a TensorRT build, a Triton repository) does not take."""
+
+
+def manifest_precision(manifest: dict[str, Any]) -> str:
+    """``int8`` for an export written by ``ftddm-trt export --int8``, else ``fp32`` (exports without the key)."""
+    return str(manifest.get("precision", "fp32"))
+
+
+def network_precisions(manifest: dict[str, Any]) -> dict[str, str]:
+    """Network -> ``int8`` / ``fp32`` as an export's manifest records it."""
+    return {n: str(info.get("precision", "fp32")) for n, info in manifest.get("networks", {}).items()}
+
+
+def require_fp32_export(manifest: dict[str, Any], folder: Path, what: str) -> None:
+    """Refuse (UnsupportedPrecision) an int8 export where ``what`` needs the fp32 graphs."""
+    if manifest_precision(manifest) != "fp32":
+        raise UnsupportedPrecision(
+            f"{folder} is an int8 export (`ftddm-trt export --int8`), and {what} takes fp32 exports only: "
+            "export the model without --int8 for it (int8 graphs run on --backend onnxruntime)")

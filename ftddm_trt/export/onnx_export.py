@@ -230,6 +230,40 @@ def real_parity_inputs(name: str, n_batches: int = 2, batch: int = 4) -> list[di
     return out
 
 
+def resolve_export_ttrunc(models: ModelSet, flow_ttrunc: int | None) -> int | None:
+    """The flow Ttrunc an export of ``models`` records: the model's own record, else ``flow_ttrunc`` (a model
+    that records another Ttrunc is refused with TtruncMismatch), else None."""
+    return resolve_flow_ttrunc(models.flow_ttrunc(), flow_ttrunc, f"the model {models.root} ({models.flow_file})")
+
+
+def export_into(models: ModelSet, folder: Path, ttrunc: int | None, log: Callable[[str], None] = print
+                ) -> dict[str, Any]:
+    """Export every network of ``models`` into the existing ``folder``, check each against PyTorch
+    (ParityError), write ``folder/manifest.json`` and return it. ``ttrunc``: from ``resolve_export_ttrunc``."""
+    nets = models.load_torch()
+    hashes = models.hashes()
+    manifest: dict[str, Any] = {FLOW_TTRUNC_KEY: ttrunc if "flow" in nets else None,
+                                "ftddm_trt_version": __version__, "torch_version": torch.__version__,
+                                "onnx_version": onnx.__version__, "opset": OPSET, "max_batch": MAX_BATCH,
+                                "model_dir": str(models.root), "model_hashes": hashes, "networks": {}}
+    for name, net in nets.items():
+        path = folder / f"{name}.onnx"
+        log(f"exporting {name} -> {path.name}")
+        export_network(name, net, path)
+        parity = parity_check(name, net, path, real_parity_inputs(name))
+        log(f"  parity {name}: max |ORT - torch| = {parity['max_abs_error']:.2e} (atol {parity['atol']:g})")
+        manifest["networks"][name] = {
+            "onnx": path.name,
+            "onnx_sha256": file_sha256(path),
+            "model_sha256": hashes[name],
+            "config": models.config(name),
+            **graph_io(onnx.load(str(path))),
+            "parity": parity,
+        }
+    write_manifest(folder, manifest)
+    return manifest
+
+
 def export_model_set(
     models: ModelSet,
     out_dir: Path,
@@ -243,27 +277,6 @@ def export_model_set(
     The manifest records ``flow_ttrunc``, the Ttrunc the flow was trained for: the model's own record,
     else ``flow_ttrunc`` (a model that records another Ttrunc is refused with TtruncMismatch), else null.
     """
-    ttrunc = resolve_flow_ttrunc(models.flow_ttrunc(), flow_ttrunc, f"the model {models.root} ({models.flow_file})")
+    ttrunc = resolve_export_ttrunc(models, flow_ttrunc)
     with atomic_dir(Path(out_dir), force=force, inputs=(models.root,), command="export") as tmp:
-        nets = models.load_torch()
-        hashes = models.hashes()
-        manifest: dict[str, Any] = {FLOW_TTRUNC_KEY: ttrunc if "flow" in nets else None,
-                                    "ftddm_trt_version": __version__, "torch_version": torch.__version__,
-                                    "onnx_version": onnx.__version__, "opset": OPSET, "max_batch": MAX_BATCH,
-                                    "model_dir": str(models.root), "model_hashes": hashes, "networks": {}}
-        for name, net in nets.items():
-            path = tmp / f"{name}.onnx"
-            log(f"exporting {name} -> {path.name}")
-            export_network(name, net, path)
-            parity = parity_check(name, net, path, real_parity_inputs(name))
-            log(f"  parity {name}: max |ORT - torch| = {parity['max_abs_error']:.2e} (atol {parity['atol']:g})")
-            manifest["networks"][name] = {
-                "onnx": path.name,
-                "onnx_sha256": file_sha256(path),
-                "model_sha256": hashes[name],
-                "config": models.config(name),
-                **graph_io(onnx.load(str(path))),
-                "parity": parity,
-            }
-        write_manifest(tmp, manifest)
-    return manifest
+        return export_into(models, tmp, ttrunc, log)

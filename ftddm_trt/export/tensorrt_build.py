@@ -39,6 +39,7 @@ from ftddm_trt.export.manifest import (
     file_sha256,
     manifest_flow_ttrunc,
     read_manifest,
+    require_fp32_export,
     resolve_flow_ttrunc,
     write_manifest,
 )
@@ -322,6 +323,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, batch_size: int = 16, precision
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     onnx_manifest = read_manifest(onnx_dir)
+    require_fp32_export(onnx_manifest, onnx_dir, "build-engine")  # UnsupportedPrecision before any GPU work
     ttrunc = engine_flow_ttrunc(onnx_manifest, onnx_dir, flow_ttrunc)
     gpu = require_tensorrt()
     import tensorrt as trt

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ftddm_trt.atomic import OutputError, check_output
+from ftddm_trt.export.manifest import read_manifest, require_fp32_export
 from ftddm_trt.workflows.console import console
 
 
@@ -24,7 +25,6 @@ class DeployError(Exception):
 
 def onnx_export_beside(model: Path | None, out: Path, ttrunc: int | None = None) -> Path:
     """The ONNX export of ``model`` beside ``out`` (``OUT-onnx``), reused while its weights are unchanged."""
-    from ftddm_trt.export.manifest import read_manifest
     from ftddm_trt.export.onnx_export import ParityError, export_model_set
     from ftddm_trt.models.model_set import ModelSet
 
@@ -69,6 +69,11 @@ def make_triton_repo(out: Path, flavor: str, onnx: Path | None, model: Path | No
     if engines is not None and not (engines / "manifest.json").is_file():
         raise DeployError(f"{engines} holds no manifest.json: not an engine folder written by `ftddm-trt build-engine`")
     check_output(out, force, tuple(p for p in (onnx, model, engines) if p is not None))
+    if onnx is not None:
+        try:  # UnsupportedPrecision for an int8 export
+            require_fp32_export(read_manifest(onnx), onnx, "a Triton repository")
+        except ValueError as err:
+            raise DeployError(str(err)) from err
     try:
         onnx_dir = onnx if onnx is not None else onnx_export_beside(model, out, ttrunc)
         return build_repository(onnx_dir, out, flavor, engines, options, force=force, log=console.print,
