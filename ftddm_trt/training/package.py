@@ -36,12 +36,13 @@ def _run_summary(run_dir: Path) -> dict:
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
                   force: bool = False, extra_flows: list[Path] = (), base: Path | None = None,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, base_networks: tuple[str, ...] | None = None) -> dict:
     """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json.
 
     ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``.
     ``base`` is a model folder whose networks not trained here are copied as they are (their manifest
-    entries marked ``"from_base": true``); ``extra`` adds top-level manifest fields.
+    entries marked ``"from_base": true``; ``base_networks``: only these of them); ``extra`` adds top-level
+    manifest fields.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -75,7 +76,7 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
             manifest["base_commands"] = [*base_manifest.get("base_commands", []), *base_manifest.get("commands", [])]
             for src in sorted(Path(base).glob("*.safetensors")):
                 name = src.stem
-                if name in files:
+                if name in files or (base_networks is not None and name not in base_networks):
                     continue
                 for ext in (".safetensors", ".json"):
                     shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))
