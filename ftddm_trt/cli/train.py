@@ -277,7 +277,6 @@ def distill_cmd(
     from ftddm_trt.training.distill import DistillConfig
     from ftddm_trt.workflows.train import run_distill
 
-    check_output_dir(out, force, (model, data, work))
     try:
         cfg = DistillConfig(steps=steps, minutes=minutes, bank_maps=bank_maps, lr=learning_rate,
                             data_dir=str(data) if data is not None else None)

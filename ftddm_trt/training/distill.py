@@ -37,7 +37,7 @@ from ftddm_trt.diffusion import CosineSchedule, distilled_sample, distilled_time
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_batch
 from ftddm_trt.engine.torch_backend import TorchBackend
 from ftddm_trt.models.io import load_model
-from ftddm_trt.models.model_set import DISTILLED_KEY, FINE_MASK_FILE, ModelSet
+from ftddm_trt.models.model_set import DISTILLED_DIR, DISTILLED_KEY, FINE_MASK_FILE, ModelSet
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ftddm_trt.training.package import package_model
 from ftddm_trt.training.run_config import TrainConfig, save_best, training_subjects
@@ -263,8 +263,15 @@ def package_distilled(teacher_dir: Path | str | None, work: Path | str, out: Pat
     }
     keep = (models.flow_file, FINE_MASK_FILE)
     manifest = package_model({"unet": Path(work)}, Path(out), commands=commands, force=force, base=models.root,
-                             base_networks=keep, extra={DISTILLED_KEY: record})
+                             base_networks=keep, extra={DISTILLED_KEY: record},
+                             out_in_base=is_distilled_slot(models.root, out))
     return manifest
+
+
+def is_distilled_slot(model_root: Path | str, out: Path | str) -> bool:
+    """True when ``out`` is the model's own ``distilled/`` subfolder (an output inside the model folder that
+    is allowed: no reader of the model opens it as part of the model)."""
+    return Path(out).resolve() == (Path(model_root) / DISTILLED_DIR).resolve()
 
 
 def package_run_summary(work: Path) -> dict:

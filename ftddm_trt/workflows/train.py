@@ -130,10 +130,12 @@ def run_distill(model: Path | None, out: Path, work: Path | None, cfg, force: bo
     """Distil ``model`` (default: the shipped model) into the model folder ``out``: refuse a bad ``out`` before
     any work, train the student in ``work`` (default: ``OUT.runs`` beside ``out``; resumable), then package.
     Returns the written manifest."""
-    from ftddm_trt.training.distill import distill, package_distilled
+    from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR
+    from ftddm_trt.training.distill import distill, is_distilled_slot, package_distilled
 
     out = Path(out)
-    check_output(out, force, (model, work))
+    model_input = None if is_distilled_slot(model or SHIPPED_MODEL_DIR, out) else model
+    check_output(out, force, (model_input, work, cfg.data_dir))
     work = Path(work) if work is not None else out.with_name(out.name + ".runs")
     summary = distill(model, work, cfg, log=console.print)
     console.print(f"distilled in {summary['seconds'] / 60:.1f} min ({summary['steps']} steps): the student's output "
