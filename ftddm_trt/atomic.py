@@ -350,11 +350,9 @@ def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
                                     dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-        finally:
-            os.close(fd)
+        os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some replace the file they were given
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -204,3 +204,15 @@ def test_atomic_file_gets_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_file_gives_ordinary_permissions_even_to_a_rewritten_file(tmp_path):
+    target = tmp_path / "w.bin"
+    with atomic_file(target) as tmp:
+        tmp.unlink()  # a writer that creates its own file (as safetensors' save_file may)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -241,6 +241,53 @@ def finetune_cmd(
     console.print(f"[green]wrote[/] {out} ({', '.join(manifest['networks'])})")
 
 
+@app.command("distill", rich_help_panel="Train")
+def distill_cmd(
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Distilled model folder to write. Inside the model folder as distilled/, `upscale --sampler "
+             "ftddm-distilled` finds it; elsewhere, give it as --model.",
+    ),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder to distil.", show_default=SHIPPED_MODEL),
+    steps: int = typer.Option(1, "--steps", help="UNet evaluations of the student after the flow (1 to 3)."),
+    minutes: float = typer.Option(
+        20.0, "--minutes", help="Training time budget over every run of the same --work (drawing the teacher's "
+                                "outputs not counted)."
+    ),
+    bank_maps: int = typer.Option(1536, "--bank-maps", help="Teacher outputs drawn once to train on.", **EXPERT),
+    learning_rate: float = typer.Option(5e-5, "--learning-rate", help="Adam learning rate (constant).", **EXPERT),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Draw the maps from a site's own 64 x 64 subjects (the layout of `finetune --data`).",
+        show_default="phantoms of the shipped model's training styles",
+    ),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="Folder of the resumable run (teacher outputs, checkpoints).",
+        show_default="OUT.runs beside --out",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out model folder.", show_default="off"),
+) -> None:
+    """Distil a model's default sampler into a student that needs 1 to 3 UNet evaluations.
+
+    The student starts from the model's UNet and learns to land, in --steps deterministic steps from the
+    flow's draw, where the default sampler (20 DPM-Solver++ steps) lands. Interrupt at any time; the same
+    command resumes. Run it with `upscale --sampler ftddm-distilled` (any backend; export, build-engine and
+    triton-repo take the distilled folder as --model).
+    """
+    from ftddm_trt.training.distill import DistillConfig
+    from ftddm_trt.workflows.train import run_distill
+
+    try:
+        cfg = DistillConfig(steps=steps, minutes=minutes, bank_maps=bank_maps, lr=learning_rate,
+                            data_dir=str(data) if data is not None else None)
+        manifest = run_distill(model, out, work, cfg, force=force)
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    record = manifest.get("distilled", {})
+    console.print(f"wrote {out}: student of {record.get('teacher')} in {steps} step(s) "
+                  f"(NFE {steps + 1} with the flow)")
+
+
 @app.command("add-fine-mask", cls=spellings({"--from": "--model"}, positionals=("--out",)), rich_help_panel="Train")
 def add_fine_mask_cmd(
     out: Path = typer.Option(

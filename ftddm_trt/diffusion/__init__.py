@@ -6,11 +6,14 @@ Timesteps are 1-based (``gammas[0] = 1``); samplers take ``eps_fn(x_t, t)`` with
 from .losses import eps_loss, flow_guide_loss, flow_loss, sample_train_timesteps
 from .samplers import (
     DEFAULT_LAMBDA_MIN,
+    MAX_DISTILLED_STEPS,
     EpsFn,
     ProgressFn,
     SampleResult,
     ancestral_sample,
     ddpm_timesteps,
+    distilled_sample,
+    distilled_timesteps,
     dpm_solver_pp_sample,
     dpm_solver_timesteps,
     draw_ancestral_noise,
@@ -26,6 +29,9 @@ from .schedule import CosineSchedule, DiscreteSchedule, RespacedSchedule, cosine
 
 __all__ = [
     "DEFAULT_LAMBDA_MIN",
+    "MAX_DISTILLED_STEPS",
+    "distilled_sample",
+    "distilled_timesteps",
     "CosineSchedule",
     "DiscreteSchedule",
     "EpsFn",

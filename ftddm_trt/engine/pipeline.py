@@ -20,6 +20,10 @@ name               what runs                                                    
                    t = Ttrunc..1 (the backend serves the generator as ``flow``)
 =================  ==========================================================  ===============
 
+``ftddm-distilled`` (NFE ``steps + 1``): flow -> x_Ttrunc, then ``steps`` (1 to 3) deterministic DDIM steps of a
+student UNet distilled from the default sampler (``training.distill``); the backend serves the student as its
+``unet`` (a model folder's ``distilled/`` subfolder, ``models.model_set.distilled_folder``).
+
 ``sde=True`` runs either DPM-Solver++ sampler in its SDE form (diffusers' ``sde-dpmsolver++``): fresh noise at
 every step, scaled by ``tau_d`` as in ancestral DDPM, the same NFE.
 
@@ -39,9 +43,12 @@ import torch
 from ftddm_trt.constants import QC_CONSISTENCY_WEIGHT, T_DIFFUSION, T_TRUNC, USER_DEFAULT_TAU_F  # noqa: F401 (re-exported)
 from ftddm_trt.diffusion import (
     DEFAULT_LAMBDA_MIN,
+    MAX_DISTILLED_STEPS,
     CosineSchedule,
     SampleResult,
     ancestral_sample,
+    distilled_sample,
+    distilled_timesteps,
     dpm_solver_pp_sample,
     lambda_clipped_start,
     randn_on,
@@ -52,8 +59,10 @@ from ftddm_trt.diffusion.consistency import data_consistency, keep_if_closer, pa
 from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import check_flow_ttrunc
 
-SAMPLERS: tuple[str, ...] = ("ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm")
-_DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20}
+SAMPLERS: tuple[str, ...] = (
+    "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled"
+)
+_DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20, "ftddm-distilled": 1}
 
 
 @lru_cache(maxsize=16)
@@ -119,6 +128,8 @@ class SamplerSpec:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         # the solvers need distinct integer timesteps: at most one step per timestep of the chain they run
         limit = self.ttrunc if self.name == "ftddm-dpmpp" else T_DIFFUSION
+        if self.name == "ftddm-distilled":
+            limit = min(MAX_DISTILLED_STEPS, self.ttrunc)
         if self.name == "dpmpp" and self.lambda_min is not None:
             limit = _clipped_start(self.lambda_min) - 1  # diffusers' linspace grid needs distinct steps
         if self.n_steps is not None and self.n_steps > limit:
@@ -137,14 +148,14 @@ class SamplerSpec:
         """True when the output does not depend on the seed (repeated samples would all be equal)."""
         if self.name == "ftddm-dpmpp":
             return self.tau_f == 0.0 and not (self.sde and self.tau_d > 0.0)
-        if self.name == "flow":
+        if self.name in ("flow", "ftddm-distilled"):
             return self.tau_f == 0.0
         return self.name in ("ftddm", "tdpm") and self.tau_f == 0.0 and self.tau_d == 0.0
 
     @property
     def uses_flow(self) -> bool:
         """The chain starts from the backend's start-point network (flow, or TDPM's generator) at Ttrunc."""
-        return self.name in ("ftddm", "ftddm-dpmpp", "flow", "tdpm")
+        return self.name in ("ftddm", "ftddm-dpmpp", "flow", "tdpm", "ftddm-distilled")
 
     @property
     def start_network(self) -> str | None:
@@ -157,6 +168,11 @@ class SamplerSpec:
         return self.name in ("ddpm", "ddpm-respaced", "dpmpp")
 
     @property
+    def distilled_unet(self) -> bool:
+        """True for the sampler that runs a distilled student as its UNet (``models.model_set.distilled_folder``)."""
+        return self.name == "ftddm-distilled"
+
+    @property
     def nfe(self) -> int:
         """Network function evaluations per image (flow pass counted as one)."""
         return {
@@ -167,6 +183,7 @@ class SamplerSpec:
             "ddpm-respaced": self.n_steps or 0,
             "dpmpp": self.n_steps or 0,
             "flow": 1,
+            "ftddm-distilled": (self.n_steps or 0) + 1,
         }[self.name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,6 +359,9 @@ def sample_batch(
             # do no harm: a pass is kept, per image, only where it agrees at least as well with the acquired band
             x0, _ = keep_if_closer(res.x0, again.x0, y[:, 0:1], s)
             res = SampleResult(x0=x0, nfe=res.nfe + again.nfe)
+    elif spec.name == "ftddm-distilled":
+        res = distilled_sample(eps_fn, x_start, mask, schedule, distilled_timesteps(t_start, spec.n_steps),
+                               clip=spec.clip_x0)
     else:
         timesteps = (
             respaced_timesteps(T_DIFFUSION, spec.n_steps)

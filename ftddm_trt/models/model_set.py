@@ -11,6 +11,9 @@ Layout of a model folder (weights as safetensors + JSON config, written by ``mod
                                             preparation for the ``lr`` qc step, run in PyTorch on the
                                             client whatever the backend, so never exported
     manifest.json                           training commands, data seed, sha256 of each file
+    distilled/                              optional distilled model (``ftddm-trt distill``): a model folder
+                                            whose ``unet`` is a student of this folder's default sampler,
+                                            beside copies of the flow and the fine-mask estimator
 
 A ``ModelSet`` opened for a truncation point presents the matching flow as its ``flow`` network (opened
 with ``start="tdpm"``, the TDPM generator, which has the flow's reverse interface), so
@@ -39,6 +42,31 @@ START_NETWORKS: tuple[str, ...] = ("flow", "tdpm")
 #: File stem of the optional fine-mask estimator (not one of NETWORK_FILES: no backend runs it).
 FINE_MASK_FILE = "fine_mask"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
+#: Subfolder of a model folder that holds its distilled model.
+DISTILLED_DIR = "distilled"
+#: Manifest key of a distilled model folder: the teacher, the student's steps, how it was trained.
+DISTILLED_KEY = "distilled"
+
+
+def is_distilled(root: Path | str) -> bool:
+    """True when the model folder ``root`` is a distilled model (its manifest has a ``distilled`` record)."""
+    path = Path(root) / "manifest.json"
+    try:
+        return DISTILLED_KEY in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def distilled_folder(root: Path | str | None) -> Path:
+    """The model folder the ``ftddm-distilled`` sampler runs for model ``root`` (default: the shipped model):
+    ``root`` itself when it is a distilled model, else ``root/distilled``. FileNotFoundError naming
+    ``ftddm-trt distill`` when there is none."""
+    path = Path(root) if root is not None else SHIPPED_MODEL_DIR
+    for candidate in (path, path / DISTILLED_DIR):
+        if is_distilled(candidate):
+            return candidate
+    raise FileNotFoundError(f"the model {path} has no distilled model ({path / DISTILLED_DIR}); make one with "
+                            f"`ftddm-trt distill --model {path} --out {path / DISTILLED_DIR}`")
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,15 @@ def _run_summary(run_dir: Path) -> dict:
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
                   force: bool = False, extra_flows: list[Path] = (), base: Path | None = None,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, base_networks: tuple[str, ...] | None = None,
+                  out_in_base: bool = False) -> dict:
     """Copy ``<run>/best.*`` (or ``last/model.*``) of each run into ``out_dir/<network>.*`` + manifest.json.
 
     ``extra_flows`` are flow runs for other truncation points; each becomes ``flow_t<Ttrunc>.*``.
     ``base`` is a model folder whose networks not trained here are copied as they are (their manifest
-    entries marked ``"from_base": true``); ``extra`` adds top-level manifest fields.
+    entries marked ``"from_base": true``; ``base_networks``: only these of them); ``extra`` adds top-level
+    manifest fields. ``out_in_base``: ``out_dir`` may be a subfolder of ``base`` (a model's ``distilled/``,
+    which no reader of ``base`` opens as part of it).
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -53,7 +56,8 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
         if cfg.get("task") != "flow":
             raise ValueError(f"{run_dir} is not a flow training run")
         files[f"flow_t{cfg['t_trunc']}"] = Path(run_dir)
-    with atomic_dir(Path(out_dir), force=force, inputs=(*files.values(), base), command="package-model") as tmp:
+    inputs = (*files.values(), None if out_in_base else base)
+    with atomic_dir(Path(out_dir), force=force, inputs=inputs, command="package-model") as tmp:
         for name, run_dir in files.items():
             run_dir = Path(run_dir)
             src = run_dir / "best" if which == "best" else run_dir / "last" / "model"
@@ -75,7 +79,7 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
             manifest["base_commands"] = [*base_manifest.get("base_commands", []), *base_manifest.get("commands", [])]
             for src in sorted(Path(base).glob("*.safetensors")):
                 name = src.stem
-                if name in files:
+                if name in files or (base_networks is not None and name not in base_networks):
                     continue
                 for ext in (".safetensors", ".json"):
                     shutil.copyfile(src.with_suffix(ext), (tmp / name).with_suffix(ext))

@@ -124,3 +124,23 @@ def run_add_fine_mask(out_model: Path, base: Path | None, minutes: float, data: 
         ["--subjects", str(subjects), "--data-seed", str(data_seed), *[a for s in styles for a in ("--style", s)]]
     return add_fine_mask(base, out_model, train_subj, val_subj, minutes,
                          shlex.join(command + (["--force"] if force else [])), record, force=force, log=console.print)
+
+
+def run_distill(model: Path | None, out: Path, work: Path | None, cfg, force: bool = False) -> dict:
+    """Distil ``model`` (default: the shipped model) into the model folder ``out``: refuse a bad ``out`` before
+    any work, train the student in ``work`` (default: ``OUT.runs`` beside ``out``; resumable), then package.
+    Returns the written manifest."""
+    from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR
+    from ftddm_trt.training.distill import distill, is_distilled_slot, package_distilled
+
+    out = Path(out)
+    model_input = None if is_distilled_slot(model or SHIPPED_MODEL_DIR, out) else model
+    check_output(out, force, (model_input, work, cfg.data_dir))
+    work = Path(work) if work is not None else out.with_name(out.name + ".runs")
+    summary = distill(model, work, cfg, log=console.print)
+    console.print(f"distilled in {summary['seconds'] / 60:.1f} min ({summary['steps']} steps): the student's output "
+                  f"is {summary['psnr_vs_teacher']:.2f} dB PSNR from the teacher's on the validation maps")
+    command = "ftddm-trt distill " + shlex.join(
+        [*(["--model", str(model)] if model else []), "--out", str(out), "--steps", str(cfg.steps),
+         "--minutes", f"{cfg.minutes:g}"])
+    return package_distilled(model, work, out, cfg, commands=[command], force=force)

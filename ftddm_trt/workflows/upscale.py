@@ -128,8 +128,8 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         from ftddm_trt.models.model_set import ModelSet
 
         try:
-            # a flow (or TDPM generator) for this Ttrunc must exist
-            ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")
+            # a flow (or TDPM generator) for this Ttrunc must exist, and a distilled model for ftddm-distilled
+            ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
         except FileNotFoundError as err:
             raise UpscaleError(str(err)) from err
     return spec
@@ -139,13 +139,22 @@ def _flow_ttrunc(spec) -> int | None:
     return spec.ttrunc if spec.uses_flow else None
 
 
+def networks_folder(opts: UpscaleOptions, spec) -> Path | None:
+    """The model folder whose networks ``spec`` runs: ``--model`` (None: the shipped model), or its distilled
+    model for ``ftddm-distilled`` (FileNotFoundError when it has none)."""
+    from ftddm_trt.models.model_set import distilled_folder
+
+    return distilled_folder(opts.model) if spec.distilled_unet else opts.model
+
+
 def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
     """The backend ``opts`` names (a pool of servers for ``--backend triton`` with several URLs)."""
     from ftddm_trt.engine.factory import open_backend
     from ftddm_trt.engine.pipeline import require_flow_ttrunc
 
     try:
-        backend = open_backend(opts.backend, model=opts.model, onnx_dir=opts.onnx, engine_dir=opts.engines,
+        backend = open_backend(opts.backend, model=networks_folder(opts, spec), onnx_dir=opts.onnx,
+                               engine_dir=opts.engines,
                                url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
                                clients_per_server=opts.clients_per_server, start=spec.start_network or "flow")
     except IntegrityError as err:
@@ -175,7 +184,7 @@ def require_same_model(backend: "Backend", opts: UpscaleOptions, spec) -> None:
     from ftddm_trt.models.model_set import ModelSet
 
     try:
-        models = ModelSet.open(opts.model, _flow_ttrunc(spec), start=spec.start_network or "flow")
+        models = ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
     except FileNotFoundError as err:
         raise UpscaleError(str(err)) from err
     expected = {n: h for n, h in models.hashes().items() if n in spec_networks(spec)}

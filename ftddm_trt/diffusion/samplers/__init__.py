@@ -8,6 +8,7 @@ from .ancestral import (
     truncated_timesteps,
 )
 from .base import EpsFn, ProgressFn, SampleResult, initial_noise, masked_eps, randn_on
+from .distilled import MAX_DISTILLED_STEPS, distilled_sample, distilled_timesteps
 from .dpm_solver import (
     DEFAULT_LAMBDA_MIN,
     dpm_solver_pp_sample,
@@ -18,6 +19,9 @@ from .dpm_solver import (
 
 __all__ = [
     "DEFAULT_LAMBDA_MIN",
+    "MAX_DISTILLED_STEPS",
+    "distilled_sample",
+    "distilled_timesteps",
     "EpsFn",
     "ProgressFn",
     "SampleResult",
