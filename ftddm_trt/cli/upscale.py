@@ -59,7 +59,8 @@ def upscale_cmd(
     ),
     sampler: str = typer.Option(
         "ftddm-dpmpp",
-        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow or tdpm (baseline; needs tdpm.* in the model).",
+        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow, tdpm (baseline; needs tdpm.* in the model) or "
+             "ftddm-distilled (the model's distilled student, `ftddm-trt distill`).",
     ),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers.", **EXPERT),
     steps: Optional[int] = typer.Option(
