@@ -254,7 +254,7 @@ def package_distilled(teacher_dir: Path | str | None, work: Path | str, out: Pat
     models = ModelSet.open(teacher_dir, cfg.ttrunc)
     summary = package_run_summary(Path(work))
     record = {
-        "teacher": str(models.root),
+        "teacher": str(teacher_dir) if teacher_dir is not None else "the shipped model",
         "teacher_sha256": models.hashes(),
         "teacher_sampler": cfg.teacher_spec().to_dict(),
         "sampler": cfg.student_spec().to_dict(),
