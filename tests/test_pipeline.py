@@ -112,6 +112,8 @@ def ort_backend(tiny_onnx_export):
         (SamplerSpec("ftddm-dpmpp", ttrunc=10, steps=3, sde=True), 4),
         (SamplerSpec("ftddm-dpmpp", ttrunc=10, steps=3, passes=3), 10),
         (SamplerSpec("flow"), 1),
+        (SamplerSpec("ftddm-distilled"), 2),
+        (SamplerSpec("ftddm-distilled", steps=3), 4),
     ],
     ids=lambda v: v if isinstance(v, int) else f"{v.name}-{v.ttrunc}-{v.steps}-{v.passes}",
 )
@@ -124,7 +126,7 @@ def test_nfe_equals_the_backend_calls(spec, nfe):
     n_batches = 3
     assert reported == nfe
     assert x.shape == (k, 1, 64, 64)
-    uses_flow = spec.name in ("ftddm", "ftddm-dpmpp", "flow")
+    uses_flow = spec.name in ("ftddm", "ftddm-dpmpp", "flow", "ftddm-distilled")
     unet = "unet_full" if spec.name in ("ddpm", "ddpm-respaced", "dpmpp") else "unet"
     expected = Counter({"flow": n_batches * uses_flow, unet: n_batches * (nfe - uses_flow)})
     assert backend.calls == +expected
@@ -132,7 +134,9 @@ def test_nfe_equals_the_backend_calls(spec, nfe):
 
 
 def test_every_sampler_is_covered():
-    assert set(SAMPLERS) == {"ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm"}
+    assert set(SAMPLERS) == {
+        "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled"
+    }
 
 
 @pytest.mark.parametrize(
