@@ -2,7 +2,8 @@
 
     python benchmarks/distilled.py [--model DIR] [--subjects 4] [--maps 48] [--out benchmarks/results]
 
-Draws fresh subjects of the held-out style (seed 3033, used by no training run and no other benchmark),
+Draws fresh subjects of the held-out style (``--seed``, default 3035: used by no training run and no other
+benchmark),
 super-resolves the same maps at s = 8, 4, 2 under both mask protocols with the default sampler (flow +
 20 DPM-Solver++ steps, NFE 21) and with ``ftddm-distilled`` (the model's ``distilled/`` student, NFE
 2 with one step), each followed by the same corrections ``upscale`` applies, and writes
@@ -29,7 +30,9 @@ from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS, Variant, score
 from ftddm_trt.evaluation.report import md_table, write_json  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet, distilled_folder  # noqa: E402
 
-SEED = 3033
+#: Subjects of the held-out style the comparison is measured on. Seed 3033 is spent: the student's
+#: settings were revised after its figures were seen, so the claim is measured on a seed no run used.
+SEED = 3035
 SIZES = (8, 16, 32)
 PROTOCOLS = ("lr", "hr")
 
@@ -41,6 +44,7 @@ def main() -> int:
     ap.add_argument("--subjects", type=int, default=4)
     ap.add_argument("--maps", type=int, default=48, help="maps per cell, the same for both samplers")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=SEED, help="seed of the held-out subjects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     models = ModelSet.open(args.model)
@@ -50,7 +54,7 @@ def main() -> int:
     default = DEFAULT_VARIANTS[0]
     distilled = Variant(f"ftddm-distilled, {steps} step(s)", SamplerSpec("ftddm-distilled", steps=steps,
                                                                           tau_f=USER_DEFAULT_TAU_F), qc_weight=None)
-    pool, idx = style_maps(HELD_OUT_STYLE, n_subjects=args.subjects, n_maps=args.maps, seed=SEED)
+    pool, idx = style_maps(HELD_OUT_STYLE, n_subjects=args.subjects, n_maps=args.maps, seed=args.seed)
     rows = []
     t0 = time.time()
     with open_backend(args.backend, model=models.root, log=print) as teacher, \
@@ -63,7 +67,7 @@ def main() -> int:
                 rows += base + score_maps(student, variants=[distilled], **kw)[1:]
                 print(f"s = {HR_SIZE // n} {protocol}: " + ", ".join(f"{r['method']} {r['psnr']:.2f} dB"
                                                                    for r in rows[-3:]), flush=True)
-    result = {"seed": SEED, "style": HELD_OUT_STYLE, "subjects": args.subjects, "maps": int(idx.size),
+    result = {"seed": args.seed, "style": HELD_OUT_STYLE, "subjects": args.subjects, "maps": int(idx.size),
               "backend": args.backend, "batch_size": args.batch_size, "model": str(models.root),
               "student": str(student_dir), "teacher_sha256": models.hashes(),
               "student_sha256": ModelSet.open(student_dir).hashes(), "machine": platform.platform(),

@@ -257,6 +257,7 @@ def distill_cmd(
     ),
     bank_maps: int = typer.Option(1536, "--bank-maps", help="Teacher outputs drawn once to train on.", **EXPERT),
     learning_rate: float = typer.Option(5e-5, "--learning-rate", help="Adam learning rate (constant).", **EXPERT),
+    lr_mask_fraction: float = typer.Option(0.5, "--lr-mask-fraction", help=_LR_MASK_FRACTION_HELP, **EXPERT),
     data: Optional[Path] = typer.Option(
         None, "--data", help="Draw the maps from a site's own 64 x 64 subjects (the layout of `finetune --data`).",
         show_default="phantoms of the shipped model's training styles",
@@ -279,7 +280,7 @@ def distill_cmd(
 
     try:
         cfg = DistillConfig(steps=steps, minutes=minutes, bank_maps=bank_maps, lr=learning_rate,
-                            data_dir=str(data) if data is not None else None)
+                            lr_protocol_fraction=lr_mask_fraction, data_dir=str(data) if data is not None else None)
         manifest = run_distill(model, out, work, cfg, force=force)
     except (ValueError, OSError) as err:
         fail(str(err))

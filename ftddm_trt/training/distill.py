@@ -72,7 +72,7 @@ class DistillConfig:
     styles: tuple[str, ...] = ("classic", "smooth", "patchy")
     data_dir: str | None = None
     val_subjects: int = 2
-    lr_protocol_fraction: float = 0.75
+    lr_protocol_fraction: float = 0.5
     #: The teacher: DPM-Solver++ steps from the flow's mode (the default sampler).
     teacher_steps: int = 20
     ttrunc: int = T_TRUNC
