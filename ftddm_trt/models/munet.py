@@ -28,7 +28,8 @@ Choices where the publications are silent or where we differ (on purpose):
 
 - The mapping MLP is shared by every convolution (each keeps its own scaling head); the publication
   gives each convolution its own MLP. The scaling is ``1 + a(s)`` rather than ``a(s)``, so training
-  starts near plain convolutions.
+  starts near plain convolutions. (The 1 is the initial value of the head's bias; a separate ``1 +`` met a
+  bug of the ONNX graph cleaner, onnxslim's Gemm + Add fusion, which dropped the input s.)
 - Filter scaling with a different s for each image of a batch runs as an explicit im2col + batched
   matrix product (``FilterScaledConv2d``): exact, and exported to ONNX with a dynamic batch (a grouped
   convolution would fix the batch size in the graph).
@@ -116,10 +117,12 @@ class FilterScaledConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(cout, cin, k, k))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv2d's default
         self.head = nn.Linear(latent_dim, cout * cin)
+        with torch.no_grad():  # the head's bias holds the 1 of 1 + a(s): no separate Add in the graph
+            self.head.bias.add_(1.0)
 
     def scales(self, code: Tensor) -> Tensor:
-        """The per-image filter scales ``1 + a(code)``, (B, Cout, Cin)."""
-        return 1.0 + self.head(code).reshape(-1, self.cout, self.cin)
+        """The per-image filter scales ``1 + a(code)``, (B, Cout, Cin) (the 1 lives in the head's bias)."""
+        return self.head(code).reshape(-1, self.cout, self.cin)
 
     def forward(self, x: Tensor, code: Tensor) -> Tensor:
         """The convolution of ``x`` with each image's own scaled filters."""
@@ -203,7 +206,7 @@ class MUNet(nn.Module):
 
     def forward(self, y: Tensor, s: Tensor) -> Tensor:
         """x0 estimate ``(B,1,S,S)``, zero outside M, for condition ``y`` ``(B,4,S,S)`` and factors ``s`` ``(B,)``."""
-        code = self.mapping(s.to(y.dtype).reshape(-1, 1))
+        code = self.mapping(s.to(y.dtype).unsqueeze(1))
         feats = [enc(x, code) for enc, x in zip(self.encoders, self.encoder_inputs(y))]
         depth = self.config.depth
         h = torch.cat([f[depth] for f in feats], dim=1)

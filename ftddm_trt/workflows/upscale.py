@@ -129,7 +129,8 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
 
         try:
             # a flow (or TDPM generator) for this Ttrunc must exist, and a distilled model for ftddm-distilled
-            ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
+            models = ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
+            models.require(spec.baseline_networks, spec.name)  # munet.* (and flow_enhancer.*) for the baselines
         except FileNotFoundError as err:
             raise UpscaleError(str(err)) from err
     return spec
@@ -172,6 +173,8 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
 
 def spec_networks(spec) -> list[str]:
     """The networks ``spec`` runs."""
+    if spec.baseline_networks:
+        return list(spec.baseline_networks)
     return ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
 
 
