@@ -223,3 +223,35 @@ def test_upscale_cli_names_the_missing_network(tiny_model_dir, baseline_model, p
     res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(tmp_path / "o2"), "--sampler",
                               "flow-enhancer", "--backend", "torch", "--model", str(only), "--metabolites", "Gly"])
     assert res.exit_code == 2 and "flow_enhancer.safetensors" in "".join(res.output.split())
+    res = runner.invoke(app, ["upscale", str(phantom_subject_dir), "--out", str(tmp_path / "o3"), "--sampler",
+                              "munet", "--backend", "torch", "--model", str(only), "--samples", "3"])
+    assert res.exit_code == 2 and "MUNet has no randomness" in " ".join(res.output.split())
+
+
+def test_triton_client_sends_the_baselines_tensors_and_requires_their_models(monkeypatch):
+    """Pure parts of the Triton client (no server here): the request of each network, and `open_backend`
+    asking the server for the baseline's models instead of the UNet and flow."""
+    from ftddm_trt.engine import factory, triton_backend
+
+    client = triton_backend.TritonBackend.__new__(triton_backend.TritonBackend)
+    client.models, client.timeout_s, sent = dict(TRITON_MODELS), 1.0, []
+
+    def fake_infer(model, arrays, outputs, timeout_s, parameters=None):
+        sent.append((model, {k: v.shape for k, v in arrays.items()}, dict(outputs)))
+        return {name: np.zeros(shape, np.float32) for name, shape in outputs.items()}
+
+    client._infer = fake_infer
+    y, s = _condition(2)
+    assert client.munet(y, s).shape == (2, 1, 64, 64)
+    assert client.enhancer_reverse(torch.zeros(2, 1, 64, 64), y, torch.zeros(2, 1, 64, 64), torch.ones(2)).shape == (
+        2, 1, 64, 64)
+    assert sent[0] == ("ftddm_munet", {"y": (2, 4, 64, 64), "s": (2, 1)}, {"x0": (2, 1, 64, 64)})
+    assert sent[1][0] == "ftddm_flow_enhancer" and sent[1][1] == {
+        "eps": (2, 1, 64, 64), "y": (2, 4, 64, 64), "x_munet": (2, 1, 64, 64), "tau_f": (2, 1)}
+
+    made = []
+    monkeypatch.setattr(triton_backend, "TritonBackend", lambda url, **kw: made.append((url, kw)) or "backend")
+    assert factory.open_backend("triton", url="h:1", require=("munet", "flow_enhancer")) == "backend"
+    assert made == [("h:1", {"retry_s": None, "require": ("munet", "flow_enhancer")})]
+    factory.open_backend("triton", url="h:1")
+    assert made[-1] == ("h:1", {"retry_s": None})  # the default: the UNet and the flow

@@ -117,6 +117,9 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         raise UpscaleError(f"--qc-consistency must be in [0, 1], got {opts.qc_consistency}")
     if opts.samples < 1:
         raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
+    if opts.samples > 1 and spec.name == "munet":
+        raise UpscaleError(f"--samples {opts.samples} with munet would repeat one identical output: MUNet has no "
+                           "randomness (--sampler flow-enhancer with --tau-f > 0 draws samples around it)")
     if opts.samples > 1 and spec.deterministic:
         raise UpscaleError(
             f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical "
@@ -157,7 +160,8 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
         backend = open_backend(opts.backend, model=networks_folder(opts, spec), onnx_dir=opts.onnx,
                                engine_dir=opts.engines,
                                url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
-                               clients_per_server=opts.clients_per_server, start=spec.start_network or "flow")
+                               clients_per_server=opts.clients_per_server, start=spec.start_network or "flow",
+                               require=spec_networks(spec) if spec.baseline_networks else None)
     except IntegrityError as err:
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
