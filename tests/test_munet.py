@@ -248,3 +248,33 @@ def test_munet_and_flow_enhancer_tasks_resume_and_package(tmp_path):
     res = runner.invoke(app, ["train", "--out", str(enh_run), "--task", "flow_enhancer", "--munet", str(other),
                               *common, "--iterations", "4"])
     assert res.exit_code != 0
+
+
+def test_resumed_munet_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Every draw of step k is seeded by (seed, k) and both Adam states are saved: a run killed after its
+    step-2 checkpoint and resumed ends with the weights of an uninterrupted 4-step run."""
+    from safetensors.torch import load_file
+
+    from ftddm_trt.training import munet as munet_training
+
+    cfg = run_config.TrainConfig(task="munet", preset="tiny", iterations=4, batch_size=2, n_subjects=5, val_every=10,
+                                 val_examples=2, ckpt_every=2, lr=1e-3, lr_final=1e-4)
+    munet_training.train_munet(cfg, tmp_path / "straight", device="cpu", progress=False)
+
+    real_save = munet_training.save_checkpoint
+
+    def save_then_die(folder, model, mcfg, opt, state, **kw):
+        real_save(folder, model, mcfg, opt, state, **kw)
+        if state["step"] == 2 and folder.name == "last":  # the critic is saved first, the generator last
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(munet_training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        munet_training.train_munet(cfg, tmp_path / "resumed", device="cpu", progress=False)
+    monkeypatch.setattr(munet_training, "save_checkpoint", real_save)
+    assert munet_training.train_munet(cfg, tmp_path / "resumed", device="cpu", progress=False)["step"] == 4
+    for ckpt in ("last", "last_critic"):
+        a = load_file(str(tmp_path / "straight" / ckpt / "model.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / ckpt / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"{ckpt}: {k}")
