@@ -49,6 +49,16 @@ class CountingBackend(Backend):
         self.images["flow"] += eps.shape[0]
         return self.inner.flow_reverse(eps, y, tau_f)
 
+    def munet(self, y, s):
+        self.calls["munet"] += 1
+        self.images["munet"] += y.shape[0]
+        return self.inner.munet(y, s)
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f):
+        self.calls["flow_enhancer"] += 1
+        self.images["flow_enhancer"] += eps.shape[0]
+        return self.inner.enhancer_reverse(eps, y, x_munet, tau_f)
+
 
 class StubBackend(Backend):
     """No networks: outputs that are non-zero everywhere (also outside the mask), for cheap counting."""
@@ -60,6 +70,12 @@ class StubBackend(Backend):
 
     def flow_reverse(self, eps, y, tau_f):
         return 0.5 + 0.2 * eps + y[:, :1]
+
+    def munet(self, y, s):
+        return 0.4 + 0.1 * y[:, :1] + 0.0 * s.view(-1, 1, 1, 1)
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f):
+        return x_munet + 0.1 * tau_f.view(-1, 1, 1, 1) * eps
 
 
 def _inputs(k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +130,8 @@ def ort_backend(tiny_onnx_export):
         (SamplerSpec("flow"), 1),
         (SamplerSpec("ftddm-distilled"), 2),
         (SamplerSpec("ftddm-distilled", steps=3), 4),
+        (SamplerSpec("munet"), 1),
+        (SamplerSpec("flow-enhancer"), 2),
     ],
     ids=lambda v: v if isinstance(v, int) else f"{v.name}-{v.ttrunc}-{v.steps}-{v.passes}",
 )
@@ -129,13 +147,16 @@ def test_nfe_equals_the_backend_calls(spec, nfe):
     uses_flow = spec.name in ("ftddm", "ftddm-dpmpp", "flow", "ftddm-distilled")
     unet = "unet_full" if spec.name in ("ddpm", "ddpm-respaced", "dpmpp") else "unet"
     expected = Counter({"flow": n_batches * uses_flow, unet: n_batches * (nfe - uses_flow)})
+    if spec.baseline_networks:  # one call of each of the baseline's networks, no UNet
+        expected = Counter({n: n_batches for n in spec.baseline_networks})
     assert backend.calls == +expected
     assert backend.images == +Counter({name: (n // n_batches) * k for name, n in expected.items()})
 
 
 def test_every_sampler_is_covered():
     assert set(SAMPLERS) == {
-        "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled"
+        "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled", "munet",
+        "flow-enhancer",
     }
 
 

@@ -72,8 +72,9 @@ def tiny_runs(tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_config, "generate_dataset", _generate)
-        for task in trainer.TASKS:
-            summary = run(tiny_cfg(task, 2, val_every=2), root / task)
+        for task in trainer.TASKS:  # munet comes before flow_enhancer, which enhances it
+            extra = {"munet": str(root / "munet")} if task == "flow_enhancer" else {}
+            summary = run(tiny_cfg(task, 2, val_every=2, **extra), root / task)
             out[task] = (root / task, summary)
     return out
 
@@ -86,7 +87,7 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
 
     # best.* is a loadable network of the right kind, at the data's 64 px
     net = load_model(run_dir / "best")
-    kind = {"flow": "flow", "tdpm": "tdpm"}.get(task, "unet")
+    kind = {"flow": "flow", "tdpm": "tdpm", "munet": "munet", "flow_enhancer": "flow_enhancer"}.get(task, "unet")
     assert load_meta(run_dir / "best")["kind"] == kind
     if task == "tdpm":  # the generator draws (B,1,64,64) from (B,4,64,64)
         assert net.reverse(torch.zeros(2, 1, 64, 64), torch.zeros(2, 4, 64, 64), torch.ones(2)).shape == (2, 1, 64, 64)
@@ -105,7 +106,8 @@ def test_tiny_run_writes_best_last_log_and_no_pickles(tiny_runs, task):
 
     # nothing but safetensors / JSON / the log, no leftovers of the atomic writes
     names = {p.relative_to(run_dir).as_posix() for p in files_under(run_dir)}
-    ckpts = ("last", "last_disc") if task == "tdpm" else ("last",)  # the GAN's discriminator has its own
+    # the GANs' discriminator / critic has its own checkpoint
+    ckpts = {"tdpm": ("last", "last_disc"), "munet": ("last", "last_critic")}.get(task, ("last",))
     assert names == {"best.safetensors", "best.json", "log.jsonl"} | {
         f"{c}/{f}"
         for c in ckpts
@@ -280,7 +282,8 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
     manifest = package_model(runs, out, commands=["ftddm-trt train ..."])
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm", "regression") for e in ("safetensors", "json")]
+        [f"{n}.{e}" for n in ("unet", "unet_full", "flow", "tdpm", "regression", "munet", "flow_enhancer")
+         for e in ("safetensors", "json")]
         + ["manifest.json", ".ftddm-trt.json"]
     )
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -292,7 +295,8 @@ def test_package_model_writes_the_model_set_layout_with_matching_sha256(tiny_run
         assert digest == _sha256(runs[name] / "best.safetensors")
         assert info["step"] == 2 and info["train_config"]["task"] == name
     models = ModelSet.open(out)
-    assert models.networks == ("unet", "unet_full", "flow")  # tdpm.* is served only when asked for (start="tdpm")
+    # tdpm.* is served only when asked for (start="tdpm")
+    assert models.networks == ("unet", "unet_full", "flow", "munet", "flow_enhancer")
     assert type(ModelSet.open(out, start="tdpm").load_torch()["flow"]).__name__ == "TDPMGenerator"
     assert models.hashes() == {n: manifest["networks"][n]["sha256"] for n in models.networks}
     nets = models.load_torch()

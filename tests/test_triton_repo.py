@@ -33,10 +33,10 @@ from ftddm_trt.serving.repository.render import ConfigError, RepoOptions
 from ftddm_trt.serving.repository.validate import parse_config, validate_config, validate_repository
 
 #: the placeholder files' real sha256, as an export's manifest records them (triton-repo checks each placed file)
-SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in ("unet", "unet_full", "flow")}
+SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in TRITON_MODELS}
 
 
-def _fake_export(folder: Path, networks=("unet", "unet_full", "flow")) -> Path:
+def _fake_export(folder: Path, networks=tuple(TRITON_MODELS)) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     img = {"shape": ["batch", 1, 64, 64], "dtype": "float32"}
     cond = {"name": "y", "shape": ["batch", 4, 64, 64], "dtype": "float32"}
@@ -46,10 +46,14 @@ def _fake_export(folder: Path, networks=("unet", "unet_full", "flow")) -> Path:
 
     unet = {"inputs": [{"name": "x_t", **img}, cond, scalar("t"), scalar("s")], "outputs": [{"name": "eps", **img}]}
     flow = {"inputs": [{"name": "eps", **img}, cond, scalar("tau_f")], "outputs": [{"name": "x", **img}]}
+    munet = {"inputs": [cond, scalar("s")], "outputs": [{"name": "x0", **img}]}
+    enhancer = {"inputs": [{"name": "eps", **img}, cond, {"name": "x_munet", **img}, scalar("tau_f")],
+                "outputs": [{"name": "x", **img}]}
+    io = {"flow": flow, "munet": munet, "flow_enhancer": enhancer}
     nets = {}
     for n in networks:
         (folder / f"{n}.onnx").write_bytes(b"placeholder onnx " + n.encode())
-        nets[n] = {"onnx": f"{n}.onnx", "onnx_sha256": SHA[n], **(flow if n == "flow" else unet)}
+        nets[n] = {"onnx": f"{n}.onnx", "onnx_sha256": SHA[n], **io.get(n, unet)}
     (folder / "manifest.json").write_text(json.dumps({"max_batch": 128, "networks": nets, "model_hashes": {},
                                                       "flow_ttrunc": 100}))
     return folder
@@ -90,7 +94,8 @@ def _quiet(_msg):
 def test_cpu_repository_is_valid(export_dir, tmp_path):
     out = tmp_path / "repo"
     meta = build_repository(export_dir, out, "cpu", log=_quiet)
-    assert meta["models"] == ["ftddm_unet", "ftddm_unet_full", "ftddm_flow", SAMPLER_MODEL]
+    assert meta["models"] == ["ftddm_unet", "ftddm_unet_full", "ftddm_flow", "ftddm_munet", "ftddm_flow_enhancer",
+                              SAMPLER_MODEL]
     configs = validate_repository(out)
     assert set(configs) == set(meta["models"])
     for name, cfg in configs.items():

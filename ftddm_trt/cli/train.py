@@ -37,8 +37,9 @@ def train_cmd(
     task: str = typer.Option(
         "unet",
         help="unet (t in 1..Ttrunc), unet_full (t in 1..T, DDPM baselines), flow, tdpm (TDPM baseline's GAN generator "
-             "of x_Ttrunc), or regression (the same UNet predicting the map in one evaluation: the conditional-mean "
-             "yardstick).",
+             "of x_Ttrunc), regression (the same UNet predicting the map in one evaluation: the conditional-mean "
+             "yardstick), munet (MUNet-FS-cWGAN baseline, a conditional WGAN-GP) or flow_enhancer (Flow Enhancer "
+             "baseline: a flow sharpening a trained MUNet's output; needs --munet).",
     ),
     preset: str = typer.Option(
         "cpu", help="Network size: cpu (trains on a laptop CPU), paper (30 M + 20 M), tiny (tests)."
@@ -66,6 +67,20 @@ def train_cmd(
         "--gan-l1",
         help="tdpm: weight of the generator's L1 term (its z = 0 output vs the centre of q(x_Ttrunc | x0)).",
         **EXPERT,
+    ),
+    munet: Optional[Path] = typer.Option(
+        None,
+        "--munet",
+        help="flow_enhancer: the trained MUNet it enhances (a `train --task munet` run folder, a model folder with "
+             "munet.*, or NAME.safetensors).",
+        show_default="none",
+    ),
+    gan_adv: float = typer.Option(
+        0.01, "--gan-adv", help="munet: weight of the adversarial (Wasserstein) term against the pixel loss.", **EXPERT
+    ),
+    gan_gp: float = typer.Option(10.0, "--gan-gp", help="munet: weight of the critic's gradient penalty.", **EXPERT),
+    critic_steps: int = typer.Option(
+        1, "--critic-steps", help="munet: critic updates per generator update.", **EXPERT
     ),
     init_from: Optional[Path] = typer.Option(
         None,
@@ -126,6 +141,10 @@ def train_cmd(
             seed=seed,
             val_every=val_every,
             gan_l1=gan_l1,
+            gan_adv=gan_adv,
+            gan_gp=gan_gp,
+            critic_steps=critic_steps,
+            munet=str(munet.resolve()) if munet is not None else None,
             styles=tuple(style),
             lr_protocol_fraction=lr_mask_fraction,
             margin_weight=margin_weight,
@@ -354,6 +373,16 @@ def package_model_cmd(
         None, help="Run folder of the TDPM generator (baseline, `train --task tdpm`); becomes tdpm.*.",
         show_default="none",
     ),
+    munet: Optional[Path] = typer.Option(
+        None, help="Run folder of the MUNet-FS-cWGAN baseline (`train --task munet`); becomes munet.*.",
+        show_default="none",
+    ),
+    flow_enhancer: Optional[Path] = typer.Option(
+        None, "--flow-enhancer",
+        help="Run folder of the Flow Enhancer baseline (`train --task flow_enhancer`); becomes flow_enhancer.*. "
+             "Its MUNet must be in the folder too (--munet, or --model).",
+        show_default="none",
+    ),
     extra_flow: list[Path] = typer.Option(
         [],
         "--extra-flow",
@@ -375,11 +404,11 @@ def package_model_cmd(
     """Assemble a model folder from training runs (what `--model` and the shipped model are)."""
     from ftddm_trt.training.package import package_model
 
-    runs = {
-        k: v for k, v in (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm)) if v is not None
-    }
+    given = (("unet", unet), ("unet_full", unet_full), ("flow", flow), ("tdpm", tdpm), ("munet", munet),
+             ("flow_enhancer", flow_enhancer))
+    runs = {k: v for k, v in given if v is not None}
     if not runs:
-        fail("give at least one of --unet, --unet-full, --flow, --tdpm")
+        fail("give at least one of --unet, --unet-full, --flow, --tdpm, --munet, --flow-enhancer")
     try:
         manifest = package_model(
             runs, out, which=which, commands=list(command), force=force, extra_flows=list(extra_flow), base=model

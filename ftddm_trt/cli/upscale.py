@@ -59,8 +59,9 @@ def upscale_cmd(
     ),
     sampler: str = typer.Option(
         "ftddm-dpmpp",
-        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow, tdpm (baseline; needs tdpm.* in the model) or "
-             "ftddm-distilled (the model's distilled student, `ftddm-trt distill`).",
+        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow, tdpm (baseline; needs tdpm.* in the model), "
+             "ftddm-distilled (the model's distilled student, `ftddm-trt distill`), munet (MUNet-FS-cWGAN baseline; "
+             "needs munet.*) or flow-enhancer (Flow Enhancer baseline; needs munet.* and flow_enhancer.*).",
     ),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers.", **EXPERT),
     steps: Optional[int] = typer.Option(

@@ -5,7 +5,13 @@ the interface as float32 torch tensors on ``backend.device`` (CPU for ONNX Runti
 
 - ``unet(x_t (B,1,64,64), y (B,4,64,64), t (B,), s (B,), full=False) -> eps (B,1,64,64)``;
   ``full=True`` selects the UNet trained on the whole chain (DDPM baselines);
-- ``flow_reverse(eps (B,1,64,64), y (B,4,64,64), tau_f (B,)) -> x_Ttrunc (B,1,64,64)``.
+- ``flow_reverse(eps (B,1,64,64), y (B,4,64,64), tau_f (B,)) -> x_Ttrunc (B,1,64,64)``;
+- ``munet(y (B,4,64,64), s (B,)) -> x0 (B,1,64,64)``: the MUNet-FS-cWGAN baseline (zero outside M);
+- ``enhancer_reverse(eps (B,1,64,64), y (B,4,64,64), x_munet (B,1,64,64), tau_f (B,)) -> x0 (B,1,64,64)``:
+  the Flow Enhancer baseline's flow, sharpening MUNet's estimate ``x_munet``.
+
+The two baseline methods are not abstract: a backend without them (or a model without the networks)
+refuses them by name (``MissingNetwork``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from typing import Any
 import torch
 
 #: Network names, shared by model files, ONNX files, engines and Triton models.
-NETWORKS: tuple[str, ...] = ("unet", "unet_full", "flow")
+NETWORKS: tuple[str, ...] = ("unet", "unet_full", "flow", "munet", "flow_enhancer")
+
+
+class MissingNetwork(KeyError):
+    """A sampler needs a network the backend's model / export / engines / server does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class Backend(ABC):
@@ -34,6 +47,15 @@ class Backend(ABC):
     @abstractmethod
     def flow_reverse(self, eps: torch.Tensor, y: torch.Tensor, tau_f: torch.Tensor) -> torch.Tensor:
         """x_Ttrunc drawn by the flow from unit-normal ``eps`` at temperature ``tau_f``."""
+
+    def munet(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x0 estimate ``(B,1,64,64)`` of the MUNet-FS-cWGAN baseline (one evaluation)."""
+        raise MissingNetwork(f"{self.origin()} does not run the munet network")
+
+    def enhancer_reverse(self, eps: torch.Tensor, y: torch.Tensor, x_munet: torch.Tensor,
+                         tau_f: torch.Tensor) -> torch.Tensor:
+        """The Flow Enhancer's sharpened x0 ``(B,1,64,64)`` from unit-normal ``eps`` at temperature ``tau_f``."""
+        raise MissingNetwork(f"{self.origin()} does not run the flow_enhancer network")
 
     @property
     def flow_ttrunc(self) -> int | None:

@@ -65,12 +65,15 @@ def open_backend(
     retry_s: float | None = None,
     clients_per_server: int = 1,
     start: str = "flow",
+    require: Sequence[str] | None = None,
 ) -> Backend:
     """Open backend ``kind`` for a model folder (default: the shipped model) and, for the in-process
     backends, the flow trained for ``ttrunc`` (see ``ModelSet.open``); ``start="tdpm"`` serves the TDPM
     generator in the flow's place (in-process backends only). ``url``: one Triton endpoint, or
     several for a ``TritonPool`` with ``clients_per_server`` concurrent clients each. ``retry_s``: how long
-    a single Triton server is retried when it stops answering (a pool of several drops it at once)."""
+    a single Triton server is retried when it stops answering (a pool of several drops it at once).
+    ``require``: the networks a Triton server must serve at once (default: the UNet and the flow; the
+    ``munet`` / ``flow-enhancer`` samplers need theirs instead)."""
     if start != "flow" and (kind not in ("torch", "onnxruntime") or onnx_dir is not None):
         raise ValueError(f"the {start} start point runs on --backend torch or onnxruntime from a model folder only")
     if kind == "torch":
@@ -89,14 +92,15 @@ def open_backend(
         return TensorRTBackend(engine_dir)
     if kind == "triton":
         urls = [url] if isinstance(url, str) else list(url or ["localhost:8001"])
+        needs = {} if require is None else {"require": tuple(require)}
         if len(urls) > 1 or clients_per_server > 1:  # batches spread over the servers that are up
             from ftddm_trt.engine.triton_pool import TritonPool
 
             # with other servers to fail over to, a server that stops answering is dropped at once and its
             # batch rerun elsewhere; waiting out a restart (retry_s) is for a single server
             return TritonPool(urls, clients_per_server=clients_per_server, log=log,
-                              retry_s=0.0 if len(urls) > 1 else retry_s)
+                              retry_s=0.0 if len(urls) > 1 else retry_s, **needs)
         from ftddm_trt.engine.triton_backend import TritonBackend
 
-        return TritonBackend(urls[0], retry_s=retry_s)
+        return TritonBackend(urls[0], retry_s=retry_s, **needs)
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

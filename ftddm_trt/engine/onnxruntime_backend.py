@@ -1,7 +1,8 @@
 """ONNX Runtime backend (the embedded default): runs the exported ONNX files in-process.
 
 Reads an export folder written by ``ftddm-trt export`` (``unet.onnx``, ``unet_full.onnx``,
-``flow.onnx``, ``manifest.json``). Input/output names are fixed by ``export.onnx_export``. An int8 export
+``flow.onnx``, and the baselines' ``munet.onnx`` / ``flow_enhancer.onnx`` when the model has them,
+``manifest.json``). Input/output names are fixed by ``export.onnx_export``. An int8 export
 (``ftddm-trt export --int8``: QDQ UNet graphs, ``export.int8``) is opened the same way; ``describe()`` reports
 its precision.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftddm_trt.engine.backend import NETWORKS, Backend
+from ftddm_trt.engine.backend import NETWORKS, Backend, MissingNetwork
 from ftddm_trt.export.manifest import manifest_flow_ttrunc, manifest_precision, network_precisions, read_manifest
 from ftddm_trt.integrity import verify_networks
 
@@ -58,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         if name not in self.sessions:
-            raise KeyError(f"the export {self.root} has no {name}.onnx")
+            raise MissingNetwork(f"the ONNX export {self.root} has no {name} network ({name}.onnx)")
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32) for k, v in feeds.items()}
         (out,) = self.sessions[name].run(None, arrays)
         return torch.from_numpy(out)
@@ -70,6 +71,14 @@ class OnnxRuntimeBackend(Backend):
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         """x_Ttrunc ``(B,1,64,64)`` from the ``flow`` graph."""
         return self._run("flow", {"eps": eps, "y": y, "tau_f": tau_f})
+
+    def munet(self, y, s) -> torch.Tensor:
+        """x0 ``(B,1,64,64)`` from the ``munet`` graph."""
+        return self._run("munet", {"y": y, "s": s})
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The enhanced x0 ``(B,1,64,64)`` from the ``flow_enhancer`` graph."""
+        return self._run("flow_enhancer", {"eps": eps, "y": y, "x_munet": x_munet, "tau_f": tau_f})
 
     def describe(self) -> dict[str, Any]:
         """The base facts plus the export's precision (``fp32``, or ``int8`` with each network's in

@@ -18,6 +18,9 @@ name               what runs                                                    
 ``flow``           flow only: x_Ttrunc at ``tau_f`` / sqrt(gamma_Ttrunc)       1
 ``tdpm``           TDPM baseline: GAN generator -> x_Ttrunc, ancestral DDPM     Ttrunc + 1
                    t = Ttrunc..1 (the backend serves the generator as ``flow``)
+``munet``          MUNet-FS-cWGAN baseline: ``munet(y, s)``, one evaluation     1
+``flow-enhancer``  Flow Enhancer baseline: ``munet(y, s)``, then the enhancer   2
+                   flow's reverse pass at ``tau_f`` conditioned on it
 =================  ==========================================================  ===============
 
 ``ftddm-distilled`` (NFE ``steps + 1``): flow -> x_Ttrunc, then ``steps`` (1 to 3) deterministic DDIM steps of a
@@ -60,7 +63,8 @@ from ftddm_trt.engine.backend import Backend
 from ftddm_trt.export.manifest import check_flow_ttrunc
 
 SAMPLERS: tuple[str, ...] = (
-    "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled"
+    "ftddm", "ftddm-dpmpp", "ddpm", "ddpm-respaced", "dpmpp", "flow", "tdpm", "ftddm-distilled", "munet",
+    "flow-enhancer",
 )
 _DEFAULT_STEPS = {"ftddm-dpmpp": 20, "ddpm-respaced": 100, "dpmpp": 20, "ftddm-distilled": 1}
 
@@ -72,7 +76,8 @@ def _clipped_start(lambda_min: float) -> int:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler and its settings. ``steps`` is ignored by ftddm, ddpm and flow; a solver's ``steps=None``
+    """A sampler and its settings. ``steps`` is ignored by ftddm, ddpm, flow and the one-shot baselines (``munet``,
+    ``flow-enhancer``: ``tau_f`` is the enhancer's temperature, ``tau_d`` unused); a solver's ``steps=None``
     becomes its default at construction (so equal settings compare equal). ``to_dict`` / ``from_dict`` are
     the one serialization (run.json, the Triton server loop's request, benchmark records)."""
 
@@ -148,8 +153,10 @@ class SamplerSpec:
         """True when the output does not depend on the seed (repeated samples would all be equal)."""
         if self.name == "ftddm-dpmpp":
             return self.tau_f == 0.0 and not (self.sde and self.tau_d > 0.0)
-        if self.name in ("flow", "ftddm-distilled"):
+        if self.name in ("flow", "ftddm-distilled", "flow-enhancer"):
             return self.tau_f == 0.0
+        if self.name == "munet":
+            return True
         return self.name in ("ftddm", "tdpm") and self.tau_f == 0.0 and self.tau_d == 0.0
 
     @property
@@ -168,6 +175,11 @@ class SamplerSpec:
         return self.name in ("ddpm", "ddpm-respaced", "dpmpp")
 
     @property
+    def baseline_networks(self) -> tuple[str, ...]:
+        """The networks a one-shot baseline sampler runs instead of the UNet (``munet``, ``flow_enhancer``)."""
+        return {"munet": ("munet",), "flow-enhancer": ("munet", "flow_enhancer")}.get(self.name, ())
+
+    @property
     def distilled_unet(self) -> bool:
         """True for the sampler that runs a distilled student as its UNet (``models.model_set.distilled_folder``)."""
         return self.name == "ftddm-distilled"
@@ -184,6 +196,8 @@ class SamplerSpec:
             "dpmpp": self.n_steps or 0,
             "flow": 1,
             "ftddm-distilled": (self.n_steps or 0) + 1,
+            "munet": 1,
+            "flow-enhancer": 2,
         }[self.name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,6 +339,18 @@ def sample_batch(
 
     def finish(x0: torch.Tensor) -> torch.Tensor:  # data consistency once, on the output
         return data_consistency(x0, y[:, 0:1], s) * mask if spec.data_consistency else x0
+
+    if spec.baseline_networks:  # MUNet (and its flow enhancer): one-shot x0 estimators, no chain
+        x0 = backend.munet(y, s) * mask
+        if spec.name == "flow-enhancer":
+            tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)
+            x0 = backend.enhancer_reverse(noise(), y, x0, tau_f) * mask
+        if spec.clip_x0 is not None:
+            x0 = x0.clamp(*spec.clip_x0) * mask
+        x0 = finish(x0)
+        if on_pass is not None:
+            on_pass(x0)
+        return SampleResult(x0=x0, nfe=spec.nfe)
 
     if spec.uses_flow:  # FTDDM: the flow draws x_Ttrunc (one evaluation), the chain starts there
         tau_f = torch.full((b,), spec.tau_f, dtype=torch.float32, device=dev)

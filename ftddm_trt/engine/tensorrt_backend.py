@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.backend import Backend, MissingNetwork
 from ftddm_trt.export.manifest import manifest_flow_ttrunc, read_manifest
 from ftddm_trt.export.tensorrt_build import EngineRunner, require_tensorrt, tensorrt_major
 from ftddm_trt.integrity import verify_networks
@@ -57,13 +57,26 @@ class TensorRTBackend(Backend):
     def _feeds(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, torch.float32).contiguous() for k, v in tensors.items()}
 
+    def _engine(self, name: str) -> "EngineRunner":
+        if name not in self.engines:
+            raise MissingNetwork(f"the TensorRT engine folder {self.root} has no {name} engine")
+        return self.engines[name]
+
     def unet(self, x_t, y, t, s, full: bool = False) -> torch.Tensor:
         """Predicted noise ``(B,1,64,64)`` (on the GPU) from the ``unet`` (or ``unet_full``) engine."""
-        return self.engines["unet_full" if full else "unet"](self._feeds(x_t=x_t, y=y, t=t, s=s), "eps")
+        return self._engine("unet_full" if full else "unet")(self._feeds(x_t=x_t, y=y, t=t, s=s), "eps")
 
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         """x_Ttrunc ``(B,1,64,64)`` (on the GPU) from the ``flow`` engine."""
-        return self.engines["flow"](self._feeds(eps=eps, y=y, tau_f=tau_f), "x")
+        return self._engine("flow")(self._feeds(eps=eps, y=y, tau_f=tau_f), "x")
+
+    def munet(self, y, s) -> torch.Tensor:
+        """x0 ``(B,1,64,64)`` (on the GPU) from the ``munet`` engine."""
+        return self._engine("munet")(self._feeds(y=y, s=s), "x0")
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The enhanced x0 ``(B,1,64,64)`` (on the GPU) from the ``flow_enhancer`` engine."""
+        return self._engine("flow_enhancer")(self._feeds(eps=eps, y=y, x_munet=x_munet, tau_f=tau_f), "x")
 
     def describe(self) -> dict[str, Any]:
         """The base facts plus precision, GPU, each engine's cache key and sha256, and the weights' hashes."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.backend import Backend, MissingNetwork
 from ftddm_trt.models.model_set import ModelSet
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -73,6 +73,8 @@ class TorchBackend(Backend):
         self.nets = {name: net.to(self.device).eval() for name, net in models.load_torch().items()}
         self._unet_calls = {name: self._wrap(self.nets[name]) for name in ("unet", "unet_full") if name in self.nets}
         self._flow_call = self._wrap(self.nets["flow"].reverse) if "flow" in self.nets else None
+        self._munet_call = self._wrap(self.nets["munet"]) if "munet" in self.nets else None
+        self._enhancer_call = self._wrap(self.nets["flow_enhancer"].enhance) if "flow_enhancer" in self.nets else None
         self.cuda_graph = cuda_graph
         if cuda_graph:
             self._unet_calls = {k: _GraphedCall(v) for k, v in self._unet_calls.items()}
@@ -106,6 +108,22 @@ class TorchBackend(Backend):
             raise KeyError(f"the model set {self.models.root} has no 'flow' network")
         dev = self.device
         return self._flow_call(eps.to(dev), y.to(dev), tau_f.to(dev, torch.float32))
+
+    def _missing(self, name: str) -> MissingNetwork:
+        return MissingNetwork(f"the model {self.models.root} has no {name} network ({name}.safetensors)")
+
+    def munet(self, y, s) -> torch.Tensor:
+        """x0 ``(B,1,64,64)`` from the model folder's MUNet (``munet.*``)."""
+        if self._munet_call is None:
+            raise self._missing("munet")
+        return self._munet_call(y.to(self.device), s.to(self.device, torch.float32))
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The enhanced x0 ``(B,1,64,64)`` from the model folder's flow enhancer (``flow_enhancer.*``)."""
+        if self._enhancer_call is None:
+            raise self._missing("flow_enhancer")
+        dev = self.device
+        return self._enhancer_call(eps.to(dev), y.to(dev), x_munet.to(dev), tau_f.to(dev, torch.float32))
 
     @property
     def flow_ttrunc(self) -> int | None:

@@ -34,19 +34,22 @@ import numpy as np
 import torch
 
 from ftddm_trt.diffusion import SampleResult
-from ftddm_trt.engine.backend import NETWORKS, Backend
+from ftddm_trt.engine.backend import NETWORKS, Backend, MissingNetwork
 from ftddm_trt.engine.model_check import WEIGHTS_PARAM
 from ftddm_trt.engine.pipeline import SamplerSpec, batch_seed, sample_images  # noqa: F401  (batch_seed re-exported)
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, TtruncMismatch
 
 #: Triton model name of each network (the repository generator and the client share them).
-TRITON_MODELS: dict[str, str] = {"unet": "ftddm_unet", "unet_full": "ftddm_unet_full", "flow": "ftddm_flow"}
+TRITON_MODELS: dict[str, str] = {"unet": "ftddm_unet", "unet_full": "ftddm_unet_full", "flow": "ftddm_flow",
+                                 "munet": "ftddm_munet", "flow_enhancer": "ftddm_flow_enhancer"}
 SAMPLER_MODEL = "ftddm_sampler"
 #: Input/output names of each network model, as in the ONNX graphs.
 NETWORK_TENSORS: dict[str, tuple[tuple[str, ...], str]] = {
     "unet": (("x_t", "y", "t", "s"), "eps"),
     "unet_full": (("x_t", "y", "t", "s"), "eps"),
     "flow": (("eps", "y", "tau_f"), "x"),
+    "munet": (("y", "s"), "x0"),
+    "flow_enhancer": (("eps", "y", "x_munet", "tau_f"), "x"),
 }
 PROTOCOLS = ("grpc", "http")
 #: config.pbtxt parameter of ftddm_flow and ftddm_sampler: the Ttrunc the flow was trained for ("none": unrecorded).
@@ -395,6 +398,8 @@ class TritonBackend(Backend):
     # -- Backend -----------------------------------------------------------------------------------
     def _network(self, network: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         names, output = NETWORK_TENSORS[network]
+        if network not in self.models:
+            raise MissingNetwork(f"{self.origin()}: no Triton model is named for network {network!r}")
         model = self.models[network]
         arrays = {}
         for n in names:
@@ -411,6 +416,14 @@ class TritonBackend(Backend):
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         """x_Ttrunc ``(B,1,64,64)`` from the served flow model (one request)."""
         return self._network("flow", {"eps": eps, "y": y, "tau_f": tau_f})
+
+    def munet(self, y, s) -> torch.Tensor:
+        """x0 ``(B,1,64,64)`` from the served MUNet model (one request)."""
+        return self._network("munet", {"y": y, "s": s})
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The enhanced x0 ``(B,1,64,64)`` from the served flow enhancer model (one request)."""
+        return self._network("flow_enhancer", {"eps": eps, "y": y, "x_munet": x_munet, "tau_f": tau_f})
 
     def sample_on_server(
         self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int

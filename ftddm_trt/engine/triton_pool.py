@@ -146,6 +146,14 @@ class TritonPool(Backend):
         """x_Ttrunc from a live server (retried on the next one when called outside a worker)."""
         return self._call(lambda c: c.flow_reverse(eps, y, tau_f))
 
+    def munet(self, y, s) -> torch.Tensor:
+        """MUNet's x0 from a live server (retried on the next one when called outside a worker)."""
+        return self._call(lambda c: c.munet(y, s))
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The flow enhancer's x0 from a live server (retried on the next one when called outside a worker)."""
+        return self._call(lambda c: c.enhancer_reverse(eps, y, x_munet, tau_f))
+
     def sample_on_server(
         self, y: torch.Tensor, s: torch.Tensor, spec: SamplerSpec, seed_for_batch: int
     ) -> SampleResult:

@@ -4,6 +4,9 @@ Graphs (dynamic batch ``B``; every other dimension fixed, and written into the g
 
 - ``unet.onnx`` / ``unet_full.onnx``: ``x_t (B,1,64,64), y (B,4,64,64), t (B,), s (B,) -> eps (B,1,64,64)``
 - ``flow.onnx`` (the flow's reverse pass): ``eps (B,1,64,64), y (B,4,64,64), tau_f (B,) -> x (B,1,64,64)``
+- ``munet.onnx`` (baseline): ``y (B,4,64,64), s (B,) -> x0 (B,1,64,64)``
+- ``flow_enhancer.onnx`` (baseline, the enhancer's reverse pass):
+  ``eps (B,1,64,64), y (B,4,64,64), x_munet (B,1,64,64), tau_f (B,) -> x (B,1,64,64)``
 
 torch's dynamo exporter at opset 18 (at opset 17 it can write an invalid Split),
 then onnxslim (constant folding, dead-node removal, shape inference). The export is written into a
@@ -28,7 +31,7 @@ from ftddm_trt import __version__
 from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, file_sha256, resolve_flow_ttrunc, write_manifest
-from ftddm_trt.models import FlowReverse
+from ftddm_trt.models import EnhancerReverse, FlowReverse
 from ftddm_trt.models.model_set import ModelSet
 
 OPSET = 18
@@ -57,7 +60,12 @@ UNET_IO = (
     [TensorSpec("eps", IMG)],
 )
 FLOW_IO = ([TensorSpec("eps", IMG), TensorSpec("y", COND), TensorSpec("tau_f", ())], [TensorSpec("x", IMG)])
-NETWORK_IO = {"unet": UNET_IO, "unet_full": UNET_IO, "flow": FLOW_IO}
+MUNET_IO = ([TensorSpec("y", COND), TensorSpec("s", ())], [TensorSpec("x0", IMG)])
+ENHANCER_IO = (
+    [TensorSpec("eps", IMG), TensorSpec("y", COND), TensorSpec("x_munet", IMG), TensorSpec("tau_f", ())],
+    [TensorSpec("x", IMG)],
+)
+NETWORK_IO = {"unet": UNET_IO, "unet_full": UNET_IO, "flow": FLOW_IO, "munet": MUNET_IO, "flow_enhancer": ENHANCER_IO}
 
 
 class ParityError(RuntimeError):
@@ -66,7 +74,11 @@ class ParityError(RuntimeError):
 
 def exportable(name: str, net: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward is the exported graph of network ``name``."""
-    return (FlowReverse(net) if name == "flow" else net).eval()
+    if name == "flow":
+        return FlowReverse(net).eval()
+    if name == "flow_enhancer":
+        return EnhancerReverse(net).eval()
+    return net.eval()
 
 
 def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -78,9 +90,12 @@ def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torc
     if "t" in feeds:
         t_max = T_DIFFUSION if name == "unet_full" else T_TRUNC
         feeds["t"] = torch.randint(1, t_max + 1, (batch,), generator=gen).float()
+    if "s" in feeds:
         idx = torch.randint(0, len(LR_SIZES), (batch,), generator=gen)
         feeds["s"] = torch.tensor([HR_SIZE / LR_SIZES[i] for i in idx])
-    else:
+    if "x_munet" in feeds:  # a map estimate: non-negative, zero outside M
+        feeds["x_munet"] = feeds["x_munet"].abs() * feeds["y"][:, 1:2]
+    if "tau_f" in feeds:
         feeds["tau_f"] = torch.rand(batch, generator=gen)
     return feeds
 
@@ -222,6 +237,12 @@ def real_parity_inputs(name: str, n_batches: int = 2, batch: int = 4) -> list[di
             out.append(
                 {"eps": torch.randn(b.x0.shape, generator=gen), "y": b.y, "tau_f": torch.full((b.y.shape[0],), 0.9)}
             )
+        elif name == "munet":
+            out.append({"y": b.y, "s": b.s})
+        elif name == "flow_enhancer":  # a blurred truth stands in for MUNet's estimate
+            blurred = torch.nn.functional.avg_pool2d(b.x0, 3, stride=1, padding=1) * b.mask
+            out.append({"eps": torch.randn(b.x0.shape, generator=gen), "y": b.y, "x_munet": blurred,
+                        "tau_f": torch.full((b.y.shape[0],), 0.9)})
         else:
             t_max = T_DIFFUSION if name == "unet_full" else T_TRUNC
             t = torch.randint(1, t_max + 1, (b.y.shape[0],), generator=gen).float()

@@ -1,6 +1,7 @@
 """Weights on disk: ``NAME.safetensors`` + ``NAME.json``; never pickles.
 
-``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc" | "fine_mask", "config": {...},
+``NAME.json`` = ``{"kind": "unet" | "flow" | "tdpm" | "tdpm_disc" | "fine_mask" | "munet" | "munet_critic" |
+"flow_enhancer", "config": {...},
 "n_params": int, "sha256": str}`` where ``sha256`` is the digest of ``NAME.safetensors``. ``path`` arguments may be
 given with or without the ``.safetensors`` / ``.json`` suffix.
 """
@@ -27,17 +28,23 @@ from ftddm_trt.atomic import atomic_file, write_json_atomic
 from ftddm_trt.models.config import FlowConfig, UNetConfig
 from ftddm_trt.models.fine_mask import FineMaskConfig, FineMaskNet
 from ftddm_trt.models.flow import ConditionalFlow
+from ftddm_trt.models.flow_enhancer import FlowEnhancer, FlowEnhancerConfig
+from ftddm_trt.models.munet import MUNet, MUNetConfig, MUNetCritic
 from ftddm_trt.models.tdpm import TDPMConfig, TDPMDiscriminator, TDPMGenerator
 from ftddm_trt.models.unet import DenoisingUNet, count_parameters
 
-_KINDS: dict[
-    str, tuple[type[nn.Module], type[UNetConfig] | type[FlowConfig] | type[TDPMConfig] | type[FineMaskConfig]]
-] = {
+#: A network config of any kind (each kind's config class).
+AnyConfig = UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig | MUNetConfig
+
+_KINDS: dict[str, tuple[type[nn.Module], type[AnyConfig]]] = {
     "unet": (DenoisingUNet, UNetConfig),
     "flow": (ConditionalFlow, FlowConfig),
     "tdpm": (TDPMGenerator, TDPMConfig),
     "tdpm_disc": (TDPMDiscriminator, TDPMConfig),
     "fine_mask": (FineMaskNet, FineMaskConfig),
+    "munet": (MUNet, MUNetConfig),
+    "munet_critic": (MUNetCritic, MUNetConfig),
+    "flow_enhancer": (FlowEnhancer, FlowEnhancerConfig),
 }
 
 
@@ -59,7 +66,11 @@ def meta_path(path: str | os.PathLike[str]) -> Path:
 
 
 def model_kind(module: nn.Module) -> str:
-    """``"unet"``, ``"flow"``, ``"tdpm"``, ``"tdpm_disc"`` or ``"fine_mask"``."""
+    """The kind of ``module`` (a key of ``NAME.json``'s ``kind``: ``"unet"``, ``"flow"``, ``"munet"``, ...); the
+    exact class decides first (``FlowEnhancer`` is a ``ConditionalFlow``), then a subclass of a kind's class."""
+    for kind, (cls, _) in _KINDS.items():
+        if type(module) is cls:
+            return kind
     for kind, (cls, _) in _KINDS.items():
         if isinstance(module, cls):
             return kind
@@ -79,12 +90,10 @@ def model_sha256(path: str | os.PathLike[str]) -> str:
     return _sha256_file(weights_path(path))
 
 
-def save_model(
-    module: nn.Module, config: UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig, path: str | os.PathLike[str]
-) -> dict[str, Any]:
+def save_model(module: nn.Module, config: AnyConfig, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Write ``path.safetensors`` and ``path.json``; returns the JSON metadata."""
     kind = model_kind(module)
-    if not isinstance(config, _KINDS[kind][1]):
+    if type(config) is not _KINDS[kind][1]:
         raise TypeError(f"{kind} needs a {_KINDS[kind][1].__name__}, got {type(config).__name__}")
     own = getattr(module, "config", None)
     if own is not None and own != config:
@@ -109,7 +118,7 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_config(path: str | os.PathLike[str]) -> UNetConfig | FlowConfig | TDPMConfig | FineMaskConfig:
+def load_config(path: str | os.PathLike[str]) -> AnyConfig:
     """The config stored in ``NAME.json``."""
     meta = load_meta(path)
     return _KINDS[meta["kind"]][1].from_dict(meta["config"])

@@ -7,6 +7,9 @@ Layout of a model folder (weights as safetensors + JSON config, written by ``mod
     flow.safetensors / flow.json            conditional flow that draws x_Ttrunc (Ttrunc in the manifest)
     flow_t<T>.safetensors / flow_t<T>.json  optional flows for other truncation points T
     tdpm.safetensors / tdpm.json            optional TDPM generator (baseline): draws x_Ttrunc adversarially
+    munet.safetensors / munet.json          optional MUNet-FS-cWGAN (baseline, ``models.munet``): x0 in one pass
+    flow_enhancer.safetensors / .json       optional Flow Enhancer (baseline, ``models.flow_enhancer``): sharpens
+                                            the folder's munet
     fine_mask.safetensors / fine_mask.json  optional fine-mask estimator (``models.fine_mask``): input
                                             preparation for the ``lr`` qc step, run in PyTorch on the
                                             client whatever the backend, so never exported
@@ -36,7 +39,13 @@ from ftddm_trt.models.io import load_model, model_sha256
 if TYPE_CHECKING:
     from ftddm_trt.models.fine_mask import FineMaskNet
 
-NETWORK_FILES: tuple[str, ...] = ("unet", "unet_full", "flow")
+NETWORK_FILES: tuple[str, ...] = ("unet", "unet_full", "flow", "munet", "flow_enhancer")
+#: How each baseline network is made, for the message naming a missing one.
+_MAKE = {
+    "munet": "`ftddm-trt train --task munet` and `ftddm-trt package-model --munet RUN`",
+    "flow_enhancer": "`ftddm-trt train --task flow_enhancer --munet MUNET_RUN` and "
+                     "`ftddm-trt package-model --munet MUNET_RUN --flow-enhancer RUN`",
+}
 #: What may draw the start point x_Ttrunc of the truncated chain.
 START_NETWORKS: tuple[str, ...] = ("flow", "tdpm")
 #: File stem of the optional fine-mask estimator (not one of NETWORK_FILES: no backend runs it).
@@ -125,6 +134,17 @@ class ModelSet:
     def networks(self) -> tuple[str, ...]:
         """The networks whose weights the folder holds (``flow`` as ``flow_file``)."""
         return tuple(n for n in NETWORK_FILES if (self.root / f"{self._stem(n)}.safetensors").is_file())
+
+    def require(self, networks: tuple[str, ...] | list[str], sampler: str) -> None:
+        """FileNotFoundError naming each missing ``NAME.safetensors`` of ``networks`` (those ``sampler`` runs)
+        and how to make it."""
+        missing = [n for n in networks if n not in self.networks]
+        if missing:
+            how = "; ".join(f"{n}: {_MAKE[n]}" for n in missing if n in _MAKE)
+            raise FileNotFoundError(
+                f"the {sampler} sampler needs {', '.join(self._stem(n) + '.safetensors' for n in missing)} in the "
+                f"model folder {self.root}, which has none" + (f" (make it with {how})" if how else "")
+            )
 
     def config(self, name: str) -> dict:
         """The parsed ``NAME.json`` of network ``name``."""

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from ftddm_trt.engine.backend import Backend
+from ftddm_trt.engine.backend import Backend, MissingNetwork
 from ftddm_trt.engine.model_check import check_same_model
 from ftddm_trt.engine.pipeline import sample_batch
 from ftddm_trt.engine.triton_backend import TRITON_MODELS, decode_sampler_request
@@ -32,7 +32,8 @@ def _col(t: torch.Tensor) -> np.ndarray:
 
 
 class BLSBackend(Backend):
-    """Runs ftddm_unet / ftddm_unet_full / ftddm_flow through ``infer`` (BLS inside Triton)."""
+    """Runs ftddm_unet / ftddm_unet_full / ftddm_flow (and the baselines' ftddm_munet / ftddm_flow_enhancer)
+    through ``infer`` (BLS inside Triton)."""
 
     name = "triton-bls"
 
@@ -60,7 +61,7 @@ class BLSBackend(Backend):
 
     def _call(self, network: str, inputs: dict[str, np.ndarray], output: str) -> torch.Tensor:
         if network not in self.models:
-            raise KeyError(f"the repository serves no model for network {network!r}")
+            raise MissingNetwork(f"the repository serves no model for network {network!r}")
         self.calls += 1
         out = self.infer(self.models[network], inputs, [output])[output]
         return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
@@ -74,6 +75,15 @@ class BLSBackend(Backend):
     def flow_reverse(self, eps, y, tau_f) -> torch.Tensor:
         """x_Ttrunc ``(B,1,64,64)`` from a BLS request to the flow model."""
         return self._call("flow", {"eps": _f32(eps), "y": _f32(y), "tau_f": _col(tau_f)}, "x")
+
+    def munet(self, y, s) -> torch.Tensor:
+        """MUNet's x0 ``(B,1,64,64)`` from a BLS request to the MUNet model."""
+        return self._call("munet", {"y": _f32(y), "s": _col(s)}, "x0")
+
+    def enhancer_reverse(self, eps, y, x_munet, tau_f) -> torch.Tensor:
+        """The enhanced x0 ``(B,1,64,64)`` from a BLS request to the flow enhancer model."""
+        return self._call("flow_enhancer", {"eps": _f32(eps), "y": _f32(y), "x_munet": _f32(x_munet),
+                                            "tau_f": _col(tau_f)}, "x")
 
 
 def run_sampler(backend: Backend, y: np.ndarray, s: np.ndarray, settings: str) -> tuple[np.ndarray, int]:

@@ -11,6 +11,11 @@
   evaluation (input the zero-filled map, t = 0), a conditional-mean estimator: the yardstick a diffusion
   model should beat.
 
+- MUNet (``munet_pixel_loss``, the MUNet-FS-cWGAN baseline's pixel term; its adversarial term is in
+  ``training.munet``): ``(1 - alpha) * L1 + alpha * (1 - MS-SSIM)`` of ``MUNet(y, s)`` against x0 inside M.
+- Flow Enhancer (``flow_enhancer_objective``): ``NLL(x0 | [y, MUNet(y, s)]) + lambda * L_guide``, the flow's
+  objective on the map itself, conditioned on a frozen MUNet's estimate.
+
 All losses average over M with a per-voxel weight (``loss_weight``): 1 on the voxels a map is scored on,
 ``margin_weight`` on the rest of M. In the ``lr`` protocol that rest (M's dilated margin and its low-SNR
 holes) holds the ``fill_outside`` extension of the truth, a target the condition does not determine; at
@@ -24,6 +29,7 @@ import torch
 
 from ftddm_trt.data.examples import Batch
 from ftddm_trt.diffusion import CosineSchedule, eps_loss, flow_guide_loss, sample_train_timesteps
+from ftddm_trt.models.flow_enhancer import enhancer_condition
 
 
 def loss_weight(batch: Batch, margin_weight: float = 1.0) -> torch.Tensor:
@@ -92,3 +98,45 @@ def regression_predict(model: torch.nn.Module, y: torch.Tensor, s: torch.Tensor)
 def regression_objective(model: torch.nn.Module, batch: Batch, margin_weight: float = 1.0) -> torch.Tensor:
     """Weighted MSE of :func:`regression_predict` against the target x0 (``loss_weight``)."""
     return eps_loss(regression_predict(model, batch.y, batch.s), batch.x0, loss_weight(batch, margin_weight))
+
+
+def munet_predict(model: torch.nn.Module, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x0 estimate of a MUNet in one evaluation, zero outside M (the network cuts its output by M; the
+    zero-filled map enters cut by M, as for ``regression_predict``). y: (B,4,64,64); s: (B,). Returns (B,1,64,64)."""
+    return model(y, s)
+
+
+def munet_pixel_loss(x_hat: torch.Tensor, batch: Batch, alpha: float = 0.84, margin_weight: float = 1.0
+                     ) -> torch.Tensor:
+    """The MUNet generator's pixel term: ``(1 - alpha) * L1 + alpha * (1 - MS-SSIM)`` of its estimate
+    ``x_hat`` (B,1,64,64) (:func:`munet_predict`) against x0, weighted by ``loss_weight`` (a scalar tensor)."""
+    return flow_guide_loss(x_hat, batch.x0, loss_weight(batch, margin_weight), alpha=alpha)
+
+
+def enhancer_target(batch: Batch, generator: torch.Generator, background_noise: float = 0.01) -> torch.Tensor:
+    """The map the enhancer's density is fitted to: x0 with ``background_noise`` (std) outside M, which
+    dequantizes the exactly-zero background (as ``flow_objective`` does for x_Ttrunc). (B,1,64,64)."""
+    bg = torch.randn(batch.x0.shape, generator=generator).to(batch.x0.device)
+    return batch.x0 + background_noise * (1.0 - batch.mask) * bg
+
+
+def flow_enhancer_objective(
+    model: torch.nn.Module,
+    munet: torch.nn.Module,
+    batch: Batch,
+    generator: torch.Generator,
+    lam: float = 10.0,
+    alpha: float = 0.84,
+    background_noise: float = 0.01,
+    margin_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``NLL(x0 | c) + lam * L_guide`` for the flow enhancer, ``c = [y, MUNet(y, s) * M]`` with ``munet``
+    frozen; the guide loss compares the reverse pass at ``tau = 0`` with x0 (weighted by ``loss_weight``).
+    Returns (loss, parts for logging)."""
+    b, dev = batch.x0.shape[0], batch.x0.device
+    with torch.no_grad():
+        cond = enhancer_condition(batch.y, munet_predict(munet, batch.y, batch.s))
+    nll = model.nll(enhancer_target(batch, generator, background_noise), cond).mean()
+    x_hat = model.reverse(torch.zeros_like(batch.x0), cond, torch.zeros(b, device=dev)) * batch.mask
+    guide = flow_guide_loss(x_hat, batch.x0, loss_weight(batch, margin_weight), alpha=alpha)
+    return nll + lam * guide, {"nll": float(nll.detach()), "guide": float(guide.detach())}

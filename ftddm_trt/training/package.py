@@ -11,7 +11,7 @@ from ftddm_trt.atomic import atomic_dir
 from ftddm_trt.models.io import model_sha256
 
 RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow", "tdpm": "tdpm", "regression": "regression",
-             "fine_mask": "fine_mask"}
+             "fine_mask": "fine_mask", "munet": "munet", "flow_enhancer": "flow_enhancer"}
 
 
 def _run_summary(run_dir: Path) -> dict:
@@ -32,6 +32,21 @@ def _run_summary(run_dir: Path) -> dict:
         "stale_validations": state.get("stale_validations"),
         "cumulative_steps": None if step is None else int(step) + init_steps,
     }
+
+
+def _check_enhancer_munet(networks: dict) -> None:
+    """A flow enhancer needs the MUNet it was trained on beside it: ValueError naming the two hashes (or the
+    missing ``munet``) otherwise. Enhancers that do not record their MUNet pass."""
+    enh = networks.get("flow_enhancer")
+    if enh is None:
+        return
+    want = ((enh.get("train_config") or {}).get("extra") or {}).get("munet_sha256")
+    if "munet" not in networks:
+        raise ValueError("the flow enhancer needs its MUNet in the same model folder: give --munet (the run it was "
+                         "trained on) or a --model that holds munet.*")
+    if want and networks["munet"]["sha256"] != want:
+        raise ValueError(f"the flow enhancer was trained on the MUNet with sha256 {want}, but the folder's munet has "
+                         f"sha256 {networks['munet']['sha256']}: package the MUNet it was trained on")
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
@@ -88,6 +103,7 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
                     "sha256": model_sha256(tmp / name),
                     "from_base": True,
                 }
+        _check_enhancer_munet(manifest["networks"])
         manifest.update(extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -1,8 +1,8 @@
 """What defines a training run and the helpers every trainer of a run folder shares.
 
 ``TrainConfig`` is saved in every checkpoint; ``resumed_config`` checks a resume against it.
-``training.trainer`` (UNet, flow, regression) and ``training.tdpm`` (the TDPM generator) both build on
-this module, so neither imports the other for it.
+``training.trainer`` (UNet, flow, regression, flow enhancer), ``training.tdpm`` (the TDPM generator) and
+``training.munet`` (the MUNet-FS-cWGAN baseline) build on this module, so none imports another for it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from ftddm_trt.data.phantom_styles import get_style
 from ftddm_trt.data.training_folder import read_training_folder, split_subjects
 from ftddm_trt.models.io import save_model
 
-TASKS = ("unet", "unet_full", "flow", "tdpm", "regression")
+TASKS = ("unet", "unet_full", "flow", "tdpm", "regression", "munet", "flow_enhancer")
+#: Tasks trained adversarially by their own loop (a generator and a critic / discriminator).
+ADVERSARIAL_TASKS = ("tdpm", "munet")
 
 
 @dataclass
@@ -55,6 +57,14 @@ class TrainConfig:
     #: Subjects of ``data_dir`` held out for validation (at least one).
     val_subjects: int = 2
     gan_l1: float = 10.0  # tdpm: weight of the generator's centre L1 term
+    #: munet: weight of the adversarial (Wasserstein) term against the pixel loss.
+    gan_adv: float = 0.01
+    #: munet: weight of the critic's gradient penalty (WGAN-GP's 10).
+    gan_gp: float = 10.0
+    #: munet: critic updates per generator update (each on the step's batch, a fresh interpolation).
+    critic_steps: int = 1
+    #: flow_enhancer: the trained MUNet it enhances (a munet run folder, a model folder, or NAME.safetensors).
+    munet: str | None = None
     #: Decay of an exponential moving average of the weights (0: none). With it, validation scores and
     #: ``best.*`` holds the averaged weights, as DDPM (0.9999) and improved-diffusion sample with them;
     #: ``last/`` keeps the raw weights and the average (``ema.safetensors``) for resuming.
@@ -71,8 +81,12 @@ class TrainConfig:
             raise ValueError(f"--margin-weight must be in [0, 1], got {self.margin_weight}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {self.ema}")
-        if self.ema and self.task == "tdpm":
-            raise ValueError("--ema is not supported for the tdpm task")
+        if self.ema and self.task in ADVERSARIAL_TASKS:
+            raise ValueError(f"--ema is not supported for the {self.task} task")
+        if self.critic_steps < 1:
+            raise ValueError(f"--critic-steps must be >= 1, got {self.critic_steps}")
+        if self.task == "flow_enhancer" and not self.munet:
+            raise ValueError("the flow_enhancer task needs the MUNet it enhances: --munet RUN_OR_MODEL_DIR")
 
     @property
     def t_max(self) -> int:

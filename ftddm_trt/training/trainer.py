@@ -6,7 +6,10 @@
 - ``flow``: the conditional flow that draws x_Ttrunc;
 - ``tdpm``: the TDPM baseline's generator of x_Ttrunc, trained adversarially (``training.tdpm``);
 - ``regression``: the UNet asked for x0 in one evaluation (``training.objectives.regression_objective``),
-  the conditional-mean yardstick of the benchmarks.
+  the conditional-mean yardstick of the benchmarks;
+- ``munet``: the MUNet-FS-cWGAN baseline, trained as a conditional WGAN-GP (``training.munet``);
+- ``flow_enhancer``: the Flow Enhancer baseline's flow, conditioned on a trained, frozen MUNet
+  (``cfg.munet``; ``training.objectives.flow_enhancer_objective``).
 
 A run folder holds ``last/`` (the resumable checkpoint), ``best.safetensors`` + ``best.json`` (lowest
 validation loss) and ``log.jsonl``. Every random draw of step k comes from generators seeded by
@@ -30,10 +33,19 @@ from ftddm_trt.data.examples import SlicePool, fixed_batches, random_batch
 from ftddm_trt.diffusion import CosineSchedule
 from ftddm_trt.integrity import strict_json
 from ftddm_trt.models import ConditionalFlow, DenoisingUNet, FlowConfig, UNetConfig
-from ftddm_trt.models.io import load_model
+from ftddm_trt.models.flow_enhancer import FlowEnhancer, FlowEnhancerConfig, enhancer_condition
+from ftddm_trt.models.io import load_model, model_sha256
 from ftddm_trt.training.checkpoint import find_checkpoint, load_checkpoint, load_ema_state, save_checkpoint
 from ftddm_trt.training.distributed import DistContext, ObjectiveModule, backward_step, check_shards
-from ftddm_trt.training.objectives import flow_objective, regression_objective, unet_objective
+from ftddm_trt.training.munet import resolve_munet_weights, train_munet
+from ftddm_trt.training.objectives import (
+    enhancer_target,
+    flow_enhancer_objective,
+    flow_objective,
+    munet_predict,
+    regression_objective,
+    unet_objective,
+)
 from ftddm_trt.training.run_config import (
     TASKS,
     TrainConfig,
@@ -68,8 +80,24 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     if cfg.task == "flow":
         mcfg = FlowConfig.preset(cfg.preset).replace(image_size=HR_SIZE)
         return ConditionalFlow(mcfg), mcfg
+    if cfg.task == "flow_enhancer":
+        ecfg = FlowEnhancerConfig.preset(cfg.preset).replace(image_size=HR_SIZE)
+        return FlowEnhancer(ecfg), ecfg
+    if cfg.task not in ("unet", "unet_full", "regression"):
+        raise ValueError(f"the {cfg.task} task builds its networks in its own trainer")
     mcfg = UNetConfig.preset(cfg.preset).replace(image_size=HR_SIZE)
     return DenoisingUNet(mcfg), mcfg
+
+
+def _frozen_munet(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The MUNet a ``flow_enhancer`` run enhances (``cfg.munet``), in eval mode without gradients; ValueError
+    when its weights are not the ones the run started with (``cfg.extra["munet_sha256"]``)."""
+    path = resolve_munet_weights(cfg.munet)
+    want = cfg.extra.get("munet_sha256")
+    if want and model_sha256(path) != want:
+        raise ValueError(f"{path} is not the MUNet this flow_enhancer run was started with (sha256 {want}): "
+                         "give the same --munet, or train into a new run folder")
+    return load_model(path, map_location=device).requires_grad_(False)
 
 
 def _optimizer(cfg: TrainConfig):
@@ -79,7 +107,10 @@ def _optimizer(cfg: TrainConfig):
     return factory
 
 
-def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Tensor, dict[str, float]]:
+def _step_loss(cfg: TrainConfig, model, batch, schedule, gen, munet=None) -> tuple[torch.Tensor, dict[str, float]]:
+    if cfg.task == "flow_enhancer":
+        return flow_enhancer_objective(model, munet, batch, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha,
+                                       margin_weight=cfg.margin_weight)
     if cfg.task == "flow":
         return flow_objective(model, batch, schedule, cfg.t_trunc, gen, lam=cfg.flow_lambda, alpha=cfg.flow_alpha,
                               margin_weight=cfg.margin_weight)
@@ -90,11 +121,12 @@ def _step_loss(cfg: TrainConfig, model, batch, schedule, gen) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def validate(cfg: TrainConfig, model, batches, schedule, device) -> float:
-    """Mean validation loss on fixed batches with fixed noise (comparable across steps)."""
+def validate(cfg: TrainConfig, model, batches, schedule, device, munet: torch.nn.Module | None = None) -> float:
+    """Mean validation loss on fixed batches with fixed noise (comparable across steps); ``munet``: the
+    frozen MUNet a ``flow_enhancer`` run enhances."""
     model.eval()
     gen = torch.Generator().manual_seed(987_654)
-    losses = [float(_step_loss(cfg, model, b.to(device), schedule, gen)[0]) for b in batches]
+    losses = [float(_step_loss(cfg, model, b.to(device), schedule, gen, munet)[0]) for b in batches]
     model.train()
     return float(np.mean(losses))
 
@@ -148,6 +180,12 @@ def train(
         if dist_ctx is not None and dist_ctx.enabled:
             raise ValueError("the tdpm task trains in one process: run it without torchrun")
         return train_tdpm(cfg, run_dir, max_minutes=max_minutes, device=device, progress=progress)
+    if cfg.task == "munet":
+        if init_from is not None or patience:
+            raise ValueError("--init-from and --patience are not supported for the munet task")
+        if dist_ctx is not None and dist_ctx.enabled:
+            raise ValueError("the munet task trains in one process: run it without torchrun")
+        return train_munet(cfg, run_dir, max_minutes=max_minutes, device=device, progress=progress)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(
@@ -178,7 +216,10 @@ def train(
         opt = _optimizer(cfg)(model)
         step, best = 0, float("inf")
         stale = 0
-        needs_data_init = cfg.task == "flow" and init_from is None
+        needs_data_init = cfg.task in ("flow", "flow_enhancer") and init_from is None
+        if cfg.task == "flow_enhancer":  # the MUNet it enhances, recorded so that a resume finds the same one
+            cfg.extra.setdefault("munet_sha256", model_sha256(resolve_munet_weights(cfg.munet)))
+    munet = _frozen_munet(cfg, dev) if cfg.task == "flow_enhancer" else None
 
     ema = weight_average(model, cfg.ema, load_ema_state(ckpt, map_location=dev) if ckpt is not None else None)
     scored = ema.module if ema is not None else model  # the weights validation scores and best.* keeps
@@ -190,13 +231,17 @@ def train(
     if needs_data_init:  # ActNorm data-dependent init on one batch of flow targets
         init_batch = random_batch(train_pool, 32, np.random.default_rng([cfg.seed, 10**9])).to(dev)
         init_gen = torch.Generator().manual_seed(cfg.seed)
-        t = torch.full((init_batch.x0.shape[0],), cfg.t_trunc, dtype=torch.long, device=dev)
-        eps = torch.randn(init_batch.x0.shape, generator=init_gen).to(dev)
         with torch.no_grad():
-            model.data_init(schedule.q_sample(init_batch.x0, t, eps, init_batch.mask), init_batch.y)
+            if cfg.task == "flow_enhancer":
+                cond = enhancer_condition(init_batch.y, munet_predict(munet, init_batch.y, init_batch.s))
+                model.data_init(enhancer_target(init_batch, init_gen), cond)
+            else:
+                t = torch.full((init_batch.x0.shape[0],), cfg.t_trunc, dtype=torch.long, device=dev)
+                eps = torch.randn(init_batch.x0.shape, generator=init_gen).to(dev)
+                model.data_init(schedule.q_sample(init_batch.x0, t, eps, init_batch.mask), init_batch.y)
     shards = int(cfg.extra.setdefault("shards", ctx.world_size))
     check_shards(shards, cfg.batch_size, ctx)
-    step_model = ctx.wrap(ObjectiveModule(model, lambda net, b, g: _step_loss(cfg, net, b, schedule, g)))
+    step_model = ctx.wrap(ObjectiveModule(model, lambda net, b, g: _step_loss(cfg, net, b, schedule, g, munet)))
 
     log = (run_dir / "log.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
     t0 = time.monotonic()
@@ -254,7 +299,7 @@ def train(
             # agreed by every rank (a collective), so all ranks validate and stop at the same step
             out_of_time = ctx.any_true(deadline is not None and time.monotonic() > deadline)
             if step % cfg.val_every == 0 or step == cfg.iterations or out_of_time:  # a stopped run ends validated
-                last_val = validate(cfg, scored, val_batches, schedule, dev)
+                last_val = validate(cfg, scored, val_batches, schedule, dev, munet)
                 if last_val < best:
                     best, stale = last_val, 0
                     if ctx.is_main:

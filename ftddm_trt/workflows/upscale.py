@@ -117,6 +117,9 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
         raise UpscaleError(f"--qc-consistency must be in [0, 1], got {opts.qc_consistency}")
     if opts.samples < 1:
         raise UpscaleError(f"--samples must be >= 1, got {opts.samples}")
+    if opts.samples > 1 and spec.name == "munet":
+        raise UpscaleError(f"--samples {opts.samples} with munet would repeat one identical output: MUNet has no "
+                           "randomness (--sampler flow-enhancer with --tau-f > 0 draws samples around it)")
     if opts.samples > 1 and spec.deterministic:
         raise UpscaleError(
             f"--samples {opts.samples} with {spec.name} at --tau-f {spec.tau_f:g} would repeat one identical "
@@ -129,7 +132,8 @@ def check_options(opts: UpscaleOptions) -> "SamplerSpec":
 
         try:
             # a flow (or TDPM generator) for this Ttrunc must exist, and a distilled model for ftddm-distilled
-            ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
+            models = ModelSet.open(networks_folder(opts, spec), _flow_ttrunc(spec), start=spec.start_network or "flow")
+            models.require(spec.baseline_networks, spec.name)  # munet.* (and flow_enhancer.*) for the baselines
         except FileNotFoundError as err:
             raise UpscaleError(str(err)) from err
     return spec
@@ -156,7 +160,8 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
         backend = open_backend(opts.backend, model=networks_folder(opts, spec), onnx_dir=opts.onnx,
                                engine_dir=opts.engines,
                                url=opts.url, ttrunc=_flow_ttrunc(spec), log=console.print, retry_s=opts.retry_s,
-                               clients_per_server=opts.clients_per_server, start=spec.start_network or "flow")
+                               clients_per_server=opts.clients_per_server, start=spec.start_network or "flow",
+                               require=spec_networks(spec) if spec.baseline_networks else None)
     except IntegrityError as err:
         raise UpscaleError(f"refusing to run backend {opts.backend!r}: {err}") from err
     except Exception as err:  # every runtime has its own errors: report them by name
@@ -172,6 +177,8 @@ def open_upscale_backend(opts: UpscaleOptions, spec) -> "Backend":
 
 def spec_networks(spec) -> list[str]:
     """The networks ``spec`` runs."""
+    if spec.baseline_networks:
+        return list(spec.baseline_networks)
     return ["unet_full" if spec.full_chain_unet else "unet"] + (["flow"] if spec.uses_flow else [])
 
 
