@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from ftddm_trt.cli.main import app
 from ftddm_trt.diffusion import CosineSchedule, distilled_sample, distilled_timesteps
 from ftddm_trt.engine.pipeline import SamplerSpec
-from ftddm_trt.models.model_set import DISTILLED_DIR, distilled_folder
+from ftddm_trt.models.model_set import DISTILLED_DIR, ModelSet, distilled_folder, distilled_steps
 from ftddm_trt.training.distill import DistillConfig, distill, package_distilled
+from ftddm_trt.workflows.upscale import UpscaleOptions, check_options, resolve_sampler
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()
@@ -83,6 +84,49 @@ def test_a_model_without_distilled_folder_names_the_command(tmp_path):
         distilled_folder(tmp_path)
 
 
+def _fake_student(model, steps=2, teacher_unet=None):
+    """A copy of ``model`` as its distilled/ folder, with a distilled record naming ``teacher_unet``."""
+    import shutil
+
+    folder = model / DISTILLED_DIR
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns(DISTILLED_DIR))
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    hashes = ModelSet.open(model).hashes()
+    manifest["distilled"] = {"steps": steps, "teacher_sha256": {**hashes, "unet": teacher_unet or hashes["unet"]}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_auto_runs_the_student_only_where_it_can(tiny_model_dir, tmp_path):
+    """--sampler auto: ftddm-distilled (at the student's trained steps) for a model with a student of its own
+    networks read from its folder; the solver for no student, a student of another UNet, an export, a server,
+    or a solver option; a named sampler is kept."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert resolve_sampler(UpscaleOptions(model=model)) == (
+        "ftddm-dpmpp", "auto: ftddm-dpmpp, as the model has no distilled student")
+    _fake_student(model, steps=2)
+    assert distilled_steps(distilled_folder(model)) == 2
+    name, why = resolve_sampler(UpscaleOptions(model=model))
+    assert name == "ftddm-distilled" and why.startswith("auto: ftddm-distilled")
+    spec = check_options(UpscaleOptions(model=model, backend="torch"))
+    assert spec.name == "ftddm-distilled" and spec.n_steps == 2 and spec.nfe == 3
+    assert check_options(UpscaleOptions(model=model, sampler="ftddm-distilled", steps=1)).n_steps == 1
+    for opts, reason in ((UpscaleOptions(model=model, steps=2, ttrunc=20), "solver option"),
+                         (UpscaleOptions(model=model, passes=2), "solver option"),
+                         (UpscaleOptions(model=model, backend="triton", url="localhost:1"), "a server"),
+                         (UpscaleOptions(model=model, onnx=tmp_path / "onnx"), "an export")):
+        name, why = resolve_sampler(opts)
+        assert name == "ftddm-dpmpp" and reason in why, why
+    assert resolve_sampler(UpscaleOptions(model=model, sampler="ftddm")) == ("ftddm", "--sampler ftddm")
+    shutil.rmtree(model / DISTILLED_DIR)
+    _fake_student(model, teacher_unet="0" * 64)
+    name, why = resolve_sampler(UpscaleOptions(model=model))
+    assert name == "ftddm-dpmpp" and "another UNet" in why
+
+
 @pytest.mark.e2e
 def test_distill_then_upscale_with_the_student(tiny_model_dir, subject_copy, tmp_path):
     """A tiny teacher distilled for a few seconds: the student starts at the teacher's UNet, the packaged
@@ -108,3 +152,9 @@ def test_distill_then_upscale_with_the_student(tiny_model_dir, subject_copy, tmp
     assert res.exit_code == 0, res.output
     record = json.loads((out / "run.json").read_text())
     assert record["nfe"] == 2 and record["sampler"]["name"] == "ftddm-distilled"
+    out = tmp_path / "auto"  # the default sampler is the student now that the model has one
+    res = runner.invoke(app, ["upscale", str(subject_copy), "--out", str(out), "--backend", "torch", "--model",
+                              str(model), "--metabolites", "Gly"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["sampler"]["name"] == "ftddm-distilled" and record["sampler_choice"].startswith("auto:")

@@ -25,7 +25,7 @@ def demo_cmd(
     n: int = typer.Option(
         16, help=f"Acquired in-plane size N of the phantom scan (s = 64/N), one of {list(LR_SIZES)}."
     ),
-    sampler: str = typer.Option("ftddm-dpmpp", help="Sampler (see `upscale --help`)."),
+    sampler: str = typer.Option("auto", help="Sampler (see `upscale --help`)."),
     steps: Optional[int] = typer.Option(None, help="Solver steps.", show_default="20"),
     backend: str = typer.Option("onnxruntime", help="Backend (see `upscale --help`)."),
     model: Optional[Path] = typer.Option(None, help="Model folder to read.", show_default=SHIPPED_MODEL),

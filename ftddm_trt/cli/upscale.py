@@ -58,14 +58,17 @@ def upscale_cmd(
         help="onnxruntime (embedded default), torch, tensorrt (GPU, needs --engines) or triton (needs --url).",
     ),
     sampler: str = typer.Option(
-        "ftddm-dpmpp",
-        help="ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, dpmpp, flow, tdpm (baseline; needs tdpm.* in the model), "
-             "ftddm-distilled (the model's distilled student, `ftddm-trt distill`), munet (MUNet-FS-cWGAN baseline; "
-             "needs munet.*) or flow-enhancer (Flow Enhancer baseline; needs munet.* and flow_enhancer.*).",
+        "auto",
+        help="auto: the model's distilled student (ftddm-distilled, flow + 1 to 3 UNet evaluations) where the model "
+             "has one and runs from its folder (onnxruntime or torch, no --onnx, no --steps / --passes / --sde), else "
+             "ftddm-dpmpp (flow + 20 DPM-Solver++ steps). Or name one: ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, "
+             "dpmpp, flow, tdpm (baseline; needs tdpm.* in the model), ftddm-distilled, munet (MUNet-FS-cWGAN "
+             "baseline; needs munet.*) or flow-enhancer (Flow Enhancer baseline; needs munet.* and flow_enhancer.*).",
     ),
     ttrunc: int = typer.Option(T_TRUNC, help="Truncation point Ttrunc of the ftddm samplers.", **EXPERT),
     steps: Optional[int] = typer.Option(
-        None, help="Solver / respaced steps.", show_default="20 for DPM-Solver++, 100 for respaced DDPM"
+        None, help="Solver / respaced steps.",
+        show_default="20 for DPM-Solver++, 100 for respaced DDPM, the trained steps for ftddm-distilled"
     ),
     passes: int = typer.Option(
         1,
@@ -187,6 +190,7 @@ def upscale_cmd(
         fail(str(err))
     console.print(
         f"[green]wrote[/] {out}: {record['slices']} slices x {len(record['metabolites'])} metabolites, "
-        f"{record['sampler']['name']} NFE {record['nfe']}, {record['seconds_per_map']:.3f} s per map, mask from "
+        f"{record['sampler']['name']} NFE {record['nfe']} ({record['sampler_choice']}), "
+        f"{record['seconds_per_map']:.3f} s per map, mask from "
         f"{record['mask_source']}"
     )

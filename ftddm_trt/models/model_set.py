@@ -78,6 +78,29 @@ def distilled_folder(root: Path | str | None) -> Path:
                             f"`ftddm-trt distill --model {path} --out {path / DISTILLED_DIR}`")
 
 
+def distilled_steps(folder: Path | str) -> int:
+    """The UNet evaluations the distilled model in ``folder`` (from ``distilled_folder``) was trained to take."""
+    record = json.loads((Path(folder) / "manifest.json").read_text())[DISTILLED_KEY]
+    return int(record["steps"])
+
+
+def distilled_teacher_mismatch(root: Path | str | None) -> str | None:
+    """Why the distilled model of ``root`` (``root/distilled``) is not a student of ``root``'s own networks
+    (its recorded teacher UNet, or its copied flow, differ from the folder's), or None when it is one;
+    None also when ``root`` is itself a distilled model. FileNotFoundError when there is no distilled model."""
+    folder = distilled_folder(root)
+    path = Path(root) if root is not None else SHIPPED_MODEL_DIR
+    if folder.resolve() == path.resolve():
+        return None
+    model, student = ModelSet.open(path).hashes(), ModelSet.open(folder).hashes()
+    teacher = json.loads((folder / "manifest.json").read_text())[DISTILLED_KEY].get("teacher_sha256", {})
+    if teacher.get("unet") != model.get("unet"):
+        return f"{folder} was distilled from another UNet than {path / 'unet.safetensors'}"
+    if student.get("flow") != model.get("flow"):
+        return f"{folder} carries another flow than {path / 'flow.safetensors'}"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSet:
     """The networks found in ``root``; ``flow_file`` is the file stem serving as ``flow``."""

@@ -34,7 +34,7 @@ class UpscaleOptions:
     """Everything `upscale` (and `demo`, `upscale-cohort`) lets a user choose."""
 
     backend: str = "onnxruntime"
-    sampler: str = "ftddm-dpmpp"
+    sampler: str = "auto"  # resolve_sampler: the model's distilled student where it can run, else ftddm-dpmpp
     ttrunc: int = T_TRUNC
     steps: Optional[int] = None
     passes: int = 1
@@ -98,16 +98,56 @@ def upscale_inputs(subject_dir: Path, opts: UpscaleOptions) -> tuple[Path | None
     return (subject_dir, opts.model, opts.onnx, opts.engines)
 
 
+#: ``--sampler auto`` (the default): the model's distilled student where it can run, else ``SOLVER_SAMPLER``.
+AUTO_SAMPLER = "auto"
+#: The sampler ``auto`` falls back to: the flow, then 20 DPM-Solver++ steps of the model's own UNet.
+SOLVER_SAMPLER = "ftddm-dpmpp"
+#: The backends that read the networks from the model folder itself (so they can run its ``distilled/``).
+FOLDER_BACKENDS = ("onnxruntime", "torch")
+
+
+def resolve_sampler(opts: UpscaleOptions) -> tuple[str, str]:
+    """The sampler ``opts`` runs, and why, in words for run.json and the terminal.
+
+    ``--sampler auto`` runs ``ftddm-distilled`` when the model folder has a distilled student of its own UNet
+    and flow (``models.model_set.distilled_teacher_mismatch``), the networks are read from that folder
+    (onnxruntime or torch, no ``--onnx``), and no solver option (``--steps``, ``--passes``, ``--sde``) asks for
+    the solver; otherwise ``ftddm-dpmpp``."""
+    from ftddm_trt.models.model_set import distilled_teacher_mismatch
+
+    if opts.sampler != AUTO_SAMPLER:
+        return opts.sampler, "--sampler " + opts.sampler
+    if opts.backend not in FOLDER_BACKENDS or opts.onnx is not None:
+        return SOLVER_SAMPLER, f"auto: {SOLVER_SAMPLER}, as the networks come from an export or a server"
+    if opts.steps is not None or opts.passes != 1 or opts.sde:
+        return SOLVER_SAMPLER, f"auto: {SOLVER_SAMPLER}, as a solver option (--steps, --passes, --sde) was given"
+    try:
+        mismatch = distilled_teacher_mismatch(opts.model)
+    except FileNotFoundError:
+        return SOLVER_SAMPLER, f"auto: {SOLVER_SAMPLER}, as the model has no distilled student"
+    if mismatch is not None:
+        return SOLVER_SAMPLER, f"auto: {SOLVER_SAMPLER}, as {mismatch}"
+    return "ftddm-distilled", "auto: ftddm-distilled, the model's distilled student"
+
+
 def check_options(opts: UpscaleOptions) -> "SamplerSpec":
     """The sampler spec of ``opts``; UpscaleError for settings that cannot run (checked before any work).
 
     The spec's ``data_consistency`` is decided per subject by ``load_subject``."""
     from ftddm_trt.engine.pipeline import SamplerSpec, consistency_for
+    from ftddm_trt.models.model_set import distilled_folder, distilled_steps
 
+    sampler, _ = resolve_sampler(opts)
+    steps = opts.steps
+    if sampler == "ftddm-distilled" and steps is None:
+        try:  # the student runs the steps it was trained for
+            steps = distilled_steps(distilled_folder(opts.model))
+        except FileNotFoundError as err:
+            raise UpscaleError(str(err)) from err
     try:
         check_temperature("--tau-d", opts.tau_d)
         check_temperature("--tau-f", opts.tau_f)
-        spec = SamplerSpec(opts.sampler, ttrunc=opts.ttrunc, steps=opts.steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
+        spec = SamplerSpec(sampler, ttrunc=opts.ttrunc, steps=steps, tau_d=opts.tau_d, tau_f=opts.tau_f,
                            clip_x0=opts.clip_x0, lambda_min=opts.lambda_min, sde=opts.sde,
                            passes=opts.passes)
         consistency_for(spec, opts.data_consistency, False)  # a bad --data-consistency is named before any work
@@ -428,7 +468,8 @@ def upscale_with_backend(
             "corrections": correction_decisions(result, spec, qc_weight),
             "anatomy": result.condition.anatomy, "anatomy_coverage": subject.anatomy_coverage,
             "accepted": loaded.accepted, "notes": loaded.notes,
-            "sampler": spec.to_dict(), "nfe": result.nfe, "samples": opts.samples, "seed": opts.seed,
+            "sampler": spec.to_dict(), "sampler_choice": resolve_sampler(opts)[1], "nfe": result.nfe,
+            "samples": opts.samples, "seed": opts.seed,
             "batch_size": opts.batch_size, "backend": backend_info, "server_loop": opts.server_loop,
             "seconds": sum(r.seconds for r in results.values()), "seconds_per_map": result.seconds_per_slice,
             "timings": result.timings,
