@@ -22,8 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from ftddm_trt.constants import USER_DEFAULT_TAU_F  # noqa: E402
 from ftddm_trt.data.nifti.write import write_training_subject  # noqa: E402
 from ftddm_trt.data.qc_conventions import BENCHMARK_CONVENTIONS  # noqa: E402
+from ftddm_trt.engine.pipeline import SamplerSpec  # noqa: E402
 from ftddm_trt.engine.torch_backend import TorchBackend  # noqa: E402
 from ftddm_trt.evaluation.report import write_json  # noqa: E402
 from ftddm_trt.evaluation.robustness import (  # noqa: E402
@@ -37,7 +39,7 @@ from ftddm_trt.evaluation.robustness import (  # noqa: E402
     summarize_cells,
 )
 from ftddm_trt.models.io import load_model  # noqa: E402
-from ftddm_trt.models.model_set import ModelSet  # noqa: E402
+from ftddm_trt.models.model_set import ModelSet, distilled_folder, distilled_steps  # noqa: E402
 from ftddm_trt.training.finetune import FinetuneConfig, finetune  # noqa: E402
 from ftddm_trt.training.objectives import regression_predict  # noqa: E402
 from ftddm_trt.training.trainer import TrainConfig, train  # noqa: E402
@@ -47,10 +49,11 @@ STRICT = "strict-thresholds"
 TRAIN_FIRST = 100  # training subjects are indices 100.., test subjects 0..
 
 
-def train_family_models(family: str, n_subjects: int, minutes: float, base: Path | None, work: Path, log) -> dict:
+def train_family_models(family: str, n_subjects: int, minutes: float, base: Path | None, work: Path, log,
+                        seed: int = ROBUSTNESS_SEED) -> dict:
     """Fine-tune ``base`` and train a regression UNet from scratch, each for ``minutes`` on the same subjects."""
     data = work / f"{family}-site"
-    for subj in family_subjects(family, n_subjects, first=TRAIN_FIRST):
+    for subj in family_subjects(family, n_subjects, seed=seed, first=TRAIN_FIRST):
         write_training_subject(data, subj)
     t0 = time.perf_counter()
     tuned = work / f"{family}-finetuned"
@@ -68,6 +71,17 @@ def train_family_models(family: str, n_subjects: int, minutes: float, base: Path
             "finetune": {"seconds": finetune_s, "validation_quality": manifest["finetune"]["validation_quality"],
                          "training": manifest["finetune"]["training"]},
             "regression_training": {**summary, "seconds_total": time.perf_counter() - t0}}
+
+
+def distilled_system(model: Path | None, fine_mask_net) -> System | None:
+    """The model's distilled student as a system (its sampler ``ftddm-distilled`` at its trained steps), or None
+    when the model has none."""
+    try:
+        folder = distilled_folder(model)
+    except FileNotFoundError:
+        return None
+    spec = SamplerSpec("ftddm-distilled", steps=distilled_steps(folder), tau_f=USER_DEFAULT_TAU_F)
+    return System("distilled", TorchBackend(ModelSet.open(folder)), fine_mask_net, spec=spec)
 
 
 def markdown(results: dict) -> str:
@@ -90,7 +104,7 @@ def markdown(results: dict) -> str:
         if d:
             lines.append(f"| {family} | {d['cells']} | {d['floor']:+.2f} | {d['median']:+.2f} | {d['floor_s4']:+.2f} | "
                          f"{d['median_s4']:+.2f} | {d['min_coverage']:.4f} |")
-    for key in ("all", "fine-tuned", "regression"):
+    for key in ("all", "distilled", "fine-tuned", "regression"):
         d = results["summary_all"].get(key, {})
         if d:
             lines.append(f"| {key} | {d['cells']} | {d['floor']:+.2f} | {d['median']:+.2f} | {d['floor_s4']:+.2f} | "
@@ -115,7 +129,10 @@ def markdown(results: dict) -> str:
             lines.append("| zero-filled PSNR (dB) | " + " | ".join(f"{v:.2f}" for v in zf) + " |")
             lines.append("| coverage of the truth's mask | " + " | ".join(f"{v:.4f}" for v in cov) + " |")
             lines.append("")
-    lines += ["`default`: `upscale` with its defaults. `qc step without the do-no-harm check`: the qc step applied to "
+    lines += ["`shipped: default`: the shipped model with the solver sampler (flow + 20 DPM-Solver++ steps) and "
+              "`upscale`'s corrections; `distilled: default`: its distilled student (`ftddm-distilled`, which "
+              "`upscale --sampler auto` runs) with the same corrections. `qc step without the do-no-harm check`: "
+              "the qc step applied to "
               "every map. `2 solver passes (checked)`: `--passes 2`, each pass and the qc step kept per map only where "
               "they agree better with the acquired band. Coverage: share of the truth's quality-mask voxels inside M "
               "(the output is cut by M). `qc_kept` in the JSON: share of maps whose qc step the check kept.", ""]
@@ -133,21 +150,25 @@ def main() -> int:
         "--minutes", type=float, default=10.0, help="training budget of the fine-tune and the regression UNet"
     )
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=ROBUSTNESS_SEED, help="seed of the test and training subjects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--stem", default="robustness", help="results are written to OUT/STEM.{json,md}")
     args = ap.parse_args()
     families = [f for f in args.families.split(",") if f]
     shipped = ModelSet.open(args.model)
     base = System("shipped", TorchBackend(shipped), shipped.fine_mask_net())
-    results: dict = {"seed": ROBUSTNESS_SEED, "test_subjects": args.test_subjects, "maps": args.maps,
+    student = distilled_system(args.model, base.fine_mask_net)
+    results: dict = {"seed": args.seed, "test_subjects": args.test_subjects, "maps": args.maps,
                      "train_subjects": args.train_subjects, "minutes": args.minutes, "families": families,
                      "sizes": list(SCALES_N), "conventions": list(BENCHMARK_CONVENTIONS), "model": str(shipped.root),
                      "model_hashes": shipped.hashes(), "training": {}, "rows": []}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:
-            systems, regression = [base], None
+            systems, regression = [base, *([student] if student else [])], None
             if args.minutes > 0:
-                trained = train_family_models(family, args.train_subjects, args.minutes, args.model, Path(tmp), print)
+                trained = train_family_models(family, args.train_subjects, args.minutes, args.model, Path(tmp), print,
+                                              seed=args.seed)
                 results["training"][family] = {k: v for k, v in trained.items() if k not in ("finetuned", "regression")}
                 tuned = ModelSet(trained["finetuned"])
                 systems.append(System("fine-tuned", TorchBackend(tuned), tuned.fine_mask_net()))
@@ -155,10 +176,10 @@ def main() -> int:
 
                 def regression(y: torch.Tensor, s: torch.Tensor, net=reg_net) -> torch.Tensor:
                     return regression_predict(net, y, s)
-            subjects = family_subjects(family, args.test_subjects)
+            subjects = family_subjects(family, args.test_subjects, seed=args.seed)
             for n in SCALES_N:
                 for conventions in ([c for c in BENCHMARK_CONVENTIONS if c != STRICT], [STRICT]):
-                    pool, idx = family_maps(subjects, args.maps, conventions[0])
+                    pool, idx = family_maps(subjects, args.maps, conventions[0], seed=args.seed)
                     rows = score_cell(systems, pool, idx, n, conventions, regression=regression,
                                       batch_size=args.batch_size)
                     results["rows"] += [{"family": family, **r} for r in rows]
@@ -171,11 +192,12 @@ def main() -> int:
         for f in families
     }
     results["summary_all"] = {"all": summarize_cells(results["rows"], "shipped: default"),
+                              "distilled": summarize_cells(results["rows"], "distilled: default"),
                               "fine-tuned": summarize_cells(results["rows"], "fine-tuned: default"),
                               "regression": summarize_cells(results["rows"], "regression UNet (trained on the family)")}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "robustness.json", results)
-    (args.out / "robustness.md").write_text(markdown(results))
+    write_json(args.out / f"{args.stem}.json", results)
+    (args.out / f"{args.stem}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

@@ -49,11 +49,13 @@ SCALES_N: tuple[int, ...] = (8, 16, 32)
 
 @dataclass(frozen=True)
 class System:
-    """A model to score: a label, its backend and its fine-mask estimator (None: no qc step)."""
+    """A model to score: a label, its backend, its fine-mask estimator (None: no qc step) and the sampler its
+    default runs (None: the solver sampler, flow + 20 DPM-Solver++ steps from the flow's mode)."""
 
     label: str
     backend: Backend
     fine_mask_net: FineMaskNet | None
+    spec: SamplerSpec | None = None
 
 
 def family_subjects(family: str, n_subjects: int, seed: int = ROBUSTNESS_SEED, first: int = 0) -> list[PhantomSubject]:
@@ -96,18 +98,21 @@ def score_cell(
 ) -> list[dict]:
     """Rows for maps ``idx`` of ``pool`` acquired at ``n``, for each qc convention in ``conventions``.
 
-    The first system gets every row (default, without the qc step, the qc step unchecked, two passes);
+    The first system (its sampler the solver's) gets every row (default, without the qc step, the qc step
+    unchecked, two passes);
     the others their default only. ``regression(y, s) -> x0`` adds a regression row (convention-free).
     """
     y, s, scale, truth, region, zf = example_tensors(pool, idx, n, "lr")
     zf_m = map_metrics(zf, truth, region)
     base = {"n": n, "s": HR_SIZE / n, "maps": int(idx.size), "coverage": mask_coverage(y[:, 1].numpy() > 0.5, region)}
-    spec = consistency_for(SamplerSpec(tau_f=USER_DEFAULT_TAU_F), "auto", fine_mask=False)
+    solver = SamplerSpec(tau_f=USER_DEFAULT_TAU_F)
     outputs = []
     for k, system in enumerate(systems):
+        spec = consistency_for(system.spec or solver, "auto", fine_mask=False)
         t0 = time.perf_counter()
-        passes = 2 if k == 0 else 1
-        every = every_pass(system.backend, replace(spec, passes=passes), y, s, batch_size, seed)
+        if k == 0:  # the first system also gets the two-pass row
+            spec = replace(spec, passes=2)
+        every = every_pass(system.backend, spec, y, s, batch_size, seed)
         outputs.append((every, (time.perf_counter() - t0) / idx.size))
     reg = None
     if regression is not None:
