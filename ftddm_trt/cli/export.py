@@ -37,7 +37,7 @@ def export_cmd(
     """Export the networks to ONNX (opset 18, dynamic batch), check parity with PyTorch, write a manifest.
 
     The export is refused (nothing written) if ONNX Runtime and PyTorch disagree beyond the tolerance.
-    With --int8 the UNets are quantized and refused if the default sampler loses more than 0.5 dB of PSNR.
+    With --int8 the UNets are quantized and refused if the solver sampler (ftddm-dpmpp) loses more than 0.5 dB of PSNR.
     """
     from ftddm_trt.atomic import OutputError
     from ftddm_trt.data.nifti.files import InputError

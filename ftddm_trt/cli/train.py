@@ -287,10 +287,10 @@ def distill_cmd(
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out model folder.", show_default="off"),
 ) -> None:
-    """Distil a model's default sampler into a student that needs 1 to 3 UNet evaluations.
+    """Distil a model's solver sampler into a student that needs 1 to 3 UNet evaluations.
 
     The student starts from the model's UNet and learns to land, in --steps deterministic steps from the
-    flow's draw, where the default sampler (20 DPM-Solver++ steps) lands. Interrupt at any time; the same
+    flow's draw, where the solver (ftddm-dpmpp: 20 DPM-Solver++ steps) lands. Interrupt at any time; the same
     command resumes. Run it with `upscale --sampler ftddm-distilled` (any backend; export, build-engine and
     triton-repo take the distilled folder as --model).
     """
