@@ -60,7 +60,7 @@ def upscale_cmd(
     sampler: str = typer.Option(
         "auto",
         help="auto: the model's distilled student (ftddm-distilled, flow + 1 to 3 UNet evaluations) where the model "
-             "has one and runs from its folder (onnxruntime or torch, no --onnx, no --steps / --passes / --sde), else "
+             "has one and runs from its folder (onnxruntime or torch, no --onnx) and no solver setting is given, else "
              "ftddm-dpmpp (flow + 20 DPM-Solver++ steps). Or name one: ftddm, ftddm-dpmpp, ddpm, ddpm-respaced, "
              "dpmpp, flow, tdpm (baseline; needs tdpm.* in the model), ftddm-distilled, munet (MUNet-FS-cWGAN "
              "baseline; needs munet.*) or flow-enhancer (Flow Enhancer baseline; needs munet.* and flow_enhancer.*).",
