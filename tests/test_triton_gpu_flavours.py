@@ -30,7 +30,7 @@ def _quiet(_m):
 def test_gpu_python_repository(tmp_path):
     from tritonclient.grpc import model_config_pb2 as pb
 
-    export = _fake_export(tmp_path / "onnx")
+    export = _fake_export(tmp_path / "onnx", networks=tuple(TRITON_MODELS))
     engines = _fake_engines(tmp_path / "engines")
     out = tmp_path / "repo"
     meta = build_repository(export, out, "gpu-python", engines_dir=engines, log=_quiet)
@@ -63,7 +63,7 @@ def test_engines_are_verified_at_generation_and_at_load(tmp_path, monkeypatch):
     from ftddm_trt.serving.repository.render import TRITON_REPO_SRC
     from ftddm_trt.serving.repository.validate import parse_config
 
-    export = _fake_export(tmp_path / "onnx")
+    export = _fake_export(tmp_path / "onnx", networks=tuple(TRITON_MODELS))
     engines = _fake_engines(tmp_path / "engines")
     (engines / "unet-abc.plan").write_bytes(b"placeholder plaN")
     for flavor in ("gpu", "gpu-python"):
@@ -114,7 +114,7 @@ def test_gpu_python_configs_are_checked():
 
 
 def test_onnxruntime_tensorrt_accelerator_has_cache_path_and_profiles(tmp_path):
-    export = _fake_export(tmp_path / "onnx")
+    export = _fake_export(tmp_path / "onnx", networks=tuple(TRITON_MODELS))
     out = tmp_path / "repo"
     build_repository(
         export, out, "gpu", options=RepoOptions(max_batch_size=32, preferred_batch_sizes=(8, 16)), log=_quiet
@@ -139,7 +139,7 @@ def test_profile_shapes_default_opt():
 def test_cli_gpu_python_needs_engines(tmp_path):
     from ftddm_trt.cli.main import app
 
-    export = _fake_export(tmp_path / "onnx")
+    export = _fake_export(tmp_path / "onnx", networks=tuple(TRITON_MODELS))
     res = CliRunner().invoke(
         app, ["triton-repo", "--flavor", "gpu-python", "--onnx", str(export), "--out", str(tmp_path / "r")]
     )

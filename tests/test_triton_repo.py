@@ -36,7 +36,8 @@ from ftddm_trt.serving.repository.validate import parse_config, validate_config,
 SHA = {n: hashlib.sha256(b"placeholder onnx " + n.encode()).hexdigest() for n in TRITON_MODELS}
 
 
-def _fake_export(folder: Path, networks=tuple(TRITON_MODELS)) -> Path:
+def _fake_export(folder: Path, networks=("unet", "unet_full", "flow")) -> Path:
+    """A placeholder export with ``networks`` (default: the shipped model's; TRITON_MODELS adds the baselines)."""
     folder.mkdir(parents=True, exist_ok=True)
     img = {"shape": ["batch", 1, 64, 64], "dtype": "float32"}
     cond = {"name": "y", "shape": ["batch", 4, 64, 64], "dtype": "float32"}
@@ -83,7 +84,7 @@ def _fake_engines(folder: Path, profile_max: int = 64, sha=SHA) -> Path:
 
 @pytest.fixture()
 def export_dir(tmp_path):
-    return _fake_export(tmp_path / "onnx")
+    return _fake_export(tmp_path / "onnx", networks=tuple(TRITON_MODELS))
 
 
 def _quiet(_msg):
