@@ -267,6 +267,54 @@ def test_paper_methods_rows():
     assert all(m.spec.clip_x0 is None for m in none.values()) and "TDPM Ttrunc=100" not in none
 
 
+def test_baseline_and_distilled_rows_and_their_parameters():
+    rows = {m.label: m for m in paper_methods(munet=True, flow_enhancer=True, distilled_steps=2)}
+    assert rows["MUNet-FS-cWGAN"].spec.nfe == 1 and rows["Flow Enhancer (tau_f=0)"].spec.nfe == 2
+    distilled = rows["FTDDM distilled, 2 steps"]
+    assert distilled.spec.distilled_unet and distilled.spec.nfe == 3 and distilled.spec.tau_f == 0.0
+    assert not {"MUNet-FS-cWGAN", "FTDDM distilled, 2 steps"} & {m.label for m in paper_methods()}
+    params = {"unet": 10, "flow": 3, "munet": 7, "flow_enhancer": 5}
+    assert paper_table.params_of("MUNet-FS-cWGAN", params) == 7
+    assert paper_table.params_of("Flow Enhancer", params) == 12
+    assert paper_table.params_of("FTDDM distilled", params) == 13
+
+
+def test_run_quality_runs_the_distilled_row_on_the_students_backend(monkeypatch):
+    """The distilled row goes to flow_backends['distilled']; without one it is refused by name."""
+    import torch
+
+    from ftddm_trt.evaluation import quality
+
+    used = []
+
+    def fake_sample(backend, spec, y, s, batch_size, seed):
+        used.append((spec.name, backend.label))
+        return torch.zeros(len(y), 1, 64, 64), spec.nfe
+
+    class Backend:
+        def __init__(self, label):
+            self.label = label
+
+        def describe(self):
+            return {"backend": self.label}
+
+    def fake_tensors(pool, idx, n, protocol):
+        region = np.ones((2, 64, 64), bool)
+        return torch.zeros(2, 4, 64, 64), torch.full((2,), 4.0), np.ones(2, np.float32), np.ones((2, 64, 64)), \
+            region, np.ones((2, 64, 64))
+
+    monkeypatch.setattr(quality, "test_maps", lambda n_maps, seed=0: (None, np.arange(2), ["sub-x"]))
+    monkeypatch.setattr(quality, "example_tensors", fake_tensors)
+    monkeypatch.setattr(quality, "sample_images", fake_sample)
+    methods = [m for m in paper_methods(distilled_steps=2) if m.family in ("FTDDM distilled", "flow")]
+    quality.run_quality(Backend("teacher"), methods, n_maps=2, scales=(16,), protocols=("hr",), log=lambda _: None,
+                        flow_backends={"distilled": Backend("student")})
+    assert used == [("ftddm-distilled", "student"), ("flow", "teacher")]
+    with pytest.raises(ValueError, match="distilled"):
+        quality.run_quality(Backend("teacher"), methods, n_maps=2, scales=(16,), protocols=("hr",),
+                            log=lambda _: None)
+
+
 def test_committed_results_hold_no_absolute_paths():
     import os
     import re

@@ -83,7 +83,8 @@ def speedups(results: dict) -> dict[str, dict[str, Any]]:
 
 def params_of(family: str, params: dict[str, int]) -> int:
     """Parameters a method runs: the full-chain UNet for the DDPM baselines, UNet + flow for FTDDM, UNet +
-    generator for TDPM, the flow alone for flow-only, 0 for zero-filling."""
+    generator for TDPM, the flow alone for flow-only, MUNet (and the enhancer's flow) for the one-shot
+    baselines, 0 for zero-filling."""
     if family in ("DDPM", "DDPM respaced", "DPM-Solver++", "SDE-DPM-Solver++", "DPM-Solver++ variant"):
         return params.get("unet_full", 0)
     if family.startswith("FTDDM"):
@@ -92,6 +93,10 @@ def params_of(family: str, params: dict[str, int]) -> int:
         return params.get("unet", 0) + params.get("tdpm", 0)
     if family == "flow":
         return params.get("flow", 0)
+    if family == "MUNet-FS-cWGAN":
+        return params.get("munet", 0)
+    if family == "Flow Enhancer":
+        return params.get("munet", 0) + params.get("flow_enhancer", 0)
     return 0
 
 

@@ -46,14 +46,17 @@ class Method:
 
 def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (100,),
                   clip_x0: tuple[float, float] | None = (0.0, 3.0), lambda_min: float | None = DEFAULT_LAMBDA_MIN,
-                  solver_variants: bool = True, tdpm: bool = False) -> list[Method]:
+                  solver_variants: bool = True, tdpm: bool = False, munet: bool = False,
+                  flow_enhancer: bool = False, distilled_steps: int | None = None) -> list[Method]:
     """The rows of the paper's Table 1 / Table 4; FTDDM at each Ttrunc a flow was trained for.
 
     ``clip_x0`` and ``lambda_min`` are every row's settings (SamplerSpec); ``solver_variants`` adds
     DPM-Solver++ 100 from noise with the other choice of each (the baselines with and without the clips);
-    ``tdpm`` adds the TDPM row (GAN generator of x_100, then the truncated chain). DPM-Solver++ from noise
-    runs in both forms: the ODE (deterministic, the paper's) and the SDE (fresh noise scaled by tau_d, as the
-    DDPM rows).
+    ``tdpm`` adds the TDPM row (GAN generator of x_100, then the truncated chain); ``munet`` and
+    ``flow_enhancer`` the one-shot baselines MUNet-FS-cWGAN and Flow Enhancer (at the flow's mode,
+    ``tau_f = 0``); ``distilled_steps`` the model's distilled student (``upscale``'s default sampler).
+    DPM-Solver++ from noise runs in both forms: the ODE (deterministic, the paper's) and the SDE (fresh noise
+    scaled by tau_d, as the DDPM rows).
     """
     def spec(name: str, **kw) -> SamplerSpec:
         return SamplerSpec(name, **{"clip_x0": clip_x0, "lambda_min": lambda_min, **kw})
@@ -84,7 +87,14 @@ def paper_methods(include_ddpm: bool = True, ftddm_ttruncs: tuple[int, ...] = (1
     rows += [Method(f"FTDDM Ttrunc={t}", spec("ftddm", ttrunc=t), "FTDDM") for t in ftddm_ttruncs]
     rows += [Method(f"FTDDM + DPM-Solver++ {k}", spec("ftddm-dpmpp", ttrunc=100, steps=k), "FTDDM + DPM-Solver++")
              for k in (50, 20, 10)]
+    if distilled_steps is not None:
+        rows.append(Method(f"FTDDM distilled, {distilled_steps} steps",
+                           spec("ftddm-distilled", ttrunc=100, steps=distilled_steps, tau_f=0.0), "FTDDM distilled"))
     rows.append(Method("flow only (tau_f=0)", spec("flow", tau_f=0.0), "flow"))
+    if munet:
+        rows.append(Method("MUNet-FS-cWGAN", spec("munet"), "MUNet-FS-cWGAN"))
+    if flow_enhancer:
+        rows.append(Method("Flow Enhancer (tau_f=0)", spec("flow-enhancer", tau_f=0.0), "Flow Enhancer"))
     return rows
 
 
@@ -140,8 +150,9 @@ def run_quality(
 ) -> dict:
     """Run every method on every (scale, protocol); returns the full results record.
 
-    ``flow_backends`` maps a Ttrunc to a backend whose flow was trained for it (same UNets), and ``"tdpm"``
-    to one serving the TDPM generator; start-point methods run there, everything else on ``backend``.
+    ``flow_backends`` maps a Ttrunc to a backend whose flow was trained for it (same UNets), ``"tdpm"``
+    to one serving the TDPM generator and ``"distilled"`` to one serving the distilled student; start-point
+    methods run there, everything else on ``backend``.
     ``ddpm_maps`` (None: all) limits DDPM T=1000 to the first maps. ``tau_d_sweep`` (Fig. 7) reruns
     FTDDM Ttrunc=100 at N = ``sweep_n``, protocol hr, with each tau_d; ``s_sweep`` (Fig. 6) runs FTDDM +
     DPM-Solver++ 20 there telling the networks each s instead of the true one.
@@ -158,6 +169,10 @@ def run_quality(
             if "tdpm" not in flow_backends:
                 raise ValueError("a TDPM row needs flow_backends['tdpm'] (a backend serving the TDPM generator)")
             return flow_backends["tdpm"]
+        if spec.distilled_unet:
+            if "distilled" not in flow_backends:
+                raise ValueError("a distilled row needs flow_backends['distilled'] (a backend of the student)")
+            return flow_backends["distilled"]
         return flow_backends.get(spec.ttrunc, backend) if spec.uses_flow else backend
 
     def sample(spec: SamplerSpec, y, s, k: int, scale) -> tuple[np.ndarray, int, float]:

@@ -16,13 +16,14 @@ def run_quality_bench(out: Path, model: Path | None, backend: str, maps: int, dd
                       tau_d_sweep: tuple[float, ...], s_sweep: tuple[float, ...], seed: int,
                       command: dict) -> dict[str, Path]:
     """Run every sampler on the same test maps at s = 8, 4, 2 for both mask protocols, on one ``backend``
-    for the model (and one per extra flow Ttrunc and for TDPM when the model has them); write JSON, markdown
+    for the model (and one per extra flow Ttrunc, for TDPM and for the distilled student when the model has
+    them; rows for MUNet-FS-cWGAN and Flow Enhancer when it has their networks); write JSON, markdown
     and figures into ``out`` with the model's hashes and ``command`` (the settings as given). Returns the
     written paths."""
     from ftddm_trt.engine.factory import open_backend
     from ftddm_trt.evaluation.quality import paper_methods, run_quality, write_results
     from ftddm_trt.models import count_parameters
-    from ftddm_trt.models.model_set import ModelSet
+    from ftddm_trt.models.model_set import ModelSet, distilled_folder, distilled_steps
 
     try:
         models = ModelSet.open(model)
@@ -37,6 +38,12 @@ def run_quality_bench(out: Path, model: Path | None, backend: str, maps: int, dd
             flow_backends["tdpm"] = open_backend(
                 backend, model=model, ttrunc=main_ttrunc, start="tdpm", log=console.print
             )
+        try:
+            student = distilled_folder(models.root)
+        except FileNotFoundError:
+            student = None
+        if student is not None:
+            flow_backends["distilled"] = open_backend(backend, model=student, ttrunc=main_ttrunc, log=console.print)
     except Exception as err:
         raise BenchError(f"cannot open backend {backend!r}: {err}") from err
     params = {name: count_parameters(net) for name, net in models.load_torch().items()}
@@ -48,7 +55,9 @@ def run_quality_bench(out: Path, model: Path | None, backend: str, maps: int, dd
         )
     try:
         methods = paper_methods(include_ddpm=include_ddpm, ftddm_ttruncs=tuple(ttruncs), clip_x0=clip_x0,
-                                lambda_min=lambda_min, tdpm=has_tdpm)
+                                lambda_min=lambda_min, tdpm=has_tdpm, munet="munet" in params,
+                                flow_enhancer="munet" in params and "flow_enhancer" in params,
+                                distilled_steps=distilled_steps(student) if student is not None else None)
         results = run_quality(
             b,
             methods,
