@@ -201,7 +201,7 @@ def measure_model(name: str, fp32_dir: Path, int8_dir: Path, rows_spec: list, ba
 
 # --------------------------------------------------------------------------------------------- peers
 
-def diffusers_unet(preset_params: int, quick: bool) -> torch.nn.Module:
+def diffusers_unet(quick: bool) -> torch.nn.Module:
     """A diffusers ``UNet2DModel`` (5 input channels: x_t and the condition, 1 output) of about the size of
     the paper-size UNet."""
     from diffusers import UNet2DModel
@@ -225,14 +225,14 @@ class _SampleOnly(torch.nn.Module):
         return self.net(sample, timestep).sample
 
 
-def measure_peers(paper_params: int, threads: int, quick: bool, work: Path, log: Callable[[str], None]) -> dict:
+def measure_peers(threads: int, quick: bool, work: Path, log: Callable[[str], None]) -> dict:
     """Per-evaluation time of the diffusers UNet on ONNX Runtime (batch 1, 8) and per-slice time of the
     diffusers DPM-Solver++ 20 loop in torch eager (batch 1, 8)."""
     import onnxruntime as ort
     from diffusers import DPMSolverMultistepScheduler
 
     torch.manual_seed(0)
-    net = diffusers_unet(paper_params, quick).eval()
+    net = diffusers_unet(quick).eval()
     params = count_parameters(net)
     log(f"peers: diffusers UNet2DModel ({params / 1e6:.1f} M), exporting to ONNX ...")
     path = work / "diffusers-unet.onnx"
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         result["latency"]["paper"] = measure_model("paper", p_fp32, p_int8, rows_spec, (1, 8), threads, args.quick,
                                                    args.measure_below, print)
         # 2. peers, same run
-        result["peers"] = measure_peers(result["parameters"]["paper"]["unet"], threads, args.quick, work, print)
+        result["peers"] = measure_peers(threads, args.quick, work, print)
     batches = (1, 8) if args.quick else (1, 8, 16)
     result["latency"]["shipped"] = measure_model("shipped", shipped["fp32"], shipped["int8"], rows_spec, batches,
                                                  threads, args.quick, args.measure_below, print)
