@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_TRUNC  # noqa: E402
+from ftddm_trt.constants import HR_SIZE, T_TRUNC, TRAINED_LR_SIZES  # noqa: E402
 from ftddm_trt.engine.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from ftddm_trt.engine.pipeline import SamplerSpec, sample_images  # noqa: E402
 from ftddm_trt.engine.triton_backend import TritonBackend  # noqa: E402
@@ -50,7 +50,8 @@ def unet_inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     y[:, 2:] = y[:, 2:].abs().clamp(max=1)
     return {"x_t": torch.randn(batch, 1, HR_SIZE, HR_SIZE, generator=g), "y": y,
             "t": torch.randint(1, T_TRUNC + 1, (batch,), generator=g).float(),
-            "s": torch.tensor([HR_SIZE / LR_SIZES[i % len(LR_SIZES)] for i in range(batch)], dtype=torch.float32)}
+            "s": torch.tensor([HR_SIZE / TRAINED_LR_SIZES[i % len(TRAINED_LR_SIZES)] for i in range(batch)],
+                              dtype=torch.float32)}
 
 
 def percentiles(lat_s: list[float]) -> dict[str, float]:

@@ -378,3 +378,21 @@ def test_cumulative_steps_follow_init_from_and_base_history(tiny_runs, tmp_path)
 
     text = "\n".join(budget_lines(third))
     assert "`unet` (t in 1..100): 5 iterations (2 of them in the runs it started from) x batch" in text
+
+
+def test_package_carries_the_distilled_student_and_breakpoint_only_with_the_base_unet_and_flow(tiny_runs, tmp_path):
+    """Adding a baseline network to a model keeps its default sampler's files (distilled/, breakpoint.json);
+    replacing its unet drops them (they belong to the old pair)."""
+    base = package_model({"unet": tiny_runs["unet"][0], "flow": tiny_runs["flow"][0]}, tmp_path / "base")
+    assert "carried" not in base
+    (tmp_path / "base" / "distilled").mkdir()
+    (tmp_path / "base" / "distilled" / "manifest.json").write_text('{"distilled": {"steps": 2}}')
+    (tmp_path / "base" / "breakpoint.json").write_text('{"n": 4, "figures": []}')
+    kept = package_model({"munet": tiny_runs["munet"][0]}, tmp_path / "kept", base=tmp_path / "base")
+    assert kept["carried"] == ["distilled", "breakpoint.json"]
+    assert (tmp_path / "kept" / "distilled" / "manifest.json").read_text() == '{"distilled": {"steps": 2}}'
+    assert (tmp_path / "kept" / "breakpoint.json").is_file() and (tmp_path / "kept" / "munet.safetensors").is_file()
+    replaced = package_model({"unet": tiny_runs["unet"][0]}, tmp_path / "replaced", base=tmp_path / "base")
+    assert "carried" not in replaced
+    assert not (tmp_path / "replaced" / "distilled").exists()
+    assert not (tmp_path / "replaced" / "breakpoint.json").exists()

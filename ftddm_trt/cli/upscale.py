@@ -156,7 +156,8 @@ def upscale_cmd(
         None,
         "--accept",
         help="Comma-separated degraded inputs to accept instead of "
-        "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy.",
+        "refusing: zero-maps, out-of-range, empty-mask, missing-anatomy, partial-anatomy, below-breakpoint "
+        "(maps smaller than the model's measured breakpoint, e.g. 4 x 4).",
         show_default="none",
     ),
     force: bool = typer.Option(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ftddm_trt.constants import HR_SIZE, LR_SIZES
+from ftddm_trt.constants import HR_SIZE, TRAINED_LR_SIZES
 from ftddm_trt.data.kspace import kspace_truncate
 from ftddm_trt.data.masks import fill_outside, lr_support_mask
 from ftddm_trt.data.normalize import normalize_anatomy, normalize_maps
@@ -178,9 +178,9 @@ def collate(examples: list[Example], sizes: list[int]) -> Batch:
 def random_batch(
     pool: SlicePool, batch_size: int, rng: np.random.Generator, lr_protocol_fraction: float = 0.5
 ) -> Batch:
-    """A training batch: random examples, augmentation, s uniform over LR_SIZES, mixed mask protocols."""
+    """A training batch: random examples, augmentation, s uniform over TRAINED_LR_SIZES, mixed mask protocols."""
     idx = rng.integers(0, len(pool), size=batch_size)
-    sizes = [int(rng.choice(LR_SIZES)) for _ in range(batch_size)]
+    sizes = [int(rng.choice(TRAINED_LR_SIZES)) for _ in range(batch_size)]
     protocols = ["lr" if rng.random() < lr_protocol_fraction else "hr" for _ in range(batch_size)]
     examples = [make_example(pool, int(i), n, p, rng) for i, n, p in zip(idx, sizes, protocols)]
     return collate(examples, sizes)
@@ -193,7 +193,7 @@ def fixed_batches(pool: SlicePool, n_examples: int, batch_size: int, seed: int =
     batches = []
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        sizes = [LR_SIZES[(start + k) % len(LR_SIZES)] for k in range(len(chunk))]
+        sizes = [TRAINED_LR_SIZES[(start + k) % len(TRAINED_LR_SIZES)] for k in range(len(chunk))]
         protocols = [PROTOCOLS[(start + k) % 2] for k in range(len(chunk))]
         examples = [make_example(pool, int(i), n, p, None) for i, n, p in zip(chunk, sizes, protocols)]
         batches.append(collate(examples, sizes))

@@ -1,6 +1,6 @@
 """The fine-mask estimator's examples (``models.fine_mask``): what an ``lr`` user has, and the truth's mask.
 
-Each example is one map acquired at an N of ``LR_SIZES``: its features (``data.masks.fine_mask_features``)
+Each example is one map acquired at an N of ``TRAINED_LR_SIZES``: its features (``data.masks.fine_mask_features``)
 and the truth's 64x64 quality mask as the target, inside M. ``training.fine_mask`` trains on them and
 ``evaluation.fine_mask`` scores the estimator on them; ``dice`` compares masks.
 """

@@ -16,6 +16,8 @@ each degradation the user did not accept:
 - ``empty-mask``: the mask M of a metabolite is empty on every slice (an explicit mask file that is
   empty, or a map with no signal): there is nothing to super-resolve. Accepted: its output is zero.
   Maps already named as zero or out of range are not named again.
+- ``below-breakpoint``: maps acquired below the model's measured breakpoint (checked by
+  ``models.breakpoint.check_acquired_size``, which knows the model). Accepted: run anyway.
 
 Notes that need no acceptance (recorded, printed): anisotropic in-plane voxels.
 """
@@ -30,7 +32,8 @@ from ftddm_trt.data.nifti.files import InputError, match_metabolites, nifti_file
 from ftddm_trt.data.nifti.read import CONC_KINDS, SubjectInput
 
 #: Reasons a user can accept (``--accept``; ``missing-anatomy`` also as ``--allow-missing-anatomy``).
-ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "partial-anatomy", "zero-maps", "out-of-range", "empty-mask")
+ACCEPTABLE: tuple[str, ...] = ("missing-anatomy", "partial-anatomy", "zero-maps", "out-of-range", "empty-mask",
+                               "below-breakpoint")
 #: Least share of the voxels with signal that T1 and FLAIR must each cover (else ``partial-anatomy``).
 ANATOMY_COVERAGE_MIN: float = 0.9
 #: Most negative value taken as a concentration (file units); below it a map is out of range.
@@ -64,6 +67,15 @@ def zero_output_channels(subject: SubjectInput) -> np.ndarray:
     return zero
 
 
+def refuse_unless_accepted(root: Path, reason: str, accept: set[str] | frozenset[str], problem: str, fallback: str,
+                           option: str | None = None) -> str:
+    """InputError naming ``problem`` and the option that accepts it (``option``, else ``--accept reason``) unless
+    ``reason`` is in ``accept``; then the line run.json records (``reason: problem; fallback``)."""
+    if reason not in accept:
+        raise InputError(root, f"{problem}; refused (pass {option or '--accept ' + reason} to run anyway: {fallback})")
+    return f"{reason}: {problem}; {fallback}"
+
+
 def _names(subject: SubjectInput, idx: np.ndarray) -> str:
     return ", ".join(subject.metabolites[i] for i in idx)
 
@@ -83,11 +95,7 @@ def check_subject(
     root = subject.path
 
     def degrade(reason: str, problem: str, fallback: str, option: str | None = None) -> None:
-        if reason not in accept:
-            raise InputError(
-                root, f"{problem}; refused (pass {option or '--accept ' + reason} to run anyway: {fallback})"
-            )
-        accepted.append(f"{reason}: {problem}; {fallback}")
+        accepted.append(refuse_unless_accepted(root, reason, accept, problem, fallback, option))
 
     lr = subject.lr
     finite = np.isfinite(lr)

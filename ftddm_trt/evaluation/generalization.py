@@ -139,6 +139,7 @@ def score_maps(
                      "conventions": list(conventions), "coverage": coverage, **summarize(m),
                      "psnr_gain": float(np.nanmean(m["psnr"] - zf_m["psnr"])),
                      "ssim_gain": float(np.nanmean(m["ssim"] - zf_m["ssim"])),
+                     "better_than_zero_filled": float(np.mean(m["psnr"] > zf_m["psnr"])),
                      "seconds_per_map": seconds})
     return rows
 

@@ -29,7 +29,7 @@ import torch
 
 from ftddm_trt import __version__
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.constants import HR_SIZE, LR_SIZES, T_DIFFUSION, T_TRUNC
+from ftddm_trt.constants import HR_SIZE, T_DIFFUSION, T_TRUNC, TRAINED_LR_SIZES
 from ftddm_trt.export.manifest import FLOW_TTRUNC_KEY, file_sha256, resolve_flow_ttrunc, write_manifest
 from ftddm_trt.models import EnhancerReverse, FlowReverse
 from ftddm_trt.models.model_set import ModelSet
@@ -91,8 +91,8 @@ def random_inputs(name: str, batch: int, gen: torch.Generator) -> dict[str, torc
         t_max = T_DIFFUSION if name == "unet_full" else T_TRUNC
         feeds["t"] = torch.randint(1, t_max + 1, (batch,), generator=gen).float()
     if "s" in feeds:
-        idx = torch.randint(0, len(LR_SIZES), (batch,), generator=gen)
-        feeds["s"] = torch.tensor([HR_SIZE / LR_SIZES[i] for i in idx])
+        idx = torch.randint(0, len(TRAINED_LR_SIZES), (batch,), generator=gen)
+        feeds["s"] = torch.tensor([HR_SIZE / TRAINED_LR_SIZES[i] for i in idx])
     if "x_munet" in feeds:  # a map estimate: non-negative, zero outside M
         feeds["x_munet"] = feeds["x_munet"].abs() * feeds["y"][:, 1:2]
     if "tau_f" in feeds:

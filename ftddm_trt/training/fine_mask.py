@@ -1,7 +1,7 @@
 """Train the fine-mask estimator (``models.fine_mask``) on the ``lr`` examples of a slice pool.
 
 Each example is one augmented map (``data.examples``' rotation, flip and shift) acquired at an N drawn
-from ``LR_SIZES``: the estimator sees what an ``lr`` user has (``data.masks.fine_mask_features``) and
+from ``TRAINED_LR_SIZES``: the estimator sees what an ``lr`` user has (``data.masks.fine_mask_features``) and
 learns the truth's 64x64 quality mask by binary cross-entropy inside M (outside M every output is
 zero anyway).
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ftddm_trt.atomic import atomic_dir, check_output
-from ftddm_trt.constants import LR_SIZES
+from ftddm_trt.constants import TRAINED_LR_SIZES
 from ftddm_trt.data.examples import SlicePool
 from ftddm_trt.data.fine_mask_examples import (
     TRAINING_CONVENTIONS,
@@ -74,7 +74,7 @@ def train_fine_mask(
     start, it, losses = time.monotonic(), 0, []
     while (iterations is None or it < iterations) and (minutes is None or time.monotonic() - start < 60 * minutes):
         idx = rng.choice(usable, size=batch_size)
-        sizes = [int(rng.choice(LR_SIZES)) for _ in range(batch_size)]
+        sizes = [int(rng.choice(TRAINED_LR_SIZES)) for _ in range(batch_size)]
         feats, target, support = fine_mask_batch(pool, idx, sizes, rng)
         loss = masked_bce(net(feats), target, support)
         opt.zero_grad()

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from ftddm_trt.atomic import atomic_dir
+from ftddm_trt.models.breakpoint import BREAKPOINT_FILE
 from ftddm_trt.models.io import model_sha256
+from ftddm_trt.models.model_set import DISTILLED_DIR
 
 RUN_FILES = {"unet": "unet", "unet_full": "unet_full", "flow": "flow", "tdpm": "tdpm", "regression": "regression",
              "fine_mask": "fine_mask", "munet": "munet", "flow_enhancer": "flow_enhancer"}
@@ -47,6 +49,26 @@ def _check_enhancer_munet(networks: dict) -> None:
     if want and networks["munet"]["sha256"] != want:
         raise ValueError(f"the flow enhancer was trained on the MUNet with sha256 {want}, but the folder's munet has "
                          f"sha256 {networks['munet']['sha256']}: package the MUNet it was trained on")
+
+
+#: What belongs to a model's unet + flow pair beyond the weights: its distilled student and its measured
+#: breakpoint. ``package_model`` carries them over from a base model whose unet and flow it keeps.
+DEFAULT_SAMPLER_FILES: tuple[str, ...] = (DISTILLED_DIR, BREAKPOINT_FILE)
+
+
+def carry_default_sampler_files(base: Path, out_dir: Path) -> list[str]:
+    """Copy ``DEFAULT_SAMPLER_FILES`` present in ``base`` into ``out_dir``; returns the names copied."""
+    carried = []
+    for name in DEFAULT_SAMPLER_FILES:
+        src = base / name
+        if src.is_dir():
+            shutil.copytree(src, out_dir / name)
+        elif src.is_file():
+            shutil.copyfile(src, out_dir / name)
+        else:
+            continue
+        carried.append(name)
+    return carried
 
 
 def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", commands: list[str] | None = None,
@@ -103,6 +125,8 @@ def package_model(runs: dict[str, Path], out_dir: Path, which: str = "best", com
                     "sha256": model_sha256(tmp / name),
                     "from_base": True,
                 }
+            if not out_in_base and not {"unet", "flow"} & set(files):
+                manifest["carried"] = carry_default_sampler_files(Path(base), tmp)
         _check_enhancer_munet(manifest["networks"])
         manifest.update(extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

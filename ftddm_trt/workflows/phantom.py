@@ -9,7 +9,7 @@ from typing import Sequence
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.constants import HR_SIZE, LR_SIZES
+from ftddm_trt.constants import HR_SIZE, TRAINED_LR_SIZES
 from ftddm_trt.workflows.console import console
 
 __all__ = ["n_for_scale", "write_phantoms"]
@@ -20,7 +20,7 @@ def n_for_scale(scale: float) -> int:
     if not 2.0 <= scale <= 8.0:
         raise ValueError(f"scale must be in [2, 8], got {scale}")
     n = int(2 * round(HR_SIZE / scale / 2))
-    return min(max(n, LR_SIZES[0]), LR_SIZES[-1])
+    return min(max(n, TRAINED_LR_SIZES[0]), TRAINED_LR_SIZES[-1])
 
 
 def write_phantoms(

@@ -317,6 +317,8 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
     from ftddm_trt.data.input_checks import check_subject, kinds_to_read
     from ftddm_trt.data.nifti.files import InputError
     from ftddm_trt.engine.pipeline import consistency_for
+    from ftddm_trt.models.breakpoint import check_acquired_size, load_breakpoint
+    from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR
 
     if not subject_dir.is_dir():
         raise UpscaleError(f"{subject_dir}: subject folder does not exist")
@@ -326,6 +328,9 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
         subject = subjects[0]
         subject_spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
         accepted, input_notes = check_subject(subject, accept_set(opts))
+        size_accepted, size_notes = check_acquired_size(
+            subject_dir, subject.n, load_breakpoint(opts.model or SHIPPED_MODEL_DIR), accept_set(opts))
+        accepted, input_notes = [*accepted, *size_accepted], [*input_notes, *size_notes]
         for other in subjects[1:]:
             if other.metabolites != subject.metabolites:
                 raise InputError(
