@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftddm_trt.atomic import write_json_atomic
-from ftddm_trt.constants import TRAINED_LR_SIZES
+from ftddm_trt.constants import HR_SIZE, TRAINED_LR_SIZES
 from ftddm_trt.data.input_checks import refuse_unless_accepted
 
 #: File of a model folder that holds its measured breakpoint.
@@ -126,7 +126,7 @@ def check_acquired_size(root: Path, n: int, bp: Breakpoint | None, accept: set[s
     if bp is None:
         line = refuse_unless_accepted(
             root, ACCEPT_REASON, accept,
-            f"{n} x {n} maps (s = {64 / n:g}) are below the sizes the model was trained on (N >= {trained_min}) "
+            f"{n} x {n} maps (s = {HR_SIZE / n:g}) are below the sizes the model was trained on (N >= {trained_min}) "
             "and the model folder records no measured breakpoint",
             "the output may be worse than zero-filled")
         return [line], []
@@ -135,8 +135,8 @@ def check_acquired_size(root: Path, n: int, bp: Breakpoint | None, accept: set[s
     if n < bp.n:
         line = refuse_unless_accepted(
             root, ACCEPT_REASON, accept,
-            f"{n} x {n} maps (s = {64 / n:g}) are below the model's breakpoint N = {bp.n} ({measured})",
+            f"{n} x {n} maps (s = {HR_SIZE / n:g}) are below the model's breakpoint N = {bp.n} ({measured})",
             "the output may be worse than zero-filled")
         return [line], []
-    return [], [f"{n} x {n} maps (s = {64 / n:g}) are below the sizes the model was trained on (N >= {trained_min}) "
-                f"but not below its breakpoint N = {bp.n}; {measured}"]
+    return [], [f"{n} x {n} maps (s = {HR_SIZE / n:g}) are below the sizes the model was trained on "
+                f"(N >= {trained_min}) but not below its breakpoint N = {bp.n}; {measured}"]
