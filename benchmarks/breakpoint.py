@@ -7,7 +7,7 @@ Super-resolves maps of the held-out phantom style (never trained on) acquired at
 where it has one, else the solver), followed by the corrections ``upscale`` applies, and scores each
 against zero-filled: mean PSNR / SSIM gain and the share of maps better than zero-filled.
 
-The criterion is fixed in ``models.breakpoint`` (usable: at least +1 dB on average and 90 % of maps better,
+The criterion is fixed in ``data.breakpoint`` (usable: at least +1 dB on average and 90 % of maps better,
 in both protocols). The breakpoint is *chosen* on subjects of ``--choose-seed`` and *reported* on fresh
 subjects of ``--seed``, whose figures are the ones ``upscale`` quotes. ``--write-model`` writes the
 result as ``breakpoint.json`` into the model folder. Writes OUT/breakpoint.{json,md,png}.
@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ftddm_trt.constants import TRAINED_LR_SIZES, USER_DEFAULT_TAU_F  # noqa: E402
-from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
-from ftddm_trt.engine.factory import open_backend  # noqa: E402
-from ftddm_trt.engine.pipeline import SamplerSpec  # noqa: E402
-from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS, Variant, score_maps, style_maps  # noqa: E402
-from ftddm_trt.evaluation.report import md_table, write_json  # noqa: E402
-from ftddm_trt.models.breakpoint import (  # noqa: E402
+from ftddm_trt.data.breakpoint import (  # noqa: E402
     MIN_BETTER_FRACTION,
     MIN_GAIN_DB,
     Breakpoint,
@@ -43,6 +38,11 @@ from ftddm_trt.models.breakpoint import (  # noqa: E402
     breakpoint_of,
     write_breakpoint,
 )
+from ftddm_trt.data.phantom_styles import HELD_OUT_STYLE  # noqa: E402
+from ftddm_trt.engine.factory import open_backend  # noqa: E402
+from ftddm_trt.engine.pipeline import SamplerSpec  # noqa: E402
+from ftddm_trt.evaluation.generalization import DEFAULT_VARIANTS, Variant, score_maps, style_maps  # noqa: E402
+from ftddm_trt.evaluation.report import md_table, write_json  # noqa: E402
 from ftddm_trt.models.model_set import ModelSet, distilled_folder, distilled_steps  # noqa: E402
 
 SIZES = (2, 4, 6, 8, 12, 16, 32)
@@ -81,7 +81,7 @@ def measure(backend, models: ModelSet, variant: Variant, seed: int, subjects: in
 
 
 def figures_of(rows: list[dict]) -> list[SizeFigures]:
-    """Per N, the gains and shares of ``rows`` as ``models.breakpoint`` reads them."""
+    """Per N, the gains and shares of ``rows`` as ``data.breakpoint`` reads them."""
     return [SizeFigures(n, {r["protocol"]: r["psnr_gain"] for r in rows if r["n"] == n},
                         {r["protocol"]: r["better_than_zero_filled"] for r in rows if r["n"] == n})
             for n in sorted({r["n"] for r in rows})]

@@ -12,7 +12,7 @@ FOV_MM: float = 220.0
 #: Acquired low-resolution matrix sizes N (N x N in-plane) that files may hold, s = HR_SIZE / N.
 LR_SIZES: tuple[int, ...] = tuple(range(2, 33, 2))
 #: The sizes training draws from (s = 2 to 8). Below them a model extrapolates its scale conditioning:
-#: ``upscale`` checks such inputs against the model's measured breakpoint (``models.breakpoint``).
+#: ``upscale`` checks such inputs against the model's measured breakpoint (``data.breakpoint``).
 TRAINED_LR_SIZES: tuple[int, ...] = tuple(range(8, 33, 2))
 
 #: Diffusion chain length and the default truncation point of FTDDM.

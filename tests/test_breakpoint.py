@@ -1,4 +1,4 @@
-"""The breakpoint (models.breakpoint): the usable criterion, the choice of N on built figures, the file, and
+"""The breakpoint (data.breakpoint): the usable criterion, the choice of N on built figures, the file, and
 `upscale` on 4 x 4 and 6 x 6 inputs (refused naming the option, run with the figure quoted)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftddm_trt.cli.main import app
-from ftddm_trt.data.nifti.files import InputError
-from ftddm_trt.models.breakpoint import (
+from ftddm_trt.data.breakpoint import (
     BREAKPOINT_FILE,
     MIN_BETTER_FRACTION,
     MIN_GAIN_DB,
@@ -22,6 +21,7 @@ from ftddm_trt.models.breakpoint import (
     load_breakpoint,
     write_breakpoint,
 )
+from ftddm_trt.data.nifti.files import InputError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 runner = CliRunner()

@@ -17,7 +17,7 @@ each degradation the user did not accept:
   empty, or a map with no signal): there is nothing to super-resolve. Accepted: its output is zero.
   Maps already named as zero or out of range are not named again.
 - ``below-breakpoint``: maps acquired below the model's measured breakpoint (checked by
-  ``models.breakpoint.check_acquired_size``, which knows the model). Accepted: run anyway.
+  ``data.breakpoint.check_acquired_size``, which knows the model). Accepted: run anyway.
 
 Notes that need no acceptance (recorded, printed): anisotropic in-plane voxels.
 """

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ftddm_trt.atomic import atomic_dir
-from ftddm_trt.models.breakpoint import BREAKPOINT_FILE
+from ftddm_trt.data.breakpoint import BREAKPOINT_FILE
 from ftddm_trt.models.io import model_sha256
 from ftddm_trt.models.model_set import DISTILLED_DIR
 

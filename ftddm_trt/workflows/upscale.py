@@ -314,10 +314,10 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
     """Read a subject folder for ``spec`` (from ``check_options``): every concentration kind present, or
     the one --kind names, the metabolites it asks for, degraded inputs refused unless accepted, data
     consistency set from the subject's mask. UpscaleError names what is wrong."""
+    from ftddm_trt.data.breakpoint import check_acquired_size, load_breakpoint
     from ftddm_trt.data.input_checks import check_subject, kinds_to_read
     from ftddm_trt.data.nifti.files import InputError
     from ftddm_trt.engine.pipeline import consistency_for
-    from ftddm_trt.models.breakpoint import check_acquired_size, load_breakpoint
     from ftddm_trt.models.model_set import SHIPPED_MODEL_DIR
 
     if not subject_dir.is_dir():
