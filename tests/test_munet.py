@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -247,7 +248,14 @@ def test_munet_and_flow_enhancer_tasks_resume_and_package(tmp_path):
     save_model(MUNet(cfg), cfg, other / "munet")
     res = runner.invoke(app, ["train", "--out", str(enh_run), "--task", "flow_enhancer", "--munet", str(other),
                               *common, "--iterations", "4"])
-    assert res.exit_code != 0
+    assert res.exit_code != 0 and "sha256" in "".join(res.output.split())
+
+    # the same MUNet in another folder (a moved checkout): the hash matches, the run resumes from there
+    moved = tmp_path / "moved" / "munet"
+    shutil.copytree(munet_run, moved)
+    args = ["train", "--out", str(enh_run), "--task", "flow_enhancer", "--munet", str(moved), *common]
+    assert _train(args, 4)["step"] == 4
+    assert json.loads((enh_run / "last" / "state.json").read_text())["config"]["munet"] == str(moved)
 
 
 def test_resumed_munet_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):

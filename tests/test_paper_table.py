@@ -280,7 +280,8 @@ def test_baseline_and_distilled_rows_and_their_parameters():
 
 
 def test_run_quality_runs_the_distilled_row_on_the_students_backend(monkeypatch):
-    """The distilled row goes to flow_backends['distilled']; without one it is refused by name."""
+    """The distilled row goes to flow_backends['distilled']; without one it is refused by name. Every method is
+    warmed up on one untimed map the first time it runs, so a network's first-call set-up is not timed."""
     import torch
 
     from ftddm_trt.evaluation import quality
@@ -288,7 +289,7 @@ def test_run_quality_runs_the_distilled_row_on_the_students_backend(monkeypatch)
     used = []
 
     def fake_sample(backend, spec, y, s, batch_size, seed):
-        used.append((spec.name, backend.label))
+        used.append((spec.name, backend.label, len(y)))
         return torch.zeros(len(y), 1, 64, 64), spec.nfe
 
     class Backend:
@@ -307,9 +308,11 @@ def test_run_quality_runs_the_distilled_row_on_the_students_backend(monkeypatch)
     monkeypatch.setattr(quality, "example_tensors", fake_tensors)
     monkeypatch.setattr(quality, "sample_images", fake_sample)
     methods = [m for m in paper_methods(distilled_steps=2) if m.family in ("FTDDM distilled", "flow")]
-    quality.run_quality(Backend("teacher"), methods, n_maps=2, scales=(16,), protocols=("hr",), log=lambda _: None,
+    quality.run_quality(Backend("teacher"), methods, n_maps=2, scales=(16, 8), protocols=("hr",), log=lambda _: None,
                         flow_backends={"distilled": Backend("student")})
-    assert used == [("ftddm-distilled", "student"), ("flow", "teacher")]
+    # each method first runs one untimed map (warm-up), only the first time; then its timed maps
+    assert used == [("ftddm-distilled", "student", 1), ("ftddm-distilled", "student", 2), ("flow", "teacher", 1),
+                    ("flow", "teacher", 2), ("ftddm-distilled", "student", 2), ("flow", "teacher", 2)]
     with pytest.raises(ValueError, match="distilled"):
         quality.run_quality(Backend("teacher"), methods, n_maps=2, scales=(16,), protocols=("hr",),
                             log=lambda _: None)

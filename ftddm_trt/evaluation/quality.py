@@ -175,7 +175,13 @@ def run_quality(
             return flow_backends["distilled"]
         return flow_backends.get(spec.ttrunc, backend) if spec.uses_flow else backend
 
+    warmed: set[str] = set()
+
     def sample(spec: SamplerSpec, y, s, k: int, scale) -> tuple[np.ndarray, int, float]:
+        key = repr(spec)
+        if key not in warmed:  # one untimed map first: session creation and first-call set-up are not the method's
+            sample_images(runner_for(spec), spec, y[:1], s[:1], batch_size=1, seed=seed)
+            warmed.add(key)
         t0 = time.perf_counter()
         x, nfe = sample_images(runner_for(spec), spec, y[:k], s[:k], batch_size=batch_size, seed=seed)
         seconds = time.perf_counter() - t0

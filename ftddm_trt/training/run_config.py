@@ -146,8 +146,12 @@ def config_changes(saved: TrainConfig, requested: TrainConfig) -> list[str]:
 
 def resumed_config(state: dict, cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """The config a run resumes with: the saved one (``state["config"]``) with the requested ``iterations``.
-    ValueError when the request names another task / preset or changes any other option."""
+    ValueError when the request names another task / preset or changes any other option. A flow enhancer's
+    ``--munet`` may be spelled as another path (a moved or relative folder): the MUNet's recorded sha256
+    decides whether it is the same network, and the run resumes with the path given."""
     saved_fields = {"margin_weight": 1.0, **state["config"]}  # saved before the option: the paper's loss
+    if saved_fields.get("munet") and cfg.munet:
+        saved_fields["munet"] = cfg.munet
     saved = TrainConfig(**saved_fields)
     if (saved.task, saved.preset) != (cfg.task, cfg.preset):
         raise ValueError(f"{run_dir} holds a {saved.task}/{saved.preset} run, not {cfg.task}/{cfg.preset}")
