@@ -327,9 +327,10 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
         subjects = [_read_kind(subject_dir, k, opts) for k in kinds]
         subject = subjects[0]
         subject_spec = consistency_for(spec, opts.data_consistency, subject.fine_mask)
-        accepted, input_notes = check_subject(subject, accept_set(opts))
+        accept = accept_set(opts)
+        accepted, input_notes = check_subject(subject, accept)
         size_accepted, size_notes = check_acquired_size(
-            subject_dir, subject.n, load_breakpoint(opts.model or SHIPPED_MODEL_DIR), accept_set(opts))
+            subject_dir, subject.n, load_breakpoint(opts.model or SHIPPED_MODEL_DIR), accept)
         accepted, input_notes = [*accepted, *size_accepted], [*input_notes, *size_notes]
         for other in subjects[1:]:
             if other.metabolites != subject.metabolites:
@@ -339,7 +340,7 @@ def load_subject(subject_dir: Path, opts: UpscaleOptions, spec) -> LoadedSubject
                     f"concs/{subject.kind} holds {', '.join(subject.metabolites)}: restrict with --kind or "
                     "--metabolites",
                 )
-            check_subject(other, accept_set(opts))
+            check_subject(other, accept)
     except (InputError, ValueError) as err:
         raise UpscaleError(str(err)) from err
     return LoadedSubject(subject_dir, subject, subject_spec, accepted, [*subject.notes, *input_notes], subjects[1:])
